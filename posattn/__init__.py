@@ -1,0 +1,9 @@
+"""posattn: position-aware attention kernels.
+
+Public API (re-exported here; nothing else lives in this file).
+"""
+from posattn._version import __version__
+from posattn.dispatch import use_backend
+from posattn.rope import RopeSpec, apply_rope
+
+__all__ = ["__version__", "RopeSpec", "apply_rope", "use_backend"]

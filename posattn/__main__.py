@@ -1,0 +1,5 @@
+import sys
+
+from posattn.cli import main
+
+sys.exit(main())

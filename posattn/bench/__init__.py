@@ -1,0 +1,1 @@
+"""Benchmark harness: timing, metrics and dashboard rendering."""

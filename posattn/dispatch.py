@@ -1,0 +1,274 @@
+"""Kernel registry and backend choice.
+
+Every op registers one kernel per backend::
+
+    @register("rope", "cpu", supports=_cpu_supports, default_config=lambda key: {...})
+    def rope_cpu(...): ...
+
+and its public function asks :func:`select` for the kernel to run::
+
+    kernel, config = select("rope", key, backend=backend)
+    kernel.fn(..., config)
+
+``key`` is the op's *kernel key*: a hashable description of the input
+signature that the choice depends on (device type, dtype, layout, head_dim,
+spec constexprs...). It must have a ``device_type`` attribute.
+
+Choice order: the explicit ``backend=`` argument, then ``use_backend(...)`` /
+``POSATTN_BACKEND``, then the tuned cache (when the autotuner installed a
+lookup), then the fixed priority ``cuda > triton > cpu > reference`` among
+the backends that are usable here and whose ``supports(key)`` accepts the
+inputs. The decision is memoised per (op, key, requested backend): after the
+first call the hot path is one dict lookup.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable
+
+BACKENDS: tuple[str, ...] = ("cuda", "triton", "cpu", "reference")
+_PRIORITY = {name: i for i, name in enumerate(BACKENDS)}
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One op's implementation on one backend."""
+
+    op: str
+    backend: str
+    fn: Callable[..., Any]
+    supports: Callable[[Any], tuple[bool, str]]
+    default_config: Callable[[Any], dict]
+    dtypes: tuple[str, ...] = ("float32", "float16", "bfloat16")
+    search_space: Callable[[Any], list[dict]] | None = None
+    version: int = 1
+
+
+_registry: dict[str, dict[str, Kernel]] = {}
+_memo: dict[tuple, tuple[Kernel, dict]] = {}
+_lock = threading.Lock()
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("posattn_backend", default=None)
+
+# Installed by posattn.autotune: (op, kernel, key) -> tuned config or None, and
+# (op, key) -> tuned backend name or None. Kept as hooks so that dispatch does
+# not import the tuner (and the tuner never imports ops).
+_tuned_config_lookup: Callable[[str, Kernel, Any], dict | None] | None = None
+_tuned_backend_lookup: Callable[[str, Any], str | None] | None = None
+
+
+def _always(_key) -> tuple[bool, str]:
+    return True, ""
+
+
+def _no_config(_key) -> dict:
+    return {}
+
+
+def register(op: str, backend: str, *, supports=None, default_config=None, dtypes=None,
+             search_space=None, version: int = 1):
+    """Decorator registering ``fn`` as ``op``'s kernel on ``backend``."""
+    if backend not in _PRIORITY:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+    def deco(fn):
+        k = Kernel(op=op, backend=backend, fn=fn, supports=supports or _always,
+                   default_config=default_config or _no_config,
+                   dtypes=tuple(dtypes) if dtypes else ("float32", "float16", "bfloat16"),
+                   search_space=search_space, version=version)
+        with _lock:
+            _registry.setdefault(op, {})[backend] = k
+            _memo.clear()
+        return fn
+
+    return deco
+
+
+def kernels(op: str | None = None) -> dict[str, dict[str, Kernel]] | dict[str, Kernel]:
+    """The registry (all ops, or one op's backends)."""
+    _load_ops()
+    if op is None:
+        return {o: dict(v) for o, v in _registry.items()}
+    return dict(_registry.get(op, {}))
+
+
+def _load_ops() -> None:
+    # Importing the public package registers every op's kernels.
+    import posattn  # noqa: F401
+
+
+# --------------------------------------------------------------------------
+# backend availability (independent of any op)
+
+_avail_cache: dict[str, tuple[bool, str]] = {}
+
+
+def backend_status(name: str) -> tuple[bool, str]:
+    """(usable here, reason when not) for a backend name."""
+    if name not in _PRIORITY:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    if name not in _avail_cache:
+        _avail_cache[name] = _probe(name)
+    return _avail_cache[name]
+
+
+def _probe(name: str) -> tuple[bool, str]:
+    if name == "reference":
+        return True, ""
+    if name == "cpu":
+        from posattn.kernels import cpu
+
+        return cpu.status()
+    if name == "cuda":
+        from posattn.kernels import cuda
+
+        return cuda.status()
+    if name == "triton":
+        from posattn.kernels import triton as triton_kernels
+
+        ok, why = triton_kernels.status()
+        return ok, ("" if ok else why)
+    raise AssertionError(name)
+
+
+# --------------------------------------------------------------------------
+# choice
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None):
+    """Context manager forcing a backend for every op called inside it.
+
+    ``None`` restores automatic choice. Overrides ``POSATTN_BACKEND``; an
+    explicit ``backend=`` argument still wins.
+    """
+    if name is not None:
+        _check_name(name, "use_backend(name)")
+    token = _override.set(name)
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+def _check_name(name, what: str) -> None:
+    if not isinstance(name, str):
+        raise TypeError(f"{what} must be a backend name (str), got {type(name).__name__}")
+    if name not in _PRIORITY:
+        raise ValueError(f"{what} must be one of {', '.join(BACKENDS)}; got {name!r}")
+
+
+def requested_backend(explicit: str | None) -> tuple[str | None, str]:
+    """The backend asked for, and where the request came from."""
+    if explicit is not None:
+        _check_name(explicit, "backend")
+        return explicit, "backend"
+    ctx = _override.get()
+    if ctx is not None:
+        return ctx, "use_backend"
+    env = os.environ.get("POSATTN_BACKEND") or None
+    if env is not None:
+        _check_name(env, "POSATTN_BACKEND")
+        return env, "POSATTN_BACKEND"
+    return None, ""
+
+
+def select(op: str, key: Hashable, *, backend: str | None = None) -> tuple[Kernel, dict]:
+    """The kernel and launch config to run ``op`` on inputs described by ``key``."""
+    name, source = requested_backend(backend)
+    mk = (op, key, name)
+    hit = _memo.get(mk)
+    if hit is not None:
+        return hit
+    result = _select_uncached(op, key, name, source)
+    with _lock:
+        _memo[mk] = result
+    return result
+
+
+def _config_for(op: str, k: Kernel, key) -> dict:
+    cfg = None
+    if _tuned_config_lookup is not None:
+        cfg = _tuned_config_lookup(op, k, key)
+    return dict(cfg) if cfg else dict(k.default_config(key))
+
+
+def _select_uncached(op: str, key, name: str | None, source: str) -> tuple[Kernel, dict]:
+    ops = _registry.get(op)
+    if not ops:
+        raise ValueError(f"unknown op {op!r}; registered ops: {sorted(_registry)}")
+    if name is not None:
+        k = ops.get(name)
+        if k is None:
+            raise ValueError(f"{source}={name!r}: op {op!r} has no {name} kernel "
+                             f"(it has: {', '.join(sorted(ops, key=_PRIORITY.get))})")
+        ok, why = backend_status(name)
+        if not ok:
+            raise ValueError(f"{source}={name!r} is not usable here: {why}")
+        ok, why = k.supports(key, explicit=True) if _takes_explicit(k) else k.supports(key)
+        if not ok:
+            raise ValueError(f"{source}={name!r} does not support these inputs for {op}: {why}")
+        return k, _config_for(op, k, key)
+
+    if _tuned_backend_lookup is not None:
+        tuned = _tuned_backend_lookup(op, key)
+        if tuned in ops and backend_status(tuned)[0]:
+            k = ops[tuned]
+            if _supports(k, key)[0]:
+                return k, _config_for(op, k, key)
+
+    reasons = []
+    for bname in sorted(ops, key=_PRIORITY.get):
+        k = ops[bname]
+        ok, why = backend_status(bname)
+        if ok:
+            ok, why = _supports(k, key)
+        if ok:
+            return k, _config_for(op, k, key)
+        reasons.append(f"{bname}: {why}")
+    raise ValueError(f"no backend supports {op} for {key}: " + "; ".join(reasons))
+
+
+def _takes_explicit(k: Kernel) -> bool:
+    return getattr(k.supports, "takes_explicit", False)
+
+
+def _supports(k: Kernel, key) -> tuple[bool, str]:
+    return k.supports(key, explicit=False) if _takes_explicit(k) else k.supports(key)
+
+
+def explicit_aware(fn):
+    """Mark a ``supports(key, explicit)`` function: it is told whether the
+    backend was asked for by name (e.g. the Triton interpreter on CPU tensors
+    is only used when asked for)."""
+    fn.takes_explicit = True
+    return fn
+
+
+def clear_memo() -> None:
+    """Forget memoised decisions (after the tuned cache or environment changes)."""
+    with _lock:
+        _memo.clear()
+        _avail_cache.clear()
+
+
+def set_tuned_lookups(config_lookup=None, backend_lookup=None) -> None:
+    """Install the autotuner's cache lookups (called by posattn.autotune)."""
+    global _tuned_config_lookup, _tuned_backend_lookup
+    _tuned_config_lookup = config_lookup
+    _tuned_backend_lookup = backend_lookup
+    clear_memo()
+
+
+def explain(op: str, key) -> list[tuple[str, bool, str]]:
+    """For each backend of ``op``: (name, would accept, reason when not)."""
+    out = []
+    for bname, k in sorted(kernels(op).items(), key=lambda kv: _PRIORITY[kv[0]]):
+        ok, why = backend_status(bname)
+        if ok:
+            ok, why = _supports(k, key)
+        out.append((bname, ok, why))
+    return out

@@ -1,0 +1,1 @@
+"""Pure-torch oracles of every op: fp64, any device, written for clarity."""

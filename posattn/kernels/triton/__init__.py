@@ -1,0 +1,32 @@
+"""Triton kernels, one module per kernel family.
+
+Under ``TRITON_INTERPRET=1`` (set by the tests on machines without a GPU,
+before this package is imported) the kernels run on CPU tensors through
+Triton's interpreter; otherwise they need CUDA tensors.
+"""
+from __future__ import annotations
+
+import os
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def status() -> tuple[bool, str]:
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # pragma: no cover - triton is a dependency on Linux
+        return False, f"triton is not importable ({e})"
+    if interpreting():
+        return True, "interpreter (TRITON_INTERPRET=1): runs on CPU tensors"
+    import torch
+
+    if not torch.cuda.is_available():
+        return False, "no CUDA device (set TRITON_INTERPRET=1 to run Triton kernels on CPU, slowly)"
+    return True, ""
+
+
+def device_ok(device_type: str) -> bool:
+    """Whether Triton kernels can take tensors of this device type in this process."""
+    return device_type == "cuda" or (device_type == "cpu" and interpreting())

@@ -1,0 +1,124 @@
+"""Builds posattn._C (C++ CPU kernels, always) and posattn._cuda (CUDA kernels,
+when nvcc is found; POSATTN_CUDA=0|1|auto overrides).
+
+Neither module links against torch: tensors cross the boundary as raw
+pointers and strides, so a wheel does not depend on torch's C++ ABI.
+"""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from pybind11.setup_helpers import Pybind11Extension
+from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).parent.resolve()
+CSRC = ROOT / "csrc"
+INCLUDE = [str(CSRC / "include"), str(CSRC)]
+
+# CUDA architectures: real code for Ampere and Hopper (sm_90a for wgmma-era
+# features), plus PTX of the newest so that later GPUs can JIT it.
+CUDA_GENCODE = [
+    "-gencode=arch=compute_80,code=sm_80",
+    "-gencode=arch=compute_90a,code=sm_90a",
+    "-gencode=arch=compute_90,code=compute_90",
+]
+
+
+def find_nvcc():
+    env = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if env and (Path(env) / "bin" / "nvcc").exists():
+        return str(Path(env) / "bin" / "nvcc")
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    default = Path("/usr/local/cuda/bin/nvcc")
+    return str(default) if default.exists() else None
+
+
+def find_cuda_home(nvcc):
+    """The toolkit root holding cuda_runtime.h and libcudart_static.a (nvcc may be a wrapper)."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda",
+                  str(Path(nvcc).resolve().parent.parent)]
+    for c in candidates:
+        if c and (Path(c) / "include" / "cuda_runtime.h").exists():
+            return Path(c)
+    raise SystemExit(f"found nvcc at {nvcc} but no CUDA toolkit with include/cuda_runtime.h; set CUDA_HOME")
+
+
+def want_cuda():
+    mode = os.environ.get("POSATTN_CUDA", "auto").lower()
+    if mode not in ("0", "1", "auto"):
+        raise SystemExit(f"POSATTN_CUDA must be 0, 1 or auto, got {mode!r}")
+    nvcc = find_nvcc()
+    if mode == "0":
+        return None
+    if mode == "1" and nvcc is None:
+        raise SystemExit("POSATTN_CUDA=1 but nvcc was not found (set CUDA_HOME or PATH)")
+    return nvcc
+
+
+class BuildExt(build_ext):
+    """build_ext that compiles .cu sources with nvcc before the normal link."""
+
+    def build_extension(self, ext):
+        cu_sources = [s for s in ext.sources if s.endswith(".cu")]
+        if cu_sources:
+            nvcc = ext.nvcc
+            ext.sources = [s for s in ext.sources if not s.endswith(".cu")]
+            objects = []
+            out_dir = Path(self.build_temp) / "cuda"
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for src in cu_sources:
+                obj = out_dir / (Path(src).stem + ".o")
+                cmd = [
+                    nvcc, "-c", src, "-o", str(obj), "-O3", "-std=c++17",
+                    "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC",
+                    "-Xcompiler", "-fvisibility=hidden",
+                    *[f"-I{p}" for p in INCLUDE], *CUDA_GENCODE,
+                ]
+                print(" ".join(cmd), flush=True)
+                subprocess.check_call(cmd)
+                objects.append(str(obj))
+            ext.extra_objects = list(ext.extra_objects or []) + objects
+        super().build_extension(ext)
+
+
+def extensions():
+    exts = [
+        Pybind11Extension(
+            "posattn._C",
+            sources=["csrc/bind_cpu.cpp", "csrc/cpu/rope_cpu.cpp"],
+            include_dirs=INCLUDE,
+            cxx_std=17,
+            extra_compile_args=["-O3", "-fopenmp", "-march=x86-64-v2"]
+            if sys.platform.startswith("linux") and os.uname().machine == "x86_64"
+            else ["-O3", "-fopenmp"],
+            extra_link_args=["-fopenmp"],
+        )
+    ]
+    nvcc = want_cuda()
+    if nvcc:
+        cuda_home = find_cuda_home(nvcc)
+        ext = Pybind11Extension(
+            "posattn._cuda",
+            sources=["csrc/bind_cuda.cpp", "csrc/cuda/rope_cuda.cu"],
+            include_dirs=INCLUDE + [str(cuda_home / "include")],
+            cxx_std=17,
+            extra_compile_args=["-O3"],
+            library_dirs=[str(cuda_home / d) for d in ("lib64", "lib", "targets/x86_64-linux/lib")
+                          if (cuda_home / d).exists()],
+            # static cudart: the module needs only the driver (libcuda) at run time,
+            # and that is loaded lazily by cudart, so import works without a GPU.
+            libraries=["cudart_static", "rt", "pthread", "dl"],
+        )
+        ext.nvcc = nvcc
+        exts.append(ext)
+    else:
+        print("posattn: nvcc not found or POSATTN_CUDA=0; building without posattn._cuda", flush=True)
+    return exts
+
+
+setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})

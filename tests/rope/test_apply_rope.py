@@ -1,0 +1,277 @@
+"""apply_rope on every usable backend against the fp64 reference."""
+import itertools
+import random
+
+import pytest
+import torch
+
+import posattn
+from posattn.kernels.reference import rope as ref
+from tests._tol import assert_close
+from tests.conftest import DEVICE, usable_backends
+
+BACKENDS = usable_backends("rope")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def reference(q, k, positions, spec, layout):
+    """fp64 oracle written independently of the op's layout handling."""
+    def to4(x):
+        return {"bshd": x, "bhsd": x.transpose(1, 2), "thd": x.unsqueeze(0)}[layout]
+
+    def back(x):
+        return {"bshd": x, "bhsd": x.transpose(1, 2), "thd": x.squeeze(0)}[layout]
+
+    pos2 = positions if positions.dim() == 2 else positions.unsqueeze(0)
+    ang = ref.rope_angles(pos2.cpu(), spec.inv_freq())
+    qo = back(ref.rotate(to4(q).cpu(), ang, spec.rotary_dim, spec.interleaved))
+    ko = back(ref.rotate(to4(k).cpu(), ang, spec.rotary_dim, spec.interleaved)) if k is not None else None
+    return qo, ko
+
+
+def make(layout, B, S, HQ, HK, D, dtype, device, pos_batched, pos_dtype=torch.int64, max_pos=4096):
+    if layout == "thd":
+        T = B * S
+        q = torch.randn(T, HQ, D, dtype=dtype, device=device)
+        k = torch.randn(T, HK, D, dtype=dtype, device=device) if HK else None
+        pos = torch.randint(0, max_pos, (T,), dtype=pos_dtype, device=device)
+    else:
+        shape = (lambda h: (B, S, h, D)) if layout == "bshd" else (lambda h: (B, h, S, D))
+        q = torch.randn(*shape(HQ), dtype=dtype, device=device)
+        k = torch.randn(*shape(HK), dtype=dtype, device=device) if HK else None
+        pshape = (B, S) if pos_batched else (S,)
+        pos = torch.randint(0, max_pos, pshape, dtype=pos_dtype, device=device)
+    return q, k, pos
+
+
+# random shapes including the odd ones the issue names (80/96, 7 tokens, 3 heads, GQA)
+_rng = random.Random(1234)
+SHAPES = [
+    # B, S, HQ, HK, D, rotary_dim
+    (1, 7, 3, 1, 80, None),
+    (2, 7, 3, 3, 96, 48),
+    (2, 5, 4, 2, 64, 32),
+    (1, 1, 8, 2, 128, None),
+    (3, 4, 2, 1, 96, None),
+    (1, 9, 5, 0, 80, 20),  # no k
+] + [(_rng.randint(1, 3), _rng.randint(1, 9), _rng.randint(1, 6), _rng.randint(0, 3),
+      _rng.choice([32, 64, 80, 96, 128]), None) for _ in range(3)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["bshd", "bhsd", "thd"])
+@pytest.mark.parametrize("interleaved", [False, True], ids=["half", "inter"])
+def test_matches_reference(backend, dtype, layout, interleaved):
+    for i, (B, S, HQ, HK, D, rd) in enumerate(SHAPES):
+        spec = posattn.RopeSpec(D, rotary_dim=rd, interleaved=interleaved)
+        q, k, pos = make(layout, B, S, HQ, HK, D, dtype, DEVICE, pos_batched=i % 2 == 1,
+                         pos_dtype=torch.int32 if i % 3 == 0 else torch.int64)
+        qo, ko = posattn.apply_rope(q, k, pos, spec, layout=layout, backend=backend)
+        rq, rk = reference(q, k, pos, spec, layout)
+        assert qo.dtype == dtype and qo.shape == q.shape
+        assert_close(qo, rq, dtype, msg=f"q shape {(B, S, HQ, HK, D, rd)}")
+        if k is not None:
+            assert_close(ko, rk, dtype, msg=f"k shape {(B, S, HQ, HK, D, rd)}")
+        else:
+            assert ko is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_partial_rotary_leaves_tail_untouched(backend):
+    spec = posattn.RopeSpec(96, rotary_dim=32)
+    q, k, pos = make("bshd", 2, 5, 3, 1, 96, torch.float32, DEVICE, False)
+    qo, ko = posattn.apply_rope(q, k, pos, spec, backend=backend)
+    assert torch.equal(qo[..., 32:], q[..., 32:])
+    assert torch.equal(ko[..., 32:], k[..., 32:])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["bshd", "bhsd", "thd"])
+def test_inplace(backend, layout):
+    spec = posattn.RopeSpec(80, rotary_dim=40)
+    q, k, pos = make(layout, 2, 7, 3, 1, 80, torch.float32, DEVICE, False)
+    expected = posattn.apply_rope(q, k, pos, spec, layout=layout, backend="reference")
+    q0, k0 = q.clone(), k.clone()
+    qo, ko = posattn.apply_rope(q, k, pos, spec, layout=layout, inplace=True, backend=backend)
+    assert qo is q and ko is k
+    assert not torch.equal(q, q0)
+    assert_close(q, expected[0], torch.float32)
+    assert_close(k, expected[1], torch.float32)
+    assert torch.equal(q[..., 40:], q0[..., 40:]) and torch.equal(k[..., 40:], k0[..., 40:])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    spec = posattn.RopeSpec(64)
+    # a q/k slice of a fused qkv projection: last dim contiguous, other strides not
+    qkv = torch.randn(2, 7, 3 + 2 + 2, 64, device=DEVICE)
+    q, k = qkv[:, :, :3], qkv[:, :, 3:5]
+    pos = torch.arange(7, device=DEVICE)
+    qo, ko = posattn.apply_rope(q, k, pos, spec, backend=backend)
+    rq, rk = reference(q, k, pos, spec, "bshd")
+    assert_close(qo, rq, torch.float32)
+    assert_close(ko, rk, torch.float32)
+    # a last dim that is not contiguous, and non-contiguous positions
+    qt = torch.randn(2, 7, 3, 64, device=DEVICE).transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert qt.stride(-1) != 1
+    pos_nc = torch.arange(14, device=DEVICE)[::2]
+    qo, _ = posattn.apply_rope(qt, None, pos_nc, spec, backend=backend)
+    rq, _ = reference(qt, None, pos_nc, spec, "bshd")
+    assert_close(qo, rq, torch.float32)
+    # in place on a strided view writes through to the base tensor
+    base = qkv.clone()
+    posattn.apply_rope(base[:, :, :3], None, pos, spec, inplace=True, backend=backend)
+    assert_close(base[:, :, :3], reference(q, None, pos, spec, "bshd")[0], torch.float32)
+    assert torch.equal(base[:, :, 3:], qkv[:, :, 3:])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_positions_angle_exact(backend):
+    """fp64 range reduction keeps angles exact far past 2^24."""
+    spec = posattn.RopeSpec(64, base=10000.0)
+    pos = torch.tensor([0, 1, 2**24 + 1, 10**6 + 7, 2**31 - 1], dtype=torch.int64, device=DEVICE)
+    q = torch.randn(1, 5, 2, 64, dtype=torch.float32, device=DEVICE)
+    qo, _ = posattn.apply_rope(q, None, pos, spec, backend=backend)
+    rq, _ = reference(q, None, pos, spec, "bshd")
+    assert_close(qo, rq, torch.float32)
+
+
+def test_auto_choice_and_memo():
+    from posattn import dispatch
+
+    spec = posattn.RopeSpec(64)
+    q = torch.randn(1, 3, 2, 64, device=DEVICE)
+    posattn.apply_rope(q, None, torch.arange(3, device=DEVICE), spec)
+    keys = [k for k in dispatch._memo if k[0] == "rope"]
+    assert keys, "the decision must be memoised"
+    chosen = dispatch._memo[keys[-1]][0].backend
+    assert chosen == ("cuda" if DEVICE == "cuda" and dispatch.backend_status("cuda")[0] else
+                      "triton" if DEVICE == "cuda" else "cpu")
+
+
+def test_use_backend_context_and_env(monkeypatch):
+    from posattn import dispatch
+
+    spec = posattn.RopeSpec(32)
+    q = torch.randn(1, 3, 2, 32, device=DEVICE)
+    pos = torch.arange(3, device=DEVICE)
+    calls = []
+    with posattn.use_backend("reference"):
+        kern, _ = dispatch.select("rope", _key(q, spec))
+        calls.append(kern.backend)
+    monkeypatch.setenv("POSATTN_BACKEND", "reference")
+    calls.append(dispatch.select("rope", _key(q, spec))[0].backend)
+    # explicit argument beats the environment
+    calls.append(dispatch.select("rope", _key(q, spec), backend=BACKENDS[0])[0].backend)
+    assert calls == ["reference", "reference", BACKENDS[0]]
+    monkeypatch.setenv("POSATTN_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="POSATTN_BACKEND"):
+        posattn.apply_rope(q, None, pos, spec)
+
+
+def _key(q, spec):
+    from posattn.rope.ops import RopeKey
+
+    return RopeKey(q.device.type, str(q.dtype).removeprefix("torch."), spec.head_dim, spec.rotary_dim,
+                   spec.interleaved, q.shape[2], 0, "int64", 4)
+
+
+# ---------------------------------------------------------------------------
+# bad inputs: each a ValueError/TypeError naming the argument
+
+def _ok():
+    q = torch.randn(2, 5, 4, 64)
+    k = torch.randn(2, 5, 2, 64)
+    return q, k, torch.arange(5), posattn.RopeSpec(64)
+
+
+@pytest.mark.parametrize("case, exc, match", [
+    ("k_seq", ValueError, "k's sequence length"),
+    ("k_batch", ValueError, "k's batch"),
+    ("k_dim", ValueError, "k's head_dim"),
+    ("k_rank", ValueError, "k must be 4-D"),
+    ("k_dtype", TypeError, "k must have q's dtype"),
+    ("q_rank", ValueError, "q must be 4-D"),
+    ("spec_dim", ValueError, "spec.head_dim"),
+    ("float_pos", TypeError, "positions must be an integer tensor"),
+    ("pos_len", ValueError, "positions"),
+    ("pos_rank", ValueError, "positions must be"),
+    ("pos_batch", ValueError, r"positions of shape \[B, S\]"),
+    ("int_q", TypeError, "q must be float32"),
+    ("q_not_tensor", TypeError, "q must be a torch.Tensor"),
+    ("spec_type", TypeError, "spec must be a posattn.RopeSpec"),
+    ("layout", ValueError, "layout must be one of"),
+    ("backend", ValueError, "backend must be one of"),
+    ("backend_type", TypeError, "backend must be a backend name"),
+    ("inplace_type", TypeError, "inplace must be a bool"),
+    ("device", ValueError, "positions is on meta"),
+])
+def test_bad_inputs(case, exc, match):
+    q, k, pos, spec = _ok()
+    kw = {}
+    if case == "k_seq":
+        k = torch.randn(2, 6, 2, 64)
+    elif case == "k_batch":
+        k = torch.randn(3, 5, 2, 64)
+    elif case == "k_dim":
+        k = torch.randn(2, 5, 2, 32)
+    elif case == "k_rank":
+        k = torch.randn(5, 2, 64)
+    elif case == "k_dtype":
+        k = k.half()
+    elif case == "q_rank":
+        q = torch.randn(5, 4, 64)
+    elif case == "spec_dim":
+        spec = posattn.RopeSpec(32)
+    elif case == "float_pos":
+        pos = pos.float()
+    elif case == "pos_len":
+        pos = torch.arange(6)
+    elif case == "pos_rank":
+        pos = torch.zeros(2, 5, 1, dtype=torch.long)
+    elif case == "pos_batch":
+        pos = torch.zeros(3, 5, dtype=torch.long)
+    elif case == "int_q":
+        q = torch.zeros(2, 5, 4, 64, dtype=torch.int32)
+    elif case == "q_not_tensor":
+        q = q.numpy()
+    elif case == "spec_type":
+        spec = {"head_dim": 64}
+    elif case == "layout":
+        kw["layout"] = "sbhd"
+    elif case == "backend":
+        kw["backend"] = "tpu"
+    elif case == "backend_type":
+        kw["backend"] = 3
+    elif case == "inplace_type":
+        kw["inplace"] = "yes"
+    elif case == "device":
+        pos = torch.arange(5, device="meta")
+    with pytest.raises(exc, match=match):
+        posattn.apply_rope(q, k, pos, spec, **kw)
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    ({"head_dim": 64, "rotary_dim": 33}, ValueError, "rotary_dim must be a positive even"),
+    ({"head_dim": 64, "rotary_dim": 128}, ValueError, r"rotary_dim \(128\) must be <= head_dim"),
+    ({"head_dim": 64, "rotary_dim": 0}, ValueError, "rotary_dim"),
+    ({"head_dim": 0}, ValueError, "head_dim must be positive"),
+    ({"head_dim": 64.0}, TypeError, "head_dim must be an int"),
+    ({"head_dim": 64, "base": 1.0}, ValueError, "base"),
+    ({"head_dim": 64, "interleaved": 1}, TypeError, "interleaved"),
+])
+def test_bad_specs(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        posattn.RopeSpec(**kwargs)
+
+
+def test_backend_not_usable_is_clear():
+    from posattn import dispatch
+
+    ok, _ = dispatch.backend_status("cuda")
+    if ok:
+        pytest.skip("cuda is usable here")
+    q, k, pos, spec = _ok()
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        posattn.apply_rope(q, k, pos, spec, backend="cuda")
