@@ -90,7 +90,8 @@ def extensions():
     exts = [
         Pybind11Extension(
             "posattn._C",
-            sources=["csrc/bind_cpu.cpp", "csrc/cpu/rope_cpu.cpp"],
+            # every .cpp under csrc/cpu joins the CPU module; bind_cpu.cpp binds them
+            sources=["csrc/bind_cpu.cpp"] + sorted(str(p.relative_to(ROOT)) for p in (CSRC / "cpu").glob("*.cpp")),
             include_dirs=INCLUDE,
             cxx_std=17,
             extra_compile_args=["-O3", "-fopenmp", "-march=x86-64-v2"]
@@ -104,7 +105,7 @@ def extensions():
         cuda_home = find_cuda_home(nvcc)
         ext = Pybind11Extension(
             "posattn._cuda",
-            sources=["csrc/bind_cuda.cpp", "csrc/cuda/rope_cuda.cu"],
+            sources=["csrc/bind_cuda.cpp"] + sorted(str(p.relative_to(ROOT)) for p in (CSRC / "cuda").glob("*.cu")),
             include_dirs=INCLUDE + [str(cuda_home / "include")],
             cxx_std=17,
             extra_compile_args=["-O3"],
