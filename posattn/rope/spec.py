@@ -57,6 +57,26 @@ class RopeSpec:
         """Factor cos and sin are multiplied by (1.0 without scaling)."""
         return 1.0
 
+    @property
+    def depends_on_seq_len(self) -> bool:
+        """Whether the tables change with the sequence length (dynamic NTK, LongRoPE)."""
+        return False
+
+    def tables(self, device=None, seq_len: int | None = None):
+        """The lowered tables (posattn.rope.lowering.RopeTables) on ``device``, cached."""
+        from posattn.rope.lowering import RopeTables
+
+        device = torch.device("cpu") if device is None else torch.device(device)
+        key = ("tables", self, str(device), seq_len)
+        t = _INV_FREQ_CACHE.get(key)
+        if t is None:
+            t = RopeTables(self.inv_freq(seq_len), self.attention_scaling).to(device)
+            with _CACHE_LOCK:
+                if len(_INV_FREQ_CACHE) > 256:
+                    _INV_FREQ_CACHE.clear()
+                _INV_FREQ_CACHE[key] = t
+        return t
+
     def inv_freq_on(self, device: torch.device, seq_len: int | None = None) -> torch.Tensor:
         """inv_freq on ``device``, cached per (spec, device)."""
         key = (self, str(device), seq_len)
