@@ -1,5 +1,6 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+#include <string>
 #include "rope_args.h"
 #include "cpu/rope_cpu.h"
 #ifdef _OPENMP
@@ -19,22 +20,20 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def(
       "rope_forward",
-      [](const std::vector<int64_t>& q, const std::vector<int64_t>& k, int64_t batch,
-         int64_t seqlen, int64_t head_dim, int64_t positions, bool pos_is_int64, int64_t pos_sb,
-         int64_t pos_ss, int64_t inv_freq, int rotary_dim, bool interleaved, bool copy_tail,
-         int dtype, int num_threads, int64_t chunk) {
-        auto p = posattn::rope_problem_from(q, k, batch, seqlen, head_dim, positions, pos_is_int64,
-                                            pos_sb, pos_ss, inv_freq, rotary_dim, interleaved,
-                                            copy_tail);
+      [](const std::vector<int64_t>& q, const std::vector<int64_t>& k, const std::vector<int64_t>& dims,
+         const std::vector<int64_t>& pos, const std::vector<int64_t>& freqs, double attention_scaling,
+         const std::vector<int64_t>& angles, double sign, int dtype, int num_threads) {
+        auto p = posattn::rope_problem_from(q, k, dims, pos, freqs, attention_scaling, angles, sign);
         py::gil_scoped_release release;
-        posattn::cpu::rope_forward(p, dtype, num_threads, chunk);
+        return std::string(posattn::cpu::rope_forward(p, dtype, num_threads));
       },
-      py::arg("q"), py::arg("k"), py::arg("batch"), py::arg("seqlen"), py::arg("head_dim"),
-      py::arg("positions"), py::arg("pos_is_int64"), py::arg("pos_sb"), py::arg("pos_ss"),
-      py::arg("inv_freq"), py::arg("rotary_dim"), py::arg("interleaved"), py::arg("copy_tail"),
-      py::arg("dtype"), py::arg("num_threads") = 0, py::arg("chunk") = 16);
+      py::arg("q"), py::arg("k"), py::arg("dims"), py::arg("pos"), py::arg("freqs"),
+      py::arg("attention_scaling"), py::arg("angles"), py::arg("sign"), py::arg("dtype"),
+      py::arg("num_threads") = 0);
   // Exposed for tests of the shared header math.
   m.def("rope_angle", [](double pos, float inv_freq) { return posattn::rope_angle(pos, inv_freq); });
+  m.def("rope_reduce", [](double pos, float inv_freq) { return posattn::rope_reduce(pos, inv_freq); });
+  m.def("rope_sincos", [](double r) { double s, c; posattn::rope_sincos_poly(r, s, c); return py::make_tuple(s, c); });
   m.def("bf16_round", [](float f) { return posattn::to_float(posattn::bf16_from_float(f)); });
   m.def("fp16_round", [](float f) { return posattn::to_float(posattn::half_from_float(f)); });
 }

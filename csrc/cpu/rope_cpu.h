@@ -1,5 +1,6 @@
 #pragma once
 #include "posattn/rope_math.h"
 namespace posattn { namespace cpu {
-void rope_forward(const RopeProblem& p, int dtype, int num_threads, int64_t chunk);
+// num_threads <= 0: OpenMP's default. Returns the instruction set used ("avx2" or "generic").
+const char* rope_forward(const RopeProblem& p, int dtype, int num_threads);
 } }

@@ -1,4 +1,17 @@
-"""Thin wrappers over posattn._C (C++ OpenMP kernels on raw pointers)."""
+"""Thin wrappers over posattn._C (C++ OpenMP kernels on raw pointers).
+
+Kernel contract shared by every backend (cpu, cuda, triton, reference):
+
+    rope_forward(q, qo, k, ko, pos3, tables, rotary_dim, interleaved, sign, config)
+        q, qo, k, ko: [B, S, H, D] views, last dim contiguous; q or k may be None
+            (or have 0 heads); qo may be q (in place). q receives the DPE query offset.
+        pos3: [A, Bp, S] positions (int32/int64/fp32/fp64), Bp in {1, B}, any strides.
+        tables: posattn.rope.lowering.RopeTables on the tensors' device.
+        sign: +1 rotates by theta, -1 by -theta (the backward).
+    rope_angles_forward(q, qo, k, ko, angles, rotary_dim, interleaved, sign, config)
+        angles: fp32 [Ba, S, Ha, R/2] view, last dim contiguous; Ba in {1, B};
+            head h of a tensor with H heads reads row h // (H // Ha).
+"""
 from __future__ import annotations
 
 import torch
@@ -16,13 +29,37 @@ def max_threads() -> int:
     return _C.openmp_max_threads() if _C is not None else 0
 
 
-def rope_forward(q, qo, k, ko, pos2, inv_freq, rotary_dim: int, interleaved: bool, config: dict):
-    """q, qo, k, ko: [B, S, H, D] views (last dim contiguous, k/ko may be None);
-    pos2: [Bp, S] int32/int64; inv_freq: fp32 [rotary_dim/2]."""
-    pb, ps = native.pos_strides(pos2)
-    copy_tail = rotary_dim < q.shape[3] and qo.data_ptr() != q.data_ptr()
+def _threads(config: dict) -> int:
+    # 0 follows torch's intra-op setting, so torch.set_num_threads(n) limits this kernel too
+    n = int(config.get("threads", 0))
+    return n if n > 0 else torch.get_num_threads()
+
+
+def _pick(q, qo, k, ko):
+    x = q if q is not None and q.shape[2] > 0 else k
+    xo = qo if x is q else ko
+    return x, xo
+
+
+def rope_forward(q, qo, k, ko, pos3, tables, rotary_dim: int, interleaved: bool, sign: float,
+                 config: dict):
+    x, xo = _pick(q, qo, k, ko)
+    if x is None:
+        return
     _C.rope_forward(
         native.rope_tensor_args(q, qo), native.rope_tensor_args(k, ko),
-        q.shape[0], q.shape[1], q.shape[3], pos2.data_ptr(), pos2.dtype == torch.int64, pb, ps,
-        inv_freq.data_ptr(), rotary_dim, interleaved, copy_tail, native.DTYPE_CODE[q.dtype],
-        int(config.get("threads", 0)), int(config.get("chunk", 16)))
+        native.dims_args(x, rotary_dim, interleaved, native.copies_tail(x, xo, rotary_dim)),
+        native.pos_args(pos3), native.freq_args(tables), float(tables.attention_scaling), [],
+        float(sign), native.DTYPE_CODE[x.dtype], _threads(config))
+
+
+def rope_angles_forward(q, qo, k, ko, angles, rotary_dim: int, interleaved: bool, sign: float,
+                        config: dict):
+    x, xo = _pick(q, qo, k, ko)
+    if x is None:
+        return
+    _C.rope_forward(
+        native.rope_tensor_args(q, qo), native.rope_tensor_args(k, ko),
+        native.dims_args(x, rotary_dim, interleaved, native.copies_tail(x, xo, rotary_dim)),
+        [], [], 1.0, native.angle_args(angles), float(sign), native.DTYPE_CODE[x.dtype],
+        _threads(config))

@@ -1,4 +1,8 @@
-"""Thin wrappers over posattn._cuda (nvcc-built kernels; pointers and stream as integers)."""
+"""Thin wrappers over posattn._cuda (nvcc-built kernels; pointers and stream as integers).
+
+Same contract as posattn.kernels.cpu (see its docstring); launches go on the
+current torch stream of the tensors' device.
+"""
 from __future__ import annotations
 
 import torch
@@ -27,14 +31,31 @@ def module():
     return _cuda
 
 
-def rope_forward(q, qo, k, ko, pos2, inv_freq, rotary_dim: int, interleaved: bool, config: dict):
-    """Same contract as posattn.kernels.cpu.rope_forward, on CUDA tensors (current stream)."""
-    pb, ps = native.pos_strides(pos2)
-    copy_tail = rotary_dim < q.shape[3] and qo.data_ptr() != q.data_ptr()
-    stream = torch.cuda.current_stream(q.device).cuda_stream
-    with torch.cuda.device(q.device):
+def _pick(q, qo, k, ko):
+    x = q if q is not None and q.shape[2] > 0 else k
+    xo = qo if x is q else ko
+    return x, xo
+
+
+def _launch(q, qo, k, ko, rotary_dim, interleaved, sign, config, pos=(), freqs=(), scaling=1.0, angles=()):
+    x, xo = _pick(q, qo, k, ko)
+    if x is None:
+        return
+    stream = torch.cuda.current_stream(x.device).cuda_stream
+    with torch.cuda.device(x.device):
         _cuda.rope_forward(
             native.rope_tensor_args(q, qo), native.rope_tensor_args(k, ko),
-            q.shape[0], q.shape[1], q.shape[3], pos2.data_ptr(), pos2.dtype == torch.int64, pb,
-            ps, inv_freq.data_ptr(), rotary_dim, interleaved, copy_tail,
-            native.DTYPE_CODE[q.dtype], int(config.get("threads", 256)), stream)
+            native.dims_args(x, rotary_dim, interleaved, native.copies_tail(x, xo, rotary_dim)),
+            list(pos), list(freqs), float(scaling), list(angles), float(sign),
+            native.DTYPE_CODE[x.dtype], int(config.get("threads", 128)), stream)
+
+
+def rope_forward(q, qo, k, ko, pos3, tables, rotary_dim: int, interleaved: bool, sign: float,
+                 config: dict):
+    _launch(q, qo, k, ko, rotary_dim, interleaved, sign, config, native.pos_args(pos3),
+            native.freq_args(tables), tables.attention_scaling)
+
+
+def rope_angles_forward(q, qo, k, ko, angles, rotary_dim: int, interleaved: bool, sign: float,
+                        config: dict):
+    _launch(q, qo, k, ko, rotary_dim, interleaved, sign, config, angles=native.angle_args(angles))

@@ -1,7 +1,29 @@
-"""apply_rope: the public op, its kernel key, and the kernel registrations."""
+"""apply_rope, apply_rope_angles, rope_shift: the public ops, their kernel keys,
+the torch.library custom ops they run through (autograd, torch.compile), and
+the kernel registrations.
+
+Every kernel sees only lowered data (posattn.rope.lowering.RopeTables, or an
+explicit angles tensor) and [B, S, H, D] views whose last dimension is
+contiguous; see posattn/kernels/cpu.py for the contract.
+
+Autograd: ``posattn::rope`` and ``posattn::rope_angles`` are torch.library
+custom ops with fake (meta) implementations and registered backwards, so they
+differentiate on every backend and trace under ``torch.compile(fullgraph=True)``.
+The backward of a rotation by theta is the same kernel at -theta (sign=-1),
+with the DPE query offset applied to the query gradient as in the forward. The
+gradient of apply_rope_angles with respect to the angle of pair p is
+``sign * sum_heads (x1 * gx2 - x2 * gx1)`` with gx the input gradient.
+
+``inplace=True`` runs the kernel in place (``posattn::rope_``, a mutating
+custom op) when no gradient is needed. When q or k requires grad it is done
+like torch's own in-place ops: the rotation is computed out of place and
+copied into q / k through autograd, so a leaf that requires grad raises
+torch's usual in-place error and non-leaf tensors get correct gradients.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -10,9 +32,11 @@ from posattn import dispatch
 from posattn.kernels import cpu as cpu_kernels
 from posattn.kernels import cuda as cuda_kernels
 from posattn.kernels.reference import rope as ref_kernels
+from posattn.rope.lowering import RopeTables
 from posattn.rope.spec import RopeSpec
 
 LAYOUTS = ("bshd", "bhsd", "thd")
+POS_DTYPES = (torch.int32, torch.int64, torch.float32, torch.float64)
 
 
 @dataclass(frozen=True)
@@ -26,12 +50,19 @@ class RopeKey:
     interleaved: bool
     heads_q: int
     heads_k: int
-    pos_dtype: str
+    pos_dtype: str      # "int32" | "int64" | "float32" | "float64" | "angles"
     tokens_bucket: int  # next power of two of B*S (autotune shape bucket)
+    n_axes: int = 1     # position axes read through pair_axis (multi-axis sections)
+    rows: int = 1       # per-head inv_freq / angle rows (1: shared by all heads)
+    dpe: bool = False   # dimension-wise positions (pair_pos_scale)
 
 
 def _bucket(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def _dname(dt: torch.dtype) -> str:
+    return str(dt).removeprefix("torch.")
 
 
 def _as_bshd(x: torch.Tensor, layout: str) -> torch.Tensor:
@@ -42,15 +73,27 @@ def _as_bshd(x: torch.Tensor, layout: str) -> torch.Tensor:
     return x.unsqueeze(0)  # thd -> [1, T, H, D]
 
 
-def _check_qk(q, k, layout):
+def _from_bshd(x4: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "bshd":
+        return x4
+    if layout == "bhsd":
+        return x4.transpose(1, 2)
+    return x4.squeeze(0)
+
+
+def _check_x(x, name, layout):
     want = 3 if layout == "thd" else 4
-    if q.dim() != want:
-        raise ValueError(f"q must be {want}-D for layout={layout!r} "
-                         f"({'[T, H, D]' if want == 3 else '[B, S, H, D]' if layout == 'bshd' else '[B, H, S, D]'}); "
-                         f"got shape {tuple(q.shape)}")
+    if x.dim() != want:
+        shape = "[T, H, D]" if want == 3 else "[B, S, H, D]" if layout == "bshd" else "[B, H, S, D]"
+        raise ValueError(f"{name} must be {want}-D for layout={layout!r} ({shape}); "
+                         f"got shape {tuple(x.shape)}")
+
+
+def _check_qk(q, k, layout):
+    _check_x(q, "q", layout)
     if k is not None:
-        if k.dim() != want:
-            raise ValueError(f"k must be {want}-D like q for layout={layout!r}; got shape {tuple(k.shape)}")
+        if k.dim() != q.dim():
+            raise ValueError(f"k must be {q.dim()}-D like q for layout={layout!r}; got shape {tuple(k.shape)}")
         if k.dtype != q.dtype:
             raise TypeError(f"k must have q's dtype {q.dtype}; got {k.dtype}")
         qs, ks = _as_bshd(q, layout).shape, _as_bshd(k, layout).shape
@@ -60,47 +103,321 @@ def _check_qk(q, k, layout):
                                  f"q shape {tuple(q.shape)}, k shape {tuple(k.shape)} (layout={layout!r})")
 
 
-def _positions_2d(positions: torch.Tensor, B: int, S: int, layout: str) -> torch.Tensor:
+def _positions_3d(positions: torch.Tensor, B: int, S: int, layout: str, n_axes: int,
+                  name: str = "positions") -> torch.Tensor:
+    """Positions as an [A, Bp, S] view (Bp in {1, B}), or a ValueError naming the argument."""
+    if n_axes > 1:
+        forms = "[n_axes, T]" if layout == "thd" else "[n_axes, S] or [n_axes, B, S]"
+        if positions.dim() < 1 or positions.shape[0] != n_axes:
+            raise ValueError(f"{name} must be {forms} with n_axes = {n_axes} (the spec has multi-axis "
+                             f"sections); got shape {tuple(positions.shape)}")
+        _positions_2d(positions[0], B, S, layout, name, prefix="[n_axes] + ")
+        return positions.unsqueeze(1) if positions.dim() == 2 else positions
+    return _positions_2d(positions, B, S, layout, name).unsqueeze(0)
+
+
+def _positions_2d(positions, B, S, layout, name, prefix=""):
     if layout == "thd":
         if positions.dim() != 1 or positions.shape[0] != S:
-            raise ValueError(f"positions must be [T] = [{S}] for layout='thd'; got shape {tuple(positions.shape)}")
+            raise ValueError(f"{name} must be {prefix}[T] = [{S}] for layout='thd'; "
+                             f"got shape {tuple(positions.shape)}")
         return positions.unsqueeze(0)
     if positions.dim() == 1:
         if positions.shape[0] != S:
-            raise ValueError(f"positions of shape [S] must have S = {S} (q's sequence length); "
+            raise ValueError(f"{name} of shape {prefix}[S] must have S = {S} (q's sequence length); "
                              f"got {tuple(positions.shape)}")
         return positions.unsqueeze(0)
     if positions.dim() == 2:
         if tuple(positions.shape) != (B, S) and tuple(positions.shape) != (1, S):
-            raise ValueError(f"positions of shape [B, S] must be [{B}, {S}] (or [1, {S}]); "
+            raise ValueError(f"{name} of shape {prefix}[B, S] must be [{B}, {S}] (or [1, {S}]); "
                              f"got {tuple(positions.shape)}")
         return positions
-    raise ValueError(f"positions must be [S] or [B, S] (or [T] for layout='thd'); "
+    raise ValueError(f"{name} must be {prefix}[S] or {prefix}[B, S] (or {prefix}[T] for layout='thd'); "
                      f"got {positions.dim()}-D shape {tuple(positions.shape)}")
 
 
+def _pos_tensor(positions, name="positions"):
+    V.tensor(positions, name)
+    if positions.dtype not in POS_DTYPES:
+        raise TypeError(f"{name} must be int32, int64, float32 or float64; got {positions.dtype}")
+    return positions
+
+
+def _tables_for(spec: RopeSpec, device, positions, seq_len):
+    if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0):
+        raise ValueError(f"seq_len must be a positive int or None, got {seq_len!r}")
+    if getattr(spec, "depends_on_seq_len", False) and seq_len is None:
+        if positions is None:
+            raise ValueError("this spec's tables depend on the sequence length: pass seq_len= "
+                             "(or positions) so the right tables are used")
+        # one host sync; pass seq_len= to avoid it
+        seq_len = int(positions.max().item()) + 1 if positions.numel() else 1
+    return spec.tables(device, seq_len)
+
+
+def _check_rows(tables: RopeTables, HQ: int, HK: int):
+    inv = tables.inv_freq
+    rows = 1 if inv.dim() == 1 else inv.shape[0]
+    for name, h in (("q", HQ), ("k", HK)):
+        if h and h % rows:
+            raise ValueError(f"the spec's per-head inv_freq has {rows} rows, which must divide {name}'s "
+                             f"head count ({h}); head h uses row h // (heads // rows)")
+    return rows
+
+
+def _pos_key_dtype(pos3):
+    return _dname(pos3.dtype)
+
+
+def _make_key(x4: torch.Tensor, HQ: int, HK: int, rotary_dim: int, interleaved: bool, pos_dtype: str,
+              n_axes: int, rows: int, dpe: bool) -> RopeKey:
+    B, S, _, D = x4.shape
+    return RopeKey(x4.device.type, _dname(x4.dtype), D, rotary_dim, interleaved, HQ, HK, pos_dtype,
+                   _bucket(B * S), n_axes, rows, dpe)
+
+
+def _new_like(x4: torch.Tensor) -> torch.Tensor:
+    # same strides as the input when it is dense (so a bhsd input gives a bhsd output)
+    out = torch.empty_like(x4)
+    return out if out.stride(-1) == 1 else torch.empty(x4.shape, dtype=x4.dtype, device=x4.device)
+
+
+def _last_contig(x4: torch.Tensor) -> torch.Tensor:
+    return x4 if x4.stride(-1) == 1 or x4.shape[-1] == 1 else x4.contiguous()
+
+
+def _select(op: str, key: RopeKey, backend: str):
+    return dispatch.select(op, key, backend=backend or None)
+
+
+# ---------------------------------------------------------------------------
+# custom ops: positions x tables
+
+def _tables_from(inv_freq, pair_axis, pair_pos_scale, pair_q_offset, attention_scaling, n_axes):
+    return RopeTables(inv_freq, attention_scaling, pair_axis, n_axes, pair_pos_scale, pair_q_offset)
+
+
+def _run_rope(q, qo, k, ko, pos3, inv_freq, pair_axis, pair_pos_scale, pair_q_offset,
+              attention_scaling, rotary_dim, interleaved, sign, backend):
+    tables = _tables_from(inv_freq, pair_axis, pair_pos_scale, pair_q_offset, attention_scaling,
+                          pos3.shape[0])
+    rows = 1 if inv_freq.dim() == 1 else inv_freq.shape[0]
+    x = q if q.shape[2] else k
+    key = _make_key(x, q.shape[2], k.shape[2], rotary_dim, interleaved, _pos_key_dtype(pos3),
+                    pos3.shape[0], rows, pair_pos_scale is not None)
+    kernel, config = _select("rope", key, backend)
+    kernel.fn(q, qo, k, ko, pos3, tables, rotary_dim, interleaved, sign, config)
+
+
+@torch.library.custom_op("posattn::rope", mutates_args=())
+def _rope_op(q: torch.Tensor, k: torch.Tensor, pos3: torch.Tensor, inv_freq: torch.Tensor,
+             pair_axis: Optional[torch.Tensor], pair_pos_scale: Optional[torch.Tensor],
+             pair_q_offset: Optional[torch.Tensor], attention_scaling: float, rotary_dim: int,
+             interleaved: bool, sign: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """q: [B, S, Hq, D], k: [B, S, Hk, D] (Hk may be 0), pos3: [A, Bp, S] -> rotated copies."""
+    qo, ko = _new_like(q), _new_like(k)
+    _run_rope(q, qo, k, ko, pos3, inv_freq, pair_axis, pair_pos_scale, pair_q_offset,
+              attention_scaling, rotary_dim, interleaved, sign, backend)
+    return qo, ko
+
+
+@_rope_op.register_fake
+def _rope_fake(q, k, pos3, inv_freq, pair_axis, pair_pos_scale, pair_q_offset, attention_scaling,
+               rotary_dim, interleaved, sign, backend):
+    return _new_like(q), _new_like(k)
+
+
+def _rope_setup(ctx, inputs, output):
+    (q, k, pos3, inv_freq, pair_axis, pair_pos_scale, pair_q_offset, attention_scaling, rotary_dim,
+     interleaved, sign, backend) = inputs
+    ctx.save_for_backward(pos3, inv_freq, pair_axis, pair_pos_scale, pair_q_offset)
+    ctx.attrs = (attention_scaling, rotary_dim, interleaved, sign, backend)
+    ctx.shapes = (q, k)
+
+
+def _grad_in(g, like):
+    if g is None:
+        return torch.zeros_like(like)
+    return _last_contig(g)
+
+
+def _rope_backward(ctx, gq, gk):
+    pos3, inv_freq, pair_axis, pair_pos_scale, pair_q_offset = ctx.saved_tensors
+    attention_scaling, rotary_dim, interleaved, sign, backend = ctx.attrs
+    q, k = ctx.shapes
+    dq, dk = _rope_op(_grad_in(gq, q), _grad_in(gk, k), pos3, inv_freq, pair_axis, pair_pos_scale,
+                      pair_q_offset, attention_scaling, rotary_dim, interleaved, -sign, backend)
+    return dq, dk, None, None, None, None, None, None, None, None, None, None
+
+
+_rope_op.register_autograd(_rope_backward, setup_context=_rope_setup)
+
+
+@torch.library.custom_op("posattn::rope_", mutates_args=("q", "k"))
+def _rope_inplace_op(q: torch.Tensor, k: torch.Tensor, pos3: torch.Tensor, inv_freq: torch.Tensor,
+                     pair_axis: Optional[torch.Tensor], pair_pos_scale: Optional[torch.Tensor],
+                     pair_q_offset: Optional[torch.Tensor], attention_scaling: float, rotary_dim: int,
+                     interleaved: bool, sign: float, backend: str) -> None:
+    """In-place posattn::rope (q, k last-dim contiguous [B, S, H, D] tensors)."""
+    _run_rope(q, q, k, k, pos3, inv_freq, pair_axis, pair_pos_scale, pair_q_offset,
+              attention_scaling, rotary_dim, interleaved, sign, backend)
+
+
+@_rope_inplace_op.register_fake
+def _rope_inplace_fake(q, k, pos3, inv_freq, pair_axis, pair_pos_scale, pair_q_offset,
+                       attention_scaling, rotary_dim, interleaved, sign, backend):
+    return None
+
+
+# ---------------------------------------------------------------------------
+# custom ops: explicit angles
+
+def _run_angles(q, qo, k, ko, angles, rotary_dim, interleaved, sign, backend):
+    x = q if q.shape[2] else k
+    key = _make_key(x, q.shape[2], k.shape[2], rotary_dim, interleaved, "angles", 1, angles.shape[2], False)
+    kernel, config = _select("rope_angles", key, backend)
+    if kernel.backend != "reference" and angles.dtype != torch.float32:
+        angles = angles.float()
+    kernel.fn(q, qo, k, ko, _last_contig(angles), rotary_dim, interleaved, sign, config)
+
+
+@torch.library.custom_op("posattn::rope_angles", mutates_args=())
+def _rope_angles_op(q: torch.Tensor, k: torch.Tensor, angles: torch.Tensor, rotary_dim: int,
+                    interleaved: bool, sign: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """q: [B, S, Hq, D], k: [B, S, Hk, D], angles: [Ba, S, Ha, R/2] -> rotated copies."""
+    qo, ko = _new_like(q), _new_like(k)
+    _run_angles(q, qo, k, ko, angles, rotary_dim, interleaved, sign, backend)
+    return qo, ko
+
+
+@_rope_angles_op.register_fake
+def _rope_angles_fake(q, k, angles, rotary_dim, interleaved, sign, backend):
+    return _new_like(q), _new_like(k)
+
+
+def _angles_setup(ctx, inputs, output):
+    q, k, angles, rotary_dim, interleaved, sign, backend = inputs
+    ctx.save_for_backward(q, k, angles)
+    ctx.attrs = (rotary_dim, interleaved, sign, backend)
+
+
+def _pairs(x: torch.Tensor, rotary_dim: int, interleaved: bool):
+    rot = x[..., :rotary_dim]
+    if interleaved:
+        return rot[..., 0::2], rot[..., 1::2]
+    return rot[..., : rotary_dim // 2], rot[..., rotary_dim // 2:]
+
+
+def _angle_grad(x, gx, rows, rotary_dim, interleaved):
+    """sum over the heads sharing a row of x1 * gx2 - x2 * gx1 -> [B, S, rows, R/2] (fp32 or fp64)."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x1, x2 = _pairs(x.to(acc), rotary_dim, interleaved)
+    g1, g2 = _pairs(gx.to(acc), rotary_dim, interleaved)
+    t = x1 * g2 - x2 * g1
+    B, S, H, P = t.shape
+    return t.reshape(B, S, rows, H // rows, P).sum(3)
+
+
+def _angles_backward(ctx, gq, gk):
+    q, k, angles = ctx.saved_tensors
+    rotary_dim, interleaved, sign, backend = ctx.attrs
+    dq, dk = _rope_angles_op(_grad_in(gq, q), _grad_in(gk, k), angles, rotary_dim, interleaved, -sign, backend)
+    dang = None
+    if ctx.needs_input_grad[2]:
+        rows = angles.shape[2]
+        dang = _angle_grad(q, dq, rows, rotary_dim, interleaved) if q.shape[2] else 0
+        if k.shape[2]:
+            dang = dang + _angle_grad(k, dk, rows, rotary_dim, interleaved)
+        dang = dang * sign
+        if angles.shape[0] == 1 and dang.shape[0] != 1:
+            dang = dang.sum(0, keepdim=True)
+        dang = dang.to(angles.dtype)
+    return dq, dk, dang, None, None, None, None
+
+
+_rope_angles_op.register_autograd(_angles_backward, setup_context=_angles_setup)
+
+
+@torch.library.custom_op("posattn::rope_angles_", mutates_args=("q", "k"))
+def _rope_angles_inplace_op(q: torch.Tensor, k: torch.Tensor, angles: torch.Tensor, rotary_dim: int,
+                            interleaved: bool, sign: float, backend: str) -> None:
+    _run_angles(q, q, k, k, angles, rotary_dim, interleaved, sign, backend)
+
+
+@_rope_angles_inplace_op.register_fake
+def _rope_angles_inplace_fake(q, k, angles, rotary_dim, interleaved, sign, backend):
+    return None
+
+
+# ---------------------------------------------------------------------------
+# the public ops
+
+def _needs_grad(*xs) -> bool:
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in xs)
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _run_positions(q, k, q4, k4, pos3, tables, rotary_dim, interleaved, sign, layout, inplace,
+                   key, backend):
+    """Select (eagerly) and run posattn::rope / rope_ on [B, S, H, D] views; returns outputs in layout."""
+    if not _compiling():
+        kernel, _ = dispatch.select("rope", key, backend=backend)
+        backend = kernel.backend
+    name = backend or ""
+    kk4 = k4 if k4 is not None else q4.new_empty(q4.shape[0], q4.shape[1], 0, q4.shape[3])
+    targs = (pos3, tables.inv_freq, tables.pair_axis, tables.pair_pos_scale, tables.pair_q_offset,
+             float(tables.attention_scaling), rotary_dim, interleaved, float(sign), name)
+    if inplace and not _needs_grad(q, k):
+        qi, ki = _last_contig(q4), _last_contig(kk4)
+        torch.ops.posattn.rope_(qi, ki, *targs)
+        if qi is not q4:
+            q4.copy_(qi)
+        if k4 is not None and ki is not k4:
+            k4.copy_(ki)
+        return q, k
+    qo4, ko4 = torch.ops.posattn.rope(_last_contig(q4), _last_contig(kk4), *targs)
+    if inplace:  # through autograd, like torch's in-place ops
+        q4.copy_(qo4)
+        if k4 is not None:
+            k4.copy_(ko4)
+        return q, k
+    return _from_bshd(qo4, layout), (_from_bshd(ko4, layout) if k is not None else None)
+
+
 def apply_rope(q: torch.Tensor, k: torch.Tensor | None, positions: torch.Tensor, spec: RopeSpec, *,
-               layout: str = "bshd", inplace: bool = False, backend: str | None = None):
+               layout: str = "bshd", inplace: bool = False, backend: str | None = None,
+               seq_len: int | None = None):
     """Rotate q and k by their positions.
 
     Args:
         q: [B, S, Hq, D] (layout "bshd"), [B, Hq, S, D] ("bhsd") or packed [T, Hq, D] ("thd").
+            Any strides whose last dimension is contiguous are read without a copy.
         k: the same layout with Hk heads, or None.
-        positions: int32/int64 [S] (shared by the batch), [B, S], or [T] for "thd".
+        positions: int32/int64/float32/float64 [S] (shared by the batch), [B, S], or [T] for
+            "thd". Float positions give fractional rotations (V2PE). When the spec has
+            multi-axis sections (mrope), [n_axes, S], [n_axes, B, S] or [n_axes, T]: each
+            rotary pair reads the axis its section names.
         spec: a :class:`RopeSpec` whose head_dim equals D.
         layout: "bshd", "bhsd" or "thd".
-        inplace: write into q and k (and return them).
+        inplace: write into q and k (and return them). Without grad this runs the kernel in
+            place; with grad it behaves like torch's in-place ops.
         backend: force "cuda", "triton", "cpu" or "reference".
+        seq_len: for specs whose tables depend on the sequence length (dynamic NTK,
+            LongRoPE): the length to build them for. Default: max(positions) + 1, which
+            costs one device-to-host sync.
 
     Returns:
         (q_out, k_out) in the input dtype and layout; k_out is None when k is None.
-        Angles are computed in fp32 or better (fp64 range reduction); outputs are
-        rounded once.
+        Angles are reduced modulo 2*pi exactly in fp64 before sin/cos; outputs are
+        rounded once. Differentiable with respect to q and k on every backend.
     """
     V.float_tensor(q, "q")
     if k is not None:
         V.float_tensor(k, "k")
-    V.int_tensor(positions, "positions")
+    _pos_tensor(positions)
     if not isinstance(spec, RopeSpec):
         raise TypeError(f"spec must be a posattn.RopeSpec, got {type(spec).__name__}")
     V.choice(layout, "layout", LAYOUTS)
@@ -112,44 +429,169 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor | None, positions: torch.Tensor,
     B, S, HQ, D = q4.shape
     if D != spec.head_dim:
         raise ValueError(f"q's head_dim ({D}) must equal spec.head_dim ({spec.head_dim})")
-    pos2 = _positions_2d(positions, B, S, layout)
     k4 = _as_bshd(k, layout) if k is not None else None
+    HK = k4.shape[2] if k4 is not None else 0
+    tables = _tables_for(spec, q.device, positions, seq_len)
+    pos3 = _positions_3d(positions, B, S, layout, tables.n_axes)
+    rows = _check_rows(tables, HQ, HK)
+    key = _make_key(q4, HQ, HK, spec.rotary_dim, spec.interleaved, _dname(positions.dtype),
+                    tables.n_axes, rows, tables.pair_pos_scale is not None)
+    return _run_positions(q, k, q4, k4, pos3, tables, spec.rotary_dim, spec.interleaved, 1.0, layout,
+                          inplace, key, backend)
 
-    key = RopeKey(q.device.type, str(q.dtype).removeprefix("torch."), D, spec.rotary_dim,
-                  spec.interleaved, HQ, k4.shape[2] if k4 is not None else 0,
-                  str(positions.dtype).removeprefix("torch."), _bucket(B * S))
-    kernel, config = dispatch.select("rope", key, backend=backend)
 
-    q_out, qi, qo = _prepare(q, q4, layout, inplace)
+def apply_rope_angles(q: torch.Tensor, k: torch.Tensor | None, angles: torch.Tensor, *,
+                      interleaved: bool = False, layout: str = "bshd", inplace: bool = False,
+                      backend: str | None = None):
+    """Rotate q and k by explicit angles (context-aware RoPE: a network produces the phases).
+
+    Args:
+        q, k: as for :func:`apply_rope` (k may be None).
+        angles: float32 (or float64) [B, S, Ha, R/2] or [S, Ha, R/2] ([T, Ha, R/2] for
+            "thd"), whatever the layout of q and k. R = 2 * angles.shape[-1] is the
+            rotary dim (<= head_dim; the rest passes through). Ha is 1 (shared by all
+            heads) or divides both head counts: head h of a tensor with H heads reads row
+            h // (H // Ha) (Ha = Hk gives one phase per GQA group). Native backends read
+            fp32 (fp64 angles are rounded); the reference keeps fp64.
+        interleaved: pair (2p, 2p+1) instead of (p, p + R/2).
+
+    Returns:
+        (q_out, k_out). Differentiable with respect to q, k and angles.
+    """
+    V.float_tensor(q, "q")
     if k is not None:
-        k_out, ki, ko = _prepare(k, k4, layout, inplace)
+        V.float_tensor(k, "k")
+    V.tensor(angles, "angles")
+    if angles.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"angles must be float32 (or float64); got {angles.dtype}")
+    if not isinstance(interleaved, bool):
+        raise TypeError(f"interleaved must be a bool, got {type(interleaved).__name__}")
+    V.choice(layout, "layout", LAYOUTS)
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
+    _check_qk(q, k, layout)
+    V.same_device(q, "q", k=k, angles=angles)
+    q4 = _as_bshd(q, layout)
+    B, S, HQ, D = q4.shape
+    k4 = _as_bshd(k, layout) if k is not None else None
+    HK = k4.shape[2] if k4 is not None else 0
+    want = "[T, Ha, R/2]" if layout == "thd" else "[B, S, Ha, R/2] or [S, Ha, R/2]"
+    ranks = (3,) if layout == "thd" else (3, 4)
+    if angles.dim() not in ranks:
+        raise ValueError(f"angles must be {want}; got {angles.dim()}-D shape {tuple(angles.shape)}")
+    ang4 = angles.unsqueeze(0) if angles.dim() == 3 else angles
+    if ang4.shape[1] != S or ang4.shape[0] not in (1, B):
+        raise ValueError(f"angles must be {want} with S = {S}" + ("" if layout == "thd" else f", B = {B}")
+                         + f"; got shape {tuple(angles.shape)}")
+    rows, half = ang4.shape[2], ang4.shape[3]
+    if half < 1 or 2 * half > D:
+        raise ValueError(f"angles' last dimension (R/2 = {half}) must be in [1, head_dim/2 = {D // 2}]; "
+                         f"got shape {tuple(angles.shape)}")
+    if rows < 1 or any(h % rows for h in (HQ, HK) if h):
+        raise ValueError(f"angles' head dimension ({rows}) must be 1 or divide q's ({HQ}) and k's "
+                         f"({HK}) head counts; got shape {tuple(angles.shape)}")
+    rotary_dim = 2 * half
+    key = _make_key(q4, HQ, HK, rotary_dim, interleaved, "angles", 1, rows, False)
+    if not _compiling():
+        kernel, _ = dispatch.select("rope_angles", key, backend=backend)
+        backend = kernel.backend
+    name = backend or ""
+    kk4 = k4 if k4 is not None else q4.new_empty(B, S, 0, D)
+    if inplace and not _needs_grad(q, k, angles):
+        qi, ki = _last_contig(q4), _last_contig(kk4)
+        torch.ops.posattn.rope_angles_(qi, ki, ang4, rotary_dim, interleaved, 1.0, name)
+        if qi is not q4:
+            q4.copy_(qi)
+        if k4 is not None and ki is not k4:
+            k4.copy_(ki)
+        return q, k
+    qo4, ko4 = torch.ops.posattn.rope_angles(_last_contig(q4), _last_contig(kk4), ang4, rotary_dim,
+                                             interleaved, 1.0, name)
+    if inplace:
+        q4.copy_(qo4)
+        if k4 is not None:
+            k4.copy_(ko4)
+        return q, k
+    return _from_bshd(qo4, layout), (_from_bshd(ko4, layout) if k is not None else None)
+
+
+def rope_shift(k: torch.Tensor, delta, spec: RopeSpec, positions: torch.Tensor | None = None, *,
+               layout: str = "bshd", inplace: bool = False, backend: str | None = None,
+               seq_len: int | None = None):
+    """Re-rotate already-rotated cached keys by a position delta (Positional Integrity Encoding).
+
+    Equals ``apply_rope`` at positions + delta applied to the unrotated keys, without
+    recomputing them.
+
+    Args:
+        k: rotated keys, [B, S, H, D] / [B, H, S, D] / [T, H, D] as for apply_rope.
+        delta: a Python int/float or a 0-d tensor (the same shift for every token), or a
+            tensor shaped like apply_rope's positions ([S], [B, S], [T]; negative allowed;
+            int or float). For multi-axis specs a delta without the axis dimension shifts
+            every axis; [n_axes, ...] shifts each axis by its own delta.
+        spec: the spec the keys were rotated with.
+        positions: the keys' current positions (apply_rope's formats). Required when the
+            spec's position map is not linear (dimension-wise DPE groups): the old
+            rotation is undone and the new one applied. Ignored otherwise.
+        inplace: rotate k in place (and return it).
+        seq_len: as for apply_rope; specs whose tables depend on the sequence length need
+            it (or positions).
+
+    Returns:
+        the shifted keys (k itself when inplace).
+    """
+    V.float_tensor(k, "k")
+    if not isinstance(spec, RopeSpec):
+        raise TypeError(f"spec must be a posattn.RopeSpec, got {type(spec).__name__}")
+    V.choice(layout, "layout", LAYOUTS)
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
+    _check_x(k, "k", layout)
+    k4 = _as_bshd(k, layout)
+    B, S, H, D = k4.shape
+    if D != spec.head_dim:
+        raise ValueError(f"k's head_dim ({D}) must equal spec.head_dim ({spec.head_dim})")
+    if positions is not None:
+        _pos_tensor(positions)
+        V.same_device(k, "k", positions=positions)
+    tables = _tables_for(spec, k.device, positions, seq_len)
+    A = tables.n_axes
+    if isinstance(delta, bool) or not isinstance(delta, (int, float, torch.Tensor)):
+        raise TypeError(f"delta must be an int, a float or a tensor; got {type(delta).__name__}")
+    if isinstance(delta, torch.Tensor):
+        _pos_tensor(delta, "delta")
+        V.same_device(k, "k", delta=delta)
+        if delta.dim() == 0:
+            d3 = delta.reshape(1, 1, 1).expand(A, 1, S)
+        elif A > 1 and delta.shape[0] == A and delta.dim() >= 2:
+            d3 = _positions_3d(delta, B, S, layout, A, "delta")
+        else:
+            d3 = _positions_3d(delta, B, S, layout, 1, "delta").expand(A, -1, -1)
     else:
-        k_out = ki = ko = None
-    if pos2.stride(-1) != 1:
-        pos2 = pos2.contiguous()
-    inv_freq = spec.inv_freq_on(q.device)
-    kernel.fn(qi, qo, ki, ko, pos2, inv_freq, spec.rotary_dim, spec.interleaved, config)
-    if inplace:
-        if qo.data_ptr() != qi.data_ptr():
-            q4.copy_(qo)
-        if k is not None and ko.data_ptr() != ki.data_ptr():
-            k4.copy_(ko)
-    return q_out, k_out
-
-
-def _prepare(x, x4, layout, inplace):
-    """Returns (tensor to return, [B,S,H,D] kernel input, [B,S,H,D] kernel output)."""
-    xi = x4 if x4.stride(-1) == 1 else x4.contiguous()
-    if inplace:
-        if xi.data_ptr() == x4.data_ptr():
-            return x, xi, xi
-        return x, xi, xi  # rotated in the contiguous copy, then copied back by the caller
-    out = torch.empty_like(x)
-    out4 = _as_bshd(out, layout)
-    if out4.stride(-1) != 1:
-        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        out4 = _as_bshd(out, layout)
-    return out, xi, out4
+        dt = torch.int64 if isinstance(delta, int) else torch.float64
+        d3 = torch.full((1, 1, 1), delta, dtype=dt, device=k.device).expand(A, 1, S)
+    rows = _check_rows(tables, 0, H)
+    unit = RopeTables(tables.inv_freq, 1.0, tables.pair_axis, A)
+    q4 = k4.new_empty(B, S, 0, D)
+    if tables.pair_pos_scale is None:
+        key = _make_key(k4, 0, H, spec.rotary_dim, spec.interleaved, _dname(d3.dtype), A, rows, False)
+        _, kout = _run_positions(q4, k, q4, k4, d3, unit, spec.rotary_dim, spec.interleaved, 1.0,
+                                 layout, inplace, key, backend)
+        return kout
+    if positions is None:
+        raise ValueError("positions is required by rope_shift for this spec: its position map is not "
+                         "linear (dimension-wise groups), so the old rotation is undone and the new "
+                         "one applied")
+    pos3 = _positions_3d(positions, B, S, layout, A)
+    new3 = pos3 + d3  # broadcasts [A, 1|B, S]; int + float promotes to float
+    dpe = RopeTables(tables.inv_freq, 1.0, tables.pair_axis, A, tables.pair_pos_scale, tables.pair_q_offset)
+    key_old = _make_key(k4, 0, H, spec.rotary_dim, spec.interleaved, _dname(pos3.dtype), A, rows, True)
+    key_new = _make_key(k4, 0, H, spec.rotary_dim, spec.interleaved, _dname(new3.dtype), A, rows, True)
+    _, undone = _run_positions(q4, k, q4, k4, pos3, dpe, spec.rotary_dim, spec.interleaved, -1.0,
+                               layout, inplace, key_old, backend)
+    _, out = _run_positions(q4, undone, q4, _as_bshd(undone, layout), new3, dpe, spec.rotary_dim,
+                            spec.interleaved, 1.0, layout, inplace, key_new, backend)
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -190,16 +632,32 @@ def _triton_fn(*args):
     return tr.rope_forward(*args)
 
 
+def _triton_angles_fn(*args):
+    from posattn.kernels.triton import rope as tr
+
+    return tr.rope_angles_forward(*args)
+
+
 def _triton_default(key: RopeKey):
     from posattn.kernels.triton import rope as tr
 
     return tr.default_config(key.head_dim, key.rotary_dim, max(key.heads_q, key.heads_k))
 
 
+_ALL_DTYPES = ("float32", "float16", "bfloat16", "float64")
+
 dispatch.register("rope", "reference", dtypes=("float32", "float16", "bfloat16", "float64"))(ref_kernels.rope_forward)
 dispatch.register("rope", "cpu", supports=_cpu_supports,
-                  default_config=lambda key: {"threads": 0, "chunk": 16},
+                  default_config=lambda key: {"threads": 0},
                   dtypes=("float32", "float16", "bfloat16", "float64"))(cpu_kernels.rope_forward)
-dispatch.register("rope", "cuda", supports=_cuda_supports, default_config=lambda key: {"threads": 256},
+dispatch.register("rope", "cuda", supports=_cuda_supports, default_config=lambda key: {"threads": 128},
                   dtypes=("float32", "float16", "bfloat16", "float64"))(cuda_kernels.rope_forward)
 dispatch.register("rope", "triton", supports=_triton_supports, default_config=_triton_default)(_triton_fn)
+
+dispatch.register("rope_angles", "reference", dtypes=_ALL_DTYPES)(ref_kernels.rope_angles_forward)
+dispatch.register("rope_angles", "cpu", supports=_cpu_supports, default_config=lambda key: {"threads": 0},
+                  dtypes=_ALL_DTYPES)(cpu_kernels.rope_angles_forward)
+dispatch.register("rope_angles", "cuda", supports=_cuda_supports, default_config=lambda key: {"threads": 128},
+                  dtypes=_ALL_DTYPES)(cuda_kernels.rope_angles_forward)
+dispatch.register("rope_angles", "triton", supports=_triton_supports,
+                  default_config=_triton_default)(_triton_angles_fn)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import posattn
-from posattn.kernels.reference import rope as ref
+from tests.rope import _rope_helpers as H
 from tests._tol import assert_close
 from tests.conftest import DEVICE, usable_backends
 
@@ -15,32 +15,13 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def reference(q, k, positions, spec, layout):
-    """fp64 oracle written independently of the op's layout handling."""
-    def to4(x):
-        return {"bshd": x, "bhsd": x.transpose(1, 2), "thd": x.unsqueeze(0)}[layout]
-
-    def back(x):
-        return {"bshd": x, "bhsd": x.transpose(1, 2), "thd": x.squeeze(0)}[layout]
-
-    pos2 = positions if positions.dim() == 2 else positions.unsqueeze(0)
-    ang = ref.rope_angles(pos2.cpu(), spec.inv_freq())
-    qo = back(ref.rotate(to4(q).cpu(), ang, spec.rotary_dim, spec.interleaved))
-    ko = back(ref.rotate(to4(k).cpu(), ang, spec.rotary_dim, spec.interleaved)) if k is not None else None
-    return qo, ko
+    """fp64 oracle written independently of the op's layout handling and of posattn's reference kernel."""
+    return H.oracle(q, k, positions, spec, layout)
 
 
 def make(layout, B, S, HQ, HK, D, dtype, device, pos_batched, pos_dtype=torch.int64, max_pos=4096):
-    if layout == "thd":
-        T = B * S
-        q = torch.randn(T, HQ, D, dtype=dtype, device=device)
-        k = torch.randn(T, HK, D, dtype=dtype, device=device) if HK else None
-        pos = torch.randint(0, max_pos, (T,), dtype=pos_dtype, device=device)
-    else:
-        shape = (lambda h: (B, S, h, D)) if layout == "bshd" else (lambda h: (B, h, S, D))
-        q = torch.randn(*shape(HQ), dtype=dtype, device=device)
-        k = torch.randn(*shape(HK), dtype=dtype, device=device) if HK else None
-        pshape = (B, S) if pos_batched else (S,)
-        pos = torch.randint(0, max_pos, pshape, dtype=pos_dtype, device=device)
+    q, k = H.rand_qk(layout, B, S, HQ, HK, D, dtype, device)
+    pos = H.positions_for(1, layout, B, S, pos_dtype, device, pos_batched, max_pos)
     return q, k, pos
 
 
@@ -66,7 +47,7 @@ def test_matches_reference(backend, dtype, layout, interleaved):
     for i, (B, S, HQ, HK, D, rd) in enumerate(SHAPES):
         spec = posattn.RopeSpec(D, rotary_dim=rd, interleaved=interleaved)
         q, k, pos = make(layout, B, S, HQ, HK, D, dtype, DEVICE, pos_batched=i % 2 == 1,
-                         pos_dtype=torch.int32 if i % 3 == 0 else torch.int64)
+                         pos_dtype=(torch.int32, torch.int64, torch.float32)[i % 3])
         qo, ko = posattn.apply_rope(q, k, pos, spec, layout=layout, backend=backend)
         rq, rk = reference(q, k, pos, spec, layout)
         assert qo.dtype == dtype and qo.shape == q.shape
@@ -194,7 +175,7 @@ def _ok():
     ("k_dtype", TypeError, "k must have q's dtype"),
     ("q_rank", ValueError, "q must be 4-D"),
     ("spec_dim", ValueError, "spec.head_dim"),
-    ("float_pos", TypeError, "positions must be an integer tensor"),
+    ("half_pos", TypeError, "positions must be int32, int64, float32 or float64"),
     ("pos_len", ValueError, "positions"),
     ("pos_rank", ValueError, "positions must be"),
     ("pos_batch", ValueError, r"positions of shape \[B, S\]"),
@@ -224,8 +205,8 @@ def test_bad_inputs(case, exc, match):
         q = torch.randn(5, 4, 64)
     elif case == "spec_dim":
         spec = posattn.RopeSpec(32)
-    elif case == "float_pos":
-        pos = pos.float()
+    elif case == "half_pos":
+        pos = pos.half()
     elif case == "pos_len":
         pos = torch.arange(6)
     elif case == "pos_rank":

@@ -1,14 +1,19 @@
-"""Triton rotary kernel (forward; the backward is the same kernel at -theta).
+"""Triton rotary kernel: positions x RopeTables, or explicit angles; any sign.
 
-Grid: (B*S tokens, head blocks of q then of k). Each program loads one
-token's position, computes theta = position * inv_freq in fp64 reduced
-modulo 2*pi, takes fp32 cos/sin, and rotates BLOCK_H heads:
+Grid: (B*S tokens, head blocks of q then of k). Each program handles BLOCK_H
+heads of one token. For pair p of head h (row(h) = h // (H // ROWS)):
 
-    out1 = x1 cos - x2 sin ; out2 = x2 cos + x1 sin
+    pos   = positions[pair_axis[p] or 0, b, s]                     (int or float)
+    DPE:    pos = floor(pos / pair_pos_scale[p]) (+ pair_q_offset[p] for q programs)
+    theta = pos * inv_freq[row(h), p], reduced modulo 2*pi exactly in fp64
+            (pos split at 4096 so both partial products are exact; 2*pi in two parts)
+    or      theta = angles[b, s, row(h), p]                          (FROM_ANGLES)
+    out1 = a (x1 cos - x2 sin) ; out2 = a (x2 cos + x1 sin)    a = attention_scaling,
+    sin negated for SIGN = -1 (the backward / inverse rotation);
     half-split pairs (p, p + R/2), interleaved pairs (2p, 2p + 1)
 
 Inputs are loaded in their dtype, converted to fp32 at once and rounded once
-at the store.
+at the store; cos/sin are fp32.
 """
 from __future__ import annotations
 
@@ -16,40 +21,55 @@ import torch
 import triton
 import triton.language as tl
 
-TWO_PI = 6.283185307179586
-INV_TWO_PI = 0.15915494309189535
+TWO_PI: tl.constexpr = 6.283185307179586
+INV_TWO_PI: tl.constexpr = 0.15915494309189535
+TWO_PI_C1: tl.constexpr = 6.2831854820251465      # 24 significant bits
+TWO_PI_C2: tl.constexpr = -1.748455600074497e-07  # 2*pi - C1
 
 
 @triton.jit
-def _rope_fwd_kernel(
-    q_ptr, qo_ptr, k_ptr, ko_ptr, pos_ptr, inv_freq_ptr,
-    S, HQ, HK, NQB,
+def _reduce_exact(x):
+    """x - 2*pi*round(x / 2*pi) for an exact fp64 x (k * C1 is exact for |x| < 2^31)."""
+    k = tl.floor(x * INV_TWO_PI + 0.5)
+    return (x - k * TWO_PI_C1) - k * TWO_PI_C2
+
+
+@triton.jit
+def _reduced_angle(pos, inv_freq):
+    """pos * inv_freq (fp64 in, fp64 out) reduced to [-pi, pi] without a rounded product."""
+    hi = tl.floor(pos * (1.0 / 4096.0)) * 4096.0
+    lo = pos - hi
+    r = _reduce_exact(hi * inv_freq) + _reduce_exact(lo * inv_freq)
+    return r - tl.floor(r * INV_TWO_PI + 0.5) * TWO_PI
+
+
+@triton.jit
+def _rope_kernel(
+    q_ptr, qo_ptr, k_ptr, ko_ptr,
+    pos_ptr, inv_freq_ptr, pair_axis_ptr, pos_scale_ptr, q_offset_ptr, ang_ptr,
+    S, HQ, HK, NQB, HPR_Q, HPR_K,
     q_sb, q_ss, q_sh, qo_sb, qo_ss, qo_sh,
     k_sb, k_ss, k_sh, ko_sb, ko_ss, ko_sh,
-    pos_sb, pos_ss,
+    pos_sa, pos_sb, pos_ss, ang_sb, ang_ss, ang_sh,
+    attention_scaling, sign,
     HALF: tl.constexpr, D: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr,
-    INTERLEAVED: tl.constexpr, COPY_TAIL: tl.constexpr, SIGN: tl.constexpr,
+    INTERLEAVED: tl.constexpr, COPY_TAIL: tl.constexpr,
+    FROM_ANGLES: tl.constexpr, PER_ROW: tl.constexpr, MULTI_AXIS: tl.constexpr,
+    DPE: tl.constexpr, Q_OFFSET: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
     hb = tl.program_id(1)
     b = tok // S
     s = tok - b * S
-    pos = tl.load(pos_ptr + b * pos_sb + s * pos_ss).to(tl.float64)
-    p = tl.arange(0, BLOCK_P)
-    pmask = p < HALF
-    inv_freq = tl.load(inv_freq_ptr + p, mask=pmask, other=0.0).to(tl.float64)
-    theta = pos * inv_freq
-    theta = theta - tl.floor(theta * INV_TWO_PI) * TWO_PI
-    theta32 = theta.to(tl.float32)
-    cos = tl.cos(theta32)
-    sin = tl.sin(theta32) * SIGN
+    is_q = hb < NQB
 
-    if hb < NQB:
+    if is_q:
         x_ptr = q_ptr
         o_ptr = qo_ptr
         h0 = hb * BLOCK_H
         H = HQ
+        hpr = HPR_Q
         sb, ss, sh = q_sb, q_ss, q_sh
         osb, oss, osh = qo_sb, qo_ss, qo_sh
     else:
@@ -57,24 +77,64 @@ def _rope_fwd_kernel(
         o_ptr = ko_ptr
         h0 = (hb - NQB) * BLOCK_H
         H = HK
+        hpr = HPR_K
         sb, ss, sh = k_sb, k_ss, k_sh
         osb, oss, osh = ko_sb, ko_ss, ko_sh
 
+    p = tl.arange(0, BLOCK_P)
+    pmask = p < HALF
     h = (h0 + tl.arange(0, BLOCK_H)).to(tl.int64)
     hmask = h < H
+    m = hmask[:, None] & pmask[None, :]
+    row = h // hpr
+
+    if FROM_ANGLES:
+        a_ptr = ang_ptr + b * ang_sb + s * ang_ss
+        if PER_ROW:
+            ang = tl.load(a_ptr + row[:, None] * ang_sh + p[None, :], mask=m, other=0.0)
+        else:
+            ang = tl.load(a_ptr + p, mask=pmask, other=0.0)
+        theta = _reduce_exact(ang.to(tl.float64)).to(tl.float32)
+        scale = 1.0
+    else:
+        if MULTI_AXIS:
+            axis = tl.load(pair_axis_ptr + p, mask=pmask, other=0).to(tl.int64)
+            pos = tl.load(pos_ptr + axis * pos_sa + b * pos_sb + s * pos_ss, mask=pmask, other=0)
+        else:
+            pos = tl.load(pos_ptr + b * pos_sb + s * pos_ss)
+        pos = pos.to(tl.float64)
+        if DPE:
+            pscale = tl.load(pos_scale_ptr + p, mask=pmask, other=1.0).to(tl.float64)
+            pos = tl.floor(pos / pscale)
+            if Q_OFFSET:
+                if is_q:
+                    pos = pos + tl.load(q_offset_ptr + p, mask=pmask, other=0.0).to(tl.float64)
+        if PER_ROW:
+            f = tl.load(inv_freq_ptr + row[:, None] * HALF + p[None, :], mask=m, other=0.0)
+            if MULTI_AXIS or DPE:
+                pos = pos[None, :]
+        else:
+            f = tl.load(inv_freq_ptr + p, mask=pmask, other=0.0)
+        theta = _reduced_angle(pos, f.to(tl.float64)).to(tl.float32)
+        scale = attention_scaling
+    cos = tl.cos(theta) * scale
+    sin = tl.sin(theta) * (scale * sign)
+    if not PER_ROW:
+        cos = cos[None, :]
+        sin = sin[None, :]
+
     if INTERLEAVED:
         i1 = 2 * p
         i2 = 2 * p + 1
     else:
         i1 = p
         i2 = p + HALF
-    m = hmask[:, None] & pmask[None, :]
     xin = x_ptr + b * sb + s * ss + h[:, None] * sh
     xout = o_ptr + b * osb + s * oss + h[:, None] * osh
     x1 = tl.load(xin + i1[None, :], mask=m, other=0.0).to(tl.float32)
     x2 = tl.load(xin + i2[None, :], mask=m, other=0.0).to(tl.float32)
-    o1 = x1 * cos[None, :] - x2 * sin[None, :]
-    o2 = x2 * cos[None, :] + x1 * sin[None, :]
+    o1 = x1 * cos - x2 * sin
+    o2 = x2 * cos + x1 * sin
     tl.store(xout + i1[None, :], o1.to(o_ptr.dtype.element_ty), mask=m)
     tl.store(xout + i2[None, :], o2.to(o_ptr.dtype.element_ty), mask=m)
     if COPY_TAIL:
@@ -91,65 +151,115 @@ def default_config(head_dim: int, rotary_dim: int, heads: int) -> dict:
     return {"BLOCK_H": block_h, "num_warps": 4 if block_h * block_p >= 1024 else 2}
 
 
-def _launch_meta(q, k, rotary_dim, interleaved, copy_tail, config, sign):
-    half = rotary_dim // 2
-    d = q.shape[3]
-    block_h = int(config.get("BLOCK_H") or default_config(d, rotary_dim, max(q.shape[2], k.shape[2] if k is not None else 0))["BLOCK_H"])
-    tail = d - rotary_dim
-    return dict(
-        HALF=half, D=d, BLOCK_P=triton.next_power_of_2(max(half, 1)), BLOCK_H=block_h,
-        BLOCK_T=triton.next_power_of_2(max(tail, 1)), INTERLEAVED=bool(interleaved),
-        COPY_TAIL=bool(copy_tail), SIGN=float(sign), num_warps=int(config.get("num_warps", 4)),
-    )
+def _heads(x):
+    return 0 if x is None else x.shape[2]
 
 
-def rope_forward(q, qo, k, ko, pos2, inv_freq, rotary_dim: int, interleaved: bool, config: dict,
-                 sign: float = 1.0):
-    """Same contract as posattn.kernels.cpu.rope_forward; ``sign=-1`` rotates by -theta."""
-    B, S, HQ, D = q.shape
-    HK = k.shape[2] if k is not None else 0
-    copy_tail = rotary_dim < D and qo.data_ptr() != q.data_ptr()
-    meta = _launch_meta(q, k, rotary_dim, interleaved, copy_tail, config, sign)
-    nqb = triton.cdiv(HQ, meta["BLOCK_H"])
-    nkb = triton.cdiv(HK, meta["BLOCK_H"]) if k is not None else 0
+def _launch(q, qo, k, ko, rotary_dim, interleaved, sign, config, *, pos3=None, tables=None,
+            angles=None):
+    x = q if _heads(q) else k
+    if x is None or _heads(x) == 0:
+        return
+    xo = qo if x is q else ko
+    B, S, _, D = x.shape
+    HQ, HK = _heads(q), _heads(k)
     if B * S == 0:
         return
-    kk, kko = (k, ko) if k is not None else (q, qo)
-    pb = 0 if pos2.shape[0] == 1 else pos2.stride(0)
+    half = rotary_dim // 2
+    block_h = int(config.get("BLOCK_H") or default_config(D, rotary_dim, max(HQ, HK))["BLOCK_H"])
+    num_warps = int(config.get("num_warps", 4))
+    nqb = triton.cdiv(HQ, block_h)
+    nkb = triton.cdiv(HK, block_h)
+    qq, qqo = (q, qo) if HQ else (x, xo)
+    kk, kko = (k, ko) if HK else (x, xo)
+    copy_tail = rotary_dim < D and xo.data_ptr() != x.data_ptr()
+    if angles is not None:
+        rows = angles.shape[2]
+        dummy = angles
+        ptrs = (dummy, dummy, dummy, dummy, dummy, angles)
+        pstr = (0, 0, 0)
+        astr = (0 if angles.shape[0] == 1 else angles.stride(0), angles.stride(1),
+                0 if rows == 1 else angles.stride(2))
+        flags = dict(FROM_ANGLES=True, MULTI_AXIS=False, DPE=False, Q_OFFSET=False)
+        scale = 1.0
+    else:
+        inv = tables.inv_freq
+        rows = 1 if inv.dim() == 1 else inv.shape[0]
+        ptrs = (pos3, inv, tables.pair_axis if tables.pair_axis is not None else inv,
+                tables.pair_pos_scale if tables.pair_pos_scale is not None else inv,
+                tables.pair_q_offset if tables.pair_q_offset is not None else inv, inv)
+        pstr = (pos3.stride(0), 0 if pos3.shape[1] == 1 else pos3.stride(1), pos3.stride(2))
+        astr = (0, 0, 0)
+        flags = dict(FROM_ANGLES=False, MULTI_AXIS=tables.pair_axis is not None,
+                     DPE=tables.pair_pos_scale is not None,
+                     Q_OFFSET=tables.pair_pos_scale is not None and tables.pair_q_offset is not None)
+        scale = float(tables.attention_scaling)
     grid = (B * S, nqb + nkb)
-    _rope_fwd_kernel[grid](
-        q, qo, kk, kko, pos2, inv_freq,
-        S, HQ, HK, nqb,
-        q.stride(0), q.stride(1), q.stride(2), qo.stride(0), qo.stride(1), qo.stride(2),
+    _rope_kernel[grid](
+        qq, qqo, kk, kko, *ptrs,
+        S, HQ, HK, nqb, max(HQ // rows, 1), max(HK // rows, 1),
+        qq.stride(0), qq.stride(1), qq.stride(2), qqo.stride(0), qqo.stride(1), qqo.stride(2),
         kk.stride(0), kk.stride(1), kk.stride(2), kko.stride(0), kko.stride(1), kko.stride(2),
-        pb, pos2.stride(1),
-        **meta,
+        *pstr, *astr, scale, float(sign),
+        HALF=half, D=D, BLOCK_P=triton.next_power_of_2(max(half, 1)), BLOCK_H=block_h,
+        BLOCK_T=triton.next_power_of_2(max(D - rotary_dim, 1)), INTERLEAVED=bool(interleaved),
+        COPY_TAIL=bool(copy_tail), PER_ROW=rows > 1, num_warps=num_warps, **flags,
     )
+
+
+def rope_forward(q, qo, k, ko, pos3, tables, rotary_dim: int, interleaved: bool, sign: float,
+                 config: dict):
+    """Same contract as posattn.kernels.cpu.rope_forward."""
+    _launch(q, qo, k, ko, rotary_dim, interleaved, sign, config, pos3=pos3, tables=tables)
+
+
+def rope_angles_forward(q, qo, k, ko, angles, rotary_dim: int, interleaved: bool, sign: float,
+                        config: dict):
+    """Same contract as posattn.kernels.cpu.rope_angles_forward."""
+    _launch(q, qo, k, ko, rotary_dim, interleaved, sign, config, angles=angles)
 
 
 # ---------------------------------------------------------------------------
 # ahead-of-time compilation (tests compile every specialisation for sm_90a/sm_80)
 
 _TL_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_INT_ARGS = ("S", "HQ", "HK", "NQB", "HPR_Q", "HPR_K")
+_STRIDE_ARGS = ("q_sb", "q_ss", "q_sh", "qo_sb", "qo_ss", "qo_sh", "k_sb", "k_ss", "k_sh",
+                "ko_sb", "ko_ss", "ko_sh", "pos_sa", "pos_sb", "pos_ss", "ang_sb", "ang_ss", "ang_sh")
+# the variants the public ops launch: (name, FROM_ANGLES, PER_ROW, MULTI_AXIS, DPE, Q_OFFSET)
+VARIANTS = (
+    ("plain", False, False, False, False, False),
+    ("mrope", False, False, True, False, False),
+    ("perhead", False, True, False, False, False),
+    ("dpe", False, False, True, True, True),
+    ("angles", True, False, False, False, False),
+    ("angles_perhead", True, True, False, False, False),
+)
 
 
-def aot_specializations(head_dims=(64, 80, 96, 128, 256), dtypes=(torch.float32, torch.float16, torch.bfloat16)):
+def aot_specializations(head_dims=(64, 80, 96, 128, 256), dtypes=(torch.float32, torch.float16, torch.bfloat16),
+                        pos_types=("i32", "i64", "fp32"), variants=VARIANTS, interleaved=(False, True)):
     """Yield (name, kernel, signature, constexprs, num_warps) for ahead-of-time compiles."""
     for d in head_dims:
         for rot in sorted({d, d // 2 if (d // 2) % 2 == 0 else d}):
             for dtype in dtypes:
-                for inter in (False, True):
-                    for pos_t in ("i32", "i64"):
-                        ty = _TL_DTYPE[dtype]
-                        cfg = default_config(d, rot, 32)
-                        meta = dict(HALF=rot // 2, D=d, BLOCK_P=triton.next_power_of_2(rot // 2),
-                                    BLOCK_H=cfg["BLOCK_H"], BLOCK_T=triton.next_power_of_2(max(d - rot, 1)),
-                                    INTERLEAVED=inter, COPY_TAIL=rot < d, SIGN=1.0)
-                        sig = {n: "constexpr" for n in meta}
-                        sig.update({"q_ptr": f"*{ty}", "qo_ptr": f"*{ty}", "k_ptr": f"*{ty}",
-                                    "ko_ptr": f"*{ty}", "pos_ptr": f"*{pos_t}", "inv_freq_ptr": "*fp32"})
-                        for n in ("S", "HQ", "HK", "NQB", "q_sb", "q_ss", "q_sh", "qo_sb", "qo_ss", "qo_sh",
-                                  "k_sb", "k_ss", "k_sh", "ko_sb", "ko_ss", "ko_sh", "pos_sb", "pos_ss"):
-                            sig[n] = "i64" if n.endswith(("sb", "ss", "sh")) else "i32"
-                        name = f"rope_fwd_d{d}_r{rot}_{ty}_{'inter' if inter else 'half'}_{pos_t}"
-                        yield name, _rope_fwd_kernel, sig, meta, cfg["num_warps"]
+                for inter in interleaved:
+                    for vname, from_ang, per_row, multi, dpe, qoff in variants:
+                        for pos_t in (("fp32",) if from_ang else pos_types):
+                            ty = _TL_DTYPE[dtype]
+                            cfg = default_config(d, rot, 32)
+                            meta = dict(HALF=rot // 2, D=d, BLOCK_P=triton.next_power_of_2(rot // 2),
+                                        BLOCK_H=cfg["BLOCK_H"], BLOCK_T=triton.next_power_of_2(max(d - rot, 1)),
+                                        INTERLEAVED=inter, COPY_TAIL=rot < d, FROM_ANGLES=from_ang,
+                                        PER_ROW=per_row, MULTI_AXIS=multi, DPE=dpe, Q_OFFSET=qoff)
+                            sig = {n: "constexpr" for n in meta}
+                            sig.update({"q_ptr": f"*{ty}", "qo_ptr": f"*{ty}", "k_ptr": f"*{ty}",
+                                        "ko_ptr": f"*{ty}", "pos_ptr": f"*{pos_t}", "inv_freq_ptr": "*fp32",
+                                        "pair_axis_ptr": "*i32", "pos_scale_ptr": "*fp32",
+                                        "q_offset_ptr": "*fp32", "ang_ptr": "*fp32",
+                                        "attention_scaling": "fp32", "sign": "fp32"})
+                            sig.update({n: "i32" for n in _INT_ARGS})
+                            sig.update({n: "i64" for n in _STRIDE_ARGS})
+                            name = (f"rope_{vname}_d{d}_r{rot}_{ty}_{'inter' if inter else 'half'}"
+                                    f"{'' if from_ang else '_pos' + pos_t}")
+                            yield name, _rope_kernel, sig, meta, cfg["num_warps"]
