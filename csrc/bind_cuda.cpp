@@ -11,18 +11,14 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("runtime_version", &posattn::cuda::runtime_version);
   m.def(
       "rope_forward",
-      [](const std::vector<int64_t>& q, const std::vector<int64_t>& k, int64_t batch,
-         int64_t seqlen, int64_t head_dim, int64_t positions, bool pos_is_int64, int64_t pos_sb,
-         int64_t pos_ss, int64_t inv_freq, int rotary_dim, bool interleaved, bool copy_tail,
-         int dtype, int threads, int64_t stream) {
-        auto p = posattn::rope_problem_from(q, k, batch, seqlen, head_dim, positions, pos_is_int64,
-                                            pos_sb, pos_ss, inv_freq, rotary_dim, interleaved,
-                                            copy_tail);
+      [](const std::vector<int64_t>& q, const std::vector<int64_t>& k, const std::vector<int64_t>& dims,
+         const std::vector<int64_t>& pos, const std::vector<int64_t>& freqs, double attention_scaling,
+         const std::vector<int64_t>& angles, double sign, int dtype, int threads, int64_t stream) {
+        auto p = posattn::rope_problem_from(q, k, dims, pos, freqs, attention_scaling, angles, sign);
         py::gil_scoped_release release;
         posattn::cuda::rope_forward(p, dtype, threads, stream);
       },
-      py::arg("q"), py::arg("k"), py::arg("batch"), py::arg("seqlen"), py::arg("head_dim"),
-      py::arg("positions"), py::arg("pos_is_int64"), py::arg("pos_sb"), py::arg("pos_ss"),
-      py::arg("inv_freq"), py::arg("rotary_dim"), py::arg("interleaved"), py::arg("copy_tail"),
-      py::arg("dtype"), py::arg("threads") = 256, py::arg("stream") = 0);
+      py::arg("q"), py::arg("k"), py::arg("dims"), py::arg("pos"), py::arg("freqs"),
+      py::arg("attention_scaling"), py::arg("angles"), py::arg("sign"), py::arg("dtype"),
+      py::arg("threads") = 128, py::arg("stream") = 0);
 }

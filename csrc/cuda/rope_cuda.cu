@@ -1,7 +1,13 @@
-// CUDA rotary kernel: one block per (batch, token). The token's cos/sin table
-// is computed once into shared memory (fp64 range reduction, fp32 sincos) and
-// reused by every head of q and k; the block's threads then sweep the
-// (head, pair) grid so that consecutive threads touch consecutive elements.
+// CUDA rotary kernel (positions x RopeTables, or explicit angles; sign +-1).
+//
+// One block per (batch, token). The token's cos/sin table ([rows, R/2], and a
+// second one for keys when the DPE query offset makes them differ) is computed
+// once into shared memory: exact fp64 range reduction (rope_math.h), then
+// sincosf on the reduced fp32 angle in [-pi, pi]. The block's threads then sweep
+// (head, chunk of VEC pairs) so that consecutive threads touch consecutive
+// 16-byte vectors; VEC = 16 / sizeof(T) when every pointer and stride allows
+// aligned vector access, else 1. Tables too large for shared memory are
+// evaluated per element instead.
 #include <cuda_runtime.h>
 #include <stdexcept>
 #include <string>
@@ -11,46 +17,128 @@
 namespace posattn {
 namespace cuda {
 
-template <typename T>
-__global__ void rope_forward_kernel_bshd(RopeProblem p) {
-  extern __shared__ float smem[];
+constexpr int64_t kMaxSmemBytes = 32 * 1024;  // cos/sin tables above this are computed per element
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec { T v[N]; };
+
+// compute type: fp32, except fp64 for fp64 tensors
+template <typename T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+
+template <typename A, typename T> __device__ __forceinline__ A ldf(T v) { return A(to_float(v)); }
+template <> __device__ __forceinline__ double ldf<double, double>(double v) { return v; }
+template <typename T> __device__ __forceinline__ T sto(float v) { return from_float<T>(v); }
+template <typename T> __device__ __forceinline__ T sto(double v) { return T(v); }
+
+__device__ __forceinline__ void sincos_of(double r, float& s, float& c) { sincosf(float(r), &s, &c); }
+__device__ __forceinline__ void sincos_of(double r, double& s, double& c) { sincos(r, &s, &c); }
+
+// cos/sin (with attention_scaling and sign) of pair i, table row r, for queries or keys.
+template <typename A>
+__device__ __forceinline__ void pair_cos_sin(const RopeProblem& p, int64_t b, int64_t s, int r, int i,
+                                             bool is_query, A& c, A& sn) {
   const int half = p.rotary_dim / 2;
-  float* cos_p = smem;
-  float* sin_p = smem + half;
-  const int64_t tok = blockIdx.x;
-  const int64_t b = tok / p.seqlen, s = tok % p.seqlen;
-  const double pos = double(rope_load_position(p, b, s));
-  for (int i = threadIdx.x; i < half; i += blockDim.x) {
-    float sn, cs;
-    sincosf(rope_angle(pos, p.inv_freq[i]), &sn, &cs);
-    cos_p[i] = cs;
-    sin_p[i] = sn;
+  double a;
+  A scale;
+  if (p.ang.ptr) {
+    a = rope_reduce_exact(double(p.ang.ptr[b * p.ang.sb + s * p.ang.ss + r * p.ang.sh + i]));
+    scale = A(1);
+  } else {
+    a = rope_reduce(rope_pair_position(p, i, b, s, is_query), p.f.inv_freq[int64_t(r) * half + i]);
+    scale = A(p.f.attention_scaling);
   }
-  __syncthreads();
-  const int64_t kh = p.k.in ? p.k.heads : 0;
-  const int64_t total = (p.q.heads + kh) * half;
+  sincos_of(a, sn, c);
+  c *= scale;
+  sn *= scale * A(p.sign);
+}
+
+template <typename T, int VEC>
+__global__ void rope_kernel_bshd(RopeProblem p, bool smem_table) {
+  using A = typename Acc<T>::type;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  A* smem = reinterpret_cast<A*>(smem_raw);
+  const int half = p.rotary_dim / 2;
+  const int64_t rows = p.ang.ptr ? p.ang.rows : p.f.rows;
+  const bool qdiff = rope_q_differs(p);
+  const int64_t tab = rows * half;
+  const int64_t tok = blockIdx.x;
+  const int64_t b = tok / p.seqlen, s = tok - (tok / p.seqlen) * p.seqlen;
+  A* cq = smem;
+  A* sq = smem + tab;
+  A* ck = qdiff ? smem + 2 * tab : cq;
+  A* sk = qdiff ? smem + 3 * tab : sq;
+  if (smem_table) {
+    for (int64_t e = threadIdx.x; e < tab; e += blockDim.x) {
+      const int r = int(e / half), i = int(e - int64_t(r) * half);
+      pair_cos_sin(p, b, s, r, i, true, cq[e], sq[e]);
+      if (qdiff) pair_cos_sin(p, b, s, r, i, false, ck[e], sk[e]);
+    }
+    __syncthreads();
+  }
+  const int64_t hq = p.q.in ? p.q.heads : 0;
+  const int64_t hk = p.k.in ? p.k.heads : 0;
+  // VEC pairs per chunk for half-split (x1 and x2 each one vector), VEC/2 for interleaved
+  const int ppc = p.interleaved ? (VEC > 1 ? VEC / 2 : 1) : VEC;
+  const int chunks = half / ppc;
+  const int64_t total = (hq + hk) * chunks;
   for (int64_t e = threadIdx.x; e < total; e += blockDim.x) {
-    int64_t h = e / half;
-    const int i = int(e - h * half);
-    const RopeTensor& t = h < p.q.heads ? p.q : p.k;
-    if (h >= p.q.heads) h -= p.q.heads;
+    int64_t h = e / chunks;
+    const int i0 = int(e - h * chunks) * ppc;
+    const bool is_q = h < hq;
+    const RopeTensor& t = is_q ? p.q : p.k;
+    if (!is_q) h -= hq;
+    const int r = int(h / (t.heads / rows));
     const T* x = static_cast<const T*>(t.in) + b * t.in_sb + s * t.in_ss + h * t.in_sh;
     T* o = static_cast<T*>(t.out) + b * t.out_sb + s * t.out_ss + h * t.out_sh;
-    int i1, i2;
-    rope_pair_index(i, p.rotary_dim, p.interleaved, i1, i2);
-    float o1, o2;
-    rope_rotate(to_float(x[i1]), to_float(x[i2]), cos_p[i], sin_p[i], o1, o2);
-    o[i1] = from_float<T>(o1);
-    o[i2] = from_float<T>(o2);
+    const A* ct = is_q ? cq : ck;
+    const A* st = is_q ? sq : sk;
+    A c[VEC], sn[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      if (j < ppc) {
+        if (smem_table) { c[j] = ct[r * half + i0 + j]; sn[j] = st[r * half + i0 + j]; }
+        else pair_cos_sin(p, b, s, r, i0 + j, is_q, c[j], sn[j]);
+      }
+    }
+    if (VEC > 1 && !p.interleaved) {
+      Vec<T, VEC> v1 = *reinterpret_cast<const Vec<T, VEC>*>(x + i0);
+      Vec<T, VEC> v2 = *reinterpret_cast<const Vec<T, VEC>*>(x + i0 + half);
+      Vec<T, VEC> o1, o2;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const A x1 = ldf<A>(v1.v[j]), x2 = ldf<A>(v2.v[j]);
+        o1.v[j] = sto<T>(x1 * c[j] - x2 * sn[j]);
+        o2.v[j] = sto<T>(x2 * c[j] + x1 * sn[j]);
+      }
+      *reinterpret_cast<Vec<T, VEC>*>(o + i0) = o1;
+      *reinterpret_cast<Vec<T, VEC>*>(o + i0 + half) = o2;
+    } else if (VEC > 1) {
+      Vec<T, VEC> v = *reinterpret_cast<const Vec<T, VEC>*>(x + 2 * i0);
+      Vec<T, VEC> ov;
+#pragma unroll
+      for (int j = 0; j < VEC / 2; ++j) {
+        const A x1 = ldf<A>(v.v[2 * j]), x2 = ldf<A>(v.v[2 * j + 1]);
+        ov.v[2 * j] = sto<T>(x1 * c[j] - x2 * sn[j]);
+        ov.v[2 * j + 1] = sto<T>(x2 * c[j] + x1 * sn[j]);
+      }
+      *reinterpret_cast<Vec<T, VEC>*>(o + 2 * i0) = ov;
+    } else {
+      int i1, i2;
+      rope_pair_index(i0, p.rotary_dim, p.interleaved, i1, i2);
+      const A x1 = ldf<A>(x[i1]), x2 = ldf<A>(x[i2]);
+      o[i1] = sto<T>(x1 * c[0] - x2 * sn[0]);
+      o[i2] = sto<T>(x2 * c[0] + x1 * sn[0]);
+    }
   }
   if (p.copy_tail) {
     const int64_t tail = p.head_dim - p.rotary_dim;
-    const int64_t ttotal = (p.q.heads + kh) * tail;
+    const int64_t ttotal = (hq + hk) * tail;
     for (int64_t e = threadIdx.x; e < ttotal; e += blockDim.x) {
       int64_t h = e / tail;
       const int64_t d = p.rotary_dim + (e - h * tail);
-      const RopeTensor& t = h < p.q.heads ? p.q : p.k;
-      if (h >= p.q.heads) h -= p.q.heads;
+      const RopeTensor& t = h < hq ? p.q : p.k;
+      if (h >= hq) h -= hq;
       static_cast<T*>(t.out)[b * t.out_sb + s * t.out_ss + h * t.out_sh + d] =
           static_cast<const T*>(t.in)[b * t.in_sb + s * t.in_ss + h * t.in_sh + d];
     }
@@ -61,7 +149,7 @@ static void check_device() {
   int n = 0;
   cudaError_t err = cudaGetDeviceCount(&n);
   if (err != cudaSuccess || n == 0) {
-    cudaGetLastError();  // clear the sticky-free error state
+    cudaGetLastError();  // clear the error state
     throw std::runtime_error(
         std::string("posattn._cuda: no CUDA device is available (cudaGetDeviceCount: ") +
         (err == cudaSuccess ? "0 devices" : cudaGetErrorString(err)) + ")");
@@ -80,19 +168,59 @@ int runtime_version() {
   return v;
 }
 
+static bool aligned(const void* ptr, int bytes) { return (reinterpret_cast<uintptr_t>(ptr) % bytes) == 0; }
+
+// The widest vector (in elements) every tensor's pointers and strides allow.
+template <typename T>
+static int pick_vec(const RopeProblem& p) {
+  int vec = int(16 / sizeof(T));
+  const int half = p.rotary_dim / 2;
+  auto ok = [&](int v) {
+    const int bytes = v * int(sizeof(T));
+    if (p.interleaved ? (half % (v / 2) != 0) : (half % v != 0)) return false;
+    for (const RopeTensor* t : {&p.q, &p.k}) {
+      if (!t->in || t->heads == 0) continue;
+      if (!aligned(t->in, bytes) || !aligned(t->out, bytes)) return false;
+      for (int64_t st : {t->in_sb, t->in_ss, t->in_sh, t->out_sb, t->out_ss, t->out_sh})
+        if (st % v) return false;
+    }
+    return true;
+  };
+  while (vec > 1 && !ok(vec)) vec /= 2;
+  if (p.interleaved && vec < 2) vec = 1;
+  return vec;
+}
+
+template <typename T>
+static void launch_typed(const RopeProblem& p, int threads, cudaStream_t st) {
+  const int64_t ntok = p.batch * p.seqlen;
+  const int64_t rows = p.ang.ptr ? p.ang.rows : p.f.rows;
+  const int64_t tab = rows * (p.rotary_dim / 2);
+  const int64_t nt = tab * (rope_q_differs(p) ? 4 : 2);
+  const int64_t bytes = nt * int64_t(sizeof(typename Acc<T>::type));
+  const bool smem_table = bytes <= kMaxSmemBytes;
+  const size_t smem = smem_table ? size_t(bytes) : 0;
+  dim3 grid(static_cast<unsigned>(ntok));
+  switch (pick_vec<T>(p)) {
+    case 8: rope_kernel_bshd<T, 8><<<grid, threads, smem, st>>>(p, smem_table); break;
+    case 4: rope_kernel_bshd<T, 4><<<grid, threads, smem, st>>>(p, smem_table); break;
+    case 2: rope_kernel_bshd<T, 2><<<grid, threads, smem, st>>>(p, smem_table); break;
+    default: rope_kernel_bshd<T, 1><<<grid, threads, smem, st>>>(p, smem_table); break;
+  }
+}
+
 void rope_forward(const RopeProblem& p, int dtype, int threads, int64_t stream) {
   check_device();
   const int64_t ntok = p.batch * p.seqlen;
   if (ntok == 0) return;
-  if (threads <= 0) threads = 256;
-  const size_t smem = sizeof(float) * size_t(p.rotary_dim);
+  if (ntok > int64_t(0x7fffffff)) throw std::invalid_argument("posattn._cuda.rope_forward: too many tokens");
+  if (threads <= 0) threads = 128;
   auto st = reinterpret_cast<cudaStream_t>(stream);
-  dim3 grid(static_cast<unsigned>(ntok));
   switch (dtype) {
-    case kFloat32: rope_forward_kernel_bshd<float><<<grid, threads, smem, st>>>(p); break;
-    case kFloat16: rope_forward_kernel_bshd<half_t><<<grid, threads, smem, st>>>(p); break;
-    case kBFloat16: rope_forward_kernel_bshd<bf16_t><<<grid, threads, smem, st>>>(p); break;
-    case kFloat64: rope_forward_kernel_bshd<double><<<grid, threads, smem, st>>>(p); break;
+    case kFloat32: launch_typed<float>(p, threads, st); break;
+    case kFloat16: launch_typed<half_t>(p, threads, st); break;
+    case kBFloat16: launch_typed<bf16_t>(p, threads, st); break;
+    case kFloat64: launch_typed<double>(p, threads, st); break;
     default: throw std::invalid_argument("posattn._cuda.rope_forward: unsupported dtype code");
   }
   cudaError_t err = cudaGetLastError();
