@@ -30,6 +30,8 @@ PYBIND11_MODULE(_C, m) {
       py::arg("q"), py::arg("k"), py::arg("dims"), py::arg("pos"), py::arg("freqs"),
       py::arg("attention_scaling"), py::arg("angles"), py::arg("sign"), py::arg("dtype"),
       py::arg("num_threads") = 0);
+  m.def("advise_hugepages", &posattn::cpu::advise_hugepages, py::arg("ptr"), py::arg("nbytes"),
+        "madvise(MADV_HUGEPAGE) the 2 MiB-aligned interior of [ptr, ptr + nbytes); returns bytes advised");
   // Exposed for tests of the shared header math.
   m.def("rope_angle", [](double pos, float inv_freq) { return posattn::rope_angle(pos, inv_freq); });
   m.def("rope_reduce", [](double pos, float inv_freq) { return posattn::rope_reduce(pos, inv_freq); });

@@ -14,6 +14,8 @@ Kernel contract shared by every backend (cpu, cuda, triton, reference):
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from posattn.kernels import native
@@ -35,6 +37,21 @@ def _threads(config: dict) -> int:
     return n if n > 0 else torch.get_num_threads()
 
 
+# Fresh outputs of at least this many bytes are advised as transparent huge pages
+# before the kernel first writes them: first-touch page faults (4 KiB each, zeroed
+# by the kernel) otherwise cost more than the rotation itself on large tensors.
+# POSATTN_CPU_HUGEPAGES=0 turns this off.
+HUGEPAGE_MIN_BYTES = 8 << 20
+_HUGEPAGES = os.environ.get("POSATTN_CPU_HUGEPAGES", "1") not in ("0", "")
+
+
+def _advise(x, xo):
+    if _HUGEPAGES and xo is not None and x is not None and xo.data_ptr() != x.data_ptr():
+        st = xo.untyped_storage()
+        if st.nbytes() >= HUGEPAGE_MIN_BYTES:
+            _C.advise_hugepages(st.data_ptr(), st.nbytes())
+
+
 def _pick(q, qo, k, ko):
     x = q if q is not None and q.shape[2] > 0 else k
     xo = qo if x is q else ko
@@ -46,6 +63,8 @@ def rope_forward(q, qo, k, ko, pos3, tables, rotary_dim: int, interleaved: bool,
     x, xo = _pick(q, qo, k, ko)
     if x is None:
         return
+    _advise(q, qo)
+    _advise(k, ko)
     _C.rope_forward(
         native.rope_tensor_args(q, qo), native.rope_tensor_args(k, ko),
         native.dims_args(x, rotary_dim, interleaved, native.copies_tail(x, xo, rotary_dim)),
@@ -58,6 +77,8 @@ def rope_angles_forward(q, qo, k, ko, angles, rotary_dim: int, interleaved: bool
     x, xo = _pick(q, qo, k, ko)
     if x is None:
         return
+    _advise(q, qo)
+    _advise(k, ko)
     _C.rope_forward(
         native.rope_tensor_args(q, qo), native.rope_tensor_args(k, ko),
         native.dims_args(x, rotary_dim, interleaved, native.copies_tail(x, xo, rotary_dim)),
