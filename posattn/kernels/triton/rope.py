@@ -21,10 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
-TWO_PI: tl.constexpr = 6.283185307179586
-INV_TWO_PI: tl.constexpr = 0.15915494309189535
-TWO_PI_C1: tl.constexpr = 6.2831854820251465      # 24 significant bits
-TWO_PI_C2: tl.constexpr = -1.748455600074497e-07  # 2*pi - C1
+TWO_PI = tl.constexpr(6.283185307179586)
+INV_TWO_PI = tl.constexpr(0.15915494309189535)
+TWO_PI_C1 = tl.constexpr(6.2831854820251465)      # 24 significant bits
+TWO_PI_C2 = tl.constexpr(-1.748455600074497e-07)  # 2*pi - C1
 
 
 @triton.jit
@@ -237,29 +237,74 @@ VARIANTS = (
 )
 
 
-def aot_specializations(head_dims=(64, 80, 96, 128, 256), dtypes=(torch.float32, torch.float16, torch.bfloat16),
-                        pos_types=("i32", "i64", "fp32"), variants=VARIANTS, interleaved=(False, True)):
-    """Yield (name, kernel, signature, constexprs, num_warps) for ahead-of-time compiles."""
-    for d in head_dims:
-        for rot in sorted({d, d // 2 if (d // 2) % 2 == 0 else d}):
-            for dtype in dtypes:
-                for inter in interleaved:
-                    for vname, from_ang, per_row, multi, dpe, qoff in variants:
-                        for pos_t in (("fp32",) if from_ang else pos_types):
-                            ty = _TL_DTYPE[dtype]
-                            cfg = default_config(d, rot, 32)
-                            meta = dict(HALF=rot // 2, D=d, BLOCK_P=triton.next_power_of_2(rot // 2),
-                                        BLOCK_H=cfg["BLOCK_H"], BLOCK_T=triton.next_power_of_2(max(d - rot, 1)),
-                                        INTERLEAVED=inter, COPY_TAIL=rot < d, FROM_ANGLES=from_ang,
-                                        PER_ROW=per_row, MULTI_AXIS=multi, DPE=dpe, Q_OFFSET=qoff)
-                            sig = {n: "constexpr" for n in meta}
-                            sig.update({"q_ptr": f"*{ty}", "qo_ptr": f"*{ty}", "k_ptr": f"*{ty}",
-                                        "ko_ptr": f"*{ty}", "pos_ptr": f"*{pos_t}", "inv_freq_ptr": "*fp32",
-                                        "pair_axis_ptr": "*i32", "pos_scale_ptr": "*fp32",
-                                        "q_offset_ptr": "*fp32", "ang_ptr": "*fp32",
-                                        "attention_scaling": "fp32", "sign": "fp32"})
-                            sig.update({n: "i32" for n in _INT_ARGS})
-                            sig.update({n: "i64" for n in _STRIDE_ARGS})
-                            name = (f"rope_{vname}_d{d}_r{rot}_{ty}_{'inter' if inter else 'half'}"
-                                    f"{'' if from_ang else '_pos' + pos_t}")
-                            yield name, _rope_kernel, sig, meta, cfg["num_warps"]
+def _spec(d, rot, dtype, inter, variant, pos_t):
+    vname, from_ang, per_row, multi, dpe, qoff = variant
+    ty = _TL_DTYPE[dtype]
+    cfg = default_config(d, rot, 32)
+    meta = dict(HALF=rot // 2, D=d, BLOCK_P=triton.next_power_of_2(rot // 2),
+                BLOCK_H=cfg["BLOCK_H"], BLOCK_T=triton.next_power_of_2(max(d - rot, 1)),
+                INTERLEAVED=inter, COPY_TAIL=rot < d, FROM_ANGLES=from_ang,
+                PER_ROW=per_row, MULTI_AXIS=multi, DPE=dpe, Q_OFFSET=qoff)
+    sig = {n: "constexpr" for n in meta}
+    sig.update({"q_ptr": f"*{ty}", "qo_ptr": f"*{ty}", "k_ptr": f"*{ty}",
+                "ko_ptr": f"*{ty}", "pos_ptr": f"*{'fp32' if from_ang else pos_t}", "inv_freq_ptr": "*fp32",
+                "pair_axis_ptr": "*i32", "pos_scale_ptr": "*fp32",
+                "q_offset_ptr": "*fp32", "ang_ptr": "*fp32",
+                "attention_scaling": "fp32", "sign": "fp32"})
+    sig.update({n: "i32" for n in _INT_ARGS})
+    sig.update({n: "i64" for n in _STRIDE_ARGS})
+    name = (f"rope_{vname}_d{d}_r{rot}_{ty}_{'inter' if inter else 'half'}"
+            f"{'' if from_ang else '_pos' + pos_t}")
+    return name, _rope_kernel, sig, meta, cfg["num_warps"]
+
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_POS_TYPES = ("i32", "i64", "fp32", "fp64")
+
+
+def aot_specializations(full: bool = False, arch: int = 90):
+    """Yield (name, kernel, signature, constexprs, num_warps) for ahead-of-time compiles.
+
+    ``full=True``: the whole product of head dims (64, 80, 96, 128, 256, each also with
+    half-width rotary), dtypes, pairings, variants and position dtypes (~1100 kernels).
+    Default: a covering set that compiles every variant in every dtype, every position
+    dtype, both pairings, partial rotary and every head dim at least once (sm_90a), or
+    its core (plain / mrope / angles in every dtype, head_dim 128 and 80) for sm_80.
+    """
+    if full:
+        for d in (64, 80, 96, 128, 256):
+            for rot in sorted({d, d // 2 if (d // 2) % 2 == 0 else d}):
+                for dtype in _DTYPES:
+                    for inter in (False, True):
+                        for v in VARIANTS:
+                            for pos_t in (("fp32",) if v[1] else _POS_TYPES):
+                                yield _spec(d, rot, dtype, inter, v, pos_t)
+        return
+    seen = set()
+
+    def once(*a):
+        key = a[:5] + (a[5] if not a[4][1] else "fp32",)
+        if key not in seen:
+            seen.add(key)
+            return [_spec(*a)]
+        return []
+
+    bf16 = torch.bfloat16
+    plain, mrope = VARIANTS[0], VARIANTS[1]
+    angles = VARIANTS[4]
+    if arch < 90:
+        for dtype in _DTYPES:
+            for v in (plain, mrope, angles):
+                yield from once(128, 128, dtype, False, v, "i64")
+        yield from once(80, 80, bf16, False, plain, "i64")
+        return
+    for v in VARIANTS:
+        for dtype in _DTYPES:
+            yield from once(128, 128, dtype, False, v, "i64")
+        yield from once(128, 128, bf16, True, v, "i64")
+    for pos_t in _POS_TYPES:
+        yield from once(128, 128, bf16, False, plain, pos_t)
+        yield from once(128, 128, bf16, False, mrope, pos_t)
+    for d, rot in ((64, 64), (80, 80), (96, 48), (256, 256), (256, 128)):
+        yield from once(d, rot, bf16, False, plain, "i64")
+    yield from once(80, 40, torch.float16, True, VARIANTS[3], "fp32")

@@ -1,0 +1,47 @@
+"""posattn._cuda: built with nvcc, imports without a GPU, and a launch without a
+device raises the documented RuntimeError (numerics run on a GPU in tests/rope)."""
+import pytest
+import torch
+
+from posattn.kernels import cuda as ck
+from posattn.kernels import native
+
+
+def _mod():
+    if not ck.built():
+        pytest.skip("posattn._cuda is not built here (no nvcc, or POSATTN_CUDA=0)")
+    return ck.module()
+
+
+def test_imports_and_reports_runtime():
+    m = _mod()
+    assert m.runtime_version() >= 11000
+    assert m.device_count() >= 0
+
+
+def test_launch_without_device_raises_runtime_error():
+    m = _mod()
+    if m.device_count() > 0:
+        pytest.skip("a CUDA device is visible")
+    q = torch.zeros(1, 2, 1, 64)
+    inv = torch.ones(32)
+    pos = torch.zeros(1, 1, 2, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match="no CUDA device is available"):
+        m.rope_forward(native.rope_tensor_args(q, q), [], [1, 2, 64, 64, 0, 0], native.pos_args(pos),
+                       [inv.data_ptr(), 1, 0, 0, 0], 1.0, [], 1.0, 0, 128, 0)
+
+
+def test_backend_reports_why_unusable():
+    _mod()
+    ok, why = ck.status()
+    if torch.cuda.is_available() and ok:
+        pytest.skip("cuda backend usable here")
+    assert not ok and why
+
+
+def test_bad_arguments_are_rejected_before_launch():
+    m = _mod()
+    q = torch.zeros(1, 2, 1, 64)
+    with pytest.raises(ValueError, match="rotary_dim must be even"):
+        m.rope_forward(native.rope_tensor_args(q, q), [], [1, 2, 64, 63, 0, 0], [0, 0, 0, 0, 0],
+                       [0, 1, 0, 0, 0], 1.0, [], 1.0, 0, 128, 0)
