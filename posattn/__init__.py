@@ -5,5 +5,7 @@ Public API (re-exported here; nothing else lives in this file).
 from posattn._version import __version__
 from posattn.dispatch import use_backend
 from posattn.rope import RopeSpec, apply_rope
+from posattn.rope import apply_rope_angles, rope_shift
 
 __all__ = ["__version__", "RopeSpec", "apply_rope", "use_backend"]
+__all__ += ["apply_rope_angles", "rope_shift"]
