@@ -52,7 +52,32 @@ def run(cfg: RunConfig, log=print) -> RunResult:
     devtype = torch.device(device).type
     t_start = time.perf_counter()
     deadline = t_start + cfg.time_budget_s if cfg.time_budget_s else None
+    # validate every name first: a typo fails at once, before anything is measured
+    all_ops = registered_ops()
+    names = cfg.ops or list(all_ops)
+    for n in names:
+        if n not in all_ops:
+            raise ValueError(f"--op {n!r} is not a benchmarked op; known: {', '.join(sorted(all_ops))}")
+    if cfg.impls:
+        known = {i for n in names for i in all_ops[n].impls}
+        bad = [i for i in cfg.impls if i not in known]
+        if bad:
+            raise ValueError(f"--backend {', '.join(bad)}: not a backend or peer of {', '.join(names)}; "
+                             f"known: {', '.join(sorted(known))}")
+    for d in cfg.dtypes or ():
+        if not isinstance(getattr(torch, d, None), torch.dtype):
+            raise ValueError(f"--dtype {d!r} is not a torch dtype name (e.g. bfloat16, float16, float32)")
+    plans = {}
+    for n in names:
+        op = all_ops[n]
+        shapes = [op.parse_shape(s) for s in cfg.shapes] if cfg.shapes else op.sweep(cfg.mode, devtype)
+        dts = [getattr(torch, d) for d in cfg.dtypes] if cfg.dtypes else op.dtypes(cfg.mode, devtype)
+        plans[n] = (shapes, dts)
+
     res = RunResult()
+    for name, why in skipped_ops().items():
+        res.skipped.append((name, "*", why))
+        log(f"skip op {name}: {why}")
     res.device = devmod.device_fingerprint(device)
     log(f"device: {res.device['name']} ({res.device['slug']})")
     res.peaks = devmod.peaks(res.device, device, measure=cfg.measure_peaks)
@@ -66,28 +91,13 @@ def run(cfg: RunConfig, log=print) -> RunResult:
     }
     target_s = cfg.target_s if cfg.target_s is not None else (0.1 if devtype == "cpu" else 0.05)
 
-    all_ops = registered_ops()
-    for name, why in skipped_ops().items():
-        res.skipped.append((name, "*", why))
-        log(f"skip op {name}: {why}")
-    names = cfg.ops or list(all_ops)
-    for n in names:
-        if n not in all_ops:
-            raise ValueError(f"--op {n!r} is not a benchmarked op; known: {', '.join(sorted(all_ops))}")
-    if cfg.impls:
-        known = {i for n in names for i in all_ops[n].impls}
-        bad = [i for i in cfg.impls if i not in known]
-        if bad:
-            raise ValueError(f"--backend {', '.join(bad)}: not a backend or peer of {', '.join(names)}; "
-                             f"known: {', '.join(sorted(known))}")
 
     for name in names:
         op = all_ops[name]
         impls = _select_impls(op, cfg, devtype, res)
         if not impls:
             continue
-        shapes = [op.parse_shape(s) for s in cfg.shapes] if cfg.shapes else op.sweep(cfg.mode, devtype)
-        dts = [getattr(torch, d) for d in cfg.dtypes] if cfg.dtypes else op.dtypes(cfg.mode, devtype)
+        shapes, dts = plans[name]
         # dtype-major order: if the budget runs out, every shape of the first dtype is done
         for dt in dts:
             for shape in shapes:

@@ -96,6 +96,27 @@ def flush_cache(device) -> None:
     flush_buffer(device).fill_(1)
 
 
+_flush_cost: dict = {}
+
+
+def flush_seconds(device) -> float:
+    """Wall time of one flush (measured once per device), so rep counts can budget for it."""
+    import torch
+
+    key = str(torch.device(device))
+    if key not in _flush_cost:
+        flush_cache(device)
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(3):
+            flush_cache(device)
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+        _flush_cost[key] = (time.perf_counter() - t0) / 3
+    return _flush_cost[key]
+
+
 # --------------------------------------------------------------------------
 
 def _reps_for(per_call_s: float, target_s: float, min_reps: int, max_reps: int) -> int:
@@ -104,13 +125,13 @@ def _reps_for(per_call_s: float, target_s: float, min_reps: int, max_reps: int) 
     return int(max(min_reps, min(max_reps, target_s / per_call_s)))
 
 
-def measure(fn, device="cpu", *, warmup: int = 3, min_reps: int = 5, max_reps: int = 200,
+def measure(fn, device="cpu", *, warmup: int = 3, min_reps: int = 10, max_reps: int = 200,
             target_s: float = 0.25, cold_l2: bool = True, graph: bool | None = None,
             graph_below_s: float = 50e-6) -> Timing:
     """Time ``fn()`` on ``device`` (see the module docstring).
 
-    ``target_s`` is the timed time aimed for (warm-up excluded); the number of
-    reps is clamped to [min_reps, max_reps]. ``graph``: None = CUDA-graph replay
+    ``target_s`` is the wall time aimed for (warm-up excluded, cache flushes
+    included); the number of reps is clamped to [min_reps, max_reps]. ``graph``: None = CUDA-graph replay
     for calls under ``graph_below_s``; True/False force it on/off (GPU only).
     """
     import torch
@@ -122,7 +143,7 @@ def measure(fn, device="cpu", *, warmup: int = 3, min_reps: int = 5, max_reps: i
     for _ in range(max(1, warmup)):
         fn()
     per = (time.perf_counter() - t0) / max(1, warmup)
-    reps = _reps_for(per, target_s, min_reps, max_reps)
+    reps = _reps_for(per + (flush_seconds(dev) if cold_l2 else 0.0), target_s, min_reps, max_reps)
     samples = []
     for _ in range(reps):
         if cold_l2:
@@ -148,7 +169,7 @@ def _measure_cuda(fn, dev, warmup, min_reps, max_reps, target_s, cold_l2, graph,
     e.record(stream)
     e.synchronize()
     per = s.elapsed_time(e) * 1e-3 / 3
-    reps = _reps_for(per, target_s, min_reps, max_reps)
+    reps = _reps_for(per + (flush_seconds(dev) if cold_l2 else 0.0), target_s, min_reps, max_reps)
 
     use_graph = (per < graph_below_s) if graph is None else graph
     run = fn
