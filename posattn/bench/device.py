@@ -120,7 +120,7 @@ def device_fingerprint(device: str | None = None) -> dict:
 # --------------------------------------------------------------------------
 # measured ceilings
 
-def measure_copy_bandwidth(device: str, nbytes: int | None = None, reps: int = 5) -> float:
+def measure_copy_bandwidth(device: str, nbytes: int | None = None, reps: int = 10) -> float:
     """GB/s of a large device copy (bytes read + bytes written), best of ``reps``."""
     import torch
 

@@ -12,12 +12,12 @@ def _fmt_us(us: float) -> str:
 
 
 def best_posattn(rows: list[dict]) -> dict:
-    """{(op, device slug, shape_key, dtype): latency row of the fastest posattn backend}."""
+    """{(op, (device slug, source), shape_key, dtype): latency row of the fastest posattn backend}."""
     best: dict = {}
     for r in rows:
         if r.get("metric") != "latency" or r.get("kind") != "posattn" or r.get("backend") == "reference":
             continue
-        k = (r["op"], (r.get("device") or {}).get("slug"), r["shape_key"], r["dtype"])
+        k = (r["op"], _set_of(r), r["shape_key"], r["dtype"])
         if k not in best or r["p50"] < best[k]["p50"]:
             best[k] = r
     return best
@@ -27,7 +27,7 @@ def text(rows: list[dict], skipped=(), errors=(), truncated: bool = False) -> st
     lat = defaultdict(dict)
     other = defaultdict(dict)
     for r in rows:
-        k = (r["op"], (r.get("device") or {}).get("slug"), r["shape_key"], r["dtype"])
+        k = (r["op"], _set_of(r), r["shape_key"], r["dtype"])
         if r["metric"] == "latency":
             lat[k][r["backend"]] = r
         elif r["metric"] in ("throughput", "roofline", "max_abs_err"):
@@ -35,11 +35,16 @@ def text(rows: list[dict], skipped=(), errors=(), truncated: bool = False) -> st
     best = best_posattn(rows)
     peers = sorted({r["backend"] for r in rows if r.get("kind") == "peer" and r["metric"] == "latency"})
     lines = ["", "== summary: fastest posattn backend vs peers (p50 latency; peer column = posattn speed-up) =="]
+    sets = sorted({k[1] for k in lat})
     head = f"{'op':6} {'shape':26} {'dtype':9} {'posattn':16} {'latency':>10} {'GB/s':>9} {'roof%':>6}"
     for p in peers:
         head += f" {p[:14]:>14}"
     lines.append(head)
-    for k in sorted(lat, key=lambda k: (k[0], k[1] or "", k[3], _size(lat[k]))):
+    last_set = None
+    for k in sorted(lat, key=lambda k: (k[1], k[0], k[3], _size(lat[k]))):
+        if len(sets) > 1 and k[1] != last_set:
+            lines.append(f"-- {k[1][0]}" + (f" ({k[1][1]})" if k[1][1] else ""))
+            last_set = k[1]
         b = best.get(k)
         any_row = next(iter(lat[k].values()))
         label = any_row.get("shape_label", k[2])[:26]
@@ -74,5 +79,28 @@ def text(rows: list[dict], skipped=(), errors=(), truncated: bool = False) -> st
     return "\n".join(lines)
 
 
+def _set_of(r: dict) -> tuple:
+    """(device slug, source file): rows of one result set."""
+    return ((r.get("device") or {}).get("slug") or "?", r.get("_source") or "")
+
+
 def _size(d: dict) -> int:
     return next(iter(d.values())).get("size", 0)
+
+
+def main(argv=None) -> int:
+    """python -m posattn.bench.summary RESULTS...: the summary table of saved results."""
+    import sys
+
+    from posattn.bench import results
+
+    paths = list(sys.argv[1:] if argv is None else argv)
+    if not paths:
+        print("usage: python -m posattn.bench.summary RESULTS.jsonl|DIR ...", file=sys.stderr)
+        return 2
+    print(text(results.load(paths)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -99,8 +99,8 @@ class _Scale:
         return self.a + (t - self.lo) / (self.hi - self.lo) * (self.b - self.a)
 
 
-def line_chart(series: list[Series], *, title: str, x: Axis, y: Axis, width: int = 380,
-               height: int = 250, chart_id: str = "") -> str:
+def line_chart(series: list[Series], *, title: str, x: Axis, y: Axis, width: int = 440,
+               height: int = 260, chart_id: str = "") -> str:
     """An SVG line chart: one band (p20-p80) and one line (p50) per series."""
     ml, mr, mt, mb = 58, 14, 26, 42
     pts = [p for s in series for p in s.points if _finite(p[1:4], y.log)]

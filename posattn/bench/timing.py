@@ -5,8 +5,9 @@ a cache flush (cold L2 by default), and the 20th/50th/80th percentiles.
 
 - CPU: ``time.perf_counter`` around each call (the CPU kernels are synchronous).
 - GPU: CUDA events around each call; for tiny kernels (under ``graph_below_s``
-  per call) the call is captured once in a CUDA graph and each rep replays
-  the graph, so the host's launch overhead does not hide the kernel's time.
+  per call, host overhead included) the call is captured once in a CUDA graph
+  and each rep replays the graph, so the host's launch overhead does not hide
+  the kernel's time.
   A callable that cannot be captured falls back to plain events.
 - Cold cache: before every timed run a buffer twice the size of the last-level
   cache (GPU: L2; CPU: L3) is overwritten, outside the timed region.
@@ -127,7 +128,7 @@ def _reps_for(per_call_s: float, target_s: float, min_reps: int, max_reps: int) 
 
 def measure(fn, device="cpu", *, warmup: int = 3, min_reps: int = 10, max_reps: int = 200,
             target_s: float = 0.25, cold_l2: bool = True, graph: bool | None = None,
-            graph_below_s: float = 50e-6) -> Timing:
+            graph_below_s: float = 200e-6) -> Timing:
     """Time ``fn()`` on ``device`` (see the module docstring).
 
     ``target_s`` is the wall time aimed for (warm-up excluded, cache flushes
