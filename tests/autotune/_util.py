@@ -101,15 +101,6 @@ def unregister_tunetest():
 # -- subprocess entry points
 
 
-def _writer(path, tag, n):
-    """Write n entries one by one (each its own locked merge)."""
-    from pathlib import Path
-
-    for i in range(n):
-        C.write_entries(Path(path), header(),
-                        [entry("tunetest", "cpu", TKey(dtype=f"{tag}{i}"), [({"work": i}, 1e-3 + i * 1e-6)])])
-
-
 def _tune_forever(n_keys):
     """Tune many tiny real rope keys on the cpu backend, writing after each."""
     settings = tuner.Settings(warmup=1, min_reps=3, max_reps=5, budget_s=0.001, rounds=1, max_sets=2)
@@ -123,7 +114,5 @@ def _tune_forever(n_keys):
 if __name__ == "__main__":
     import posattn  # noqa: F401  (registers the kernels)
 
-    if sys.argv[1] == "writer":
-        _writer(sys.argv[2], sys.argv[3], int(sys.argv[4]))
-    elif sys.argv[1] == "tune":
+    if sys.argv[1] == "tune":
         _tune_forever(int(sys.argv[2]))
