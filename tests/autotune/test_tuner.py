@@ -174,3 +174,27 @@ def test_missing_tunes_a_new_key_once(dirs, monkeypatch):
 def test_bad_mode_warns_and_uses_cached(dirs, monkeypatch, caplog):
     monkeypatch.setenv("POSATTN_AUTOTUNE", "sometimes")
     assert autotune.mode() == "cached"
+
+
+def test_search_spaces_beside_the_kernels_are_pruned():
+    ks = dispatch.kernels("rope")
+    k = rope_key(tokens_bucket=4, heads_q=3, heads_k=1, head_dim=16)
+    cpu = ks["cpu"].search_space(k)
+    assert cpu and all(c["threads"] <= 4 and c["threads"] * c["chunk"] <= 4 or c["chunk"] == 4 or c["threads"] == 1
+                       for c in cpu)
+    tri = ks["triton"].search_space(k)
+    assert tri and all(c["BLOCK_H"] <= 4 for c in tri)  # no block taller than the heads (3 -> 4)
+    cu = ks["cuda"].search_space(k)
+    assert cu and all(c["threads"] % 32 == 0 for c in cu)
+
+
+def test_triton_candidates_tune_under_the_interpreter(dirs):
+    from posattn.kernels import triton as tk
+
+    if not tk.device_ok("cpu"):
+        pytest.skip("Triton cannot take CPU tensors here (no TRITON_INTERPRET)")
+    k = rope_key(tokens_bucket=2, heads_q=2, heads_k=1, head_dim=16)
+    space = [{"BLOCK_H": 1, "num_warps": 1}, {"BLOCK_H": 2, "num_warps": 1}]
+    s = tuner.Settings(warmup=1, min_reps=1, max_reps=2, rounds=1, max_sets=1)
+    [r] = tuner.tune_key("rope", k, backends=["triton"], spaces={"triton": space}, settings=s)
+    assert r.best is not None and all(x["status"] == "ok" for x in r.results)
