@@ -25,6 +25,8 @@ class DPE:
         boundaries: increasing pair indices, ``(0, b1, ..., rotary_dim/2)``.
         scales: one positive divisor per group (1 leaves a group unchanged for integer positions).
         q_offsets: one query offset per group, or None for no offset.
+
+    Scales and offsets are lowered to fp32 tables (``pair_pos_scale``, ``pair_q_offset``).
     """
 
     boundaries: tuple[int, ...]
