@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
 from posattn.rope import scaling as _sc
+from posattn.rope.lowering import RopeTables
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,10 @@ class RopeSpec:
             if self.dpe.boundaries[-1] != rd // 2:
                 raise ValueError(f"RopeSpec.dpe.boundaries must end at rotary_dim/2 = {rd // 2}, "
                                  f"got {self.dpe.boundaries[-1]}")
+        object.__setattr__(self, "_hash", hash(tuple(getattr(self, f.name) for f in fields(self))))
+
+    def __hash__(self):  # a spec is a cache key on every op call: hash it once
+        return self._hash
 
     def _check_mrope(self, rd):
         if not isinstance(self.mrope_interleaved, bool):
@@ -236,13 +241,15 @@ class RopeSpec:
     def tables(self, device=None, seq_len: int | None = None):
         """The lowered tables (posattn.rope.lowering.RopeTables) on ``device``, cached per
         (spec, device, what of seq_len the tables depend on)."""
-        from posattn.rope.lowering import RopeTables
-
-        self._check_seq_len(seq_len)
-        device = torch.device("cpu") if device is None else torch.device(device)
-        key = ("tables", self, str(device), self._seq_key(seq_len))
+        if seq_len is not None:
+            self._check_seq_len(seq_len)
+        # the key is built without constructing a torch.device: this runs on every op call
+        # (a torch.device hashes fast; str(device) would cost microseconds)
+        dev_key = "cpu" if device is None else device
+        key = ("tables", self, dev_key, self._seq_key(seq_len))
         t = _INV_FREQ_CACHE.get(key)
         if t is None:
+            device = torch.device(dev_key)
             scale, offset = self.dpe.pair_tables() if self.dpe is not None else (None, None)
             t = RopeTables(self.inv_freq(seq_len), self.attention_scaling, self.pair_axis(), self.n_axes,
                            scale, offset).to(device)
