@@ -158,35 +158,63 @@ SPECS = [
 ]
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"D{s.head_dim}-R{s.rotary_dim}-ax{s.n_axes}-"
-                         f"{'dpe' if s.dpe else 'nodpe'}-{type(s.scaling).__name__}")
+def _ids(s):
+    return (f"D{s.head_dim}-R{s.rotary_dim}-ax{s.n_axes}-{'dpe' if s.dpe else 'nodpe'}-"
+            f"{type(s.scaling).__name__}{'-perhead' if s.inv_freq_heads else ''}")
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=_ids)
 @pytest.mark.parametrize("is_query", [True, False], ids=["q", "k"])
-def test_round_trip(spec, is_query):
+def test_tables_follow_the_contract(spec, is_query):
+    """Angles from the tables, read as posattn/rope/lowering.py says, equal the angles the
+    spec's documentation defines (both fp64, exactly)."""
+    g = torch.Generator().manual_seed(11)
+    positions = torch.randint(0, 5000, (spec.n_axes, 2, 7), generator=g)
+    ang = angles_from_tables(spec.tables(), positions, is_query)
+    torch.testing.assert_close(ang, angles_from_spec(spec, positions, is_query), rtol=0, atol=0)
+
+
+PER_HEAD = RopeSpec(48, rotary_dim=32, scaling=Custom(torch.rand(3, 16, generator=torch.Generator().manual_seed(5)),
+                                                        attention_factor=0.75), mrope_section=(4, 6, 6))
+
+
+def _reference_takes_tables() -> bool:
+    import inspect
+
+    return "tables" in inspect.signature(ref.rope_angles).parameters
+
+
+@pytest.mark.skipif(not _reference_takes_tables(),
+                    reason="posattn.kernels.reference.rope does not consume RopeTables yet")
+@pytest.mark.parametrize("spec", SPECS + [PER_HEAD], ids=_ids)
+@pytest.mark.parametrize("is_query", [True, False], ids=["q", "k"])
+def test_round_trip_through_reference(spec, is_query):
+    """spec -> tables -> the fp64 reference (its angles and rotation) equals the rotation
+    written directly from the spec's documented semantics, attention_scaling included."""
     B, S, H = 2, 7, 3
     g = torch.Generator().manual_seed(11)
     positions = torch.randint(0, 5000, (spec.n_axes, B, S), generator=g)
     t = spec.tables()
-    ang = angles_from_tables(t, positions, is_query)
-    want = angles_from_spec(spec, positions, is_query)
-    torch.testing.assert_close(ang, want, rtol=0, atol=0)
-    # through the fp64 reference rotation, then cos/sin scaled by attention_scaling
     x = torch.randn(B, S, H, spec.head_dim, dtype=torch.float64, generator=g)
-    out = ref.rotate(x, ang, spec.rotary_dim, spec.interleaved)
-    rot = out[..., : spec.rotary_dim]
-    # scaled rotation written directly: pair (i, j) -> (x_i c - x_j s, x_j c + x_i s)
-    c, s = torch.cos(want)[:, :, None, :], torch.sin(want)[:, :, None, :]
+    out = ref.rotate(x, ref.rope_angles(positions, t, is_query), spec.rotary_dim, spec.interleaved,
+                     float(t.attention_scaling))
+    # direct: pair (i, j) of head h -> a * (x_i c - x_j s, x_j c + x_i s)
+    if spec.inv_freq_heads:
+        want = torch.stack([angles_from_spec(dataclasses.replace(spec, scaling=Custom(row)), positions, is_query)
+                            for row in spec.scaling.inv_freq], dim=2)           # [B, S, H, R/2]
+    else:
+        want = angles_from_spec(spec, positions, is_query)[:, :, None, :]      # [B, S, 1, R/2]
+    a = spec.attention_scaling
+    c, s = a * torch.cos(want), a * torch.sin(want)
     half = spec.rotary_dim // 2
     if spec.interleaved:
         i, j = torch.arange(0, spec.rotary_dim, 2), torch.arange(1, spec.rotary_dim, 2)
     else:
         i, j = torch.arange(half), torch.arange(half, spec.rotary_dim)
-    direct = torch.empty_like(x[..., : spec.rotary_dim])
+    direct = x.clone()
     direct[..., i] = x[..., i] * c - x[..., j] * s
     direct[..., j] = x[..., j] * c + x[..., i] * s
-    assert_close(rot, direct, torch.float64)
-    assert torch.equal(out[..., spec.rotary_dim:], x[..., spec.rotary_dim:])
-    scaled = out[..., : spec.rotary_dim] * t.attention_scaling
-    assert_close(scaled, direct * spec.attention_scaling, torch.float64)
+    assert_close(out, direct, torch.float64)
     if isinstance(spec.scaling, YaRN) and spec.scaling.mscale:
         assert t.attention_scaling == pytest.approx((0.1 * math.log(4.0) + 1) / (0.05 * math.log(4.0) + 1))
 
