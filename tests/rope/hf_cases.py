@@ -71,6 +71,17 @@ CASES = {
     "qwen2-vl": dict(cls="Qwen2VLTextConfig", kw=dict(hidden_size=3584, num_attention_heads=28, num_key_value_heads=4,
                                                      max_position_embeddings=32768),
                      theta=1000000.0, scaling={"type": "mrope", "mrope_section": [16, 24, 24]}),
+    # Qwen/Qwen2.5-VL-7B-Instruct (same M-RoPE layout as Qwen2-VL)
+    "qwen2.5-vl": dict(cls="Qwen2_5_VLTextConfig", kw=dict(hidden_size=3584, num_attention_heads=28,
+                                                          num_key_value_heads=4, max_position_embeddings=128000),
+                       theta=1000000.0, scaling={"type": "mrope", "mrope_section": [16, 24, 24]}),
+    # Qwen3-VL with the YaRN block its model card suggests for long video, on top of interleaved M-RoPE
+    "qwen3-vl-yarn": dict(cls="Qwen3VLTextConfig", kw=dict(hidden_size=4096, num_attention_heads=32,
+                                                          num_key_value_heads=8, head_dim=128,
+                                                          max_position_embeddings=262144),
+                          theta=5000000.0, scaling={"mrope_interleaved": True, "mrope_section": [24, 20, 20],
+                                                    "rope_type": "yarn", "factor": 3.0,
+                                                    "original_max_position_embeddings": 262144}),
     # Qwen/Qwen3-VL-8B-Instruct (interleaved M-RoPE)
     "qwen3-vl": dict(cls="Qwen3VLTextConfig", kw=dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
                                                      head_dim=128, max_position_embeddings=262144),

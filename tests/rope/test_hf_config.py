@@ -21,6 +21,8 @@ EXPECTED = {
     "llama-linear": (128, 128, 10000.0, False, None, False),
     "qwen2-vl": (128, 128, 1e6, False, (16, 24, 24), False),
     "qwen3-vl": (128, 128, 5e6, False, (24, 20, 20), True),
+    "qwen2.5-vl": (128, 128, 1e6, False, (16, 24, 24), False),
+    "qwen3-vl-yarn": (128, 128, 5e6, False, (24, 20, 20), True),
 }
 
 
@@ -50,7 +52,7 @@ def _ours_cos_sin(spec, positions):
     return torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
 
 
-@pytest.mark.parametrize("case", ["qwen2-vl", "qwen3-vl"])
+@pytest.mark.parametrize("case", ["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3-vl-yarn"])
 def test_multi_axis_matches_transformers_module(case):
     cfg = make(case, "v4-object")
     spec = posattn.RopeSpec.from_hf_config(cfg)

@@ -46,7 +46,8 @@ def test_matches_transformers(case):
 def test_case_scalings_are_the_expected_classes():
     want = {"llama3.1": sc.Llama3, "qwen2-yarn": sc.YaRN, "deepseek-v2-yarn": sc.YaRN, "deepseek-yarn-mscale": sc.YaRN,
             "phi3-longrope": sc.LongRoPE, "phi4-mini-longrope": sc.LongRoPE, "llama-dynamic": sc.DynamicNTK,
-            "llama-linear": sc.Linear, "qwen2-vl": type(None), "qwen3-vl": type(None)}
+            "llama-linear": sc.Linear, "qwen2-vl": type(None), "qwen3-vl": type(None),
+            "qwen2.5-vl": type(None), "qwen3-vl-yarn": sc.YaRN}
     assert set(want) == set(CASES)
     for case, cls in want.items():
         assert type(posattn.RopeSpec.from_hf_config(make(case, "v4-object")).scaling) is cls, case
