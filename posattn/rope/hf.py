@@ -205,7 +205,8 @@ def from_hf_config(config, *, layer_type: str | None = None, interleaved: bool |
                           attention_factor=params.get("attention_factor"),
                           truncate=bool(params.get("truncate", True)))
     elif rope_type == "llama3":
-        scaling = sc.Llama3(need("factor", params.get("factor")), need("low_freq_factor", params.get("low_freq_factor")),
+        scaling = sc.Llama3(need("factor", params.get("factor")),
+                            need("low_freq_factor", params.get("low_freq_factor")),
                             need("high_freq_factor", params.get("high_freq_factor")),
                             int(need("original_max_position_embeddings", orig_max)))
     elif rope_type == "longrope":

@@ -160,7 +160,8 @@ def test_custom_tables():
 def test_scalings_hash_by_value():
     def build():
         return [sc.Linear(2), sc.NTK(4.0), sc.DynamicNTK(2.0, 4096), sc.YaRN(4, 32768, mscale=0.707),
-                sc.Llama3(8, 1, 4, 8192), sc.LongRoPE([1.0] * 4, [2.0] * 4, 4096), sc.Custom([[1.0, 0.5, 0.3, 0.2], [0.2, 0.1, 0.05, 0.01]])]
+                sc.Llama3(8, 1, 4, 8192), sc.LongRoPE([1.0] * 4, [2.0] * 4, 4096),
+                sc.Custom([[1.0, 0.5, 0.3, 0.2], [0.2, 0.1, 0.05, 0.01]])]
 
     for x, y in zip(build(), build()):
         assert x == y and hash(x) == hash(y)
@@ -190,7 +191,8 @@ def test_scalings_hash_by_value():
      "short_factor must have rotary_dim/2 = 32 entries, got 31"),
     (lambda: posattn.RopeSpec(64, scaling=sc.Custom([1.0] * 16)), ValueError, "rotary_dim/2 = 32 entries per row"),
     (lambda: posattn.RopeSpec(2, scaling=sc.NTK(2.0)), ValueError, "needs rotary_dim > 2"),
-    (lambda: posattn.RopeSpec(64, scaling={"rope_type": "linear"}), TypeError, "RopeSpec.scaling must be None or one of"),
+    (lambda: posattn.RopeSpec(64, scaling={"rope_type": "linear"}), TypeError,
+     "RopeSpec.scaling must be None or one of"),
     (lambda: posattn.RopeSpec(64).inv_freq(seq_len=0), ValueError, "seq_len must be >= 1"),
     (lambda: posattn.RopeSpec(64).inv_freq(seq_len=3.0), TypeError, "seq_len must be an int or None"),
 ])
