@@ -384,6 +384,9 @@ class Custom(_Scaling):
     def __hash__(self):  # tables can be large: hash once
         return self._hash
 
+    def __reduce__(self):  # rebuild (and re-hash) on unpickling
+        return type(self), (self.inv_freq, self.attention_factor)
+
     @property
     def heads(self) -> int | None:
         """H for a per-head table, None for one shared table."""

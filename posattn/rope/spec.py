@@ -150,6 +150,9 @@ class RopeSpec:
     def __hash__(self):  # a spec is a cache key on every op call: hash it once
         return self._hash
 
+    def __reduce__(self):  # rebuild (and re-hash) on unpickling: hash(None) differs between processes
+        return type(self), tuple(getattr(self, f.name) for f in fields(self))
+
     def _check_mrope(self, rd):
         if not isinstance(self.mrope_interleaved, bool):
             raise TypeError(f"RopeSpec.mrope_interleaved must be a bool, got {type(self.mrope_interleaved).__name__}")

@@ -255,3 +255,27 @@ def test_spec_is_hashable_and_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         a.base = 2.0
     assert posattn.DPE is DPE
+
+
+def test_pickle_and_copy_rehash():
+    import copy
+    import os
+    import pickle
+    import subprocess
+    import sys
+
+    spec = RopeSpec(64, scaling=Custom([[0.5] * 32, [0.25] * 32]), mrope_section=(8, 12, 12),
+                    dpe=DPE.for_window((0, 16, 32), (1, 4), 32))
+    for other in (pickle.loads(pickle.dumps(spec)), copy.deepcopy(spec), dataclasses.replace(spec)):
+        assert other == spec and hash(other) == hash(spec)
+    # hash(None) is address-based before Python 3.12: a spec pickled in another process
+    # must still hash like an equal spec built here
+    code = "import pickle, sys, posattn; from posattn.rope import *; sys.stdout.buffer.write(pickle.dumps(" \
+           "RopeSpec(64, scaling=YaRN(4.0, 1024), mrope_section=(8, 12, 12), dpe=None)))"
+    root = os.path.dirname(os.path.dirname(posattn.__file__))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    blob = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True, env=env,
+                          timeout=120).stdout
+    here = RopeSpec(64, scaling=YaRN(4.0, 1024), mrope_section=(8, 12, 12))
+    theirs = pickle.loads(blob)
+    assert theirs == here and hash(theirs) == hash(here)
