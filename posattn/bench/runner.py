@@ -49,7 +49,14 @@ def run(cfg: RunConfig, log=print) -> RunResult:
     import torch
 
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    devtype = torch.device(device).type
+    try:
+        devtype = torch.device(device).type
+    except RuntimeError:
+        raise ValueError(f"--device must be cpu or cuda (or cuda:N); got {device!r}") from None
+    if devtype not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda (or cuda:N); got {device!r}")
+    if devtype == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch sees no CUDA device here")
     t_start = time.perf_counter()
     deadline = t_start + cfg.time_budget_s if cfg.time_budget_s else None
     # validate every name first: a typo fails at once, before anything is measured
@@ -153,8 +160,9 @@ def _max_abs_err(out, ref) -> float:
     return err
 
 
-def command_for(op: str, impl: str, shape: Shape, dtype: str, cfg: RunConfig) -> str:
-    parts = ["posattn", "bench", "--op", op, "--backend", impl, "--dtype", dtype, "--shape", shape.key]
+def command_for(op: str, impl: str, shape: Shape, dtype: str, cfg: RunConfig, device_type: str) -> str:
+    parts = ["posattn", "bench", "--op", op, "--backend", impl, "--dtype", dtype, "--shape", shape.key,
+             "--device", device_type]
     if not cfg.cold_l2:
         parts.append("--warm-l2")
     return " ".join(shlex.quote(p) for p in parts)
@@ -190,14 +198,18 @@ def _run_case(op, impls, shape, dt, device, cfg, target_s, common, res, log) -> 
             res.errors.append((op.name, impl.name, f"{shape.key} {dtn}", msg))
             log(f"  error {op.name} {impl.name} {shape.key} {dtn}: {msg}")
             if torch.device(device).type == "cuda":
-                torch.cuda.synchronize()
+                try:  # let the next impl start on an idle device; a sticky CUDA error raises again here
+                    torch.cuda.synchronize()
+                except Exception as e2:  # noqa: BLE001
+                    res.errors.append((op.name, impl.name, f"{shape.key} {dtn}", f"device unusable: {e2!r}"))
+                    raise
             continue
         timed[impl.name] = t
         base = dict(common, op=op.name, backend=impl.name, kind=impl.kind, note=impl.note,
                     shape=dict(shape.dims), shape_key=shape.key, shape_label=shape.label,
                     size=shape.size, size_name=op.size_name, dtype=dtn, bytes=nbytes, flops=nflops,
                     timer=t.timer, cold_l2=t.cold_l2, reps=t.reps,
-                    command=command_for(op.name, impl.name, shape, dtn, cfg))
+                    command=command_for(op.name, impl.name, shape, dtn, cfg, torch.device(device).type))
         rows.extend(_metric_rows(base, t, nbytes, nflops, err, common["peaks"]))
         roof = _roofline_pct(t.p50, nbytes, nflops, common["peaks"])
         log(f"  {op.name:6} {shape.label:28} {dtn:9} {impl.name:14} {t.p50 * 1e6:11.2f} us "

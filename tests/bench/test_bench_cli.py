@@ -42,7 +42,7 @@ def test_command_reproduces_the_row(bench_run, tmp_path):
     out, rows = bench_run
     row = _rows(rows, metric="latency", backend="cpu", dtype="float32")[0]
     argv = shlex.split(row["command"])
-    assert argv[:2] == ["posattn", "bench"]
+    assert argv[:2] == ["posattn", "bench"] and argv[-2:] == ["--device", "cpu"]
     results = tmp_path / "again.jsonl"
     assert run_cli(argv[1:] + ["-o", str(tmp_path), "--results", str(results), "--target-s", "0.005"]) == 0
     again = [json.loads(x) for x in results.read_text().splitlines()]
@@ -61,6 +61,7 @@ def test_command_reproduces_the_row(bench_run, tmp_path):
     (["bench", "--op", "rope", "--dtype", "floaty"], "--dtype 'floaty'"),
     (["bench", "--op", "rope", "--shape", "S=x"], "--shape"),
     (["dashboard", "/nonexistent/results.jsonl"], "does not exist"),
+    (["bench", "--device", "tpu"], "--device must be cpu or cuda"),
 ])
 def test_bad_arguments_name_the_argument(argv, msg, capsys, tmp_path):
     assert run_cli(argv + ["-o", str(tmp_path)]) == 2
