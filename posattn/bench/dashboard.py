@@ -210,9 +210,10 @@ def _set_block(op: str, s: ResultSet, rows: list[dict]) -> str:
         out.append(line_chart(_series(drows, "throughput", impls), title=f"throughput ({dt})",
                               chart_id=f"thr-{cid}", x=Axis(True, size_name), y=Axis(True, "GB/s")))
         roof = _series(drows, "roofline", impls)
-        hi = max([p[3] for sr in roof for p in sr.points] + [100.0])
-        out.append(line_chart(roof, title=f"% of roofline ({dt})", chart_id=f"roof-{cid}",
-                              x=Axis(True, size_name), y=Axis(False, "% of peak", lo=0.0, hi=hi * 1.05)))
+        if roof:  # no roofline without a known or measured ceiling
+            hi = max([p[3] for sr in roof for p in sr.points] + [100.0])
+            out.append(line_chart(roof, title=f"% of roofline ({dt})", chart_id=f"roof-{cid}",
+                                  x=Axis(True, size_name), y=Axis(False, "% of peak", lo=0.0, hi=hi * 1.05)))
         out.append("</div>")
     out.append("<div class='heatmaps'>" + _heatmaps(op, s, rows, dtypes) + "</div>")
     notes = {}
@@ -263,7 +264,7 @@ _COLUMNS = [("result set", "s"), ("backend", "s"), ("kind", "s"), ("shape", "s")
 
 
 def _table(op: str, sets: list[ResultSet]) -> str:
-    out = [f"<details class='table' open><summary>all {esc(op)} measurements</summary>"
+    out = [f"<details class='table' open><summary>all {esc(op)} measurements</summary><div class='tablewrap'>"
            f"<table class='sortable' id='table-{esc(op)}'><thead><tr>"]
     for i, (name, typ) in enumerate(_COLUMNS):
         out.append(f"<th data-col='{i}' data-type='{typ}' title='click to sort'>{esc(name)}</th>")
@@ -279,8 +280,9 @@ def _table(op: str, sets: list[ResultSet]) -> str:
             if lat is None:
                 continue
             sp = m.get("speedup")
+            set_name = f"{s.device.get('name', '?')} · {s.source}"
             cells = [
-                (s.device.get("name", "?"), s.device.get("name", "?")),
+                (set_name, set_name),
                 (backend, backend), (lat.get("kind", ""), lat.get("kind", "")),
                 (lat.get("shape_label", lat["shape_key"]), lat["size"]), (human(lat["size"]), lat["size"]),
                 (dtype, dtype), (f"{lat['p50']:.4g}", lat["p50"]),
@@ -296,7 +298,7 @@ def _table(op: str, sets: list[ResultSet]) -> str:
                 cls = " class='cmd'" if i == len(cells) - 1 else ""
                 tds.append(f"<td data-v='{esc(v)}'{cls}>{esc(t)}</td>")
             out.append("<tr>" + "".join(tds) + "</tr>")
-    out.append("</tbody></table></details>")
+    out.append("</tbody></table></div></details>")
     return "".join(out)
 
 
@@ -342,7 +344,8 @@ table.sortable th, table.sortable td { border: 1px solid var(--line); padding: 3
   white-space: nowrap; }
 table.sortable th { background: var(--card); cursor: pointer; user-select: none; position: sticky; top: 0; }
 table.sortable th.asc::after { content: " ▲"; } table.sortable th.desc::after { content: " ▼"; }
-table.sortable td.cmd { font-family: ui-monospace, monospace; font-size: 11px; white-space: normal; }
+table.sortable td.cmd { font-family: ui-monospace, monospace; font-size: 11px; }
+.tablewrap { overflow-x: auto; max-width: 100%; }
 table.sortable tbody tr:nth-child(even) { background: #fafbfc; }
 p.none { color: var(--muted); }
 """
