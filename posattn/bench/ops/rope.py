@@ -162,13 +162,12 @@ def _hf_cos_sin(inp: dict):
     common = dict(hidden_size=hq * d, num_attention_heads=hq, num_key_value_heads=hk, head_dim=d,
                   vocab_size=8, num_hidden_layers=1, intermediate_size=8,
                   max_position_embeddings=max(8192, q.shape[1]))
-    try:  # transformers >= 5 keeps the rotary settings in rope_parameters
-        cfg = LlamaConfig(rope_parameters={"rope_type": "default", "rope_theta": BASE}, **common)
-    except TypeError:
-        cfg = LlamaConfig(rope_theta=BASE, **common)
-    if getattr(cfg, "rope_parameters", None) is None and getattr(cfg, "rope_theta", BASE) != BASE:
-        raise Unsupported("could not set rope_theta on LlamaConfig")
+    # rope_theta: read by transformers 4.x, moved into rope_parameters by 5.x
+    cfg = LlamaConfig(rope_theta=BASE, **common)
     rot = LlamaRotaryEmbedding(cfg).to(q.device)
+    want = inp["spec"].inv_freq().to(q.device)
+    if rot.inv_freq.shape != want.shape or not torch.allclose(rot.inv_freq.float(), want, rtol=1e-6, atol=0):
+        raise Unsupported("this transformers version's LlamaRotaryEmbedding did not take rope_theta")
     return rot(q, inp["positions"][None])
 
 
@@ -216,7 +215,10 @@ def _liger(inp, device_type):
 @op.peer("flashinfer", available=_importable("flashinfer", cuda_only=True),
          note="FlashInfer apply_rope_pos_ids on [T,H,D]; angles computed in the kernel")
 def _flashinfer(inp, device_type):
-    import flashinfer
+    try:
+        from flashinfer.rope import apply_rope_pos_ids
+    except ImportError:
+        from flashinfer import apply_rope_pos_ids
 
     q, k = inp["q"], inp["k"]
     B, S, hq, d = q.shape
@@ -225,8 +227,7 @@ def _flashinfer(inp, device_type):
     pos = inp["positions"].repeat(B).to(torch.int32)
 
     def fn():
-        return flashinfer.apply_rope_pos_ids(q3, k3, pos, rotary_dim=d, interleave=False,
-                                             rope_scale=1.0, rope_theta=BASE)
+        return apply_rope_pos_ids(q3, k3, pos, rotary_dim=d, interleave=False, rope_scale=1.0, rope_theta=BASE)
 
     return fn, lambda out: (out[0].view(B, S, hq, d), out[1].view(B, S, hk, d))
 
