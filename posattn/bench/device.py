@@ -46,7 +46,8 @@ GPU_PEAKS: list[tuple[str, GpuPeak]] = [
     (r"b200", GpuPeak("B200", 8000.0, 2250.0, "NVIDIA HGX B200 spec: 8 TB/s, 4.5 PFLOPS bf16 sparse per GPU")),
     # NVIDIA A100 Tensor Core GPU datasheet: 80GB SXM 2,039 GB/s, 80GB PCIe 1,935 GB/s,
     # 40GB 1,555 GB/s; BF16 Tensor Core 312 TFLOPS dense (624 sparse).
-    (r"a100.*80gb.*pcie|a100.*pcie.*80gb", GpuPeak("A100 80GB PCIe", 1935.0, 312.0, "NVIDIA A100 datasheet: 1,935 GB/s, 312 TFLOPS bf16")),
+    (r"a100.*80gb.*pcie|a100.*pcie.*80gb",
+     GpuPeak("A100 80GB PCIe", 1935.0, 312.0, "NVIDIA A100 datasheet: 1,935 GB/s, 312 TFLOPS bf16")),
     (r"a100.*80gb", GpuPeak("A100 80GB SXM", 2039.0, 312.0, "NVIDIA A100 datasheet: 2,039 GB/s, 312 TFLOPS bf16")),
     (r"a100", GpuPeak("A100 40GB", 1555.0, 312.0, "NVIDIA A100 datasheet: 1,555 GB/s, 312 TFLOPS bf16")),
     # NVIDIA L40S datasheet: 864 GB/s GDDR6, BF16 Tensor Core 362.05 TFLOPS dense (733 sparse).
@@ -59,7 +60,8 @@ GPU_PEAKS: list[tuple[str, GpuPeak]] = [
     (r"\ba10\b", GpuPeak("A10", 600.0, 125.0, "NVIDIA A10 datasheet: 600 GB/s, 250 TFLOPS bf16 sparse")),
     # NVIDIA Ada Lovelace architecture whitepaper: RTX 4090 1,008 GB/s GDDR6X;
     # FP16/BF16 tensor with FP32 accumulate 165.2 TFLOPS dense.
-    (r"rtx 4090", GpuPeak("RTX 4090", 1008.0, 165.2, "NVIDIA Ada whitepaper: 1,008 GB/s, 165.2 TFLOPS bf16 (fp32 acc.)")),
+    (r"rtx 4090",
+     GpuPeak("RTX 4090", 1008.0, 165.2, "NVIDIA Ada whitepaper: 1,008 GB/s, 165.2 TFLOPS bf16 (fp32 acc.)")),
     # NVIDIA Ampere GA102 whitepaper: RTX 3090 936 GB/s; FP16 tensor with FP32 accumulate 71 TFLOPS dense.
     (r"rtx 3090", GpuPeak("RTX 3090", 936.0, 71.0, "NVIDIA GA102 whitepaper: 936 GB/s, 71 TFLOPS fp16 (fp32 acc.)")),
 ]

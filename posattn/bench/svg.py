@@ -110,7 +110,8 @@ def line_chart(series: list[Series], *, title: str, x: Axis, y: Axis, width: int
            f'aria-label="{esc(title)}">',
            f'<text class="title" x="{width / 2:.1f}" y="16" text-anchor="middle">{esc(title)}</text>']
     if not pts or not xs:
-        out.append(f'<text class="empty" x="{width / 2:.1f}" y="{height / 2:.1f}" text-anchor="middle">no data</text></svg>')
+        out.append(f'<text class="empty" x="{width / 2:.1f}" y="{height / 2:.1f}" '
+                   f'text-anchor="middle">no data</text></svg>')
         return "\n".join(out)
     ylo = y.lo if y.lo is not None else min(p[1] for p in pts)
     yhi = y.hi if y.hi is not None else max(p[3] for p in pts)
@@ -141,7 +142,8 @@ def line_chart(series: list[Series], *, title: str, x: Axis, y: Axis, width: int
         out.append(f'<text class="tick" x="{ml - 5}" y="{py + 3.5:.1f}" text-anchor="end">{esc(yf(t))}</text>')
     out.append("</g>")
     out.append(f'<rect class="frame" x="{ml}" y="{mt}" width="{width - ml - mr}" height="{height - mt - mb}"/>')
-    out.append(f'<text class="axis" x="{(ml + width - mr) / 2:.1f}" y="{height - 8}" text-anchor="middle">{esc(x.label)}</text>')
+    out.append(f'<text class="axis" x="{(ml + width - mr) / 2:.1f}" y="{height - 8}" '
+               f'text-anchor="middle">{esc(x.label)}</text>')
     out.append(f'<text class="axis" transform="translate(13,{(mt + height - mb) / 2:.1f}) rotate(-90)" '
                f'text-anchor="middle">{esc(y.label)}</text>')
     out.append(f'<clipPath id="clip-{esc(chart_id)}"><rect x="{ml}" y="{mt}" width="{width - ml - mr}" '
@@ -205,9 +207,11 @@ def heatmap(h: Heatmap, chart_id: str = "") -> str:
            f'viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" aria-label="{esc(h.title)}">',
            f'<text class="title" x="{width / 2:.1f}" y="16" text-anchor="middle">{esc(h.title)}</text>']
     for j, c in enumerate(h.cols):
-        out.append(f'<text class="tick" x="{ml + cw * j + cw / 2:.1f}" y="{mt - 8}" text-anchor="middle">{esc(c)}</text>')
+        out.append(f'<text class="tick" x="{ml + cw * j + cw / 2:.1f}" y="{mt - 8}" '
+                   f'text-anchor="middle">{esc(c)}</text>')
     for i, r in enumerate(h.rows):
-        out.append(f'<text class="tick" x="{ml - 6}" y="{mt + ch * i + ch / 2 + 4:.1f}" text-anchor="end">{esc(r)}</text>')
+        out.append(f'<text class="tick" x="{ml - 6}" y="{mt + ch * i + ch / 2 + 4:.1f}" '
+                   f'text-anchor="end">{esc(r)}</text>')
         for j, c in enumerate(h.cols):
             cell = h.cells.get((r, c))
             x0, y0 = ml + cw * j, mt + ch * i

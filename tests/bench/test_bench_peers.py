@@ -65,7 +65,8 @@ def fake_flashinfer(monkeypatch):
         inv = 1.0 / (rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
         ang = (pos_ids.double()[:, None] / rope_scale) * inv[None]
         cos, sin = ang.cos()[:, None, :], ang.sin()[:, None, :]
-        return _rotate_half_split(q.double(), cos, sin).to(q.dtype), _rotate_half_split(k.double(), cos, sin).to(k.dtype)
+        return (_rotate_half_split(q.double(), cos, sin).to(q.dtype),
+                _rotate_half_split(k.double(), cos, sin).to(k.dtype))
 
     fi = types.ModuleType("flashinfer")
     rope = types.ModuleType("flashinfer.rope")
