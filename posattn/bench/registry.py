@@ -73,7 +73,8 @@ class BenchOp:
         name: the op's name in results ("rope").
         title: a human title for the dashboard.
         make_inputs(shape, dtype, device) -> dict of tensors and values.
-        reference(inputs) -> tuple of fp64 tensors (canonical outputs).
+        reference(inputs) -> tuple of fp64 tensors (canonical outputs), or None when no
+            reference is affordable at this size (then no accuracy is recorded).
         sweep(mode, device_type) -> list of Shape; mode is "quick" or "full".
         dtypes(mode, device_type) -> list of torch dtypes.
         bytes(shape, dtype) -> bytes moved by an ideal kernel (read + write).

@@ -113,6 +113,13 @@ def test_filters_and_bad_names(toy):
         runner.run(runner.RunConfig(device="cpu", impls=["zzz"], measure_peaks=False), log=lambda m: None)
 
 
+def test_no_reference_means_no_accuracy_row(toy, monkeypatch):
+    monkeypatch.setattr(toy, "reference", lambda inp: None)
+    res = runner.run(runner.RunConfig(device="cpu", impls=["good", "wrong"], target_s=0.002,
+                                      measure_peaks=False), log=lambda m: None)
+    assert _metric(res.rows, "good", "latency") and not [r for r in res.rows if r["metric"] == "max_abs_err"]
+
+
 def test_time_budget_truncates(toy):
     res = runner.run(runner.RunConfig(mode="full", device="cpu", time_budget_s=1e-9, measure_peaks=False),
                      log=lambda m: None)

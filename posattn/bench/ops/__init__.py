@@ -1,6 +1,33 @@
-"""One module per op's benchmark cases. Add a new op by adding its module
-name to OP_MODULES; a module whose op is not in posattn yet calls
-``registry.skip_op(name, why)`` instead of registering."""
+"""One module per op's benchmark cases.
+
+To add an op (say anchor attention), write ``posattn/bench/ops/attention.py``
+and add ``"attention"`` to OP_MODULES. The module looks the op up lazily and
+registers nothing when it is not there::
+
+    import posattn
+    from posattn.bench.registry import BenchOp, register_op, skip_op
+
+    fn = getattr(posattn, "anchor_attention", None)
+    if fn is None:
+        skip_op("anchor_attention", "posattn has no anchor_attention yet")
+    else:
+        op = register_op(BenchOp(name="anchor_attention", make_inputs=..., reference=..., sweep=...,
+                                 dtypes=..., bytes=..., flops=..., parse_shape=..., size_name="tokens",
+                                 baseline=("sdpa",)))
+
+        @op.backend("triton", available=...)
+        def _(inputs, device_type): ...
+
+        @op.peer("sdpa")                     # torch.nn.functional.scaled_dot_product_attention
+        def _(inputs, device_type): ...
+
+        @op.peer("flex", full_only=True)     # FlexAttention (compiles: full sweep only)
+        def _(inputs, device_type): ...
+
+``reference(inputs)`` returns the fp64 outputs every backend is checked
+against; ``sweep(mode, device_type)`` may return [] for a device the op has
+no timed kernel on (e.g. Triton-only ops on a CPU). See ops/rope.py.
+"""
 from __future__ import annotations
 
 import importlib
