@@ -22,14 +22,14 @@ PYBIND11_MODULE(_C, m) {
       "rope_forward",
       [](const std::vector<int64_t>& q, const std::vector<int64_t>& k, const std::vector<int64_t>& dims,
          const std::vector<int64_t>& pos, const std::vector<int64_t>& freqs, double attention_scaling,
-         const std::vector<int64_t>& angles, double sign, int dtype, int num_threads) {
+         const std::vector<int64_t>& angles, double sign, int dtype, int num_threads, int64_t chunk) {
         auto p = posattn::rope_problem_from(q, k, dims, pos, freqs, attention_scaling, angles, sign);
         py::gil_scoped_release release;
-        return std::string(posattn::cpu::rope_forward(p, dtype, num_threads));
+        return std::string(posattn::cpu::rope_forward(p, dtype, num_threads, chunk));
       },
       py::arg("q"), py::arg("k"), py::arg("dims"), py::arg("pos"), py::arg("freqs"),
       py::arg("attention_scaling"), py::arg("angles"), py::arg("sign"), py::arg("dtype"),
-      py::arg("num_threads") = 0);
+      py::arg("num_threads") = 0, py::arg("chunk") = 64);
   m.def("advise_hugepages", &posattn::cpu::advise_hugepages, py::arg("ptr"), py::arg("nbytes"),
         "madvise(MADV_HUGEPAGE) the 2 MiB-aligned interior of [ptr, ptr + nbytes); returns bytes advised");
   // Exposed for tests of the shared header math.

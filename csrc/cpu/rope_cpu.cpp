@@ -39,7 +39,8 @@ namespace avx2 {
 #pragma GCC pop_options
 #endif
 
-const char* rope_forward(const RopeProblem& p, int dtype, int num_threads) {
+const char* rope_forward(const RopeProblem& p, int dtype, int num_threads, int64_t block_tokens) {
+  if (block_tokens <= 0) block_tokens = 64;
 #ifdef _OPENMP
   if (num_threads <= 0) num_threads = omp_get_max_threads();
 #else
@@ -47,11 +48,11 @@ const char* rope_forward(const RopeProblem& p, int dtype, int num_threads) {
 #endif
 #ifdef POSATTN_HAVE_AVX2_CLONE
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
-    avx2::rope_dispatch(p, dtype, num_threads);
+    avx2::rope_dispatch(p, dtype, num_threads, block_tokens);
     return "avx2";
   }
 #endif
-  generic::rope_dispatch(p, dtype, num_threads);
+  generic::rope_dispatch(p, dtype, num_threads, block_tokens);
   return "generic";
 }
 

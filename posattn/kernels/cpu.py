@@ -69,7 +69,8 @@ def rope_forward(q, qo, k, ko, pos3, tables, rotary_dim: int, interleaved: bool,
         native.rope_tensor_args(q, qo), native.rope_tensor_args(k, ko),
         native.dims_args(x, rotary_dim, interleaved, native.copies_tail(x, xo, rotary_dim)),
         native.pos_args(pos3), native.freq_args(tables), float(tables.attention_scaling), [],
-        float(sign), native.DTYPE_CODE[x.dtype], _threads(config))
+        float(sign), native.DTYPE_CODE[x.dtype], _threads(config),
+        int(config.get("chunk", 16)))
 
 
 def rope_angles_forward(q, qo, k, ko, angles, rotary_dim: int, interleaved: bool, sign: float,
@@ -83,4 +84,40 @@ def rope_angles_forward(q, qo, k, ko, angles, rotary_dim: int, interleaved: bool
         native.rope_tensor_args(q, qo), native.rope_tensor_args(k, ko),
         native.dims_args(x, rotary_dim, interleaved, native.copies_tail(x, xo, rotary_dim)),
         [], [], 1.0, native.angle_args(angles), float(sign), native.DTYPE_CODE[x.dtype],
-        _threads(config))
+        _threads(config), int(config.get("chunk", 16)))
+
+
+# ---------------------------------------------------------------------------
+# autotune search space (read by posattn.autotune through the kernel registry)
+
+def _cores() -> int:
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def rope_search_space(key) -> list[dict]:
+    """Candidate {threads, chunk} for the OpenMP rope kernel (``key``: the rope kernel key).
+
+    threads: powers of two up to the cores this process may use, and that
+    count itself; chunk: tokens per statically scheduled block (their cos/sin tables
+    are computed once and stay in cache while every head of the block is rotated).
+    """
+    n = _cores()
+    threads = sorted({t for t in (1, 2, 4, 8, 16, 32, 64, 128) if t <= n} | {n})
+    return [c for c in ({"threads": t, "chunk": ch} for t in threads for ch in (4, 16, 64))
+            if rope_config_ok(key, c)]
+
+
+def rope_config_ok(key, config: dict) -> bool:
+    """Prune: no more threads than tokens, and no chunk that leaves threads idle."""
+    tokens = max(1, int(getattr(key, "tokens_bucket", 1)))
+    t, ch = config["threads"], config["chunk"]
+    if t == 1:
+        return ch == 16  # one thread: the chunk size changes nothing
+    if t > tokens:
+        return False
+    return ch == 4 or ch * t <= tokens

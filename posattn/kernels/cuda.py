@@ -59,3 +59,18 @@ def rope_forward(q, qo, k, ko, pos3, tables, rotary_dim: int, interleaved: bool,
 def rope_angles_forward(q, qo, k, ko, angles, rotary_dim: int, interleaved: bool, sign: float,
                         config: dict):
     _launch(q, qo, k, ko, rotary_dim, interleaved, sign, config, angles=native.angle_args(angles))
+
+
+# ---------------------------------------------------------------------------
+# autotune search space (read by posattn.autotune through the kernel registry)
+
+def rope_search_space(key) -> list[dict]:
+    """Candidate block sizes (threads per token block) for the CUDA rope kernel."""
+    return [c for c in ({"threads": t} for t in (64, 128, 256, 512, 1024)) if rope_config_ok(key, c)]
+
+
+def rope_config_ok(key, config: dict) -> bool:
+    """Prune: a block much wider than one token's (head, pair) grid only idles threads."""
+    t = config["threads"]
+    pairs = (int(key.heads_q) + int(key.heads_k)) * max(1, int(key.rotary_dim) // 2)
+    return t % 32 == 0 and t <= 1024 and (t <= 128 or t <= 2 * pairs)

@@ -646,18 +646,29 @@ def _triton_default(key: RopeKey):
 
 _ALL_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
+
+def _triton_search_space(key):
+    from posattn.kernels.triton import rope as tr
+
+    return tr.rope_search_space(key)
+
+
 dispatch.register("rope", "reference", dtypes=("float32", "float16", "bfloat16", "float64"))(ref_kernels.rope_forward)
 dispatch.register("rope", "cpu", supports=_cpu_supports,
-                  default_config=lambda key: {"threads": 0},
-                  dtypes=("float32", "float16", "bfloat16", "float64"))(cpu_kernels.rope_forward)
+                  default_config=lambda key: {"threads": 0, "chunk": 16},
+                  dtypes=("float32", "float16", "bfloat16", "float64"),
+                  search_space=cpu_kernels.rope_search_space)(cpu_kernels.rope_forward)
 dispatch.register("rope", "cuda", supports=_cuda_supports, default_config=lambda key: {"threads": 128},
-                  dtypes=("float32", "float16", "bfloat16", "float64"))(cuda_kernels.rope_forward)
-dispatch.register("rope", "triton", supports=_triton_supports, default_config=_triton_default)(_triton_fn)
+                  dtypes=("float32", "float16", "bfloat16", "float64"),
+                  search_space=cuda_kernels.rope_search_space)(cuda_kernels.rope_forward)
+dispatch.register("rope", "triton", supports=_triton_supports, default_config=_triton_default,
+                  search_space=_triton_search_space)(_triton_fn)
 
 dispatch.register("rope_angles", "reference", dtypes=_ALL_DTYPES)(ref_kernels.rope_angles_forward)
-dispatch.register("rope_angles", "cpu", supports=_cpu_supports, default_config=lambda key: {"threads": 0},
-                  dtypes=_ALL_DTYPES)(cpu_kernels.rope_angles_forward)
+dispatch.register("rope_angles", "cpu", supports=_cpu_supports,
+                  default_config=lambda key: {"threads": 0, "chunk": 16}, dtypes=_ALL_DTYPES,
+                  search_space=cpu_kernels.rope_search_space)(cpu_kernels.rope_angles_forward)
 dispatch.register("rope_angles", "cuda", supports=_cuda_supports, default_config=lambda key: {"threads": 128},
-                  dtypes=_ALL_DTYPES)(cuda_kernels.rope_angles_forward)
-dispatch.register("rope_angles", "triton", supports=_triton_supports,
-                  default_config=_triton_default)(_triton_angles_fn)
+                  dtypes=_ALL_DTYPES, search_space=cuda_kernels.rope_search_space)(cuda_kernels.rope_angles_forward)
+dispatch.register("rope_angles", "triton", supports=_triton_supports, default_config=_triton_default,
+                  search_space=_triton_search_space)(_triton_angles_fn)

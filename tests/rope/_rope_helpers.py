@@ -12,20 +12,31 @@ import posattn
 from posattn.rope.lowering import RopeTables
 
 
+class _Seen:
+    """Records the seq_len each tables() call got (hashable by identity)."""
+
+    def __init__(self):
+        self.values = []
+
+
 @dataclasses.dataclass(frozen=True)
 class TableSpec(posattn.RopeSpec):
     """A RopeSpec whose lowering is given by hand (tests only)."""
 
     fixed: object = dataclasses.field(default=None, compare=False, hash=False)
     seq_len_dependent: bool = False
-    seen_seq_len: list = dataclasses.field(default_factory=list, compare=False, hash=False)
+    seen: object = dataclasses.field(default_factory=_Seen, compare=False, hash=False)
+
+    @property
+    def seen_seq_len(self) -> list:
+        return self.seen.values
 
     @property
     def depends_on_seq_len(self) -> bool:
         return self.seq_len_dependent
 
     def tables(self, device=None, seq_len=None):
-        self.seen_seq_len.append(seq_len)
+        self.seen.values.append(seq_len)
         return self.fixed.to(device if device is not None else "cpu")
 
     def __hash__(self):

@@ -308,3 +308,24 @@ def aot_specializations(full: bool = False, arch: int = 90):
     for d, rot in ((64, 64), (80, 80), (96, 48), (256, 256), (256, 128)):
         yield from once(d, rot, bf16, False, plain, "i64")
     yield from once(80, 40, torch.float16, True, VARIANTS[3], "fp32")
+
+
+# ---------------------------------------------------------------------------
+# autotune search space (read by posattn.autotune through the kernel registry)
+
+def rope_search_space(key) -> list[dict]:
+    """Candidate {BLOCK_H, num_warps} for the rope kernel (``key``: the rope kernel key)."""
+    return [c for c in ({"BLOCK_H": bh, "num_warps": w} for bh in (1, 2, 4, 8, 16, 32) for w in (1, 2, 4, 8))
+            if rope_config_ok(key, c)]
+
+
+def rope_config_ok(key, config: dict) -> bool:
+    """Prune: no block taller than the heads, no tile past 8k pairs (registers),
+    no more warps than the tile has rows of 32 pairs."""
+    heads = max(int(key.heads_q), int(key.heads_k), 1)
+    block_p = triton.next_power_of_2(max(int(key.rotary_dim) // 2, 1))
+    bh, w = config["BLOCK_H"], config["num_warps"]
+    if bh > triton.next_power_of_2(heads):
+        return False
+    tile = bh * block_p
+    return tile <= 8192 and w * 32 <= max(32, tile)
