@@ -61,8 +61,14 @@ def _bucket(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
+_DNAMES: dict = {}
+
+
 def _dname(dt: torch.dtype) -> str:
-    return str(dt).removeprefix("torch.")
+    n = _DNAMES.get(dt)
+    if n is None:
+        n = _DNAMES[dt] = str(dt).removeprefix("torch.")
+    return n
 
 
 def _as_bshd(x: torch.Tensor, layout: str) -> torch.Tensor:
@@ -360,9 +366,36 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+def _direct(op, q, k, q4, k4, data, rotary_dim, interleaved, sign, layout, inplace, key, backend):
+    """Eager, no gradient needed: select and launch without the custom-op machinery
+    (which costs ~100 us a call); ``data`` is (pos3, tables) or (angles,)."""
+    kernel, config = dispatch.select(op, key, backend=backend)
+    qi = _last_contig(q4)
+    ki = _last_contig(k4) if k4 is not None else None
+    if op == "rope_angles" and kernel.backend != "reference" and data[0].dtype != torch.float32:
+        data = (data[0].float(),)
+    if op == "rope_angles":
+        data = (_last_contig(data[0]),)
+    if inplace:
+        kernel.fn(qi, qi, ki, ki, *data, rotary_dim, interleaved, sign, config)
+        if qi is not q4:
+            q4.copy_(qi)
+        if k4 is not None and ki is not k4:
+            k4.copy_(ki)
+        return q, k
+    qo4 = _new_like(qi)
+    ko4 = _new_like(ki) if ki is not None else None
+    kernel.fn(qi, qo4, ki, ko4, *data, rotary_dim, interleaved, sign, config)
+    return _from_bshd(qo4, layout), (_from_bshd(ko4, layout) if k is not None else None)
+
+
 def _run_positions(q, k, q4, k4, pos3, tables, rotary_dim, interleaved, sign, layout, inplace,
                    key, backend):
-    """Select (eagerly) and run posattn::rope / rope_ on [B, S, H, D] views; returns outputs in layout."""
+    """Run posattn::rope / rope_ on [B, S, H, D] views (or the kernel directly, eagerly and
+    without grad); returns outputs in layout."""
+    if not _compiling() and not _needs_grad(q, k):
+        return _direct("rope", q, k, q4, k4, (pos3, tables), rotary_dim, interleaved, sign, layout, inplace,
+                       key, backend)
     if not _compiling():
         kernel, _ = dispatch.select("rope", key, backend=backend)
         backend = kernel.backend
@@ -492,6 +525,9 @@ def apply_rope_angles(q: torch.Tensor, k: torch.Tensor | None, angles: torch.Ten
                          f"({HK}) head counts; got shape {tuple(angles.shape)}")
     rotary_dim = 2 * half
     key = _make_key(q4, HQ, HK, rotary_dim, interleaved, "angles", 1, rows, False)
+    if not _compiling() and not _needs_grad(q, k, angles):
+        return _direct("rope_angles", q, k, q4, k4, (ang4,), rotary_dim, interleaved, 1.0, layout, inplace,
+                       key, backend)
     if not _compiling():
         kernel, _ = dispatch.select("rope_angles", key, backend=backend)
         backend = kernel.backend
