@@ -189,6 +189,35 @@ def test_seq_len_dependent_tables():
         posattn.apply_rope(q, None, torch.tensor([5, 9, 2], device=DEVICE), spec, seq_len=0)
 
 
+def _real_specs():
+    """Specs built by the spec side (posattn.rope.spec / scaling), lowered by spec.tables()."""
+    D = 64
+    return {
+        "llama3": posattn.RopeSpec(D, base=5e5, scaling=posattn.Llama3(8.0, 1.0, 4.0, 64)),
+        "yarn": posattn.RopeSpec(D, base=1e4, scaling=posattn.YaRN(4.0, 64)),
+        "dynamic_ntk": posattn.RopeSpec(D, scaling=posattn.DynamicNTK(2.0, 16)),
+        "mrope": posattn.RopeSpec(D, mrope_section=(8, 12, 12)),
+        "mrope_interleaved": posattn.RopeSpec(D, mrope_section=(12, 10, 10), mrope_interleaved=True),
+        "dpe": posattn.RopeSpec(D, dpe=posattn.DPE.for_window((0, 8, 20, 32), (1.0, 2.0, 4.0), 16)),
+        "custom_per_group": posattn.RopeSpec(
+            D, scaling=posattn.Custom(torch.rand(2, 32).mul(0.9).add(0.01).tolist())),
+    }
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(_real_specs()))
+def test_real_specs(backend, name):
+    spec = _real_specs()[name]
+    q, k = H.rand_qk("bshd", 2, 3, 4, 2, 64, torch.float32, DEVICE)
+    tables = spec.tables("cpu", 200 if spec.depends_on_seq_len else None)
+    pos = H.positions_for(tables.n_axes, "bshd", 2, 3, torch.int64, DEVICE, batched=True, max_pos=200)
+    seq_len = int(pos.max()) + 1 if spec.depends_on_seq_len else None
+    qo, ko = posattn.apply_rope(q, k, pos, spec, backend=backend)
+    rq, rk = H.oracle(q, k, pos, spec, tables=spec.tables("cpu", seq_len))
+    assert_close(qo, rq, torch.float32, msg=name)
+    assert_close(ko, rk, torch.float32, msg=name)
+
+
 def test_auto_choice_and_memo():
     from posattn import dispatch
 
