@@ -110,3 +110,35 @@ def test_inplace_with_grad_behaves_like_torch_inplace_ops():
     o2.backward(g)
     assert_close(x.grad, x2.grad, torch.float32)
     assert_close(y.detach(), o2.detach(), torch.float32)
+
+
+def test_torch_compile_angles_inplace_and_shift():
+    """apply_rope_angles (with gradients to angles), in-place apply_rope (the mutating
+    custom op) and rope_shift all trace with fullgraph=True."""
+    backend = "cpu" if DEVICE == "cpu" else None
+    spec = posattn.RopeSpec(32)
+
+    def f(q, k, ang):
+        qo, ko = posattn.apply_rope_angles(q, k, ang, backend=backend)
+        return (qo * qo).sum() + ko.sum()
+
+    q = torch.randn(1, 3, 2, 32, device=DEVICE, requires_grad=True)
+    k = torch.randn(1, 3, 1, 32, device=DEVICE, requires_grad=True)
+    ang = torch.randn(3, 1, 16, device=DEVICE, requires_grad=True)
+    torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, ang).backward()
+    got = (q.grad.clone(), k.grad.clone(), ang.grad.clone())
+    q.grad = k.grad = ang.grad = None
+    f(q, k, ang).backward()
+    for a, b in zip(got, (q.grad, k.grad, ang.grad)):
+        assert_close(a, b, torch.float32)
+
+    def h(q, k, pos):
+        posattn.apply_rope(q, k, pos, spec, inplace=True, backend=backend)
+        return q * 2, posattn.rope_shift(k, 5, spec, backend=backend)
+
+    q2, k2 = torch.randn(1, 3, 2, 32, device=DEVICE), torch.randn(1, 3, 1, 32, device=DEVICE)
+    pos = torch.arange(3, device=DEVICE)
+    rq, rk = posattn.apply_rope(q2, k2, pos, spec, backend=backend)
+    out_q, out_k = torch.compile(h, fullgraph=True, backend="aot_eager")(q2.clone(), k2.clone(), pos)
+    assert_close(out_q, rq * 2, torch.float32)
+    assert_close(out_k, posattn.rope_shift(rk, 5, spec, backend=backend), torch.float32)
