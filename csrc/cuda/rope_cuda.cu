@@ -53,8 +53,10 @@ __device__ __forceinline__ void pair_cos_sin(const RopeProblem& p, int64_t b, in
   sn *= scale * A(p.sign);
 }
 
-template <typename T, int VEC>
-__global__ void rope_kernel_bshd(RopeProblem p, bool smem_table) {
+// SMEM_TABLE (compile time, so that the common path carries no inlined per-element
+// angle code and stays lean in registers): the token's cos/sin table sits in shared memory.
+template <typename T, int VEC, bool SMEM_TABLE>
+__global__ void rope_kernel_bshd(RopeProblem p) {
   using A = typename Acc<T>::type;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   A* smem = reinterpret_cast<A*>(smem_raw);
@@ -68,7 +70,7 @@ __global__ void rope_kernel_bshd(RopeProblem p, bool smem_table) {
   A* sq = smem + tab;
   A* ck = qdiff ? smem + 2 * tab : cq;
   A* sk = qdiff ? smem + 3 * tab : sq;
-  if (smem_table) {
+  if constexpr (SMEM_TABLE) {
     for (int64_t e = threadIdx.x; e < tab; e += blockDim.x) {
       const int r = int(e / half), i = int(e - int64_t(r) * half);
       pair_cos_sin(p, b, s, r, i, true, cq[e], sq[e]);
@@ -97,7 +99,7 @@ __global__ void rope_kernel_bshd(RopeProblem p, bool smem_table) {
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       if (j < ppc) {
-        if (smem_table) { c[j] = ct[r * half + i0 + j]; sn[j] = st[r * half + i0 + j]; }
+        if constexpr (SMEM_TABLE) { c[j] = ct[r * half + i0 + j]; sn[j] = st[r * half + i0 + j]; }
         else pair_cos_sin(p, b, s, r, i0 + j, is_q, c[j], sn[j]);
       }
     }
@@ -201,11 +203,15 @@ static void launch_typed(const RopeProblem& p, int threads, cudaStream_t st) {
   const bool smem_table = bytes <= kMaxSmemBytes;
   const size_t smem = smem_table ? size_t(bytes) : 0;
   dim3 grid(static_cast<unsigned>(ntok));
+  if (!smem_table) {  // huge per-head tables: angles per element, unvectorised (rare)
+    rope_kernel_bshd<T, 1, false><<<grid, threads, 0, st>>>(p);
+    return;
+  }
   switch (pick_vec<T>(p)) {
-    case 8: rope_kernel_bshd<T, 8><<<grid, threads, smem, st>>>(p, smem_table); break;
-    case 4: rope_kernel_bshd<T, 4><<<grid, threads, smem, st>>>(p, smem_table); break;
-    case 2: rope_kernel_bshd<T, 2><<<grid, threads, smem, st>>>(p, smem_table); break;
-    default: rope_kernel_bshd<T, 1><<<grid, threads, smem, st>>>(p, smem_table); break;
+    case 8: rope_kernel_bshd<T, 8, true><<<grid, threads, smem, st>>>(p); break;
+    case 4: rope_kernel_bshd<T, 4, true><<<grid, threads, smem, st>>>(p); break;
+    case 2: rope_kernel_bshd<T, 2, true><<<grid, threads, smem, st>>>(p); break;
+    default: rope_kernel_bshd<T, 1, true><<<grid, threads, smem, st>>>(p); break;
   }
 }
 

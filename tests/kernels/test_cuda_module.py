@@ -45,3 +45,24 @@ def test_bad_arguments_are_rejected_before_launch():
     with pytest.raises(ValueError, match="rotary_dim must be even"):
         m.rope_forward(native.rope_tensor_args(q, q), [], [1, 2, 64, 63, 0, 0], [0, 0, 0, 0, 0],
                        [0, 1, 0, 0, 0], 1.0, [], 1.0, 0, 128, 0)
+
+
+def test_module_carries_sm80_sm90a_code_and_ptx():
+    import os
+    import shutil
+    import subprocess
+
+    m = _mod()
+    try:
+        import triton
+
+        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    except ImportError:  # pragma: no cover
+        tool = ""
+    tool = tool if os.path.exists(tool) else shutil.which("cuobjdump")
+    if not tool:
+        pytest.skip("cuobjdump not found")
+    elf = subprocess.run([tool, "--list-elf", m.__file__], capture_output=True, text=True).stdout
+    ptx = subprocess.run([tool, "--list-ptx", m.__file__], capture_output=True, text=True).stdout
+    assert "sm_80" in elf and "sm_90a" in elf, elf
+    assert "sm_90" in ptx, ptx
