@@ -4,7 +4,6 @@ posattn's reference kernel."""
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 
@@ -161,5 +160,3 @@ def rand_qk(layout, B, S, HQ, HK, D, dtype, device):
         mk = lambda h: torch.randn(B, h, S, D, dtype=dtype, device=device)  # noqa: E731
     return mk(HQ), (mk(HK) if HK else None)
 
-
-TWO_PI = 2 * math.pi

@@ -1,5 +1,4 @@
 """apply_rope on every usable backend against the fp64 reference."""
-import itertools
 import random
 
 import pytest
