@@ -7,3 +7,6 @@ from posattn.dispatch import use_backend
 from posattn.rope import RopeSpec, apply_rope
 
 __all__ = ["__version__", "RopeSpec", "apply_rope", "use_backend"]
+from posattn.attention import MaskSpec, anchor_attention  # noqa: E402
+
+__all__ += ["MaskSpec", "anchor_attention"]
