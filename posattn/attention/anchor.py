@@ -110,7 +110,13 @@ def _rope_inputs(rope, positions, q: torch.Tensor):
     if getattr(rope, "depends_on_seq_len", False):
         raise ValueError("rope: scalings whose tables depend on the sequence length are not supported by "
                          "anchor_attention yet")
-    tables = rope.tables(q.device)
+    if torch.compiler.is_compiling():
+        # tables() keeps a locked cache that Dynamo cannot trace; build the same table in the graph
+        from posattn.rope.lowering import RopeTables
+
+        tables = RopeTables(rope.inv_freq(None).to(q.device), rope.attention_scaling)
+    else:
+        tables = rope.tables(q.device)
     if tables.inv_freq.dim() != 1 or tables.pair_axis is not None or tables.pair_pos_scale is not None:
         raise ValueError("rope: anchor_attention supports one inv_freq table [R/2] (no per-head, multi-axis "
                          "or dimension-wise positions) yet")
@@ -183,12 +189,16 @@ def anchor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
 
     key = AttnKey(q.device.type, _dtype_name(q.dtype), D, HQ, HK, ra[2] if ra else 0, ra[3] if ra else False,
                   causal, window is not None, num_anchors > 0, _bucket(T))
-    kernel, _config = dispatch.select("anchor_attention", key, backend=backend)
+    if torch.compiler.is_compiling():
+        # dispatch's memo takes a lock Dynamo cannot trace: the op resolves the backend itself
+        backend_name = backend or ""
+    else:
+        backend_name = dispatch.select("anchor_attention", key, backend=backend)[0].backend
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     out, lse = torch.ops.posattn.anchor_attention(
         q, k, v, cu_seqlens, cu_rows, spec.num_anchors, spec.causal, -1 if window is None else window,
         float(softmax_scale), ra[0] if ra else None, ra[1] if ra else None, ra[2] if ra else 0,
-        ra[3] if ra else False, ra[4] if ra else 1.0, kernel.backend)
+        ra[3] if ra else False, ra[4] if ra else 1.0, backend_name)
     return (out, lse) if return_lse else out
 
 
@@ -212,7 +222,7 @@ def _anchor_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
                          backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     check_boundary_values(q.shape[0], cu_seqlens, cu_rows, num_anchors)
     key = _key_of(q, k, rotary_dim, interleaved, causal, window, num_anchors)
-    kernel, config = dispatch.select("anchor_attention", key, backend=backend)
+    kernel, config = dispatch.select("anchor_attention", key, backend=backend or None)
     spec = MaskSpec(causal=causal, num_anchors=num_anchors, window=None if window < 0 else window)
     rope = _unpack(positions, inv_freq, rotary_dim, interleaved, rope_scaling)
     return kernel.fn(q, k, v, cu_seqlens, cu_rows, spec, softmax_scale, rope, config)
@@ -233,7 +243,7 @@ def _anchor_attention_bwd_op(dout: torch.Tensor, dlse: torch.Tensor | None, q: t
                              rotary_dim: int, interleaved: bool, rope_scaling: float,
                              backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     key = _key_of(q, k, rotary_dim, interleaved, causal, window, num_anchors)
-    kernel, config = dispatch.select("anchor_attention", key, backend=backend)
+    kernel, config = dispatch.select("anchor_attention", key, backend=backend or None)
     spec = MaskSpec(causal=causal, num_anchors=num_anchors, window=None if window < 0 else window)
     rope = _unpack(positions, inv_freq, rotary_dim, interleaved, rope_scaling)
     return kernel.fn.backward(dout, dlse, q, k, v, out, lse, cu_seqlens, cu_rows, spec, softmax_scale, rope,
@@ -292,13 +302,14 @@ _triton_forward.backward = _triton_backward
 def _reference_forward(q, k, v, cu_seqlens, cu_rows, spec, softmax_scale, rope, config):
     out, lse = ref_attn.anchor_attention(q, k, v, cu_seqlens, cu_rows, spec.num_anchors, spec.causal,
                                          spec.window, softmax_scale, rope)
-    return out.to(q.dtype), lse.to(torch.float32)
+    # outputs take q's strides, as the Triton kernel's and the fake implementation's do
+    return torch.empty_like(q).copy_(out), lse.to(torch.float32).contiguous()
 
 
 def _reference_backward(dout, dlse, q, k, v, out, lse, cu_seqlens, cu_rows, spec, softmax_scale, rope, config):
     dq, dk, dv = ref_attn.anchor_attention_backward(dout, dlse, q, k, v, cu_seqlens, cu_rows, spec.num_anchors,
                                                     spec.causal, spec.window, softmax_scale, rope)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return torch.empty_like(q).copy_(dq), torch.empty_like(k).copy_(dk), torch.empty_like(v).copy_(dv)
 
 
 _reference_forward.backward = _reference_backward

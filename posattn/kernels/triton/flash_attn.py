@@ -198,6 +198,7 @@ def _attn_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + _dot(p.to(DT), v, PREC, UPCAST)
         m_i = m_new
+    l_i = tl.where(rmask, l_i, 1.0)      # padding rows past T see no key
     out = acc / l_i[:, None]
     tl.store(O + h * s_oh + rows[:, None].to(tl.int64) * s_ot + dcols[None, :], out.to(O.dtype.element_ty),
              mask=rmask[:, None] & dmask[None, :])
