@@ -38,6 +38,11 @@ TWO_PI = 6.283185307179586
 INV_TWO_PI = 0.15915494309189535
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+# kernels may only read globals that are constexpr
+_TWO_PI = tl.constexpr(TWO_PI)
+_INV_TWO_PI = tl.constexpr(INV_TWO_PI)
+_LOG2E = tl.constexpr(LOG2E)
+_LN2 = tl.constexpr(LN2)
 
 
 @triton.jit
@@ -57,7 +62,7 @@ def _cos_sin(pos_ptr, rows, rmask, inv_freq_ptr, BH: tl.constexpr, R_HALF: tl.co
     f = tl.load(inv_freq_ptr + p, mask=p < R_HALF, other=0.0).to(tl.float64)
     pos = tl.load(pos_ptr + rows, mask=rmask, other=0).to(tl.float64)
     th = pos[:, None] * f[None, :]
-    th = th - tl.floor(th * INV_TWO_PI) * TWO_PI
+    th = th - tl.floor(th * _INV_TWO_PI) * _TWO_PI
     th32 = th.to(tl.float32)
     return tl.cos(th32) * rope_scaling, tl.sin(th32) * rope_scaling
 
@@ -202,7 +207,7 @@ def _attn_fwd_kernel(
     out = acc / l_i[:, None]
     tl.store(O + h * s_oh + rows[:, None].to(tl.int64) * s_ot + dcols[None, :], out.to(O.dtype.element_ty),
              mask=rmask[:, None] & dmask[None, :])
-    lse = (m_i + tl.math.log2(l_i)) * LN2
+    lse = (m_i + tl.math.log2(l_i)) * _LN2
     tl.store(LSE + h.to(tl.int64) * T + rows, lse, mask=rmask)
 
 
@@ -251,7 +256,7 @@ def _attn_bwd_dq_kernel(
     dmask = dcols < D
     do = tl.load(DO + h * s_doh + rows[:, None].to(tl.int64) * s_dot + dcols[None, :],
                  mask=rmask[:, None] & dmask[None, :], other=0.0)
-    lse2 = tl.load(LSE + h.to(tl.int64) * T + rows, mask=rmask, other=float("inf")) * LOG2E
+    lse2 = tl.load(LSE + h.to(tl.int64) * T + rows, mask=rmask, other=float("inf")) * _LOG2E
     delta = tl.load(DELTA + h.to(tl.int64) * T + rows, mask=rmask, other=0.0)
     q_doc = tl.load(DOC_START + rows, mask=rmask, other=-1)
     q_row = tl.load(ROW_START + rows, mask=rmask, other=-1)
@@ -326,7 +331,7 @@ def _attn_bwd_dkdv_kernel(
                                                   BLOCK_M, D, ROT, BH, R_HALF, BT, INTERLEAVED, ROPE, HAS_TAIL)
             do = tl.load(DO + h * s_doh + rows[:, None].to(tl.int64) * s_dot + dcols[None, :],
                          mask=rmask[:, None] & dmask[None, :], other=0.0)
-            lse2 = tl.load(LSE + h.to(tl.int64) * T + rows, mask=rmask, other=float("inf")) * LOG2E
+            lse2 = tl.load(LSE + h.to(tl.int64) * T + rows, mask=rmask, other=float("inf")) * _LOG2E
             delta = tl.load(DELTA + h.to(tl.int64) * T + rows, mask=rmask, other=0.0)
             s = _scores(qa, qb_, qt, ka, kb, kt, BLOCK_M, BLOCK_N, ROPE, HAS_TAIL, PREC, UPCAST) * qk_scale_log2
             p = tl.math.exp2(s - lse2[:, None])
