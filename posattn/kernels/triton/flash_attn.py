@@ -162,7 +162,8 @@ def _attn_fwd_kernel(
     INTERLEAVED: tl.constexpr, ROPE: tl.constexpr, HAS_TAIL: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    qb = tl.program_id(0)
+    # last query blocks first: under a causal mask they visit the most key blocks
+    qb = tl.num_programs(0) - 1 - tl.program_id(0)
     h = tl.program_id(1)
     hk = h // GROUP
     DT = Q.dtype.element_ty
@@ -242,7 +243,8 @@ def _attn_bwd_dq_kernel(
     INTERLEAVED: tl.constexpr, ROPE: tl.constexpr, HAS_TAIL: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    qb = tl.program_id(0)
+    # last query blocks first: under a causal mask they visit the most key blocks
+    qb = tl.num_programs(0) - 1 - tl.program_id(0)
     h = tl.program_id(1)
     hk = h // GROUP
     DT = Q.dtype.element_ty
