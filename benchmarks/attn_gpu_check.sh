@@ -11,6 +11,6 @@ echo "== $(git log -1 --oneline 2>/dev/null)"; ls posattn/attention >/dev/null |
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 echo "== tests (device=cuda)"
-timeout ${TEST_TIMEOUT:-180} $PY -m pytest -q -x tests/attention -p no:cacheprovider ${TEST_ARGS:-} 2>&1 | tee "$OUT/tests.txt" | tail -25
+timeout ${TEST_TIMEOUT:-180} $PY -m pytest -q -x ${TESTS:-tests/attention} -p no:cacheprovider 2>&1 | tee "$OUT/tests.txt" | tail -25
 echo "== benchmark vs FlexAttention"
 timeout ${BENCH_TIMEOUT:-240} $PY benchmarks/bench_anchor_attention.py ${BENCH_ARGS:-} --out "$OUT/bench_anchor_attention.jsonl" 2>&1 | tail -20
