@@ -72,7 +72,10 @@ class BlockLists:
     ``row_start`` (first token of its row). Query-major CSR: ``q_offsets`` [NQB+1],
     ``q_kv_idx`` / ``q_kv_masked`` [nnz]; key-major CSR (the transpose): ``k_offsets``
     [NKB+1], ``k_q_idx`` / ``k_q_masked`` [nnz]. ``*_masked`` is int32 1 where the
-    block needs the element mask, 0 where every (q, k) pair in it is allowed.
+    block needs the element mask, 0 where every (q, k) pair in it is allowed (such a block
+    also lies wholly inside the T tokens). Within each list the unmasked blocks come first,
+    ``q_nfull`` [NQB] / ``k_nfull`` [NKB] of them, each group in ascending order, so that a
+    kernel runs a mask-free loop and then a masked one.
     """
 
     block_m: int
@@ -80,9 +83,11 @@ class BlockLists:
     doc_start: torch.Tensor
     row_start: torch.Tensor
     q_offsets: torch.Tensor
+    q_nfull: torch.Tensor
     q_kv_idx: torch.Tensor
     q_kv_masked: torch.Tensor
     k_offsets: torch.Tensor | None
+    k_nfull: torch.Tensor | None
     k_q_idx: torch.Tensor | None
     k_q_masked: torch.Tensor | None
     nnz: int
@@ -168,12 +173,12 @@ def lower(spec: MaskSpec, cu_seqlens: torch.Tensor, cu_rows: torch.Tensor, T: in
     na_e = n_anchor[e_qb]
     kb = torch.where(local < na_e, ab_lo[e_qb] + local, db_lo[e_qb] + local - na_e)
 
-    # does the block need the element mask?
+    # does the block need the element mask? (a query block cut by the end of the tokens always does)
     n0 = kb * block_n
     n1 = n0 + block_n                                   # unclipped: a key block past T is never full
     em0, em1 = m0[e_qb], m1[e_qb]
     n1c = torch.clamp(n1, max=T)
-    single_doc = ds0[e_qb] == ds1[e_qb]
+    single_doc = (ds0[e_qb] == ds1[e_qb]) & (em0 + block_m <= T)
     full_doc = single_doc & (doc_start[torch.clamp(n0, max=T - 1)].to(torch.int64) == ds0[e_qb]) \
         & (n1 <= de0[e_qb]) & (n0 < T)
     if spec.causal:
@@ -185,24 +190,31 @@ def lower(spec: MaskSpec, cu_seqlens: torch.Tensor, cu_rows: torch.Tensor, T: in
     full = full_doc
     if na:
         rs = rs0[e_qb]
-        full_anchor = (rs == rs1[e_qb]) & (n0 >= rs) & (n1 <= rs + na)
+        full_anchor = (rs == rs1[e_qb]) & (n0 >= rs) & (n1 <= rs + na) & (em0 + block_m <= T)
         if spec.causal:
             full_anchor &= n1 - 1 <= em0
         full = full | full_anchor
-    q_kv_masked = (~full).to(i32)
-    q_kv_idx = kb.to(i32)
+    masked = (~full).to(torch.int64)
+    # unmasked blocks first within each query block (a stable sort keeps each group ascending)
+    order = torch.argsort(e_qb * 2 + masked, stable=True)
+    q_kv_idx = kb[order].to(i32)
+    q_kv_masked = masked[order].to(i32)
+    q_nfull = torch.bincount(e_qb, weights=None, minlength=nqb) - torch.bincount(e_qb, weights=masked.double(),
+                                                                               minlength=nqb).to(torch.int64)
+    q_nfull = q_nfull.to(i32)
 
-    k_offsets = k_q_idx = k_q_masked = None
+    k_offsets = k_q_idx = k_q_masked = k_nfull = None
     if transpose:
-        order = torch.argsort(kb, stable=True)
-        k_q_idx = e_qb[order].to(i32)
-        k_q_masked = q_kv_masked[order]
+        korder = torch.argsort(kb * 2 + masked, stable=True)
+        k_q_idx = e_qb[korder].to(i32)
+        k_q_masked = masked[korder].to(i32)
         kcounts = torch.bincount(kb, minlength=nkb)
         k_offsets = torch.zeros(nkb + 1, device=dev, dtype=torch.int64)
         k_offsets[1:] = torch.cumsum(kcounts, 0)
         k_offsets = k_offsets.to(i32)
+        k_nfull = (kcounts - torch.bincount(kb, weights=masked.double(), minlength=nkb).to(torch.int64)).to(i32)
     return BlockLists(block_m, block_n, doc_start.contiguous(), row_start.contiguous(),
-                      q_offsets.to(i32), q_kv_idx, q_kv_masked, k_offsets, k_q_idx, k_q_masked,
+                      q_offsets.to(i32), q_nfull, q_kv_idx, q_kv_masked, k_offsets, k_nfull, k_q_idx, k_q_masked,
                       nnz, max_per_q)
 
 

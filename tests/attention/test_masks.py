@@ -19,8 +19,7 @@ def _block_truth(mask: torch.Tensor, bm: int, bn: int):
             tile = mask[a * bm:(a + 1) * bm, b * bn:(b + 1) * bn]
             any_[a, b] = tile.any()
             # a tile cut by the end of the tokens is never "all allowed": its padding must be masked
-            full = tile.shape == (bm, bn) or (a * bm + bm > T and tile.shape[1] == bn)
-            all_[a, b] = bool(tile.all()) and full
+            all_[a, b] = bool(tile.all()) and tile.shape == (bm, bn)
     return any_, all_
 
 
@@ -42,13 +41,19 @@ def test_lists_visit_exactly_the_blocks_with_allowed_pairs(seed):
         off = lists.q_offsets.tolist()
         kv = lists.q_kv_idx.tolist()
         flags = lists.q_kv_masked.tolist()
+        nfull = lists.q_nfull.tolist()
         for qb in range(any_.shape[0]):
             for e in range(off[qb], off[qb + 1]):
                 idx[qb].append(kv[e])
                 # an entry left unmasked must be allowed everywhere
                 if not flags[e]:
                     assert all_[qb, kv[e]], (spec, cu.tolist(), rows.tolist(), qb, kv[e])
-            assert sorted(idx[qb]) == idx[qb] and len(set(idx[qb])) == len(idx[qb])
+            # unmasked blocks first (nfull of them), each group ascending, no repeats
+            f = flags[off[qb]:off[qb + 1]]
+            assert f == sorted(f) and f.count(0) == nfull[qb]
+            assert idx[qb][:nfull[qb]] == sorted(idx[qb][:nfull[qb]])
+            assert idx[qb][nfull[qb]:] == sorted(idx[qb][nfull[qb]:])
+            assert len(set(idx[qb])) == len(idx[qb])
             # every block holding an allowed pair is visited, and no fully masked block is
             listed = torch.zeros(any_.shape[1], dtype=torch.bool)
             listed[idx[qb]] = True
@@ -63,6 +68,10 @@ def test_lists_visit_exactly_the_blocks_with_allowed_pairs(seed):
                for q, f in zip(lists.k_q_idx.tolist()[koff[kb]:koff[kb + 1]],
                                lists.k_q_masked.tolist()[koff[kb]:koff[kb + 1]])}
         assert kq == kq2
+        kn = lists.k_nfull.tolist()
+        for kb in range(len(koff) - 1):
+            f = lists.k_q_masked.tolist()[koff[kb]:koff[kb + 1]]
+            assert f == sorted(f) and f.count(0) == kn[kb]
 
 
 def test_dense_expansion_covers_the_mask():

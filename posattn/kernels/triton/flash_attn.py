@@ -80,20 +80,47 @@ def _pair_cols(BH: tl.constexpr, R_HALF: tl.constexpr, INTERLEAVED: tl.constexpr
 
 
 @triton.jit
-def _load_rot(base, rows, rmask, stride_t, ca, cb, pmask, cos, sin):
-    """Rotated halves (fp32) of x[rows] for pair columns ca, cb."""
-    m = rmask[:, None] & pmask[None, :]
-    off = base + rows[:, None].to(tl.int64) * stride_t
-    xa = tl.load(off + ca[None, :], mask=m, other=0.0).to(tl.float32)
-    xb = tl.load(off + cb[None, :], mask=m, other=0.0).to(tl.float32)
-    return xa * cos - xb * sin, xb * cos + xa * sin
+def _ld(ptrs, rmask, cmask, ROWB: tl.constexpr, COLB: tl.constexpr):
+    """Load a 2-D tile, bounds-checking rows and/or columns only where they can be out of range
+    (blocks that need no element mask lie inside the tokens: their loads carry no predicate)."""
+    if ROWB:
+        if COLB:
+            return tl.load(ptrs, mask=rmask[:, None] & cmask[None, :], other=0.0)
+        else:
+            return tl.load(ptrs, mask=rmask[:, None], other=0.0)
+    else:
+        if COLB:
+            return tl.load(ptrs, mask=cmask[None, :], other=0.0)
+        else:
+            return tl.load(ptrs)
 
 
 @triton.jit
-def _load_tail(base, rows, rmask, stride_t, ROT: tl.constexpr, D: tl.constexpr, BT: tl.constexpr):
-    c = ROT + tl.arange(0, BT)
-    m = rmask[:, None] & (c < D)[None, :]
-    return tl.load(base + rows[:, None].to(tl.int64) * stride_t + c[None, :], mask=m, other=0.0)
+def _load_qk_tile(X, rows, rmask, stride_t, POS, INV_FREQ, rope_scaling,
+                  BM: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr, BH: tl.constexpr,
+                  R_HALF: tl.constexpr, BT: tl.constexpr, INTERLEAVED: tl.constexpr,
+                  ROPE: tl.constexpr, HAS_TAIL: tl.constexpr, ROWB: tl.constexpr):
+    """(a, b, tail, cos, sin) of a q or k tile; a/b rotated, all in the input dtype."""
+    DT = X.dtype.element_ty
+    base = X + rows[:, None].to(tl.int64) * stride_t
+    if ROPE:
+        ca, cb, pmask = _pair_cols(BH, R_HALF, INTERLEAVED)
+        cos, sin = _cos_sin(POS, rows, rmask, INV_FREQ, BH, R_HALF, rope_scaling)
+        xa = _ld(base + ca[None, :], rmask, pmask, ROWB, R_HALF != BH).to(tl.float32)
+        xb = _ld(base + cb[None, :], rmask, pmask, ROWB, R_HALF != BH).to(tl.float32)
+        a = (xa * cos - xb * sin).to(DT)
+        b = (xb * cos + xa * sin).to(DT)
+    else:
+        cos = tl.zeros([BM, BH], dtype=tl.float32)
+        sin = cos
+        a = tl.zeros([BM, BH], dtype=DT)
+        b = a
+    if HAS_TAIL:
+        c = ROT + tl.arange(0, BT)
+        t = _ld(base + c[None, :], rmask, c < D, ROWB, D - ROT != BT)
+    else:
+        t = tl.zeros([BM, BT], dtype=DT)
+    return a, b, t, cos, sin
 
 
 @triton.jit
@@ -127,33 +154,36 @@ def _scores(qa, qb, qt, ka, kb, kt, BM: tl.constexpr, BN: tl.constexpr, ROPE: tl
 
 
 @triton.jit
-def _load_qk_tile(X, rows, rmask, stride_t, POS, INV_FREQ, rope_scaling,
-                  BM: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr, BH: tl.constexpr,
-                  R_HALF: tl.constexpr, BT: tl.constexpr, INTERLEAVED: tl.constexpr,
-                  ROPE: tl.constexpr, HAS_TAIL: tl.constexpr):
-    """(a, b, tail, cos, sin) of a q or k tile; a/b rotated, all in the input dtype."""
-    DT = X.dtype.element_ty
-    if ROPE:
-        ca, cb, pmask = _pair_cols(BH, R_HALF, INTERLEAVED)
-        cos, sin = _cos_sin(POS, rows, rmask, INV_FREQ, BH, R_HALF, rope_scaling)
-        ra, rb = _load_rot(X, rows, rmask, stride_t, ca, cb, pmask, cos, sin)
-        a = ra.to(DT)
-        b = rb.to(DT)
-    else:
-        cos = tl.zeros([BM, BH], dtype=tl.float32)
-        sin = cos
-        a = tl.zeros([BM, BH], dtype=DT)
-        b = a
-    if HAS_TAIL:
-        t = _load_tail(X, rows, rmask, stride_t, ROT, D, BT)
-    else:
-        t = tl.zeros([BM, BT], dtype=DT)
-    return a, b, t, cos, sin
+def _fwd_step(acc, m_i, l_i, qa, qb_, qt, Kh, Vh, kbi, rows, q_doc, q_row, dcols, dmask,
+              POS, INV_FREQ, DOC_START, T, NUM_ANCHORS, WINDOW, qk_scale_log2, rope_scaling, s_kt, s_vt,
+              D: tl.constexpr, BD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              ROT: tl.constexpr, BH: tl.constexpr, R_HALF: tl.constexpr, BT: tl.constexpr,
+              INTERLEAVED: tl.constexpr, ROPE: tl.constexpr, HAS_TAIL: tl.constexpr,
+              CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+              MASKED: tl.constexpr):
+    """One key block of the online softmax; MASKED applies the element mask and bounds."""
+    DT = Kh.dtype.element_ty
+    cols = kbi * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < T
+    ka, kb, kt, _kc, _ks = _load_qk_tile(Kh, cols, cmask, s_kt, POS, INV_FREQ, rope_scaling, BLOCK_N, D,
+                                         ROT, BH, R_HALF, BT, INTERLEAVED, ROPE, HAS_TAIL, MASKED)
+    v = _ld(Vh + cols[:, None].to(tl.int64) * s_vt + dcols[None, :], cmask, dmask, MASKED, D != BD)
+    s = _scores(qa, qb_, qt, ka, kb, kt, BLOCK_M, BLOCK_N, ROPE, HAS_TAIL, PREC, UPCAST) * qk_scale_log2
+    if MASKED:
+        k_doc = tl.load(DOC_START + cols, mask=cmask, other=-2)
+        ok = _allowed(rows, cols, q_doc, q_row, k_doc, T, NUM_ANCHORS, WINDOW, CAUSAL, HAS_WINDOW)
+        s = tl.where(ok, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p.to(DT), v, PREC, UPCAST)
+    return acc, m_new, l_i
 
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, POS, INV_FREQ, DOC_START, ROW_START, Q_OFF, KV_IDX, KV_MASKED,
+    Q, K, V, O, LSE, POS, INV_FREQ, DOC_START, ROW_START, Q_OFF, Q_NFULL, KV_IDX,
     T, NUM_ANCHORS, WINDOW, qk_scale_log2, rope_scaling,
     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh,
     GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
@@ -166,14 +196,12 @@ def _attn_fwd_kernel(
     qb = tl.num_programs(0) - 1 - tl.program_id(0)
     h = tl.program_id(1)
     hk = h // GROUP
-    DT = Q.dtype.element_ty
     rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < T
-    Qh = Q + h * s_qh
     Kh = K + hk * s_kh
     Vh = V + hk * s_vh
-    qa, qb_, qt, _c, _s = _load_qk_tile(Qh, rows, rmask, s_qt, POS, INV_FREQ, rope_scaling, BLOCK_M, D, ROT,
-                                        BH, R_HALF, BT, INTERLEAVED, ROPE, HAS_TAIL)
+    qa, qb_, qt, _c, _s = _load_qk_tile(Q + h * s_qh, rows, rmask, s_qt, POS, INV_FREQ, rope_scaling, BLOCK_M,
+                                        D, ROT, BH, R_HALF, BT, INTERLEAVED, ROPE, HAS_TAIL, True)
     q_doc = tl.load(DOC_START + rows, mask=rmask, other=-1)
     q_row = tl.load(ROW_START + rows, mask=rmask, other=-1)
     dcols = tl.arange(0, BD)
@@ -183,27 +211,19 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BD], dtype=tl.float32)
     start = tl.load(Q_OFF + qb)
+    mid = start + tl.load(Q_NFULL + qb)
     end = tl.load(Q_OFF + qb + 1)
-    for e in range(start, end):
-        kbi = tl.load(KV_IDX + e)
-        masked = tl.load(KV_MASKED + e)
-        cols = kbi * BLOCK_N + tl.arange(0, BLOCK_N)
-        cmask = cols < T
-        ka, kb, kt, _kc, _ks = _load_qk_tile(Kh, cols, cmask, s_kt, POS, INV_FREQ, rope_scaling, BLOCK_N, D,
-                                             ROT, BH, R_HALF, BT, INTERLEAVED, ROPE, HAS_TAIL)
-        v = tl.load(Vh + cols[:, None].to(tl.int64) * s_vt + dcols[None, :],
-                    mask=cmask[:, None] & dmask[None, :], other=0.0)
-        s = _scores(qa, qb_, qt, ka, kb, kt, BLOCK_M, BLOCK_N, ROPE, HAS_TAIL, PREC, UPCAST) * qk_scale_log2
-        if masked != 0:
-            k_doc = tl.load(DOC_START + cols, mask=cmask, other=-2)
-            ok = _allowed(rows, cols, q_doc, q_row, k_doc, T, NUM_ANCHORS, WINDOW, CAUSAL, HAS_WINDOW)
-            s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(DT), v, PREC, UPCAST)
-        m_i = m_new
+    # the list holds a query block's unmasked key blocks first, then those needing the mask
+    for e in range(start, mid):
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, qa, qb_, qt, Kh, Vh, tl.load(KV_IDX + e), rows, q_doc, q_row,
+                                  dcols, dmask, POS, INV_FREQ, DOC_START, T, NUM_ANCHORS, WINDOW, qk_scale_log2,
+                                  rope_scaling, s_kt, s_vt, D, BD, BLOCK_M, BLOCK_N, ROT, BH, R_HALF, BT,
+                                  INTERLEAVED, ROPE, HAS_TAIL, CAUSAL, HAS_WINDOW, PREC, UPCAST, False)
+    for e in range(mid, end):
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, qa, qb_, qt, Kh, Vh, tl.load(KV_IDX + e), rows, q_doc, q_row,
+                                  dcols, dmask, POS, INV_FREQ, DOC_START, T, NUM_ANCHORS, WINDOW, qk_scale_log2,
+                                  rope_scaling, s_kt, s_vt, D, BD, BLOCK_M, BLOCK_N, ROT, BH, R_HALF, BT,
+                                  INTERLEAVED, ROPE, HAS_TAIL, CAUSAL, HAS_WINDOW, PREC, UPCAST, True)
     l_i = tl.where(rmask, l_i, 1.0)      # padding rows past T see no key
     out = acc / l_i[:, None]
     tl.store(O + h * s_oh + rows[:, None].to(tl.int64) * s_ot + dcols[None, :], out.to(O.dtype.element_ty),
@@ -233,8 +253,38 @@ def _store_grad(X, rows, rmask, stride_t, ga, gb, gt, cos, sin, scale,
 
 
 @triton.jit
+def _dq_step(dqa, dqb, dqt, qa, qb_, qt, do, lse2, delta, Kh, Vh, kbi, rows, q_doc, q_row, dcols, dmask,
+             POS, INV_FREQ, DOC_START, T, NUM_ANCHORS, WINDOW, qk_scale_log2, rope_scaling, s_kt, s_vt,
+             D: tl.constexpr, BD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             ROT: tl.constexpr, BH: tl.constexpr, R_HALF: tl.constexpr, BT: tl.constexpr,
+             INTERLEAVED: tl.constexpr, ROPE: tl.constexpr, HAS_TAIL: tl.constexpr,
+             CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+             MASKED: tl.constexpr):
+    DT = Kh.dtype.element_ty
+    cols = kbi * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < T
+    ka, kb, kt, _kc, _ks = _load_qk_tile(Kh, cols, cmask, s_kt, POS, INV_FREQ, rope_scaling, BLOCK_N, D,
+                                         ROT, BH, R_HALF, BT, INTERLEAVED, ROPE, HAS_TAIL, MASKED)
+    v = _ld(Vh + cols[:, None].to(tl.int64) * s_vt + dcols[None, :], cmask, dmask, MASKED, D != BD)
+    s = _scores(qa, qb_, qt, ka, kb, kt, BLOCK_M, BLOCK_N, ROPE, HAS_TAIL, PREC, UPCAST) * qk_scale_log2
+    p = tl.math.exp2(s - lse2[:, None])
+    if MASKED:
+        k_doc = tl.load(DOC_START + cols, mask=cmask, other=-2)
+        ok = _allowed(rows, cols, q_doc, q_row, k_doc, T, NUM_ANCHORS, WINDOW, CAUSAL, HAS_WINDOW)
+        p = tl.where(ok, p, 0.0)
+    dp = _dot(do, tl.trans(v), PREC, UPCAST)
+    ds = (p * (dp - delta[:, None])).to(DT)
+    if ROPE:
+        dqa += _dot(ds, ka, PREC, UPCAST)
+        dqb += _dot(ds, kb, PREC, UPCAST)
+    if HAS_TAIL:
+        dqt += _dot(ds, kt, PREC, UPCAST)
+    return dqa, dqb, dqt
+
+
+@triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, DQ, LSE, DELTA, POS, INV_FREQ, DOC_START, ROW_START, Q_OFF, KV_IDX, KV_MASKED,
+    Q, K, V, DO, DQ, LSE, DELTA, POS, INV_FREQ, DOC_START, ROW_START, Q_OFF, Q_NFULL, KV_IDX,
     T, NUM_ANCHORS, WINDOW, qk_scale_log2, sm_scale, rope_scaling,
     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_dot, s_doh, s_dqt, s_dqh,
     GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
@@ -243,17 +293,15 @@ def _attn_bwd_dq_kernel(
     INTERLEAVED: tl.constexpr, ROPE: tl.constexpr, HAS_TAIL: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    # last query blocks first: under a causal mask they visit the most key blocks
     qb = tl.num_programs(0) - 1 - tl.program_id(0)
     h = tl.program_id(1)
     hk = h // GROUP
-    DT = Q.dtype.element_ty
     rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < T
     Kh = K + hk * s_kh
     Vh = V + hk * s_vh
     qa, qb_, qt, qcos, qsin = _load_qk_tile(Q + h * s_qh, rows, rmask, s_qt, POS, INV_FREQ, rope_scaling,
-                                            BLOCK_M, D, ROT, BH, R_HALF, BT, INTERLEAVED, ROPE, HAS_TAIL)
+                                            BLOCK_M, D, ROT, BH, R_HALF, BT, INTERLEAVED, ROPE, HAS_TAIL, True)
     dcols = tl.arange(0, BD)
     dmask = dcols < D
     do = tl.load(DO + h * s_doh + rows[:, None].to(tl.int64) * s_dot + dcols[None, :],
@@ -266,36 +314,64 @@ def _attn_bwd_dq_kernel(
     dqb = tl.zeros([BLOCK_M, BH], dtype=tl.float32)
     dqt = tl.zeros([BLOCK_M, BT], dtype=tl.float32)
     start = tl.load(Q_OFF + qb)
+    mid = start + tl.load(Q_NFULL + qb)
     end = tl.load(Q_OFF + qb + 1)
-    for e in range(start, end):
-        kbi = tl.load(KV_IDX + e)
-        masked = tl.load(KV_MASKED + e)
-        cols = kbi * BLOCK_N + tl.arange(0, BLOCK_N)
-        cmask = cols < T
-        ka, kb, kt, _kc, _ks = _load_qk_tile(Kh, cols, cmask, s_kt, POS, INV_FREQ, rope_scaling, BLOCK_N, D,
-                                             ROT, BH, R_HALF, BT, INTERLEAVED, ROPE, HAS_TAIL)
-        v = tl.load(Vh + cols[:, None].to(tl.int64) * s_vt + dcols[None, :],
-                    mask=cmask[:, None] & dmask[None, :], other=0.0)
-        s = _scores(qa, qb_, qt, ka, kb, kt, BLOCK_M, BLOCK_N, ROPE, HAS_TAIL, PREC, UPCAST) * qk_scale_log2
-        p = tl.math.exp2(s - lse2[:, None])
-        if masked != 0:
-            k_doc = tl.load(DOC_START + cols, mask=cmask, other=-2)
-            ok = _allowed(rows, cols, q_doc, q_row, k_doc, T, NUM_ANCHORS, WINDOW, CAUSAL, HAS_WINDOW)
-            p = tl.where(ok, p, 0.0)
-        dp = _dot(do, tl.trans(v), PREC, UPCAST)
-        ds = (p * (dp - delta[:, None])).to(DT)
-        if ROPE:
-            dqa += _dot(ds, ka, PREC, UPCAST)
-            dqb += _dot(ds, kb, PREC, UPCAST)
-        if HAS_TAIL:
-            dqt += _dot(ds, kt, PREC, UPCAST)
+    for e in range(start, mid):
+        dqa, dqb, dqt = _dq_step(dqa, dqb, dqt, qa, qb_, qt, do, lse2, delta, Kh, Vh, tl.load(KV_IDX + e), rows,
+                                 q_doc, q_row, dcols, dmask, POS, INV_FREQ, DOC_START, T, NUM_ANCHORS, WINDOW,
+                                 qk_scale_log2, rope_scaling, s_kt, s_vt, D, BD, BLOCK_M, BLOCK_N, ROT, BH, R_HALF,
+                                 BT, INTERLEAVED, ROPE, HAS_TAIL, CAUSAL, HAS_WINDOW, PREC, UPCAST, False)
+    for e in range(mid, end):
+        dqa, dqb, dqt = _dq_step(dqa, dqb, dqt, qa, qb_, qt, do, lse2, delta, Kh, Vh, tl.load(KV_IDX + e), rows,
+                                 q_doc, q_row, dcols, dmask, POS, INV_FREQ, DOC_START, T, NUM_ANCHORS, WINDOW,
+                                 qk_scale_log2, rope_scaling, s_kt, s_vt, D, BD, BLOCK_M, BLOCK_N, ROT, BH, R_HALF,
+                                 BT, INTERLEAVED, ROPE, HAS_TAIL, CAUSAL, HAS_WINDOW, PREC, UPCAST, True)
     _store_grad(DQ + h * s_dqh, rows, rmask, s_dqt, dqa, dqb, dqt, qcos, qsin, sm_scale,
                 D, ROT, BH, R_HALF, BT, INTERLEAVED, ROPE, HAS_TAIL)
 
 
 @triton.jit
+def _dkdv_step(dka, dkb, dkt, dv, ka, kb, kt, v, Qh, DOh, LSEh, DELTAh, qbi, cols, k_doc, dcols, dmask,
+               POS, INV_FREQ, DOC_START, ROW_START, T, NUM_ANCHORS, WINDOW, qk_scale_log2, rope_scaling,
+               s_qt, s_dot,
+               D: tl.constexpr, BD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               ROT: tl.constexpr, BH: tl.constexpr, R_HALF: tl.constexpr, BT: tl.constexpr,
+               INTERLEAVED: tl.constexpr, ROPE: tl.constexpr, HAS_TAIL: tl.constexpr,
+               CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+               MASKED: tl.constexpr):
+    DT = Qh.dtype.element_ty
+    rows = qbi * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < T
+    qa, qb_, qt, _qc, _qs = _load_qk_tile(Qh, rows, rmask, s_qt, POS, INV_FREQ, rope_scaling, BLOCK_M, D, ROT,
+                                          BH, R_HALF, BT, INTERLEAVED, ROPE, HAS_TAIL, MASKED)
+    do = _ld(DOh + rows[:, None].to(tl.int64) * s_dot + dcols[None, :], rmask, dmask, MASKED, D != BD)
+    if MASKED:
+        lse2 = tl.load(LSEh + rows, mask=rmask, other=float("inf")) * _LOG2E
+        delta = tl.load(DELTAh + rows, mask=rmask, other=0.0)
+    else:
+        lse2 = tl.load(LSEh + rows) * _LOG2E
+        delta = tl.load(DELTAh + rows)
+    s = _scores(qa, qb_, qt, ka, kb, kt, BLOCK_M, BLOCK_N, ROPE, HAS_TAIL, PREC, UPCAST) * qk_scale_log2
+    p = tl.math.exp2(s - lse2[:, None])
+    if MASKED:
+        q_doc = tl.load(DOC_START + rows, mask=rmask, other=-1)
+        q_row = tl.load(ROW_START + rows, mask=rmask, other=-1)
+        ok = _allowed(rows, cols, q_doc, q_row, k_doc, T, NUM_ANCHORS, WINDOW, CAUSAL, HAS_WINDOW)
+        p = tl.where(ok, p, 0.0)
+    dv += _dot(tl.trans(p.to(DT)), do, PREC, UPCAST)
+    dp = _dot(do, tl.trans(v), PREC, UPCAST)
+    ds = tl.trans((p * (dp - delta[:, None])).to(DT))
+    if ROPE:
+        dka += _dot(ds, qa, PREC, UPCAST)
+        dkb += _dot(ds, qb_, PREC, UPCAST)
+    if HAS_TAIL:
+        dkt += _dot(ds, qt, PREC, UPCAST)
+    return dka, dkb, dkt, dv
+
+
+@triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, POS, INV_FREQ, DOC_START, ROW_START, K_OFF, Q_IDX, Q_MASKED,
+    Q, K, V, DO, DK, DV, LSE, DELTA, POS, INV_FREQ, DOC_START, ROW_START, K_OFF, K_NFULL, Q_IDX,
     T, NUM_ANCHORS, WINDOW, qk_scale_log2, sm_scale, rope_scaling,
     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_dot, s_doh, s_dkt, s_dkh, s_dvt, s_dvh,
     GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
@@ -306,11 +382,10 @@ def _attn_bwd_dkdv_kernel(
 ):
     kbi = tl.program_id(0)
     hk = tl.program_id(1)
-    DT = Q.dtype.element_ty
     cols = kbi * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < T
     ka, kb, kt, kcos, ksin = _load_qk_tile(K + hk * s_kh, cols, cmask, s_kt, POS, INV_FREQ, rope_scaling,
-                                           BLOCK_N, D, ROT, BH, R_HALF, BT, INTERLEAVED, ROPE, HAS_TAIL)
+                                           BLOCK_N, D, ROT, BH, R_HALF, BT, INTERLEAVED, ROPE, HAS_TAIL, True)
     dcols = tl.arange(0, BD)
     dmask = dcols < D
     v = tl.load(V + hk * s_vh + cols[:, None].to(tl.int64) * s_vt + dcols[None, :],
@@ -321,35 +396,26 @@ def _attn_bwd_dkdv_kernel(
     dkt = tl.zeros([BLOCK_N, BT], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BD], dtype=tl.float32)
     start = tl.load(K_OFF + kbi)
+    mid = start + tl.load(K_NFULL + kbi)
     end = tl.load(K_OFF + kbi + 1)
     for g in range(GROUP):
         h = hk * GROUP + g
-        for e in range(start, end):
-            qbi = tl.load(Q_IDX + e)
-            masked = tl.load(Q_MASKED + e)
-            rows = qbi * BLOCK_M + tl.arange(0, BLOCK_M)
-            rmask = rows < T
-            qa, qb_, qt, _qc, _qs = _load_qk_tile(Q + h * s_qh, rows, rmask, s_qt, POS, INV_FREQ, rope_scaling,
-                                                  BLOCK_M, D, ROT, BH, R_HALF, BT, INTERLEAVED, ROPE, HAS_TAIL)
-            do = tl.load(DO + h * s_doh + rows[:, None].to(tl.int64) * s_dot + dcols[None, :],
-                         mask=rmask[:, None] & dmask[None, :], other=0.0)
-            lse2 = tl.load(LSE + h.to(tl.int64) * T + rows, mask=rmask, other=float("inf")) * _LOG2E
-            delta = tl.load(DELTA + h.to(tl.int64) * T + rows, mask=rmask, other=0.0)
-            s = _scores(qa, qb_, qt, ka, kb, kt, BLOCK_M, BLOCK_N, ROPE, HAS_TAIL, PREC, UPCAST) * qk_scale_log2
-            p = tl.math.exp2(s - lse2[:, None])
-            if masked != 0:
-                q_doc = tl.load(DOC_START + rows, mask=rmask, other=-1)
-                q_row = tl.load(ROW_START + rows, mask=rmask, other=-1)
-                ok = _allowed(rows, cols, q_doc, q_row, k_doc, T, NUM_ANCHORS, WINDOW, CAUSAL, HAS_WINDOW)
-                p = tl.where(ok, p, 0.0)
-            dv += _dot(tl.trans(p.to(DT)), do, PREC, UPCAST)
-            dp = _dot(do, tl.trans(v), PREC, UPCAST)
-            ds = tl.trans((p * (dp - delta[:, None])).to(DT))
-            if ROPE:
-                dka += _dot(ds, qa, PREC, UPCAST)
-                dkb += _dot(ds, qb_, PREC, UPCAST)
-            if HAS_TAIL:
-                dkt += _dot(ds, qt, PREC, UPCAST)
+        Qh = Q + h * s_qh
+        DOh = DO + h * s_doh
+        LSEh = LSE + h.to(tl.int64) * T
+        DELTAh = DELTA + h.to(tl.int64) * T
+        for e in range(start, mid):
+            dka, dkb, dkt, dv = _dkdv_step(dka, dkb, dkt, dv, ka, kb, kt, v, Qh, DOh, LSEh, DELTAh,
+                                           tl.load(Q_IDX + e), cols, k_doc, dcols, dmask, POS, INV_FREQ, DOC_START,
+                                           ROW_START, T, NUM_ANCHORS, WINDOW, qk_scale_log2, rope_scaling, s_qt,
+                                           s_dot, D, BD, BLOCK_M, BLOCK_N, ROT, BH, R_HALF, BT, INTERLEAVED, ROPE,
+                                           HAS_TAIL, CAUSAL, HAS_WINDOW, PREC, UPCAST, False)
+        for e in range(mid, end):
+            dka, dkb, dkt, dv = _dkdv_step(dka, dkb, dkt, dv, ka, kb, kt, v, Qh, DOh, LSEh, DELTAh,
+                                           tl.load(Q_IDX + e), cols, k_doc, dcols, dmask, POS, INV_FREQ, DOC_START,
+                                           ROW_START, T, NUM_ANCHORS, WINDOW, qk_scale_log2, rope_scaling, s_qt,
+                                           s_dot, D, BD, BLOCK_M, BLOCK_N, ROT, BH, R_HALF, BT, INTERLEAVED, ROPE,
+                                           HAS_TAIL, CAUSAL, HAS_WINDOW, PREC, UPCAST, True)
     _store_grad(DK + hk * s_dkh, cols, cmask, s_dkt, dka, dkb, dkt, kcos, ksin, sm_scale,
                 D, ROT, BH, R_HALF, BT, INTERLEAVED, ROPE, HAS_TAIL)
     tl.store(DV + hk * s_dvh + cols[:, None].to(tl.int64) * s_dvt + dcols[None, :], dv.to(DV.dtype.element_ty),
@@ -419,7 +485,7 @@ def attn_forward(q, k, v, lists, num_anchors: int, causal: bool, window: int | N
     grid = (triton.cdiv(T, bm), HQ)
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, pos, inv_freq, lists.doc_start, lists.row_start,
-        lists.q_offsets, lists.q_kv_idx, lists.q_kv_masked,
+        lists.q_offsets, lists.q_nfull, lists.q_kv_idx,
         T, num_anchors, window or 0, softmax_scale * LOG2E, float(scaling),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1),
@@ -454,14 +520,14 @@ def attn_backward(dout, q, k, v, out, lse, lists, num_anchors: int, causal: bool
                   num_warps=config.get("bwd_num_warps", 4), num_stages=config.get("bwd_num_stages", 2), **meta)
     _attn_bwd_dq_kernel[(triton.cdiv(T, bm), HQ)](
         q, k, v, dout, dq, lse, delta, pos, inv_freq, lists.doc_start, lists.row_start,
-        lists.q_offsets, lists.q_kv_idx, lists.q_kv_masked,
+        lists.q_offsets, lists.q_nfull, lists.q_kv_idx,
         T, num_anchors, window or 0, softmax_scale * LOG2E, softmax_scale, float(scaling),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), **common,
     )
     _attn_bwd_dkdv_kernel[(triton.cdiv(T, bn), HK)](
         q, k, v, dout, dk, dv, lse, delta, pos, inv_freq, lists.doc_start, lists.row_start,
-        lists.k_offsets, lists.k_q_idx, lists.k_q_masked,
+        lists.k_offsets, lists.k_nfull, lists.k_q_idx,
         T, num_anchors, window or 0, softmax_scale * LOG2E, softmax_scale, float(scaling),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), **common,
@@ -473,7 +539,7 @@ def attn_backward(dout, q, k, v, out, lse, lists, num_anchors: int, causal: bool
 # ahead-of-time compilation (tests compile specialisations for sm_90a)
 
 _TL_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-_FWD_PTRS = ("Q", "K", "V", "O", "LSE", "POS", "INV_FREQ", "DOC_START", "ROW_START", "Q_OFF", "KV_IDX", "KV_MASKED")
+_FWD_PTRS = ("Q", "K", "V", "O", "LSE", "POS", "INV_FREQ", "DOC_START", "ROW_START", "Q_OFF", "Q_NFULL", "KV_IDX")
 
 
 def aot_specializations(cases=None):
@@ -506,12 +572,12 @@ def aot_specializations(cases=None):
                 if kind == "dq":
                     fn = _attn_bwd_dq_kernel
                     ptrs = ("Q", "K", "V", "DO", "DQ", "LSE", "DELTA", "POS", "INV_FREQ", "DOC_START", "ROW_START",
-                            "Q_OFF", "KV_IDX", "KV_MASKED")
+                            "Q_OFF", "Q_NFULL", "KV_IDX")
                     strides = ("s_qt", "s_qh", "s_kt", "s_kh", "s_vt", "s_vh", "s_dot", "s_doh", "s_dqt", "s_dqh")
                 else:
                     fn = _attn_bwd_dkdv_kernel
                     ptrs = ("Q", "K", "V", "DO", "DK", "DV", "LSE", "DELTA", "POS", "INV_FREQ", "DOC_START",
-                            "ROW_START", "K_OFF", "Q_IDX", "Q_MASKED")
+                            "ROW_START", "K_OFF", "K_NFULL", "Q_IDX")
                     strides = ("s_qt", "s_qh", "s_kt", "s_kh", "s_vt", "s_vh", "s_dot", "s_doh", "s_dkt", "s_dkh",
                                "s_dvt", "s_dvh")
             const = dict(meta, GROUP=group, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, HAS_WINDOW=has_window)
@@ -521,7 +587,7 @@ def aot_specializations(cases=None):
                     sig[n] = "*fp32"
                 elif n == "POS":
                     sig[n] = f"*{pos_t}"
-                elif n in ("DOC_START", "ROW_START", "Q_OFF", "KV_IDX", "KV_MASKED", "K_OFF", "Q_IDX", "Q_MASKED"):
+                elif n in ("DOC_START", "ROW_START", "Q_OFF", "Q_NFULL", "KV_IDX", "K_OFF", "K_NFULL", "Q_IDX"):
                     sig[n] = "*i32"
                 else:
                     sig[n] = f"*{ty}"
