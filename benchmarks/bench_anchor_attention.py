@@ -188,6 +188,62 @@ def bench_cpu_tiny() -> list[dict]:
     return out
 
 
+FWD_CONFIGS = [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+               dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
+               dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+               dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+               dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4)]
+BWD_CONFIGS = [dict(BWD_BLOCK_M=64, BWD_BLOCK_N=64, bwd_num_warps=4, bwd_num_stages=2),
+               dict(BWD_BLOCK_M=64, BWD_BLOCK_N=128, bwd_num_warps=8, bwd_num_stages=2),
+               dict(BWD_BLOCK_M=32, BWD_BLOCK_N=64, bwd_num_warps=4, bwd_num_stages=2),
+               dict(BWD_BLOCK_M=64, BWD_BLOCK_N=64, bwd_num_warps=4, bwd_num_stages=3),
+               dict(BWD_BLOCK_M=128, BWD_BLOCK_N=64, bwd_num_warps=8, bwd_num_stages=2)]
+
+
+def sweep_gpu(row_len: int, n_rows: int, n_docs: int, hq=32, hk=8, d=128, dtype=torch.bfloat16) -> dict:
+    """Time the forward and the backward kernels over a few launch configs; returns the best of each."""
+    from posattn.attention.masks import MaskSpec, lower
+    from posattn.kernels.triton import flash_attn as fa
+
+    dev = "cuda"
+    cu, rows = make_layout(row_len, n_rows, n_docs)
+    T = row_len * n_rows
+    cu_d, rows_d = cu.to(dev), rows.to(dev)
+    g = torch.Generator(device=dev).manual_seed(0)
+    q = torch.randn(T, hq, d, device=dev, dtype=dtype, generator=g)
+    k = torch.randn(T, hk, d, device=dev, dtype=dtype, generator=g)
+    v = torch.randn(T, hk, d, device=dev, dtype=dtype, generator=g)
+    do = torch.randn(T, hq, d, device=dev, dtype=dtype, generator=g)
+    spec = MaskSpec(causal=True, num_anchors=1)
+    rows_out, best = [], {}
+    out = lse = None
+    for cfg in FWD_CONFIGS:
+        lists = lower(spec, cu_d, rows_d, T, cfg["BLOCK_M"], cfg["BLOCK_N"], transpose=False)
+        try:
+            out, lse = fa.attn_forward(q, k, v, lists, 1, True, None, d ** -0.5, None, cfg)
+            ms = _time_ms(lambda: fa.attn_forward(q, k, v, lists, 1, True, None, d ** -0.5, None, cfg), dev)
+        except Exception as e:  # a config that does not fit (shared memory, registers)
+            rows_out.append(dict(kind="fwd", config=cfg, error=str(e)[:200]))
+            continue
+        rows_out.append(dict(kind="fwd", config=cfg, ms=ms))
+        if "fwd" not in best or ms < best["fwd"][1]:
+            best["fwd"] = (cfg, ms)
+    for cfg in BWD_CONFIGS:
+        lists = lower(spec, cu_d, rows_d, T, cfg["BWD_BLOCK_M"], cfg["BWD_BLOCK_N"])
+        try:
+            fa.attn_backward(do, q, k, v, out, lse, lists, 1, True, None, d ** -0.5, None, cfg)
+            ms = _time_ms(lambda: fa.attn_backward(do, q, k, v, out, lse, lists, 1, True, None, d ** -0.5, None,
+                                                   cfg), dev)
+        except Exception as e:
+            rows_out.append(dict(kind="bwd", config=cfg, error=str(e)[:200]))
+            continue
+        rows_out.append(dict(kind="bwd", config=cfg, ms=ms))
+        if "bwd" not in best or ms < best["bwd"][1]:
+            best["bwd"] = (cfg, ms)
+    return dict(bench="anchor_attention_sweep", tokens=T, row_len=row_len, docs_per_row=n_docs, results=rows_out,
+                best=dict(best["fwd"][0], **best["bwd"][0]))
+
+
 LAYOUTS = [(16384, 4, 4), (16384, 4, 32), (65536, 1, 4), (65536, 1, 32)]   # (row_len, rows, docs per row)
 
 
@@ -196,10 +252,21 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="GPU: two layouts (16k rows with 4 documents, "
                     "a 64k row with 32)")
     ap.add_argument("--out", help="also append the JSON lines to this file")
+    ap.add_argument("--sweep", action="store_true", help="GPU: first time a few launch configs of the kernels "
+                    "and run the benchmark with the fastest (installed as dispatch's tuned config)")
     args = ap.parse_args(argv)
     if torch.cuda.is_available():
         layouts = [LAYOUTS[0], LAYOUTS[3]] if args.quick else LAYOUTS
         results = []
+        if args.sweep:
+            from posattn import dispatch
+
+            sw = sweep_gpu(16384, 4, 16)
+            print(json.dumps(sw), flush=True)
+            results.append(sw)
+            best = sw["best"]
+            dispatch.set_tuned_lookups(
+                config_lookup=lambda op, kernel, key: dict(best) if op == "anchor_attention" else None)
         for row_len, n_rows, n_docs in layouts:
             results.append(bench_gpu(row_len, n_rows, n_docs))
             print(json.dumps(results[-1]), flush=True)
