@@ -107,19 +107,22 @@ def _rope_inputs(rope, positions, q: torch.Tensor):
     if positions.device != q.device:
         raise ValueError(f"positions is on {positions.device} but q is on {q.device}; "
                          f"all tensors must be on one device")
-    if getattr(rope, "depends_on_seq_len", False):
-        raise ValueError("rope: scalings whose tables depend on the sequence length are not supported by "
-                         "anchor_attention yet")
+    seq_len = None
+    if rope.depends_on_seq_len:
+        if torch.compiler.is_compiling():
+            raise ValueError("rope: a scaling whose tables depend on the sequence length (DynamicNTK, LongRoPE) "
+                             "cannot be traced by torch.compile here; use a fixed scaling")
+        seq_len = int(positions.max().item()) + 1 if positions.numel() else 1   # as transformers does
     if torch.compiler.is_compiling():
         # tables() keeps a locked cache that Dynamo cannot trace; build the same table in the graph
         from posattn.rope.lowering import RopeTables
 
         tables = RopeTables(rope.inv_freq(None).to(q.device), rope.attention_scaling)
     else:
-        tables = rope.tables(q.device)
+        tables = rope.tables(q.device, seq_len)
     if tables.inv_freq.dim() != 1 or tables.pair_axis is not None or tables.pair_pos_scale is not None:
-        raise ValueError("rope: anchor_attention supports one inv_freq table [R/2] (no per-head, multi-axis "
-                         "or dimension-wise positions) yet")
+        raise ValueError("rope: anchor_attention supports one inv_freq table [R/2] (no per-head frequencies, "
+                         "mrope_section or dpe) yet")
     return (positions.contiguous(), tables.inv_freq.to(torch.float32).contiguous(), rope.rotary_dim,
             rope.interleaved, float(tables.attention_scaling))
 

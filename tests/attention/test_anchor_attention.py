@@ -95,10 +95,10 @@ def test_row_of_only_its_anchor_and_length_one_documents():
 
 
 ROPE_CASES = [
-    # T, HQ, HK, D, rotary_dim, interleaved, dtype, pos dtype, rope scaling
-    (40, 2, 1, 32, None, False, torch.bfloat16, torch.int64, 1.0),
-    (33, 3, 1, 32, 16, True, torch.float32, torch.float32, 1.0),     # partial rotary, float positions
-    (24, 2, 2, 80, 40, False, torch.float32, torch.int32, 0.8),      # odd head dim, attention_scaling
+    # T, HQ, HK, D, rotary_dim, interleaved, dtype, pos dtype, scaling
+    (40, 2, 1, 32, None, False, torch.bfloat16, torch.int64, None),
+    (33, 3, 1, 32, 16, True, torch.float32, torch.float32, None),     # partial rotary, float positions
+    (24, 2, 2, 80, 40, False, torch.float32, torch.int32, "yarn"),    # odd head dim, attention_scaling != 1
 ]
 
 
@@ -112,14 +112,12 @@ def test_fused_rope_equals_apply_rope_then_attention(backend, case):
     # large positions: the fp64 mod-2pi reduction must keep angles exact past 2^24
     pos = torch.randint(0, 1 << 26, (T,), dtype=torch.int64)
     pos = (pos.to(torch.float32) * 0.75) if pdt == torch.float32 else pos.to(pdt)
-    spec = posattn.RopeSpec(D, rotary_dim=rd, interleaved=inter)
-    if scaling == 1.0:
-        out, lse = posattn.anchor_attention(q, k, v, cu.to(DEVICE), cu_rows=rows.to(DEVICE), rope=spec,
-                                            positions=pos.to(DEVICE), return_lse=True, backend=backend)
-    else:   # a scaled table, through the op itself (RopeSpec has no scaled variant here yet)
-        out, lse = torch.ops.posattn.anchor_attention(
-            q, k, v, cu.to(DEVICE), rows.to(DEVICE), 1, True, -1, D ** -0.5, pos.to(DEVICE),
-            spec.inv_freq().to(DEVICE), spec.rotary_dim, inter, scaling, backend)
+    spec = posattn.RopeSpec(D, rotary_dim=rd, interleaved=inter,
+                            scaling=posattn.YaRN(4.0, 64) if scaling == "yarn" else None)
+    scaling = spec.attention_scaling
+    assert (scaling != 1.0) == (spec.scaling is not None)
+    out, lse = posattn.anchor_attention(q, k, v, cu.to(DEVICE), cu_rows=rows.to(DEVICE), rope=spec,
+                                        positions=pos.to(DEVICE), return_lse=True, backend=backend)
     dout, dlse = torch.randn_like(out), torch.randn_like(lse)
     grads = torch.autograd.grad((out, lse), (q, k, v), (dout, dlse))
     r_out, r_lse, r_grads = oracle(q, k, v, cu, rows, 1, True, None,
@@ -147,6 +145,20 @@ def test_reference_backend_backward_matches_autograd():
                            dout=dout, dlse=dlse)
     for g, r in zip(grads, r_grads):
         assert_close(g, r, torch.float64, kind="attention_grad")
+
+
+def test_sequence_length_dependent_scaling_uses_max_position():
+    """DynamicNTK's table depends on max(positions) + 1, as transformers computes it at run time."""
+    backend = "triton" if "triton" in BACKENDS else "reference"
+    cu = torch.tensor([0, 3, 9, 20], dtype=torch.int32)
+    q, k, v = (x.detach() for x in make_qkv(20, 2, 1, 16, torch.float32))
+    spec = posattn.RopeSpec(16, scaling=posattn.DynamicNTK(2.0, 64))
+    pos = torch.arange(20) * 37            # max 703 > 64: the base grows
+    out = posattn.anchor_attention(q, k, v, cu.to(DEVICE), rope=spec, positions=pos.to(DEVICE), backend=backend)
+    r_out, _, _ = oracle(q, k, v, cu, None, 1, True, None,
+                         rope_args=(pos, spec.inv_freq(704), 16, False, spec.attention_scaling))
+    assert not torch.equal(spec.inv_freq(704), spec.inv_freq())
+    assert_close(out, r_out, torch.float32, kind="attention")
 
 
 def test_no_anchors_equals_per_document_attention():
@@ -195,6 +207,8 @@ BAD = [
     (lambda q, k, v, cu: dict(positions=torch.arange(10)), ValueError, "positions were given without rope"),
     (lambda q, k, v, cu: dict(softmax_scale=-1.0), ValueError, "softmax_scale"),
     (lambda q, k, v, cu: dict(rope="llama"), TypeError, "rope must be a posattn.RopeSpec"),
+    (lambda q, k, v, cu: dict(rope=posattn.RopeSpec(16, mrope_section=(4, 4)), positions=torch.arange(10)),
+     ValueError, "rope: anchor_attention supports one inv_freq table"),
 ]
 
 

@@ -3,7 +3,8 @@
 The interpreter runs the kernels' arithmetic; this checks what it lets through: that every
 kernel lowers through Triton's NVIDIA pipeline (constexpr globals, dot shapes, layouts) to
 Hopper code with tensor-core (wgmma) products and fits in shared memory. A subset keeps CI
-short; the full list is ``flash_attn.aot_specializations()``. Runs in a subprocess because
+short (odd head dims, fp16/fp32, windows and GQA groups run compiled on a GPU in the same
+tests; the full list is ``flash_attn.aot_specializations()``). Runs in a subprocess because
 the kernels must be decorated without TRITON_INTERPRET.
 """
 import json
@@ -22,8 +23,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from posattn.kernels.triton import flash_attn as fa
 cases = [(128, 0, False, torch.bfloat16, True, False, 4),      # the benchmark's case: fwd, dq, dkdv
-         (128, 128, False, torch.bfloat16, True, False, 4),    # in-kernel RoPE: the forward
-         (96, 48, True, torch.float16, False, True, 1)]        # odd head dim, interleaved, window: forward
+         (128, 128, False, torch.bfloat16, True, False, 4)]    # in-kernel RoPE: the forward
 out = []
 for name, fn, sig, const, nw, ns in fa.aot_specializations(cases):
     if not (name.startswith("attn_fwd") or "_r0" in name):
@@ -44,7 +44,7 @@ def test_kernels_compile_for_sm90a():
     res = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     kernels = json.loads(res.stdout.strip().splitlines()[-1])
-    assert len(kernels) == 5
+    assert len(kernels) == 4
     for k in kernels:
         assert k["sm90a"] and k["cubin"] > 0, k
         assert k["wgmma"], f"{k['name']}: no Hopper tensor-core (wgmma) product"
