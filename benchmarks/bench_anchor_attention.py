@@ -12,7 +12,7 @@ holding 4 to 32 documents plus one anchor token. For each layout, one JSON line 
   speedup_*     Flex time / posattn time (targets: step >= 1.3, fwd >= 1.1)
   max_abs_diff  |posattn - Flex| over out and the gradients (sanity check)
 
-CPU: a tiny run (reference backend and the Triton interpreter on 64 tokens) so that the script
+CPU: a tiny run (reference, C++ and Triton-interpreter backends on 64 tokens) so that the script
 is exercised; the speed targets are GPU-only and are not measured there.
 
     python benchmarks/bench_anchor_attention.py [--quick] [--out results.jsonl]
@@ -177,7 +177,7 @@ def bench_cpu_tiny() -> list[dict]:
     q = torch.randn(T, 4, 32)
     k = torch.randn(T, 2, 32)
     v = torch.randn(T, 2, 32)
-    for backend in ("reference", "triton"):
+    for backend in ("reference", "cpu", "triton"):
         try:
             ms = _time_ms(lambda: posattn.anchor_attention(q, k, v, cu, cu_rows=rows, backend=backend), "cpu")
         except ValueError as e:   # Triton without a GPU or interpreter

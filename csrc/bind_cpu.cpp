@@ -2,6 +2,7 @@
 #include <pybind11/stl.h>
 #include "rope_args.h"
 #include "cpu/rope_cpu.h"
+#include "cpu/attention_cpu.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -33,6 +34,30 @@ PYBIND11_MODULE(_C, m) {
       py::arg("positions"), py::arg("pos_is_int64"), py::arg("pos_sb"), py::arg("pos_ss"),
       py::arg("inv_freq"), py::arg("rotary_dim"), py::arg("interleaved"), py::arg("copy_tail"),
       py::arg("dtype"), py::arg("num_threads") = 0, py::arg("chunk") = 16);
+  m.def(
+      "attention_forward",
+      [](int64_t T, int64_t HQ, int64_t HK, int64_t D, const std::vector<int64_t>& ptrs, float scale,
+         int num_anchors, bool causal, int window, int block_m, int block_n, int rotary_dim, bool interleaved,
+         float rope_scaling, int64_t out, int64_t lse, int num_threads) {
+        auto p = posattn::cpu::attn_problem_from(T, HQ, HK, D, ptrs, scale, num_anchors, causal, window, block_m,
+                                                 block_n, rotary_dim, interleaved, rope_scaling);
+        py::gil_scoped_release release;
+        posattn::cpu::attention_forward(p, reinterpret_cast<float*>(out), reinterpret_cast<float*>(lse),
+                                        num_threads);
+      });
+  m.def(
+      "attention_backward",
+      [](int64_t T, int64_t HQ, int64_t HK, int64_t D, const std::vector<int64_t>& ptrs, float scale,
+         int num_anchors, bool causal, int window, int block_m, int block_n, int rotary_dim, bool interleaved,
+         float rope_scaling, int64_t dout, int64_t delta, int64_t lse, int64_t dq, int64_t dk, int64_t dv,
+         int num_threads) {
+        auto p = posattn::cpu::attn_problem_from(T, HQ, HK, D, ptrs, scale, num_anchors, causal, window, block_m,
+                                                 block_n, rotary_dim, interleaved, rope_scaling);
+        py::gil_scoped_release release;
+        posattn::cpu::attention_backward(p, reinterpret_cast<const float*>(dout), reinterpret_cast<const float*>(delta),
+                                         reinterpret_cast<const float*>(lse), reinterpret_cast<float*>(dq),
+                                         reinterpret_cast<float*>(dk), reinterpret_cast<float*>(dv), num_threads);
+      });
   // Exposed for tests of the shared header math.
   m.def("rope_angle", [](double pos, float inv_freq) { return posattn::rope_angle(pos, inv_freq); });
   m.def("bf16_round", [](float f) { return posattn::to_float(posattn::bf16_from_float(f)); });

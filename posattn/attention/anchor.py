@@ -153,7 +153,7 @@ def anchor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
             (the same as ``apply_rope`` then attention, without the extra pass over memory).
         positions: [T] int or float positions, required with ``rope``.
         return_lse: also return the log-sum-exp.
-        backend: force "triton" or "reference".
+        backend: force "triton", "cpu" (C++) or "reference".
 
     Returns:
         out [T, Hq, D] in q's dtype, and with ``return_lse`` the fp32 log-sum-exp [Hq, T].
@@ -302,6 +302,32 @@ def _triton_backward(dout, dlse, q, k, v, out, lse, cu_seqlens, cu_rows, spec, s
 _triton_forward.backward = _triton_backward
 
 
+def _cpu_forward(q, k, v, cu_seqlens, cu_rows, spec, softmax_scale, rope, config):
+    from posattn.kernels import cpu_attention as ca
+
+    lists = lower(spec, cu_seqlens, cu_rows, q.shape[0], config["BLOCK_M"], config["BLOCK_N"], transpose=False)
+    return ca.attn_forward(q, k, v, lists, spec.num_anchors, spec.causal, spec.window, softmax_scale, rope, config)
+
+
+def _cpu_backward(dout, dlse, q, k, v, out, lse, cu_seqlens, cu_rows, spec, softmax_scale, rope, config):
+    from posattn.kernels import cpu_attention as ca
+
+    lists = lower(spec, cu_seqlens, cu_rows, q.shape[0], config["BLOCK_M"], config["BLOCK_N"])
+    return ca.attn_backward(dout, q, k, v, out, lse, lists, spec.num_anchors, spec.causal, spec.window,
+                            softmax_scale, rope, config, dlse=dlse)
+
+
+_cpu_forward.backward = _cpu_backward
+
+
+def _cpu_supports(key: AttnKey):
+    if key.device_type != "cpu":
+        return False, f"needs CPU tensors, got {key.device_type}"
+    if key.dtype not in ("float16", "bfloat16", "float32"):
+        return False, f"dtype {key.dtype}: the C++ kernel computes in fp32 (float64 runs on the reference)"
+    return True, ""
+
+
 def _reference_forward(q, k, v, cu_seqlens, cu_rows, spec, softmax_scale, rope, config):
     out, lse = ref_attn.anchor_attention(q, k, v, cu_seqlens, cu_rows, spec.num_anchors, spec.causal,
                                          spec.window, softmax_scale, rope)
@@ -347,5 +373,7 @@ def _triton_default(key: AttnKey) -> dict:
 
 dispatch.register("anchor_attention", "reference", supports=_reference_supports,
                   dtypes=("float32", "float16", "bfloat16", "float64"))(_reference_forward)
+dispatch.register("anchor_attention", "cpu", supports=_cpu_supports,
+                  default_config=lambda key: {"BLOCK_M": 32, "BLOCK_N": 64, "threads": 0})(_cpu_forward)
 dispatch.register("anchor_attention", "triton", supports=_triton_supports,
                   default_config=_triton_default)(_triton_forward)

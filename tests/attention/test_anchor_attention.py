@@ -270,9 +270,14 @@ def test_dispatch_registration():
     from posattn import dispatch
 
     ks = dispatch.kernels("anchor_attention")
-    assert {"triton", "reference"} <= set(ks)
+    assert {"triton", "cpu", "reference"} <= set(ks)
     from posattn.attention.anchor import AttnKey
 
     key = AttnKey("cpu", "float64", 64, 4, 2, 0, False, True, False, True, 64)
     assert not ks["triton"].supports(key, explicit=True)[0]
     assert ks["reference"].supports(key)[0]
+    assert not ks["cpu"].supports(key)[0]          # fp64 goes to the reference
+    if dispatch.backend_status("cpu")[0]:
+        # on CPU tensors the C++ kernel is the automatic choice (the interpreter only when named)
+        key32 = AttnKey("cpu", "float32", 64, 4, 2, 0, False, True, False, True, 64)
+        assert dispatch.select("anchor_attention", key32)[0].backend == "cpu"
