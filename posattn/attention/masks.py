@@ -123,6 +123,11 @@ def lower(spec: MaskSpec, cu_seqlens: torch.Tensor, cu_rows: torch.Tensor, T: in
     """
     dev = cu_seqlens.device
     i32 = torch.int32
+    if T == 0:
+        z = torch.zeros(1, dtype=i32, device=dev)
+        e = torch.zeros(0, dtype=i32, device=dev)
+        return BlockLists(block_m, block_n, e, e, z, e, e, e, z if transpose else None, e if transpose else None,
+                          e if transpose else None, e if transpose else None, 0, 0)
     doc_start = token_starts(cu_seqlens, T)
     row_start = token_starts(cu_rows, T)
     cu64 = cu_seqlens.to(torch.int64)

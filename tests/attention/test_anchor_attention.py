@@ -161,6 +161,22 @@ def test_sequence_length_dependent_scaling_uses_max_position():
     assert_close(out, r_out, torch.float32, kind="attention")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_and_strided_inputs(backend):
+    q, k, v = make_qkv(0, 2, 1, 16, torch.float32)
+    out, lse = posattn.anchor_attention(q, k, v, torch.zeros(2, dtype=torch.int32, device=DEVICE),
+                                        return_lse=True, backend=backend)
+    assert out.shape == (0, 2, 16) and lse.shape == (2, 0)
+    # heads-major storage seen as [T, H, D]: strided rows, contiguous head_dim
+    qh = torch.randn(2, 20, 16, device=DEVICE).transpose(0, 1)
+    kh = torch.randn(1, 20, 16, device=DEVICE).transpose(0, 1)
+    vh = torch.randn(1, 20, 16, device=DEVICE).transpose(0, 1)
+    cu = torch.tensor([0, 7, 20], dtype=torch.int32)
+    out = posattn.anchor_attention(qh, kh, vh, cu.to(DEVICE), backend=backend)
+    r_out, _, _ = oracle(qh, kh, vh, cu, None, 1, True, None)
+    assert_close(out, r_out, torch.float32, kind="attention")
+
+
 def test_no_anchors_equals_per_document_attention():
     """num_anchors=0 is varlen attention: each document alone, as if it were its own batch entry."""
     backend = "triton" if "triton" in BACKENDS else "reference"
