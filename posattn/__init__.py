@@ -7,3 +7,6 @@ from posattn.dispatch import use_backend
 from posattn.rope import RopeSpec, apply_rope
 
 __all__ = ["__version__", "RopeSpec", "apply_rope", "use_backend"]
+from posattn.rope.cos_sin import apply_rope_cos_sin  # noqa: E402
+
+__all__ += ["apply_rope_cos_sin"]
