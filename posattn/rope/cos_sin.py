@@ -297,16 +297,15 @@ def _launch(q, k, qo_t, ko_t, tab_a, tab_b, positions, R, form, layout, interlea
         pos2 = _positions_2d(positions, B, S, layout)
         if check_bounds:
             _check_positions_in_range(pos2, c1.shape[1])
-    key = CosSinKey(q.device.type, str(q.dtype).removeprefix("torch."), str(c1.dtype).removeprefix("torch."),
-                    D, R, bool(interleaved), c2.data_ptr() != c1.data_ptr(),
-                    "" if pos2 is None else str(pos2.dtype).removeprefix("torch."), HQ,
+    key = CosSinKey(q.device.type, _DTYPE_NAME[q.dtype], _DTYPE_NAME[c1.dtype], D, R, bool(interleaved),
+                    c2.data_ptr() != c1.data_ptr(), "" if pos2 is None else _DTYPE_NAME[pos2.dtype], HQ,
                     k4.shape[2] if k4 is not None else 0, _bucket(B * S))
     kernel, config = dispatch.select("rope_cos_sin", key, backend=backend)
 
-    qi, qo, qback = _io(q4, _as_bshd(qo_t, layout))
+    qi, qo, qback = _io(q4, q4 if qo_t is q else _as_bshd(qo_t, layout))
     ki = ko = kback = None
     if k4 is not None:
-        ki, ko, kback = _io(k4, _as_bshd(ko_t, layout))
+        ki, ko, kback = _io(k4, k4 if ko_t is k else _as_bshd(ko_t, layout))
     kernel.fn(qi, qo, ki, ko, c1, s1, c2, s2, pos2, R, bool(interleaved), -1.0 if conj else 1.0, config)
     if qback is not None:
         qback.copy_(qo)
@@ -314,11 +313,15 @@ def _launch(q, k, qo_t, ko_t, tab_a, tab_b, positions, R, form, layout, interlea
         kback.copy_(ko)
 
 
+_DTYPE_NAME = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
+               torch.float64: "float64", torch.int32: "int32", torch.int64: "int64"}
+
+
 def _io(x4, o4):
     """(kernel input, kernel output, tensor to copy the output back into or None): [B,S,H,D]
     views with a contiguous last dim; copies only when a last dim is not contiguous."""
     xi = x4 if x4.stride(-1) == 1 else x4.contiguous()
-    if o4.data_ptr() == x4.data_ptr():  # in place
+    if o4 is x4 or o4.data_ptr() == x4.data_ptr():  # in place
         return xi, xi, (None if xi is x4 else o4)
     if o4.stride(-1) == 1:
         return xi, o4, None

@@ -67,6 +67,11 @@ SHAPES = [
 ]
 
 
+def shapes_for(backend):
+    """The Triton interpreter runs each program in Python: two shapes there, all five elsewhere."""
+    return SHAPES[:2] if backend == "triton" and DEVICE == "cpu" else SHAPES
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["bshd", "bhsd", "thd"])
@@ -74,7 +79,7 @@ SHAPES = [
 def test_per_token_tables(backend, dtype, layout, interleaved):
     """[S, R/2], [B, S, R/2] and [1, S, R/2] tables, in several table dtypes."""
     tdtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
-    for i, (B, S, HQ, HK, D, R) in enumerate(SHAPES):
+    for i, (B, S, HQ, HK, D, R) in enumerate(shapes_for(backend)):
         q, k = make_qk(layout, B, S, HQ, HK, D, dtype)
         Bq = 1 if layout == "thd" else B
         Sq = B * S if layout == "thd" else S
@@ -116,7 +121,7 @@ def test_full_width_tables_applied_exactly(backend, interleaved):
 @pytest.mark.parametrize("layout", ["bshd", "thd"])
 def test_cache_indexed_by_positions(backend, dtype, layout):
     N = 50
-    for i, (B, S, HQ, HK, D, R) in enumerate(SHAPES):
+    for i, (B, S, HQ, HK, D, R) in enumerate(shapes_for(backend)):
         interleaved = i % 2 == 1
         q, k = make_qk(layout, B, S, HQ, HK, D, dtype)
         ang = angles(N, R // 2)
@@ -220,16 +225,16 @@ def test_out_of_range_positions(backend):
 @pytest.mark.parametrize("interleaved", [False, True], ids=["half", "inter"])
 def test_gradcheck_reference(interleaved):
     """fp64 gradcheck through the custom op (reference backend computes in fp64)."""
-    q = torch.randn(2, 3, 2, 12, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(2, 3, 1, 12, dtype=torch.float64, requires_grad=True)
-    cos = torch.randn(2, 3, 8, dtype=torch.float64)  # full form [.., R=8], distinct halves
-    sin = torch.randn(2, 3, 8, dtype=torch.float64)
+    q = torch.randn(2, 2, 1, 10, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 2, 1, 10, dtype=torch.float64, requires_grad=True)
+    cos = torch.randn(2, 2, 8, dtype=torch.float64)  # full form [.., R=8], distinct halves
+    sin = torch.randn(2, 2, 8, dtype=torch.float64)
 
     def f(q, k):
         return posattn.apply_rope_cos_sin(q, k, cos, sin, rotary_dim=8, interleaved=interleaved, backend="reference")
 
     assert torch.autograd.gradcheck(f, (q, k))
-    pos = torch.tensor([4, 0, 2])
+    pos = torch.tensor([4, 0])
     cache = torch.randn(6, 8, dtype=torch.float64)
 
     def g(q, k):
