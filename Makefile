@@ -25,7 +25,6 @@ setup: $(VENV)/.deps
 
 $(VENV)/.built: $(VENV)/.deps setup.py pyproject.toml $(CSRC)
 	$(PIP) install -q --no-build-isolation --no-deps -e .
-	$(PY) setup.py -q build_ext --inplace
 	touch $@
 
 build: $(VENV)/.built

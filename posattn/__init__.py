@@ -5,8 +5,11 @@ Public API (re-exported here; nothing else lives in this file).
 from posattn._version import __version__
 from posattn.dispatch import use_backend
 from posattn.rope import RopeSpec, apply_rope
+from posattn.rope import DPE, NTK, Custom, DynamicNTK, Linear, Llama3, LongRoPE, YaRN
+from posattn import autotune as _autotune  # noqa: E402,F401  installs dispatch's tuned-config lookups (POSATTN_AUTOTUNE)
 
-__all__ = ["__version__", "RopeSpec", "apply_rope", "use_backend"]
+__all__ = ["__version__", "RopeSpec", "apply_rope", "use_backend",
+           "DPE", "Linear", "NTK", "DynamicNTK", "YaRN", "Llama3", "LongRoPE", "Custom"]
 from posattn.rope.cos_sin import apply_rope_cos_sin  # noqa: E402
 
 __all__ += ["apply_rope_cos_sin"]

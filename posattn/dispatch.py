@@ -54,10 +54,12 @@ _lock = threading.Lock()
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("posattn_backend", default=None)
 
 # Installed by posattn.autotune: (op, kernel, key) -> tuned config or None, and
-# (op, key) -> tuned backend name or None. Kept as hooks so that dispatch does
-# not import the tuner (and the tuner never imports ops).
+# (op, key, {backend: Kernel}) -> tuned backend name or None (the kernels are
+# passed so the lookup can skip entries of another kernel version). Kept as
+# hooks so that dispatch does not import the tuner (and the tuner never
+# imports ops). They run only on a memo miss, never on the hot path.
 _tuned_config_lookup: Callable[[str, Kernel, Any], dict | None] | None = None
-_tuned_backend_lookup: Callable[[str, Any], str | None] | None = None
+_tuned_backend_lookup: Callable[[str, Any, dict], str | None] | None = None
 
 
 def _always(_key) -> tuple[bool, str]:
@@ -214,7 +216,7 @@ def _select_uncached(op: str, key, name: str | None, source: str) -> tuple[Kerne
         return k, _config_for(op, k, key)
 
     if _tuned_backend_lookup is not None:
-        tuned = _tuned_backend_lookup(op, key)
+        tuned = _tuned_backend_lookup(op, key, ops)
         if tuned in ops and backend_status(tuned)[0]:
             k = ops[tuned]
             if _supports(k, key)[0]:

@@ -38,3 +38,18 @@ def rope_forward(q, qo, k, ko, pos2, inv_freq, rotary_dim: int, interleaved: boo
             q.shape[0], q.shape[1], q.shape[3], pos2.data_ptr(), pos2.dtype == torch.int64, pb,
             ps, inv_freq.data_ptr(), rotary_dim, interleaved, copy_tail,
             native.DTYPE_CODE[q.dtype], int(config.get("threads", 256)), stream)
+
+
+# ---------------------------------------------------------------------------
+# autotune search space (read by posattn.autotune through the kernel registry)
+
+def rope_search_space(key) -> list[dict]:
+    """Candidate block sizes (threads per token block) for the CUDA rope kernel."""
+    return [c for c in ({"threads": t} for t in (64, 128, 256, 512, 1024)) if rope_config_ok(key, c)]
+
+
+def rope_config_ok(key, config: dict) -> bool:
+    """Prune: a block much wider than one token's (head, pair) grid only idles threads."""
+    t = config["threads"]
+    pairs = (int(key.heads_q) + int(key.heads_k)) * max(1, int(key.rotary_dim) // 2)
+    return t % 32 == 0 and t <= 1024 and (t <= 128 or t <= 2 * pairs)

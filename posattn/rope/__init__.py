@@ -1,5 +1,6 @@
-"""Rotary position embeddings: the spec and the ops."""
-from posattn.rope.spec import RopeSpec
+"""Rotary position embeddings: the spec, its scalings, and the ops."""
+from posattn.rope.spec import DPE, RopeSpec
+from posattn.rope.scaling import NTK, Custom, DynamicNTK, Linear, Llama3, LongRoPE, YaRN
 from posattn.rope.ops import apply_rope
 
-__all__ = ["RopeSpec", "apply_rope"]
+__all__ = ["RopeSpec", "DPE", "Linear", "NTK", "DynamicNTK", "YaRN", "Llama3", "LongRoPE", "Custom", "apply_rope"]

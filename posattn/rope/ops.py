@@ -199,7 +199,11 @@ def _triton_default(key: RopeKey):
 dispatch.register("rope", "reference", dtypes=("float32", "float16", "bfloat16", "float64"))(ref_kernels.rope_forward)
 dispatch.register("rope", "cpu", supports=_cpu_supports,
                   default_config=lambda key: {"threads": 0, "chunk": 16},
-                  dtypes=("float32", "float16", "bfloat16", "float64"))(cpu_kernels.rope_forward)
+                  dtypes=("float32", "float16", "bfloat16", "float64"),
+                  search_space=cpu_kernels.rope_search_space)(cpu_kernels.rope_forward)
 dispatch.register("rope", "cuda", supports=_cuda_supports, default_config=lambda key: {"threads": 256},
-                  dtypes=("float32", "float16", "bfloat16", "float64"))(cuda_kernels.rope_forward)
-dispatch.register("rope", "triton", supports=_triton_supports, default_config=_triton_default)(_triton_fn)
+                  dtypes=("float32", "float16", "bfloat16", "float64"),
+                  search_space=cuda_kernels.rope_search_space)(cuda_kernels.rope_forward)
+dispatch.register("rope", "triton", supports=_triton_supports, default_config=_triton_default,
+                  search_space=lambda key: __import__("posattn.kernels.triton.rope", fromlist=["_"])
+                  .rope_search_space(key))(_triton_fn)

@@ -153,3 +153,24 @@ def aot_specializations(head_dims=(64, 80, 96, 128, 256), dtypes=(torch.float32,
                             sig[n] = "i64" if n.endswith(("sb", "ss", "sh")) else "i32"
                         name = f"rope_fwd_d{d}_r{rot}_{ty}_{'inter' if inter else 'half'}_{pos_t}"
                         yield name, _rope_fwd_kernel, sig, meta, cfg["num_warps"]
+
+
+# ---------------------------------------------------------------------------
+# autotune search space (read by posattn.autotune through the kernel registry)
+
+def rope_search_space(key) -> list[dict]:
+    """Candidate {BLOCK_H, num_warps} for the rope kernel (``key``: the rope kernel key)."""
+    return [c for c in ({"BLOCK_H": bh, "num_warps": w} for bh in (1, 2, 4, 8, 16, 32) for w in (1, 2, 4, 8))
+            if rope_config_ok(key, c)]
+
+
+def rope_config_ok(key, config: dict) -> bool:
+    """Prune: no block taller than the heads, no tile past 8k pairs (registers),
+    no more warps than the tile has rows of 32 pairs."""
+    heads = max(int(key.heads_q), int(key.heads_k), 1)
+    block_p = triton.next_power_of_2(max(int(key.rotary_dim) // 2, 1))
+    bh, w = config["BLOCK_H"], config["num_warps"]
+    if bh > triton.next_power_of_2(heads):
+        return False
+    tile = bh * block_p
+    return tile <= 8192 and w * 32 <= max(32, tile)

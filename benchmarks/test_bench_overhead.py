@@ -1,0 +1,50 @@
+"""pytest-benchmark suite for the host overhead of dispatch and the tuned-config cache (CPU).
+
+    PYTHONPATH=. python -m pytest -q benchmarks/test_bench_overhead.py --benchmark-only
+
+The issue's targets (op - direct <= 3 us, a cache lookup <= 1 us) are asserted
+only with POSATTN_BENCH_ASSERT=1: on a shared, oversubscribed CI machine the
+absolute microseconds say more about the neighbours than about the code.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_overhead  # noqa: E402
+
+ASSERT = os.environ.get("POSATTN_BENCH_ASSERT") == "1"
+
+
+@pytest.fixture(scope="module")
+def fns():
+    old = {k: os.environ.get(k) for k in ("POSATTN_TUNE_DIR", "POSATTN_AUTOTUNE")}
+    out = bench_overhead.setup()
+    yield out
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    from posattn import autotune
+
+    autotune.reload()
+
+
+@pytest.mark.parametrize("name", ["direct", "op", "select", "lookup", "index"])
+def test_overhead(benchmark, fns, name):
+    benchmark.group = "host overhead (tiny rope, CPU)"
+    benchmark(fns[name])
+
+
+def test_targets(fns):
+    if not ASSERT:
+        pytest.skip("set POSATTN_BENCH_ASSERT=1 to check the microsecond targets on a quiet machine")
+    us = {n: bench_overhead.per_call_us(f) for n, f in fns.items()}
+    assert us["op"] - us["direct"] <= 3.0, us
+    assert us["lookup"] <= 1.0, us
