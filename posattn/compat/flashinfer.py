@@ -11,22 +11,22 @@ FlashInfer's argument names and defaults. Frequencies, as FlashInfer documents a
                                          / (high_freq_factor - low_freq_factor), 0, 1)
                           freq' = (1 - smooth) * freq / rope_scale + smooth * freq
 
-evaluated in fp64 and stored as fp32, then applied by the on-the-fly kernel (``posattn.apply_rope``,
-angles reduced in fp64: exact far past 2^24, where FlashInfer's fp32 ``pos * freq`` is not).
+that is ``RopeSpec(scaling=posattn.Linear(rope_scale))`` and ``posattn.Llama3(rope_scale,
+low_freq_factor, high_freq_factor, old_context_len)`` (fp32 frequencies, computed as transformers
+does), applied by the on-the-fly kernel (``posattn.apply_rope``: angles reduced in fp64, exact far
+past 2^24, where FlashInfer's fp32 ``pos * freq`` with ``__sincosf`` is not).
 Ragged batches: token t of segment i (``indptr[i] <= t < indptr[i+1]``) sits at
 ``offsets[i] + t - indptr[i]``. ``apply_rope_with_cos_sin_cache*`` take [nnz, H * head_size] or
 [nnz, H, head_size] and any float cache dtype (FlashInfer requires fp32).
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 
 from posattn.compat._util import check_on_host, segment_positions
 from posattn.rope.cos_sin import apply_rope_cos_sin
 from posattn.rope.ops import apply_rope
+from posattn.rope.scaling import Linear, Llama3
 from posattn.rope.spec import RopeSpec
 
 __all__ = [
@@ -39,46 +39,33 @@ __all__ = [
 _apply_rope_op = apply_rope  # the posattn op; this module's apply_rope is FlashInfer's door
 
 
-def flashinfer_inv_freq(rotary_dim: int, rope_scale: float, rope_theta: float, llama31=None) -> torch.Tensor:
-    """FlashInfer's frequencies (see the module docstring) in fp64 -> fp32 [rotary_dim/2]."""
-    p = torch.arange(rotary_dim // 2, dtype=torch.float64)
-    freq = float(rope_theta) ** (-2.0 * p / rotary_dim)
-    if llama31 is None:
-        return (freq / float(rope_scale)).to(torch.float32)
-    low, high, old = llama31
-    smooth = ((float(old) * freq / (2 * math.pi) - low) / (high - low)).clamp(0.0, 1.0)
-    return ((1 - smooth) * freq / float(rope_scale) + smooth * freq).to(torch.float32)
-
-
-@dataclass(frozen=True)
-class _FlashInferRope(RopeSpec):
-    """A RopeSpec whose frequencies follow FlashInfer's rope_scale / Llama 3.1 arguments.
-
-    TODO(ropespec): once posattn.rope.scaling (Linear, Llama3) is on main, build
-    ``RopeSpec(..., scaling=Linear(rope_scale) / Llama3(...))`` instead; the tests pin the frequencies.
-    """
-
-    rope_scale: float = 1.0
-    llama31: tuple | None = None  # (low_freq_factor, high_freq_factor, old_context_len)
-
-    def inv_freq(self, seq_len=None) -> torch.Tensor:
-        return flashinfer_inv_freq(self.rotary_dim, self.rope_scale, self.base, self.llama31)
+def rope_spec(head_dim: int, rotary_dim=None, interleave=False, rope_scale=1.0, rope_theta=1e4,
+              llama31=None) -> RopeSpec:
+    """The posattn RopeSpec FlashInfer's arguments describe: ``rope_scale`` is a linear (position
+    interpolation) scaling, the Llama 3.1 arguments are :class:`posattn.Llama3`'s
+    (``llama31 = (low_freq_factor, high_freq_factor, old_context_len)``)."""
+    if isinstance(rope_scale, bool) or not isinstance(rope_scale, (int, float)) or not rope_scale > 0:
+        raise ValueError(f"rope_scale must be a positive number, got {rope_scale!r}")
+    if llama31 is not None:
+        low, high, old = llama31
+        if isinstance(old, float) and old.is_integer():
+            old = int(old)
+        if isinstance(old, bool) or not isinstance(old, int) or old <= 0:
+            raise ValueError(f"old_context_len must be a positive integer, got {old!r}")
+        scaling = Llama3(factor=rope_scale, low_freq_factor=low, high_freq_factor=high, original_max_position=old)
+    elif rope_scale != 1:
+        scaling = Linear(rope_scale)
+    else:
+        scaling = None
+    return RopeSpec(head_dim, rotary_dim=rotary_dim, base=float(rope_theta), interleaved=bool(interleave),
+                    scaling=scaling)
 
 
 def _spec(q, rotary_dim, interleave, rope_scale, rope_theta, llama31=None):
     if not isinstance(q, torch.Tensor) or q.dim() != 3:
         raise ValueError(f"q must be a [nnz, num_heads, head_dim] tensor; got "
                          f"{tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__}")
-    if not isinstance(rope_scale, (int, float)) or not rope_scale > 0:
-        raise ValueError(f"rope_scale must be a positive number, got {rope_scale!r}")
-    if llama31 is not None:
-        low, high, old = llama31
-        if not high > low > 0:
-            raise ValueError(f"need high_freq_factor > low_freq_factor > 0; got {high} and {low}")
-        if not old > 0:
-            raise ValueError(f"old_context_len must be positive, got {old}")
-        llama31 = (float(low), float(high), float(old))
-    return _FlashInferRope(q.shape[-1], rotary_dim, float(rope_theta), bool(interleave), float(rope_scale), llama31)
+    return rope_spec(q.shape[-1], rotary_dim, interleave, rope_scale, rope_theta, llama31)
 
 
 def _ragged_positions(q, indptr, offsets):

@@ -118,10 +118,11 @@ def test_flashinfer_pos_ids_and_ragged(backend, dtype):
             kw = dict(rotary_dim=R, interleave=inter)
             if l31:
                 kw.update(rope_scale=8, rope_theta=5e5)  # FlashInfer's Llama 3.1 defaults, spelled out
-                freqs = flashinfer_freqs(rot, 8, 5e5, (1.0, 4.0, 8192.0))
+                spec = flashinfer.rope_spec(D, R, inter, 8, 5e5, (1, 4, 8192))
             else:
                 kw.update(rope_scale=2.5, rope_theta=1e4)
-                freqs = flashinfer_freqs(rot, 2.5, 1e4)
+                spec = flashinfer.rope_spec(D, R, inter, 2.5, 1e4)
+            freqs = spec.inv_freq()  # pinned to FlashInfer's formula by test_flashinfer_frequencies
             c, s = tables_at(pos_ref, freqs)
             eq, ek = rotate_rows(q, c, s, inter), rotate_rows(k, c, s, inter)
             name = ("apply_llama31_rope" if l31 else "apply_rope") + ("" if form.startswith("ragged") else "_pos_ids")
@@ -132,6 +133,25 @@ def test_flashinfer_pos_ids_and_ragged(backend, dtype):
             assert getattr(flashinfer, name + "_inplace")(q, k, *idx_args, **kw) is None
             assert_close(q, eq, dtype)
             assert_close(k, ek, dtype)
+
+
+@pytest.mark.parametrize("rot, scale, theta, l31", [
+    (128, 1, 1e4, None), (92, 2.5, 1e4, None), (128, 8, 5e5, (1, 4, 8192)), (64, 4, 5e5, (2, 8, 4096)),
+    (160, 32, 1e6, (1, 4, 8192)),
+])
+def test_flashinfer_frequencies(rot, scale, theta, l31):
+    """The frequencies the doors use are FlashInfer's documented formula. The oracle evaluates it in
+    fp64 (wavelength form) and rounds once; posattn's (like FlashInfer's and transformers') are fp32
+    evaluations. Outside Llama 3.1's blend band those agree within 4 fp32 ulps; inside it the blend
+    weight comes from 2*pi/freq in fp32 and is ill-conditioned (~10 ulps measured). A wrong mapping
+    (scale applied the wrong way, old_context_len or the factors swapped) errs by > 1e-2 relative,
+    so 1e-5 relative pins the semantics without pretending to fp64 frequencies."""
+    got = flashinfer.rope_spec(rot, None, False, scale, theta, l31).inv_freq().double()
+    exp = flashinfer_freqs(rot, scale, theta, None if l31 is None else tuple(map(float, l31))).double()
+    assert ((got - exp).abs() / exp).max() <= 1e-5
+    if l31 is None:
+        ulp = torch.ldexp(torch.ones_like(exp), torch.floor(torch.log2(exp)).long() - 23)  # fp32 ulp at exp
+        assert ((got - exp).abs() / ulp).max() <= 4
 
 
 def test_flashinfer_defaults_are_flashinfers():
@@ -149,7 +169,7 @@ def test_flashinfer_defaults_are_flashinfers():
     q, k = torch.randn(4, 2, 128, device=DEVICE), torch.randn(4, 1, 128, device=DEVICE)
     pos = torch.tensor([0, 9000, 70000, 131000], device=DEVICE)
     qo, _ = flashinfer.apply_llama31_rope_pos_ids(q, k, pos)
-    c, s = tables_at(pos.cpu(), flashinfer_freqs(128, 8, 5e5, (1.0, 4.0, 8192.0)))
+    c, s = tables_at(pos.cpu(), flashinfer.rope_spec(128, None, False, 8, 5e5, (1, 4, 8192)).inv_freq())
     assert_close(qo, rotate_rows(q, c, s, False), torch.float32)
 
 
