@@ -14,32 +14,36 @@ namespace cuda {
 
 template <typename T, typename U>
 __global__ void rope_cos_sin_kernel_bshd(CosSinProblem p, int tpb) {
+  // shared: [tpb][c1 | s1 | c2 | s2][half] fp32 tables, then [tpb] batch and [tpb] token indices
   extern __shared__ float smem[];
   const int half = p.rotary_dim / 2;
+  int64_t* sm_b = reinterpret_cast<int64_t*>(smem + size_t(tpb) * 4 * half);
+  int64_t* sm_s = sm_b + tpb;
   const int64_t ntok = p.batch * p.seqlen;
   const int64_t tok0 = int64_t(blockIdx.x) * tpb;
   const int ntb = int(min(int64_t(tpb), ntok - tok0));
-  // shared layout: [token][c1 | s1 | c2 | s2][half]
+  // the only 64-bit divisions: once per (token, pair) of the tables, never per element of q/k
   for (int e = threadIdx.x; e < ntb * half; e += blockDim.x) {
     const int t = e / half, i = e - t * half;
     const int64_t tok = tok0 + t;
     const int64_t b = tok / p.seqlen, s = tok - b * p.seqlen;
+    if (i == 0) { sm_b[t] = b; sm_s[t] = s; }
     const int64_t row = cos_sin_row(p, b, s);
     float* sm = smem + size_t(t) * 4 * half;
     cos_sin_load<U>(p, b, row, i, sm[i], sm[half + i], sm[2 * half + i], sm[3 * half + i]);
   }
   __syncthreads();
-  const int64_t kh = p.k.in ? p.k.heads : 0;
-  const int64_t per_tok = (p.q.heads + kh) * half;
-  for (int64_t e = threadIdx.x; e < ntb * per_tok; e += blockDim.x) {
-    const int t = int(e / per_tok);
-    const int64_t r = e - t * per_tok;
-    int64_t h = r / half;
-    const int i = int(r - h * half);
-    const int64_t tok = tok0 + t;
-    const int64_t b = tok / p.seqlen, s = tok - b * p.seqlen;
-    const CosSinTensor& ten = h < p.q.heads ? p.q : p.k;
-    if (h >= p.q.heads) h -= p.q.heads;
+  const int kh = p.k.in ? int(p.k.heads) : 0;
+  const int qh = int(p.q.heads);
+  const int per_tok = (qh + kh) * half;  // < 2^31: heads * pairs of one token
+  for (int e = threadIdx.x; e < ntb * per_tok; e += blockDim.x) {
+    const int t = e / per_tok;
+    const int r = e - t * per_tok;
+    int h = r / half;
+    const int i = r - h * half;
+    const int64_t b = sm_b[t], s = sm_s[t];
+    const CosSinTensor& ten = h < qh ? p.q : p.k;
+    if (h >= qh) h -= qh;
     const T* x = static_cast<const T*>(ten.in) + b * ten.in_sb + s * ten.in_ss + h * ten.in_sh;
     T* o = static_cast<T*>(ten.out) + b * ten.out_sb + s * ten.out_ss + h * ten.out_sh;
     const float* sm = smem + size_t(t) * 4 * half;
@@ -48,17 +52,16 @@ __global__ void rope_cos_sin_kernel_bshd(CosSinProblem p, int tpb) {
     cos_sin_rotate_pair<T>(x, o, i1, i2, sm[i], sm[half + i], sm[2 * half + i], sm[3 * half + i]);
   }
   if (p.copy_tail) {
-    const int64_t tail = p.head_dim - p.rotary_dim;
-    const int64_t per_tok_tail = (p.q.heads + kh) * tail;
-    for (int64_t e = threadIdx.x; e < ntb * per_tok_tail; e += blockDim.x) {
-      const int t = int(e / per_tok_tail);
-      const int64_t r = e - t * per_tok_tail;
-      int64_t h = r / tail;
+    const int tail = int(p.head_dim - p.rotary_dim);
+    const int per_tok_tail = (qh + kh) * tail;
+    for (int e = threadIdx.x; e < ntb * per_tok_tail; e += blockDim.x) {
+      const int t = e / per_tok_tail;
+      const int r = e - t * per_tok_tail;
+      int h = r / tail;
       const int64_t d = p.rotary_dim + (r - h * tail);
-      const int64_t tok = tok0 + t;
-      const int64_t b = tok / p.seqlen, s = tok - b * p.seqlen;
-      const CosSinTensor& ten = h < p.q.heads ? p.q : p.k;
-      if (h >= p.q.heads) h -= p.q.heads;
+      const int64_t b = sm_b[t], s = sm_s[t];
+      const CosSinTensor& ten = h < qh ? p.q : p.k;
+      if (h >= qh) h -= qh;
       static_cast<T*>(ten.out)[b * ten.out_sb + s * ten.out_ss + h * ten.out_sh + d] =
           static_cast<const T*>(ten.in)[b * ten.in_sb + s * ten.in_ss + h * ten.in_sh + d];
     }
@@ -100,7 +103,7 @@ void rope_cos_sin_forward(const CosSinProblem& p, int dtype, int table_dtype, in
   // (shared memory kept under 32 KiB: 4 fp32 rows of `half` entries per token)
   const int64_t max_tpb = std::max<int64_t>(1, 32768 / (16 * std::max(half, 1)));
   int tpb = int(std::max<int64_t>(1, std::min<int64_t>(max_tpb, threads / std::max<int64_t>(per_tok, 1))));
-  const size_t smem = sizeof(float) * size_t(4 * half) * size_t(tpb);
+  const size_t smem = sizeof(float) * size_t(4 * half) * size_t(tpb) + 2 * sizeof(int64_t) * size_t(tpb);
   auto st = reinterpret_cast<cudaStream_t>(stream);
   dim3 grid(static_cast<unsigned>((ntok + tpb - 1) / tpb));
   switch (dtype) {
