@@ -45,6 +45,16 @@ def _bucket(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
+# (batch, sequence, heads, head_dim) dims of each layout; None: the dim is absent (thd's batch is 1)
+_DIMS = {"bshd": (0, 1, 2, 3), "bhsd": (0, 2, 1, 3), "thd": (None, 0, 1, 2)}
+
+
+def _bshd_shape(x: torch.Tensor, layout: str) -> tuple[int, int, int, int]:
+    b, s_, h, d = _DIMS[layout]
+    shp = x.shape
+    return (1 if b is None else shp[b]), shp[s_], shp[h], shp[d]
+
+
 def _as_bshd(x: torch.Tensor, layout: str) -> torch.Tensor:
     if layout == "bshd":
         return x
@@ -108,8 +118,7 @@ def apply_rope_cos_sin(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tenso
     if backend is not None:
         dispatch.requested_backend(backend)  # validates the name
     _check_qk(q, k, layout)
-    q4 = _as_bshd(q, layout)
-    B, S, _, D = q4.shape
+    B, S, _, D = _bshd_shape(q, layout)
 
     if cos_sin_cache is not None:
         if cos is not None or sin is not None:
@@ -145,7 +154,7 @@ def apply_rope_cos_sin(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tenso
     if positions is not None:
         V.int_tensor(positions, "positions")
         V.same_device(q, "q", positions=positions)
-        _positions_2d(positions, B, S, layout)  # validates the shape
+        _check_positions_shape(positions, B, S, layout)
     if k is not None:
         V.same_device(q, "q", k=k)
 
@@ -224,11 +233,19 @@ def _check_qk(q, k, layout):
             raise ValueError(f"k must be {want}-D like q for layout={layout!r}; got shape {tuple(k.shape)}")
         if k.dtype != q.dtype:
             raise TypeError(f"k must have q's dtype {q.dtype}; got {k.dtype}")
-        qs, ks = _as_bshd(q, layout).shape, _as_bshd(k, layout).shape
+        qs, ks = _bshd_shape(q, layout), _bshd_shape(k, layout)
         for i, what in ((0, "batch"), (1, "sequence length"), (3, "head_dim")):
             if qs[i] != ks[i]:
                 raise ValueError(f"k's {what} ({ks[i]}) must equal q's ({qs[i]}); "
                                  f"q shape {tuple(q.shape)}, k shape {tuple(k.shape)} (layout={layout!r})")
+
+
+def _check_positions_shape(positions: torch.Tensor, B: int, S: int, layout: str) -> None:
+    shp = tuple(positions.shape)
+    if layout == "thd" and shp != (S,):
+        _positions_2d(positions, B, S, layout)  # raises the error
+    elif layout != "thd" and shp not in ((S,), (B, S), (1, S)):
+        _positions_2d(positions, B, S, layout)
 
 
 def _positions_2d(positions: torch.Tensor, B: int, S: int, layout: str) -> torch.Tensor:
@@ -256,17 +273,18 @@ def _positions_2d(positions: torch.Tensor, B: int, S: int, layout: str) -> torch
 def _table_views(tab_a, tab_b, R: int, form: int, interleaved: bool, conj: bool):
     h = R // 2
     a = tab_a if tab_a.dim() == 3 else tab_a.unsqueeze(0)
-    b = tab_b if tab_b.dim() == 3 else tab_b.unsqueeze(0)
-    if form == FORM_CACHE:
+    if form == FORM_CACHE:  # one [N, R] cache: cos then sin
         c1 = c2 = a[..., :h]
         s1 = s2 = a[..., h:]
-    elif form == FORM_HALF:
-        c1 = c2 = a
-        s1 = s2 = b
-    elif interleaved:
-        c1, c2, s1, s2 = a[..., 0::2], a[..., 1::2], b[..., 0::2], b[..., 1::2]
     else:
-        c1, c2, s1, s2 = a[..., :h], a[..., h:], b[..., :h], b[..., h:]
+        b = tab_b if tab_b.dim() == 3 else tab_b.unsqueeze(0)
+        if form == FORM_HALF:
+            c1 = c2 = a
+            s1 = s2 = b
+        elif interleaved:  # [.., R] in repeat_interleave order
+            c1, c2, s1, s2 = a[..., 0::2], a[..., 1::2], b[..., 0::2], b[..., 1::2]
+        else:  # [.., R] = cat(first-half table, second-half table)
+            c1, c2, s1, s2 = a[..., :h], a[..., h:], b[..., :h], b[..., h:]
     if conj:
         # the transpose of [[c1, -s1], [s2, c2]] is [[c1, s2], [-s1, c2]]:
         # the same kernel with the sines swapped and negated
