@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 
 CSRC := $(shell find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu' 2>/dev/null)
 
-.PHONY: demo test bench gpu-check setup build clean
+.PHONY: demo test bench gpu-check setup build clean setup-browser
 
 $(PY):
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -29,15 +29,38 @@ $(VENV)/.built: $(VENV)/.deps setup.py pyproject.toml $(CSRC)
 
 build: $(VENV)/.built
 
+# Results committed from GPU runs (benchmarks/results/<gpu>/) are drawn beside this machine's.
+BENCH_WITH := $(addprefix --with ,$(wildcard benchmarks/results))
+
 demo: build
-	$(VENV)/bin/posattn bench --quick -o bench-out
+	@# (the quick autotuning step, `posattn tune --quick`, goes here: before bench, so bench times tuned kernels)
+	$(VENV)/bin/posattn bench --quick -o bench-out $(BENCH_WITH)
 	@echo "dashboard: $(CURDIR)/bench-out/index.html"
 
-test: build
+# The dashboard's browser test needs a headless chromium: install Debian's
+# package when it is missing and we may (root with apt-get). Otherwise that
+# test skips, and fails under CI=true.
+setup-browser:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
+	    || [ -x /usr/lib/chromium/chromium ] || [ -n "$$POSATTN_CHROMIUM" ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Debian's chromium (for the dashboard's browser test)"; \
+	  if ! (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium) \
+	      >/tmp/posattn-apt-chromium.log 2>&1; then \
+	    tail -n 5 /tmp/posattn-apt-chromium.log; \
+	    echo "warning: chromium could not be installed; the browser test will skip (and fail under CI=true)"; \
+	  fi; \
+	else \
+	  echo "note: no chromium and no root/apt-get: the dashboard's browser test will skip (and fail under CI=true)"; \
+	fi
+
+test: build setup-browser
 	$(PY) -m pytest -q
 
+# pytest-benchmark suites; BENCH_ARGS=--benchmark-compare compares with the last saved run
+BENCH_ARGS ?=
 bench: build
-	$(PY) -m pytest -q benchmarks --benchmark-only --benchmark-autosave
+	$(PY) -m pytest -q benchmarks --benchmark-only --benchmark-autosave $(BENCH_ARGS)
 
 gpu-check:
 	bash benchmarks/gpu_check.sh

@@ -1,86 +1,100 @@
-"""`posattn bench`: time the catalogue on this machine's device and write an HTML table.
+"""`posattn bench` and `posattn dashboard`.
 
-Minimal first version (walking skeleton): apply_rope across the usable
-backends on a few shapes, median of repeated runs with perf_counter (CPU) or
-CUDA events (GPU).
+    posattn bench --quick                     # the small sweep (about a minute on a CPU)
+    posattn bench                             # the full sweep (for GPUs), every importable peer
+    posattn bench --op rope --backend cpu --dtype float32 --shape B=1,S=1024,Hq=32,Hk=8,D=128
+    posattn dashboard bench-out/results.jsonl benchmarks/results -o bench-out
 """
 from __future__ import annotations
 
-import html
-import json
-import os
-import statistics
-import time
+import sys
 from pathlib import Path
 
 
+def _csv(values):
+    if not values:
+        return None
+    out = []
+    for v in values:
+        out.extend(x.strip() for x in v.split(",") if x.strip())
+    return out or None
+
+
 def add_parsers(sub) -> None:
-    p = sub.add_parser("bench", help="time the catalogue on this machine and write a dashboard")
-    p.add_argument("--quick", action="store_true", help="a small sweep (about a minute on CPU)")
-    p.add_argument("-o", "--out", default="bench-out", help="output directory")
-    p.set_defaults(func=run)
+    p = sub.add_parser("bench", help="time the catalogue here against its peers; write results and a dashboard",
+                       description="Time every op on every usable backend and importable peer, check each "
+                                   "against the fp64 reference, append/upsert long-format JSON lines and "
+                                   "write an HTML dashboard.")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="the small sweep (about a minute on a CPU)")
+    mode.add_argument("--full", action="store_true", help="the full sweep (the default)")
+    p.add_argument("-o", "--out", default="bench-out", help="output directory (default: bench-out)")
+    p.add_argument("--results", default=None, help="results JSONL to upsert into (default: OUT/results.jsonl)")
+    p.add_argument("--op", action="append", help="op(s) to time (default: all)")
+    p.add_argument("--backend", action="append",
+                   help="backend(s)/peer(s) to time, comma-separated (default: every usable one)")
+    p.add_argument("--dtype", action="append", help="dtype(s), e.g. bfloat16,float32 (default: the sweep's)")
+    p.add_argument("--shape", action="append", help="a shape, e.g. B=1,S=4096,Hq=32,Hk=8,D=128 (repeatable)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--no-peers", action="store_true", help="time posattn's backends only")
+    p.add_argument("--warm-l2", action="store_true", help="do not flush the cache before each timed run")
+    p.add_argument("--time-budget", type=float, default=None, metavar="S",
+                   help="stop starting new cases after S seconds (results so far are kept)")
+    p.add_argument("--target-s", type=float, default=None, help="timed seconds per measurement")
+    p.add_argument("--with", dest="with_", action="append", default=[], metavar="RESULTS",
+                   help="more result files/directories to show beside this run in the dashboard")
+    p.add_argument("--no-dashboard", action="store_true", help="write results only")
+    p.set_defaults(func=run_bench)
+
+    d = sub.add_parser("dashboard", help="render result files into one self-contained HTML page",
+                       description="Render one or more results JSONL files (or directories of them) into "
+                                   "DIR/index.html: one offline page, charts drawn as inline SVG.")
+    d.add_argument("results", nargs="+", help="results JSONL files or directories")
+    d.add_argument("-o", "--out", default="bench-out", help="output directory (default: bench-out)")
+    d.add_argument("--title", default="posattn benchmarks")
+    d.add_argument("--screenshot", action="store_true",
+                   help="also save DIR/dashboard.png with headless chromium (when installed)")
+    d.set_defaults(func=run_dashboard)
 
 
-def _time(fn, device, reps, warmup=2):
-    import torch
+def run_bench(args) -> int:
+    from posattn.bench import runner, summary
 
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device == "cuda":
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            e.synchronize()
-            times.append(s.elapsed_time(e) * 1e-3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def run(args) -> int:
-    import torch
-
-    import posattn
-    from posattn import dispatch
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    tokens = [1, 256, 4096] if args.quick else [1, 256, 4096, 16384, 65536]
-    hq, hk, d = 32, 8, 128
-    spec = posattn.RopeSpec(d)
-    rows = []
-    for name in dispatch.BACKENDS:
-        ok, why = dispatch.backend_status(name)
-        if not ok or name not in dispatch.kernels("rope"):
-            continue
-        if device == "cpu" and name in ("triton", "cuda"):
-            continue
-        for n in tokens:
-            q = torch.randn(1, n, hq, d, device=device, dtype=dtype)
-            k = torch.randn(1, n, hk, d, device=device, dtype=dtype)
-            pos = torch.arange(n, device=device)
-            reps = 5 if name == "reference" else 20
-            t = _time(lambda: posattn.apply_rope(q, k, pos, spec, backend=name), device, reps)
-            nbytes = 2 * (q.numel() + k.numel()) * q.element_size()
-            rows.append({"op": "rope", "backend": name, "tokens": n, "dtype": str(dtype)[6:],
-                         "median_s": t, "GB/s": nbytes / t / 1e9})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    body = "".join(
-        f"<tr><td>{html.escape(r['op'])}</td><td>{r['backend']}</td><td>{r['tokens']}</td>"
-        f"<td>{r['dtype']}</td><td>{r['median_s'] * 1e6:.1f}</td><td>{r['GB/s']:.2f}</td></tr>"
-        for r in rows)
-    (out / "index.html").write_text(
-        "<!doctype html><html><head><meta charset='utf-8'><title>posattn bench</title></head><body>"
-        f"<h1>posattn bench ({device})</h1><table border='1'><tr><th>op</th><th>backend</th>"
-        f"<th>tokens</th><th>dtype</th><th>median µs</th><th>GB/s</th></tr>{body}</table></body></html>")
-    for r in rows:
-        print(f"{r['op']:6} {r['backend']:10} {r['tokens']:7d} {r['median_s'] * 1e6:10.1f} us {r['GB/s']:8.2f} GB/s")
-    print(f"wrote {out / 'index.html'}")
+    results_path = Path(args.results) if args.results else out / "results.jsonl"
+    cfg = runner.RunConfig(
+        mode="quick" if args.quick else "full", device=args.device, ops=_csv(args.op),
+        impls=_csv(args.backend), dtypes=_csv(args.dtype), shapes=args.shape, peers=not args.no_peers,
+        cold_l2=not args.warm_l2, time_budget_s=args.time_budget, results_path=results_path,
+        target_s=args.target_s)
+    res = runner.run(cfg, log=lambda m: print(m, flush=True))
+    print(f"results: {results_path} ({len(res.rows)} rows from this run)", flush=True)
+    if not args.no_dashboard and results_path.exists():
+        from posattn.bench import dashboard
+
+        page = dashboard.write([results_path, *args.with_], out)
+        print(f"dashboard: {page}", flush=True)
+    print(summary.text(res.rows, res.skipped, res.errors, truncated=res.truncated), flush=True)
+    return 0 if res.rows else 1
+
+
+def run_dashboard(args) -> int:
+    from posattn.bench import dashboard
+
+    page = dashboard.write(args.results, Path(args.out), title=args.title)
+    print(f"dashboard: {page}")
+    if args.screenshot:
+        from posattn.bench import browser
+
+        exe = browser.find_chromium()
+        if exe is None:
+            print("no chromium found: no screenshot", file=sys.stderr)
+            return 0
+        report = browser.check_page(page, screenshot=Path(args.out) / "dashboard.png", chromium=exe)
+        print(f"screenshot: {report.screenshot}; charts drawn {report.charts_drawn}/{len(report.charts)}; "
+              f"console errors: {len(report.errors)}")
+        for e in report.errors:
+            print(f"  {e}", file=sys.stderr)
+        return 0 if report.ok else 1
     return 0

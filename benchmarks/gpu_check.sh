@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# The GPU check: one script for a machine with an NVIDIA GPU and no internet.
+#
+#   bash benchmarks/gpu_check.sh            # or: make gpu-check
+#   OUT=/some/dir bash benchmarks/gpu_check.sh
+#
+# 1. shows the machine (nvidia-smi, torch, nvcc)
+# 2. installs any wheels in ./.whl (offline; peers such as liger-kernel, or missing deps) into /tmp/site
+# 3. builds posattn's native modules with the CUDA one (POSATTN_CUDA=1)
+# 4. runs the test suite on the GPU (pytest -q -x)
+# 5. runs the full benchmark sweep with every peer it can import
+# 6. writes results and the dashboard to $OUT (default ./bench-out), with any committed
+#    results (benchmarks/results/) drawn beside them
+# 7. prints a short summary table last
+#
+# Every step has a time limit taken from one overall budget (GPU_CHECK_BUDGET, default
+# 450 s, so that the whole script ends inside 8 minutes); a step that fails or runs out
+# of time is reported and the script goes on, so partial results are still written.
+# Results to commit: $OUT/results/<gpu-slug>/results.jsonl -> benchmarks/results/<gpu-slug>/.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+OUT=${OUT:-$ROOT/bench-out}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+PY=${PYTHON:-python3}
+BUDGET=${GPU_CHECK_BUDGET:-450}
+T0=$SECONDS
+export PYTHONUNBUFFERED=1
+LOG=$OUT/gpu_check.log
+
+STEPS=()
+elapsed() { echo $((SECONDS - T0)); }
+# limit WANT RESERVE: WANT seconds, or less so that RESERVE seconds stay for the steps after
+limit() {
+  local want=$1 reserve=$2 left
+  left=$((BUDGET - (SECONDS - T0) - reserve))
+  ((left < want)) && want=$left
+  ((want < 15)) && want=15
+  echo "$want"
+}
+# step NAME LIMIT_S CMD...: run CMD under a time limit, record the verdict, never abort the script
+step() {
+  local name=$1 t=$2 rc=0 t1=$SECONDS verdict
+  shift 2
+  local shown="$*"
+  ((${#shown} > 160)) && shown="${shown:0:160}..."
+  echo
+  echo "=== [$(elapsed)s] $name (limit ${t}s): $shown"
+  timeout --signal=TERM --kill-after=10 "$t" "$@" || rc=$?
+  case $rc in
+    0) verdict="ok" ;;
+    124 | 137) verdict="TIMED OUT at ${t}s" ;;
+    *) verdict="FAILED (exit $rc)" ;;
+  esac
+  STEPS+=("$(printf '%-22s %-22s %4ss' "$name" "$verdict" $((SECONDS - t1)))")
+  echo "=== $name: $verdict"
+  return 0
+}
+
+main() {
+echo "posattn GPU check in $ROOT; output in $OUT; budget ${BUDGET}s"
+
+# 1. the machine ------------------------------------------------------------
+step "machine" 60 bash -c '
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || nvidia-smi -L || true
+  command -v nvcc >/dev/null && nvcc --version | tail -n 2 || echo "nvcc: not on PATH"
+  '"$PY"' -c "import sys, torch; print(\"python\", sys.version.split()[0], \"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"device\", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)"
+'
+
+# 2. offline wheels ---------------------------------------------------------
+if compgen -G "$ROOT/.whl/*.whl" >/dev/null; then
+  step "wheels" 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site "$ROOT"/.whl/*.whl
+  export PYTHONPATH="$ROOT:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+else
+  echo "no .whl/*.whl: peers not in the image are skipped (benchmarks/fetch_wheels.sh prepares them)"
+  export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+# 3. build ------------------------------------------------------------------
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+step "build (CUDA)" "$(limit 240 260)" env POSATTN_CUDA=1 "$PY" setup.py -q build_ext --inplace
+step "posattn info" 60 "$PY" -m posattn info
+
+# 4. tests on the GPU -------------------------------------------------------
+step "tests (GPU)" "$(limit 170 200)" "$PY" -m pytest -q -x -p no:cacheprovider \
+  --junitxml="$OUT/pytest.xml" tests
+
+# 5+6. benchmark sweep, results and dashboard -------------------------------
+WITH=() COMMITTED=()
+if [ -d "$ROOT/benchmarks/results" ]; then
+  WITH=(--with "$ROOT/benchmarks/results")
+  COMMITTED=("$ROOT/benchmarks/results")
+fi
+BENCH_T=$(limit 220 45)
+NEW_CASES_UNTIL=$((BENCH_T - 40))  # seconds in which new cases may start; the rest lets the last one end
+((NEW_CASES_UNTIL < 10)) && NEW_CASES_UNTIL=10
+step "bench (full sweep)" "$BENCH_T" "$PY" -m posattn bench --full -o "$OUT" \
+  --time-budget "$NEW_CASES_UNTIL" "${WITH[@]}"
+if [ -s "$OUT/results.jsonl" ]; then
+  # again here, so that a sweep stopped by its time limit still gets its dashboard
+  step "dashboard" 30 "$PY" -m posattn dashboard "$OUT/results.jsonl" "${COMMITTED[@]}" -o "$OUT"
+  SLUG=$("$PY" -c "from posattn.bench.device import device_fingerprint as f; print(f()['slug'])" 2>/dev/null \
+    || echo unknown-gpu)
+  mkdir -p "$OUT/results/$SLUG"
+  cp "$OUT/results.jsonl" "$OUT/results/$SLUG/results.jsonl"
+  echo "results to commit: $OUT/results/$SLUG/results.jsonl -> benchmarks/results/$SLUG/"
+else
+  echo "no results were written"
+fi
+
+# 7. summary (last) -----------------------------------------------------------
+echo
+echo "=== steps (total $(elapsed)s of ${BUDGET}s budget)"
+printf '%s\n' "${STEPS[@]}"
+if [ -s "$OUT/results.jsonl" ]; then
+  timeout 30 "$PY" -m posattn.bench.summary "$OUT/results.jsonl" || echo "(summary failed)"
+fi
+[ -s "$OUT/index.html" ] && echo "dashboard: $OUT/index.html"
+echo "log: $LOG"
+}
+
+# everything is also written to $OUT/gpu_check.log; the pipeline ends only when tee has written it all
+main 2>&1 | tee "$LOG"

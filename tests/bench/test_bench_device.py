@@ -1,0 +1,52 @@
+"""Device fingerprint and the roofline table."""
+import pytest
+
+from posattn.bench import device
+
+
+@pytest.mark.parametrize("name,label,bw", [
+    ("NVIDIA H200", "H200 SXM", 4800.0),
+    ("NVIDIA H200 NVL", "H200 NVL", 4800.0),
+    ("NVIDIA H100 80GB HBM3", "H100 SXM", 3350.0),
+    ("NVIDIA H100 PCIe", "H100 PCIe", 2000.0),
+    ("NVIDIA H100 NVL", "H100 NVL", 3900.0),
+    ("NVIDIA A100-SXM4-80GB", "A100 80GB SXM", 2039.0),
+    ("NVIDIA A100 80GB PCIe", "A100 80GB PCIe", 1935.0),
+    ("NVIDIA A100-SXM4-40GB", "A100 40GB", 1555.0),
+    ("NVIDIA L40S", "L40S", 864.0),
+    ("NVIDIA L40", "L40", 864.0),
+    ("NVIDIA L4", "L4", 300.0),
+    ("NVIDIA A10", "A10", 600.0),
+    ("NVIDIA GeForce RTX 4090", "RTX 4090", 1008.0),
+])
+def test_known_gpus(name, label, bw):
+    p = device.gpu_peak(name)
+    assert p is not None and p.label == label and p.bandwidth_gbs == bw
+    assert p.tflops_bf16 > 0
+    assert any(w in p.source.lower() for w in ("datasheet", "whitepaper", "spec"))
+
+
+def test_unknown_gpu_has_no_datasheet_entry():
+    assert device.gpu_peak("Some Future GPU 9000") is None
+
+
+def test_cpu_fingerprint():
+    fp = device.device_fingerprint("cpu")
+    assert fp["kind"] == "cpu" and fp["name"] and fp["cores"] >= 1 and fp["threads"] >= 1
+    assert fp["slug"] == device.slugify(fp["slug"]) and fp["slug"].startswith("cpu-")
+
+
+def test_slugify():
+    assert device.slugify(" NVIDIA H100 80GB HBM3 ".replace("NVIDIA", "")) == "h100-80gb-hbm3"
+    assert device.slugify("!!!") == "unknown"
+
+
+def test_cpu_peaks_are_measured():
+    p = device.peaks(device.device_fingerprint("cpu"), "cpu", measure=True)
+    assert p["bandwidth_gbs"] == p["measured_copy_gbs"] > 0
+    assert p["tflops"] > 0 and "measured" in p["source"]
+
+
+def test_copy_bandwidth_counts_read_and_write():
+    bw = device.measure_copy_bandwidth("cpu", nbytes=8 << 20, reps=2)
+    assert 0.05 < bw < 5000

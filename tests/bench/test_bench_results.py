@@ -1,0 +1,62 @@
+"""Long-format rows: upsert on the unique key, loading files and folders."""
+import json
+
+import pytest
+
+from posattn.bench import results
+
+
+def _row(backend="cpu", p50=1.0, slug="cpu-x", metric="latency", shape="S=1"):
+    return {"op": "rope", "backend": backend, "shape_key": shape, "dtype": "float32", "metric": metric,
+            "p20": p50, "p50": p50, "p80": p50, "device": {"slug": slug}}
+
+
+def test_upsert_replaces_same_key_and_appends_new(tmp_path):
+    f = tmp_path / "sub" / "r.jsonl"
+    assert results.upsert(f, [_row("cpu", 1.0), _row("reference", 2.0)]) == 2
+    assert results.upsert(f, [_row("cpu", 3.0), _row("transformers", 4.0)]) == 3
+    rows = [json.loads(x) for x in f.read_text().splitlines()]
+    assert [(r["backend"], r["p50"]) for r in rows] == [("cpu", 3.0), ("reference", 2.0), ("transformers", 4.0)]
+    assert not list(tmp_path.rglob("*.lock")) and not list(tmp_path.rglob("*.tmp"))
+
+
+def test_key_separates_devices_metrics_and_shapes(tmp_path):
+    f = tmp_path / "r.jsonl"
+    results.upsert(f, [_row(slug="a"), _row(slug="b"), _row(metric="throughput"), _row(shape="S=2")])
+    assert len(f.read_text().splitlines()) == 4
+
+
+def test_upsert_drops_private_fields(tmp_path):
+    f = tmp_path / "r.jsonl"
+    r = _row()
+    r["_source"] = "x"
+    results.upsert(f, [r])
+    assert "_source" not in json.loads(f.read_text())
+
+
+def test_load_files_and_folders(tmp_path):
+    results.upsert(tmp_path / "a" / "one.jsonl", [_row("cpu")])
+    results.upsert(tmp_path / "b" / "two.jsonl", [_row("reference"), _row("transformers")])
+    rows = results.load([tmp_path])
+    assert sorted(r["backend"] for r in rows) == ["cpu", "reference", "transformers"]
+    assert all(r["_source"].endswith(".jsonl") for r in rows)
+
+
+def test_load_reports_bad_lines(tmp_path):
+    f = tmp_path / "bad.jsonl"
+    f.write_text(json.dumps(_row()) + "\nnot json\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:2"):
+        results.load(f)
+    g = tmp_path / "other.jsonl"
+    g.write_text('{"hello": 1}\n')
+    with pytest.raises(ValueError, match="not a posattn result row"):
+        results.load(g)
+    with pytest.raises(ValueError, match="does not exist"):
+        results.load(tmp_path / "missing.jsonl")
+
+
+def test_versions_and_commit():
+    v = results.versions()
+    assert "torch" in v and "python" in v and "posattn" in v
+    c = results.git_commit()
+    assert c is None or len(c.split("-")[0]) >= 7
