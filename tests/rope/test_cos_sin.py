@@ -413,3 +413,20 @@ def test_triton_aot_compiles_for_sm90a_and_sm80():
     r = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "compiled" in r.stdout
+
+
+def test_bench_cases_registered_and_checked():
+    """`posattn bench` times the cos/sin paths (op "rope_cos_sin"); each posattn impl usable on
+    CPU tensors gives the reference's answer on a small case."""
+    from posattn.bench.registry import ops
+
+    op = ops()["rope_cos_sin"]
+    assert {"cuda", "triton", "cpu", "reference", "cuda-tables", "cpu-tables", "posattn-on-the-fly",
+            "flashinfer-cache", "vllm"} <= set(op.impls)
+    assert op.impls["vllm"].available("cpu") == (False, "CUDA only")
+    inp = op.make_inputs(op.parse_shape("B=2,S=3,Hq=3,Hk=1,D=64"), torch.float32, "cpu")
+    ref = op.reference(inp)
+    for name in ("cpu", "cpu-tables", "reference", "posattn-on-the-fly"):
+        out = op.impls[name].factory(inp, "cpu")()
+        for o, r in zip(out, ref):
+            assert_close(o, r, torch.float32, msg=name)
