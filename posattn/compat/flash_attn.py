@@ -65,7 +65,7 @@ def apply_rotary_emb(x, cos, sin, interleaved=False, inplace=False, seqlen_offse
         raise ValueError(f"cos/sin must be [seqlen_ro, rotary_dim/2] with cu_seqlens; got shape {tuple(cos.shape)}")
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1:
         raise ValueError("cu_seqlens must be a [B + 1] integer tensor")
-    positions = segment_positions(cu_seqlens, seqlen_offsets, x.shape[0], x.device)
+    positions = segment_positions(cu_seqlens, seqlen_offsets, x.shape[0], x.device, "cu_seqlens")
     out, _ = apply_rope_cos_sin(x, None, cos, sin, positions=positions, rotary_dim=R, layout="thd",
                                 interleaved=interleaved, inplace=inplace, check_bounds=check)
     return out

@@ -202,6 +202,8 @@ def test_flashinfer_cos_sin_cache(backend, dtype):
     (lambda q, k: flashinfer.apply_llama31_rope_pos_ids(q, k, torch.arange(3), low_freq_factor=4), "high_freq_factor"),
     (lambda q, k: flashinfer.apply_rope(q, k, torch.tensor([0, 3]), torch.tensor([1, 2])), "offsets must be"),
     (lambda q, k: flashinfer.apply_rope_pos_ids(q[0], k, torch.arange(3)), r"q must be a \[nnz"),
+    (lambda q, k: flashinfer.apply_rope(q.cpu(), k.cpu(), torch.tensor([0, 2]), torch.tensor([1])),
+     r"indptr must start at 0 and end at the number of tokens \(3\)"),
     (lambda q, k: flashinfer.apply_rope_with_cos_sin_cache(torch.arange(3), q.view(3, -1)[:, :-1], k, 64,
                                                            _cache(8, 64)), "query must be"),
 ])
@@ -287,6 +289,8 @@ def test_flash_attn_bad_inputs():
         flash_attn.apply_rotary_emb(x[0], cos, cos)
     with pytest.raises(ValueError, match=r"positions must index rows"):
         flash_attn.apply_rotary_emb(x[:, :4], cos, cos, seqlen_offsets=torch.tensor([5]))
+    with pytest.raises(ValueError, match=r"cu_seqlens must start at 0 and end at the number of tokens \(8\)"):
+        flash_attn.apply_rotary_emb(x[0], cos, cos, cu_seqlens=torch.tensor([0, 3, 7], dtype=torch.int32))
 
 
 # ---------------------------------------------------------------------------
