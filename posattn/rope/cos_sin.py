@@ -295,8 +295,7 @@ def _table_views(tab_a, tab_b, R: int, form: int, interleaved: bool, conj: bool)
 def _check_positions_in_range(pos2: torch.Tensor, rows: int) -> None:
     if pos2.numel() == 0:
         return
-    lo, hi = torch.aminmax(pos2)
-    lo, hi = int(lo), int(hi)
+    lo, hi = torch.stack(torch.aminmax(pos2)).tolist()  # one device-to-host copy
     if lo < 0 or hi >= rows:
         bad = lo if lo < 0 else hi
         raise ValueError(f"positions must index rows of the cos/sin cache, 0 <= position < {rows}; "

@@ -296,6 +296,23 @@ def test_torch_compile_fullgraph():
     assert_close(k.grad, k2.grad, torch.float32)
 
 
+def test_torch_compile_fullgraph_inplace_and_tables():
+    """The in-place op (a mutating custom op) and the per-token tables also trace without breaks."""
+    q = torch.randn(5, 3, 32, device=DEVICE)
+    k = torch.randn(5, 1, 32, device=DEVICE)
+    cos, sin = torch.randn(5, 16, device=DEVICE), torch.randn(5, 16, device=DEVICE)
+
+    def f(q, k):
+        posattn.apply_rope_cos_sin(q, k, cos, sin, layout="thd", inplace=True)
+        return q + 0, k + 0
+
+    q1, k1 = q.clone(), k.clone()
+    f(q1, k1)
+    q2, k2 = q.clone(), k.clone()
+    a, b = torch.compile(f, fullgraph=True, backend="aot_eager")(q2, k2)
+    assert torch.equal(a, q1) and torch.equal(b, k1) and torch.equal(q2, q1)
+
+
 # ---------------------------------------------------------------------------
 # bad inputs: each a ValueError/TypeError naming the argument, before any kernel runs
 
