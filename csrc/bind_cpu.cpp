@@ -2,6 +2,8 @@
 #include <pybind11/stl.h>
 #include "rope_args.h"
 #include "cpu/rope_cpu.h"
+#include "cpu/rope_cos_sin_cpu.h"
+#include "posattn/rope_cos_sin_args.h"
 #include "cpu/attention_cpu.h"
 #ifdef _OPENMP
 #include <omp.h>
@@ -34,6 +36,21 @@ PYBIND11_MODULE(_C, m) {
       py::arg("positions"), py::arg("pos_is_int64"), py::arg("pos_sb"), py::arg("pos_ss"),
       py::arg("inv_freq"), py::arg("rotary_dim"), py::arg("interleaved"), py::arg("copy_tail"),
       py::arg("dtype"), py::arg("num_threads") = 0, py::arg("chunk") = 16);
+  m.def(
+      "rope_cos_sin_forward",
+      [](const std::vector<int64_t>& q, const std::vector<int64_t>& k,
+         const std::vector<int64_t>& tables, const std::vector<int64_t>& positions, int64_t batch,
+         int64_t seqlen, int64_t head_dim, int rotary_dim, bool interleaved, bool copy_tail,
+         double sign, int dtype, int table_dtype, int num_threads, int64_t chunk) {
+        auto p = posattn::cos_sin_problem_from(q, k, tables, positions, batch, seqlen, head_dim,
+                                               rotary_dim, interleaved, copy_tail, sign);
+        py::gil_scoped_release release;
+        posattn::cpu::rope_cos_sin_forward(p, dtype, table_dtype, num_threads, chunk);
+      },
+      py::arg("q"), py::arg("k"), py::arg("tables"), py::arg("positions"), py::arg("batch"),
+      py::arg("seqlen"), py::arg("head_dim"), py::arg("rotary_dim"), py::arg("interleaved"),
+      py::arg("copy_tail"), py::arg("sign"), py::arg("dtype"), py::arg("table_dtype"),
+      py::arg("num_threads") = 0, py::arg("chunk") = 16);
   m.def(
       "attention_forward",
       [](int64_t T, int64_t HQ, int64_t HK, int64_t D, const std::vector<int64_t>& ptrs, float scale,
