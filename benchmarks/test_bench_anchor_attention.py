@@ -1,6 +1,7 @@
-"""pytest-benchmark suite for anchor attention on the CPU (tiny): the fp64 reference, the C++
-kernel (forward + backward) and the block-list lowering. The speed targets against FlexAttention (training step >= 1.3x, forward
->= 1.1x) are GPU-only: benchmarks/bench_anchor_attention.py measures them on a CUDA device.
+"""pytest-benchmark suite for anchor attention on the CPU (tiny): the fp64 reference, the
+C++ kernel (forward + backward) and the block-list lowering. The speed targets against
+FlexAttention (training step >= 1.3x, forward >= 1.1x) are GPU-only:
+benchmarks/bench_anchor_attention.py measures them on a CUDA device.
 
     pytest benchmarks/test_bench_anchor_attention.py --benchmark-only
 """
