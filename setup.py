@@ -20,11 +20,15 @@ INCLUDE = [str(CSRC / "include"), str(CSRC)]
 
 # CUDA architectures: real code for Ampere and Hopper (sm_90a for wgmma-era
 # features), plus PTX of the newest so that later GPUs can JIT it.
-CUDA_GENCODE = [
-    "-gencode=arch=compute_80,code=sm_80",
-    "-gencode=arch=compute_90a,code=sm_90a",
-    "-gencode=arch=compute_90,code=compute_90",
-]
+def cuda_gencode():
+    """Real code for Ampere and Hopper (sm_90a for wgmma-era features), plus PTX
+    so later GPUs can JIT it. POSATTN_CUDA_ARCHS=90a (comma list) narrows the
+    build, e.g. for a quick build on a known GPU."""
+    archs = [a.strip() for a in os.environ.get("POSATTN_CUDA_ARCHS", "80,90a").split(",") if a.strip()]
+    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    newest = max(archs, key=lambda a: int(a.rstrip("a")))
+    ptx = newest.rstrip("a")
+    return flags + [f"-gencode=arch=compute_{ptx},code=compute_{ptx}"]
 
 
 def find_nvcc():
@@ -68,20 +72,27 @@ class BuildExt(build_ext):
         if cu_sources:
             nvcc = ext.nvcc
             ext.sources = [s for s in ext.sources if not s.endswith(".cu")]
-            objects = []
             out_dir = Path(self.build_temp) / "cuda"
             out_dir.mkdir(parents=True, exist_ok=True)
-            for src in cu_sources:
+            gencode = cuda_gencode()
+
+            def compile_one(src):
                 obj = out_dir / (Path(src).stem + ".o")
                 cmd = [
                     nvcc, "-c", src, "-o", str(obj), "-O3", "-std=c++17",
                     "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC",
                     "-Xcompiler", "-fvisibility=hidden",
-                    *[f"-I{p}" for p in INCLUDE], *CUDA_GENCODE,
+                    *[f"-I{p}" for p in INCLUDE], *gencode,
                 ]
                 print(" ".join(cmd), flush=True)
                 subprocess.check_call(cmd)
-                objects.append(str(obj))
+                return str(obj)
+
+            # one nvcc per .cu file, in parallel (they are independent)
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=max(1, min(len(cu_sources), os.cpu_count() or 1))) as pool:
+                objects = list(pool.map(compile_one, cu_sources))
             ext.extra_objects = list(ext.extra_objects or []) + objects
         super().build_extension(ext)
 

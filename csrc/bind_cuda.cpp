@@ -2,6 +2,8 @@
 #include <pybind11/stl.h>
 #include "rope_args.h"
 #include "cuda/rope_cuda.h"
+#include "cuda/rope_cos_sin.h"
+#include "posattn/rope_cos_sin_args.h"
 
 namespace py = pybind11;
 
@@ -21,4 +23,19 @@ PYBIND11_MODULE(_cuda, m) {
       py::arg("q"), py::arg("k"), py::arg("dims"), py::arg("pos"), py::arg("freqs"),
       py::arg("attention_scaling"), py::arg("angles"), py::arg("sign"), py::arg("dtype"),
       py::arg("threads") = 128, py::arg("stream") = 0);
+  m.def(
+      "rope_cos_sin_forward",
+      [](const std::vector<int64_t>& q, const std::vector<int64_t>& k,
+         const std::vector<int64_t>& tables, const std::vector<int64_t>& positions, int64_t batch,
+         int64_t seqlen, int64_t head_dim, int rotary_dim, bool interleaved, bool copy_tail,
+         double sign, int dtype, int table_dtype, int threads, int64_t stream) {
+        auto p = posattn::cos_sin_problem_from(q, k, tables, positions, batch, seqlen, head_dim,
+                                               rotary_dim, interleaved, copy_tail, sign);
+        py::gil_scoped_release release;
+        posattn::cuda::rope_cos_sin_forward(p, dtype, table_dtype, threads, stream);
+      },
+      py::arg("q"), py::arg("k"), py::arg("tables"), py::arg("positions"), py::arg("batch"),
+      py::arg("seqlen"), py::arg("head_dim"), py::arg("rotary_dim"), py::arg("interleaved"),
+      py::arg("copy_tail"), py::arg("sign"), py::arg("dtype"), py::arg("table_dtype"),
+      py::arg("threads") = 256, py::arg("stream") = 0);
 }

@@ -10,6 +10,12 @@ from posattn import autotune as _autotune  # noqa: E402,F401  installs dispatch'
 
 __all__ = ["__version__", "RopeSpec", "apply_rope", "use_backend",
            "DPE", "Linear", "NTK", "DynamicNTK", "YaRN", "Llama3", "LongRoPE", "Custom"]
+from posattn.rope.cos_sin import apply_rope_cos_sin  # noqa: E402
+
+__all__ += ["apply_rope_cos_sin"]
+from posattn.attention import MaskSpec, anchor_attention  # noqa: E402
+
+__all__ += ["MaskSpec", "anchor_attention"]
 from posattn.rope import apply_rope_angles, rope_shift  # noqa: E402
 
 __all__ += ["apply_rope_angles", "rope_shift"]

@@ -30,6 +30,11 @@ def rope_tensor_args(x: torch.Tensor | None, out: torch.Tensor | None) -> list[i
             out.stride(0), out.stride(1), out.stride(2)]
 
 
+def pos_strides(pos2: torch.Tensor) -> tuple[int, int]:
+    """Strides of a [Bp, S] positions view; batch stride 0 when shared across the batch."""
+    return (0 if pos2.shape[0] == 1 else pos2.stride(0)), pos2.stride(1)
+
+
 def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import importlib
 
-OP_MODULES = ("rope",)
+OP_MODULES = ("rope", "rope_cos_sin", "attention")
 
 _loaded = False
 

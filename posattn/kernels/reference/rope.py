@@ -36,7 +36,15 @@ def rope_positions(pos3: torch.Tensor, tables, is_query: bool) -> torch.Tensor:
 
 
 def rope_angles(pos3: torch.Tensor, tables, is_query: bool = True) -> torch.Tensor:
-    """fp64 angles [Bp, S, rows, R/2] (rows = 1, or inv_freq's per-head rows)."""
+    """fp64 angles [Bp, S, rows, R/2] (rows = 1, or inv_freq's per-head rows).
+
+    Also accepts the plain form ``rope_angles(pos2 [Bp, S], inv_freq [R/2])`` and then
+    returns [Bp, S, R/2] (used by the attention reference).
+    """
+    if isinstance(tables, torch.Tensor):
+        from posattn.rope.lowering import RopeTables
+
+        return rope_angles(pos3[None], RopeTables(tables), is_query)[:, :, 0, :]
     pos = rope_positions(pos3, tables, is_query)
     inv = tables.inv_freq.to(pos.device, torch.float64)
     if inv.dim() == 1:
@@ -52,9 +60,12 @@ def rope_angles(pos3: torch.Tensor, tables, is_query: bool = True) -> torch.Tens
 
 def rotate(x: torch.Tensor, angles: torch.Tensor, rotary_dim: int, interleaved: bool,
            scale: float = 1.0, sign: float = 1.0) -> torch.Tensor:
-    """x: [B, S, H, D]; angles: [B or 1, S, rows, R/2] with rows dividing H -> fp64 [B, S, H, D]."""
+    """x: [B, S, H, D]; angles: [B or 1, S, rows, R/2] with rows dividing H (or [B or 1, S, R/2],
+    shared by all heads) -> fp64 [B, S, H, D]."""
     x = x.to(torch.float64)
     angles = angles.to(torch.float64)
+    if angles.dim() == 3:
+        angles = angles[:, :, None, :]
     H, rows = x.shape[2], angles.shape[2]
     if rows != H:
         angles = angles.repeat_interleave(H // rows, dim=2)

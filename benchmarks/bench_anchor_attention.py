@@ -1,0 +1,285 @@
+"""Anchor attention benchmark: posattn's Triton engine against FlexAttention with the same mask.
+
+GPU (the issue's case): bf16, head_dim 128, 32 query / 8 key heads, rows of 16k and 64k tokens
+holding 4 to 32 documents plus one anchor token. For each layout, one JSON line with
+
+  step_ms       one training step's attention: mask construction + forward + backward
+                (posattn: boundary checks + block-list lowering inside the op; Flex: create_block_mask)
+  fwd_ms        the forward kernel alone (lists / block mask built beforehand)
+  *_tflops      effective TFLOP/s counting only unmasked (q, k) pairs: 4 D per pair forward,
+                10 D per pair for forward + backward (2.5x, the FlashAttention convention)
+  roofline      fraction of the H200's dense bf16 peak (989 TFLOP/s, spec sheet)
+  speedup_*     Flex time / posattn time (targets: step >= 1.3, fwd >= 1.1)
+  max_abs_diff  |posattn - Flex| over out and the gradients (sanity check)
+
+CPU: a tiny run (reference, C++ and Triton-interpreter backends on 64 tokens) so that the script
+is exercised; the speed targets are GPU-only and are not measured there.
+
+    python benchmarks/bench_anchor_attention.py [--quick] [--out results.jsonl]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+
+if __name__ == "__main__" and not os.environ.get("TRITON_INTERPRET"):
+    try:
+        import torch as _t
+
+        if not _t.cuda.is_available():
+            os.environ["TRITON_INTERPRET"] = "1"   # before any kernel module is imported
+    except Exception:
+        pass
+
+import torch
+
+H200_BF16_PEAK_TFLOPS = 989.0
+
+
+def make_layout(row_len: int, n_rows: int, n_docs: int, seed: int = 0):
+    """Each row: one anchor token (a length-1 document), then n_docs documents of random lengths."""
+    rng = random.Random(seed)
+    cs, cr, pos = [0], [0], 0
+    for _ in range(n_rows):
+        pos += 1
+        cs.append(pos)
+        rest = row_len - 1
+        cuts = sorted(rng.sample(range(1, rest), n_docs - 1)) if n_docs > 1 else []
+        for a, b in zip([0] + cuts, cuts + [rest]):
+            pos += b - a
+            cs.append(pos)
+        cr.append(pos)
+    return torch.tensor(cs, dtype=torch.int32), torch.tensor(cr, dtype=torch.int32)
+
+
+def allowed_pairs(cu: torch.Tensor, rows: torch.Tensor, num_anchors: int = 1) -> int:
+    """Unmasked (q, k) pairs of the causal anchor mask, from the boundaries (no dense mask)."""
+    lens = (cu[1:] - cu[:-1]).to(torch.int64)
+    pairs = int((lens * (lens + 1) // 2).sum())
+    starts = set(rows[:-1].tolist())
+    docs = list(zip(cu[:-1].tolist(), cu[1:].tolist()))
+    for a, b in docs:
+        if a not in starts:             # queries outside the anchor document also see the anchors
+            pairs += (b - a) * num_anchors
+    return pairs
+
+
+def _time_ms(fn, device: str) -> float:
+    if device == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=200))
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def bench_gpu(row_len: int, n_rows: int, n_docs: int, hq=32, hk=8, d=128, dtype=torch.bfloat16) -> dict:
+    import posattn
+    from posattn import dispatch
+    from posattn.attention.anchor import AttnKey, _bucket
+    from posattn.attention.masks import MaskSpec, lower
+    from posattn.kernels.triton import flash_attn as fa
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    dev = "cuda"
+    cu, rows = make_layout(row_len, n_rows, n_docs)
+    T = row_len * n_rows
+    cu_d, rows_d = cu.to(dev), rows.to(dev)
+    g = torch.Generator(device=dev).manual_seed(0)
+    q = torch.randn(T, hq, d, device=dev, dtype=dtype, generator=g).requires_grad_(True)
+    k = torch.randn(T, hk, d, device=dev, dtype=dtype, generator=g).requires_grad_(True)
+    v = torch.randn(T, hk, d, device=dev, dtype=dtype, generator=g).requires_grad_(True)
+    do = torch.randn(T, hq, d, device=dev, dtype=dtype, generator=g)
+
+    # FlexAttention in its native [B, H, S, D] layout (the copies are not timed)
+    qf, kf, vf = (x.detach().transpose(0, 1).unsqueeze(0).contiguous().requires_grad_(True) for x in (q, k, v))
+    dof = do.transpose(0, 1).unsqueeze(0).contiguous()
+    doc_id = torch.repeat_interleave(torch.arange(len(cu) - 1, device=dev),
+                                     (cu[1:] - cu[:-1]).to(torch.int64).to(dev))
+    row_start = rows_d[torch.searchsorted(rows_d, torch.arange(T, device=dev, dtype=torch.int32), right=True) - 1]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        same_doc = doc_id[q_idx] == doc_id[kv_idx]
+        anchor = kv_idx == row_start[q_idx]
+        return (q_idx >= kv_idx) & (same_doc | anchor)
+
+    flex = torch.compile(flex_attention)
+
+    def flex_step():
+        bm = create_block_mask(mask_mod, 1, None, T, T, device=dev)
+        out = flex(qf, kf, vf, block_mask=bm, enable_gqa=True)
+        out.backward(dof)
+        return out
+
+    def ours_step():
+        out = posattn.anchor_attention(q, k, v, cu_d, cu_rows=rows_d, num_anchors=1, backend="triton")
+        out.backward(do)
+        return out
+
+    # correctness against Flex on the full problem
+    o_ours = ours_step()
+    o_flex = flex_step()
+    diffs = [(o_ours.float() - o_flex[0].transpose(0, 1).float()).abs().max().item()]
+    for a, b in ((q, qf), (k, kf), (v, vf)):
+        diffs.append((a.grad.float() - b.grad[0].transpose(0, 1).float()).abs().max().item())
+
+    def zero_grads():
+        for x in (q, k, v, qf, kf, vf):
+            x.grad = None
+
+    step_ours = _time_ms(lambda: (zero_grads(), ours_step()), dev)
+    step_flex = _time_ms(lambda: (zero_grads(), flex_step()), dev)
+
+    key = AttnKey("cuda", "bfloat16", d, hq, hk, 0, False, True, False, True, _bucket(T))
+    _, cfg = dispatch.select("anchor_attention", key, backend="triton")
+    spec = MaskSpec(causal=True, num_anchors=1)
+    lists = lower(spec, cu_d, rows_d, T, cfg["BLOCK_M"], cfg["BLOCK_N"], transpose=False)
+    qd, kd, vd = q.detach(), k.detach(), v.detach()
+    fwd_ours = _time_ms(lambda: fa.attn_forward(qd, kd, vd, lists, 1, True, None, d ** -0.5, None, cfg), dev)
+    bm = create_block_mask(mask_mod, 1, None, T, T, device=dev)
+    with torch.no_grad():
+        fwd_flex = _time_ms(lambda: flex(qf.detach(), kf.detach(), vf.detach(), block_mask=bm, enable_gqa=True), dev)
+    mask_ours = _time_ms(lambda: lower(spec, cu_d, rows_d, T, cfg["BLOCK_M"], cfg["BLOCK_N"]), dev)
+    mask_flex = _time_ms(lambda: create_block_mask(mask_mod, 1, None, T, T, device=dev), dev)
+
+    pairs = allowed_pairs(cu, rows)
+    fwd_flops = 4.0 * d * pairs * hq
+    res = dict(
+        bench="anchor_attention", device=torch.cuda.get_device_name(), dtype="bfloat16", head_dim=d,
+        heads_q=hq, heads_k=hk, tokens=T, row_len=row_len, rows=n_rows, docs_per_row=n_docs, anchors=1,
+        density=pairs / (T * (T + 1) / 2),
+        step_ms=dict(posattn=step_ours, flex=step_flex), fwd_ms=dict(posattn=fwd_ours, flex=fwd_flex),
+        mask_ms=dict(posattn=mask_ours, flex=mask_flex),
+        speedup_step=step_flex / step_ours, speedup_fwd=fwd_flex / fwd_ours,
+        fwd_tflops=dict(posattn=fwd_flops / fwd_ours * 1e-9, flex=fwd_flops / fwd_flex * 1e-9),
+        step_tflops=dict(posattn=3.5 * fwd_flops / step_ours * 1e-9, flex=3.5 * fwd_flops / step_flex * 1e-9),
+        max_abs_diff=max(diffs), config=cfg,
+    )
+    res["roofline"] = dict(fwd=res["fwd_tflops"]["posattn"] / H200_BF16_PEAK_TFLOPS,
+                           step=res["step_tflops"]["posattn"] / H200_BF16_PEAK_TFLOPS)
+    res["targets_met"] = dict(step=res["speedup_step"] >= 1.3, fwd=res["speedup_fwd"] >= 1.1)
+    return res
+
+
+def bench_cpu_tiny() -> list[dict]:
+    """Exercise the script on CPU: 64 tokens, reference backend and Triton interpreter."""
+    import posattn
+
+    out = []
+    cu, rows = make_layout(32, 2, 3)
+    T = 64
+    q = torch.randn(T, 4, 32)
+    k = torch.randn(T, 2, 32)
+    v = torch.randn(T, 2, 32)
+    for backend in ("reference", "cpu", "triton"):
+        try:
+            ms = _time_ms(lambda: posattn.anchor_attention(q, k, v, cu, cu_rows=rows, backend=backend), "cpu")
+        except ValueError as e:   # Triton without a GPU or interpreter
+            out.append(dict(bench="anchor_attention", device="cpu", backend=backend, skipped=str(e)))
+            continue
+        out.append(dict(bench="anchor_attention", device="cpu", backend=backend, tokens=T, fwd_ms=ms,
+                        note="CPU smoke run; the speed targets are GPU-only"))
+    return out
+
+
+FWD_CONFIGS = [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+               dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
+               dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+               dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+               dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4)]
+BWD_CONFIGS = [dict(BWD_BLOCK_M=64, BWD_BLOCK_N=64, bwd_num_warps=4, bwd_num_stages=2),
+               dict(BWD_BLOCK_M=64, BWD_BLOCK_N=128, bwd_num_warps=8, bwd_num_stages=2),
+               dict(BWD_BLOCK_M=32, BWD_BLOCK_N=64, bwd_num_warps=4, bwd_num_stages=2),
+               dict(BWD_BLOCK_M=64, BWD_BLOCK_N=64, bwd_num_warps=4, bwd_num_stages=3),
+               dict(BWD_BLOCK_M=128, BWD_BLOCK_N=64, bwd_num_warps=8, bwd_num_stages=2)]
+
+
+def sweep_gpu(row_len: int, n_rows: int, n_docs: int, hq=32, hk=8, d=128, dtype=torch.bfloat16) -> dict:
+    """Time the forward and the backward kernels over a few launch configs; returns the best of each."""
+    from posattn.attention.masks import MaskSpec, lower
+    from posattn.kernels.triton import flash_attn as fa
+
+    dev = "cuda"
+    cu, rows = make_layout(row_len, n_rows, n_docs)
+    T = row_len * n_rows
+    cu_d, rows_d = cu.to(dev), rows.to(dev)
+    g = torch.Generator(device=dev).manual_seed(0)
+    q = torch.randn(T, hq, d, device=dev, dtype=dtype, generator=g)
+    k = torch.randn(T, hk, d, device=dev, dtype=dtype, generator=g)
+    v = torch.randn(T, hk, d, device=dev, dtype=dtype, generator=g)
+    do = torch.randn(T, hq, d, device=dev, dtype=dtype, generator=g)
+    spec = MaskSpec(causal=True, num_anchors=1)
+    rows_out, best = [], {}
+    out = lse = None
+    for cfg in FWD_CONFIGS:
+        lists = lower(spec, cu_d, rows_d, T, cfg["BLOCK_M"], cfg["BLOCK_N"], transpose=False)
+        try:
+            out, lse = fa.attn_forward(q, k, v, lists, 1, True, None, d ** -0.5, None, cfg)
+            ms = _time_ms(lambda: fa.attn_forward(q, k, v, lists, 1, True, None, d ** -0.5, None, cfg), dev)
+        except Exception as e:  # a config that does not fit (shared memory, registers)
+            rows_out.append(dict(kind="fwd", config=cfg, error=str(e)[:200]))
+            continue
+        rows_out.append(dict(kind="fwd", config=cfg, ms=ms))
+        if "fwd" not in best or ms < best["fwd"][1]:
+            best["fwd"] = (cfg, ms)
+    for cfg in BWD_CONFIGS:
+        lists = lower(spec, cu_d, rows_d, T, cfg["BWD_BLOCK_M"], cfg["BWD_BLOCK_N"])
+        try:
+            fa.attn_backward(do, q, k, v, out, lse, lists, 1, True, None, d ** -0.5, None, cfg)
+            ms = _time_ms(lambda: fa.attn_backward(do, q, k, v, out, lse, lists, 1, True, None, d ** -0.5, None,
+                                                   cfg), dev)
+        except Exception as e:
+            rows_out.append(dict(kind="bwd", config=cfg, error=str(e)[:200]))
+            continue
+        rows_out.append(dict(kind="bwd", config=cfg, ms=ms))
+        if "bwd" not in best or ms < best["bwd"][1]:
+            best["bwd"] = (cfg, ms)
+    return dict(bench="anchor_attention_sweep", tokens=T, row_len=row_len, docs_per_row=n_docs, results=rows_out,
+                best=dict(best["fwd"][0], **best["bwd"][0]))
+
+
+LAYOUTS = [(16384, 4, 4), (16384, 4, 32), (65536, 1, 4), (65536, 1, 32)]   # (row_len, rows, docs per row)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="GPU: two layouts (16k rows with 4 documents, "
+                    "a 64k row with 32)")
+    ap.add_argument("--out", help="also append the JSON lines to this file")
+    ap.add_argument("--sweep", action="store_true", help="GPU: first time a few launch configs of the kernels "
+                    "and run the benchmark with the fastest (installed as dispatch's tuned config)")
+    args = ap.parse_args(argv)
+    if torch.cuda.is_available():
+        layouts = [LAYOUTS[0], LAYOUTS[3]] if args.quick else LAYOUTS
+        results = []
+        if args.sweep:
+            from posattn import dispatch
+
+            sw = sweep_gpu(16384, 4, 16)
+            print(json.dumps(sw), flush=True)
+            results.append(sw)
+            best = sw["best"]
+            dispatch.set_tuned_lookups(
+                config_lookup=lambda op, kernel, key: dict(best) if op == "anchor_attention" else None)
+        for row_len, n_rows, n_docs in layouts:
+            results.append(bench_gpu(row_len, n_rows, n_docs))
+            print(json.dumps(results[-1]), flush=True)
+    else:
+        results = bench_cpu_tiny()
+        for r in results:
+            print(json.dumps(r), flush=True)
+    if args.out:
+        with open(args.out, "a") as f:
+            for r in results:
+                f.write(json.dumps(r) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

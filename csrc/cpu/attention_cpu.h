@@ -1,0 +1,47 @@
+#pragma once
+#include <cstdint>
+#include <stdexcept>
+#include <vector>
+
+namespace posattn { namespace cpu {
+
+// Packed anchor attention over block visit lists (posattn.attention.masks.BlockLists).
+// q: [T, HQ, D], k, v: [T, HK, D], fp32, contiguous.
+struct AttnProblem {
+  int64_t T, HQ, HK, D;
+  const float* q; const float* k; const float* v;
+  float scale;
+  const int32_t* doc_start; const int32_t* row_start;    // [T]
+  int num_anchors; bool causal; int window;               // window <= 0: none
+  int block_m, block_n;
+  const int32_t* q_offsets; const int32_t* q_kv_idx; const int32_t* q_kv_masked;   // query-major CSR
+  const int32_t* k_offsets; const int32_t* k_q_idx; const int32_t* k_q_masked;     // key-major CSR
+  const double* positions; const float* inv_freq;         // positions == nullptr: no rotary
+  int rotary_dim; bool interleaved; float rope_scaling;
+};
+
+// out: [T, HQ, D] fp32, lse: [HQ, T] fp32 (natural log).
+void attention_forward(const AttnProblem& p, float* out, float* lse, int num_threads);
+// dout: [T, HQ, D]; delta: [HQ, T] = rowsum(out * dout) - dlse; lse: [HQ, T].
+void attention_backward(const AttnProblem& p, const float* dout, const float* delta, const float* lse,
+                        float* dq, float* dk, float* dv, int num_threads);
+
+// From the flat integers the binding takes: ptrs = (q, k, v, doc_start, row_start, q_offsets, q_kv_idx,
+// q_kv_masked, k_offsets, k_q_idx, k_q_masked, positions, inv_freq); 0 for an absent one.
+inline AttnProblem attn_problem_from(int64_t T, int64_t HQ, int64_t HK, int64_t D, const std::vector<int64_t>& ptrs,
+                                     float scale, int num_anchors, bool causal, int window, int block_m,
+                                     int block_n, int rotary_dim, bool interleaved, float rope_scaling) {
+  if (ptrs.size() != 13) throw std::invalid_argument("attention: expected 13 pointers");
+  if (HK <= 0 || HQ % HK) throw std::invalid_argument("attention: HQ must be a multiple of HK");
+  if (block_m <= 0 || block_n <= 0) throw std::invalid_argument("attention: block sizes must be positive");
+  auto f = [&](int i) { return reinterpret_cast<const float*>(ptrs[i]); };
+  auto n = [&](int i) { return reinterpret_cast<const int32_t*>(ptrs[i]); };
+  AttnProblem p{T, HQ, HK, D, f(0), f(1), f(2), scale, n(3), n(4), num_anchors, causal, window, block_m, block_n,
+                n(5), n(6), n(7), n(8), n(9), n(10), reinterpret_cast<const double*>(ptrs[11]), f(12),
+                rotary_dim, interleaved, rope_scaling};
+  if (p.positions != nullptr && (rotary_dim <= 0 || rotary_dim % 2 || rotary_dim > D))
+    throw std::invalid_argument("attention: rotary_dim must be even and in (0, head_dim]");
+  return p;
+}
+
+} }

@@ -1,0 +1,82 @@
+// Rotary embedding from precomputed cos/sin tables, shared by the CPU (g++)
+// and CUDA (nvcc) kernels.
+//
+// Tables are four [Bt, N, R/2] views with shared strides: cos1/sin1 rotate
+// the first element of each pair, cos2/sin2 the second (cos2 == cos1 and
+// sin2 == sin1 for the usual half tables; transformers' [.., R] tables give
+// two distinct views, so any table is applied exactly as transformers does).
+//   row = positions[b, s] (cache form) or s (per-token form)
+//   o1 = x1*cos1 - x2*sin1 ;  o2 = x2*cos2 + x1*sin2   (sins times `sign`)
+// The table entries are converted to fp32 once; the math is fp32 whatever the
+// table or tensor dtype; outputs are rounded once. A row outside [0, N) gives
+// NaN in the rotated dims: the table is never read outside its bounds.
+#pragma once
+#include <cstdint>
+#include <limits>
+#include "posattn/common.h"
+
+namespace posattn {
+
+struct CosSinTensor {       // one of q / k, viewed [B, S, H, D], last dim contiguous
+  const void* in;
+  void* out;
+  int64_t heads;
+  int64_t in_sb, in_ss, in_sh;
+  int64_t out_sb, out_ss, out_sh;
+};
+
+struct CosSinProblem {
+  CosSinTensor q, k;        // k.in == nullptr when there is no key tensor
+  int64_t batch, seqlen, head_dim;
+  int rotary_dim;
+  bool interleaved;
+  bool copy_tail;           // copy dims >= rotary_dim (out-of-place)
+  float sign;               // +1 forward, -1 for the transposed rotation (backward)
+  // tables
+  const void* cos1; const void* sin1; const void* cos2; const void* sin2;
+  int64_t cos_sb, cos_sn, cos_sp;   // strides of the cos views (cos_sb == 0: shared by the batch)
+  int64_t sin_sb, sin_sn, sin_sp;
+  int64_t table_rows;               // N
+  // positions (cache form) or nullptr (per-token form: row = s)
+  const void* positions;
+  bool pos_is_int64;
+  int64_t pos_sb, pos_ss;           // pos_sb == 0 when shared across the batch
+};
+
+POSATTN_HD int64_t cos_sin_row(const CosSinProblem& p, int64_t b, int64_t s) {
+  if (p.positions == nullptr) return s;
+  const int64_t off = b * p.pos_sb + s * p.pos_ss;
+  return p.pos_is_int64 ? static_cast<const int64_t*>(p.positions)[off]
+                        : int64_t(static_cast<const int32_t*>(p.positions)[off]);
+}
+
+POSATTN_HD float nan_f() { return std::numeric_limits<float>::quiet_NaN(); }
+
+// Entry i of the four table rows of token (b, row), converted to fp32.
+template <typename U>
+POSATTN_HD void cos_sin_load(const CosSinProblem& p, int64_t b, int64_t row, int i, float& c1,
+                             float& s1, float& c2, float& s2) {
+  if (row < 0 || row >= p.table_rows) { c1 = s1 = c2 = s2 = nan_f(); return; }
+  const int64_t co = b * p.cos_sb + row * p.cos_sn + i * p.cos_sp;
+  const int64_t so = b * p.sin_sb + row * p.sin_sn + i * p.sin_sp;
+  c1 = to_float(static_cast<const U*>(p.cos1)[co]);
+  c2 = to_float(static_cast<const U*>(p.cos2)[co]);
+  s1 = p.sign * to_float(static_cast<const U*>(p.sin1)[so]);
+  s2 = p.sign * to_float(static_cast<const U*>(p.sin2)[so]);
+}
+
+POSATTN_HD void cos_sin_pair_index(int i, int rotary_dim, bool interleaved, int& i1, int& i2) {
+  if (interleaved) { i1 = 2 * i; i2 = 2 * i + 1; }
+  else { i1 = i; i2 = i + rotary_dim / 2; }
+}
+
+// Rotate one pair of one head given its four table entries.
+template <typename T>
+POSATTN_HD void cos_sin_rotate_pair(const T* x, T* o, int i1, int i2, float c1, float s1,
+                                    float c2, float s2) {
+  const float x1 = to_float(x[i1]), x2 = to_float(x[i2]);
+  o[i1] = from_float<T>(x1 * c1 - x2 * s1);
+  o[i2] = from_float<T>(x2 * c2 + x1 * s2);
+}
+
+}  // namespace posattn

@@ -1,0 +1,5 @@
+"""Attention ops over structured masks (documents, rows with anchors, windows)."""
+from posattn.attention.masks import BlockLists, MaskSpec, lower
+from posattn.attention.anchor import anchor_attention
+
+__all__ = ["BlockLists", "MaskSpec", "anchor_attention", "lower"]

@@ -1,0 +1,1 @@
+"""Patching third-party model code to use posattn ops (imports its library lazily)."""

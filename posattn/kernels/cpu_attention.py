@@ -1,0 +1,72 @@
+"""Anchor attention on posattn._C (C++ / OpenMP): a blocked online-softmax forward and a
+FlashAttention-2 backward over the same block visit lists as the Triton engine.
+
+The kernel computes in fp32: q, k, v (and dout) are handed over as contiguous fp32 copies,
+and the outputs are rounded to the input dtype once, here.
+"""
+from __future__ import annotations
+
+import torch
+
+from posattn.kernels import cpu as _cpu
+
+
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float32).contiguous()
+
+
+def _ptrs(q, k, v, lists, rope):
+    pos = inv = 0
+    keep = []
+    if rope is not None:
+        positions, inv_freq = rope[0], rope[1]
+        pos_t = positions.to(torch.float64).contiguous()
+        inv_t = inv_freq.to(torch.float32).contiguous()
+        keep += [pos_t, inv_t]
+        pos, inv = pos_t.data_ptr(), inv_t.data_ptr()
+    kq = lists.k_offsets
+    ptrs = [q.data_ptr(), k.data_ptr(), v.data_ptr(), lists.doc_start.data_ptr(), lists.row_start.data_ptr(),
+            lists.q_offsets.data_ptr(), lists.q_kv_idx.data_ptr(), lists.q_kv_masked.data_ptr(),
+            kq.data_ptr() if kq is not None else 0,
+            lists.k_q_idx.data_ptr() if kq is not None else 0,
+            lists.k_q_masked.data_ptr() if kq is not None else 0, pos, inv]
+    return ptrs, keep
+
+
+def _scalars(q, k, lists, num_anchors, causal, window, softmax_scale, rope):
+    T, HQ, D = q.shape
+    rot, inter, scaling = (rope[2], rope[3], rope[4]) if rope is not None else (0, False, 1.0)
+    return (T, HQ, k.shape[1], D), (float(softmax_scale), int(num_anchors), bool(causal),
+                                    int(window) if window is not None else 0, lists.block_m, lists.block_n,
+                                    int(rot), bool(inter), float(scaling))
+
+
+def attn_forward(q, k, v, lists, num_anchors, causal, window, softmax_scale, rope, config):
+    """Same contract as posattn.kernels.triton.flash_attn.attn_forward."""
+    qf, kf, vf = _f32(q), _f32(k), _f32(v)
+    T, HQ, _ = q.shape
+    out = torch.empty(qf.shape, dtype=torch.float32)
+    lse = torch.empty(HQ, T, dtype=torch.float32)
+    if T:
+        dims, sc = _scalars(q, k, lists, num_anchors, causal, window, softmax_scale, rope)
+        ptrs, _keep = _ptrs(qf, kf, vf, lists, rope)
+        _cpu._C.attention_forward(*dims, ptrs, *sc, out.data_ptr(), lse.data_ptr(), int(config.get("threads", 0)))
+    return torch.empty_like(q).copy_(out), lse
+
+
+def attn_backward(dout, q, k, v, out, lse, lists, num_anchors, causal, window, softmax_scale, rope, config,
+                  dlse=None):
+    """Same contract as posattn.kernels.triton.flash_attn.attn_backward (lists with the transpose)."""
+    qf, kf, vf, dof = _f32(q), _f32(k), _f32(v), _f32(dout)
+    delta = (out.float() * dof).sum(-1).transpose(0, 1)
+    if dlse is not None:
+        delta = delta - dlse.float()
+    delta = delta.contiguous()
+    lse = lse.float().contiguous()
+    dq, dk, dv = (torch.empty(x.shape, dtype=torch.float32) for x in (qf, kf, vf))
+    if q.shape[0]:
+        dims, sc = _scalars(q, k, lists, num_anchors, causal, window, softmax_scale, rope)
+        ptrs, _keep = _ptrs(qf, kf, vf, lists, rope)
+        _cpu._C.attention_backward(*dims, ptrs, *sc, dof.data_ptr(), delta.data_ptr(), lse.data_ptr(),
+                                   dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), int(config.get("threads", 0)))
+    return torch.empty_like(q).copy_(dq), torch.empty_like(k).copy_(dk), torch.empty_like(v).copy_(dv)

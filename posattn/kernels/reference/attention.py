@@ -1,0 +1,132 @@
+"""Dense masked attention in fp64: the oracle of the attention ops.
+
+    mask[i, j] = (doc(i) == doc(j) and (not causal or j <= i) and in_window(i, j))
+                 or (row(i) == row(j) and j < row_start(i) + num_anchors and (not causal or j <= i))
+    in_window(i, j) = i - j < window (causal) ; |i - j| < window (non-causal) ; True when window is None
+    out[i]  = softmax_j(scale * q[i] . k[j], over mask[i, :]) @ v
+    lse[i]  = log sum_j exp(scale * q[i] . k[j])  over mask[i, :]
+
+The mask is evaluated at every (i, j): this file is for small T only.
+"""
+from __future__ import annotations
+
+import torch
+
+from posattn.kernels.reference import rope as ref_rope
+
+
+def token_ids(boundaries: torch.Tensor, T: int) -> torch.Tensor:
+    """int64 [T]: index of the segment (of ``boundaries`` [N+1]) holding each token."""
+    b = boundaries.to("cpu", torch.int64).tolist()
+    ids = torch.empty(T, dtype=torch.int64)
+    for s in range(len(b) - 1):
+        ids[b[s]:b[s + 1]] = s
+    return ids
+
+
+def build_mask(T: int, cu_seqlens: torch.Tensor, cu_rows: torch.Tensor | None = None, num_anchors: int = 1,
+               causal: bool = True, window: int | None = None) -> torch.Tensor:
+    """The explicit boolean mask [T, T] (True = query i may attend to key j), on the CPU."""
+    doc = token_ids(cu_seqlens, T)
+    if cu_rows is None:
+        cu_rows = torch.tensor([0, T])
+    row = token_ids(cu_rows, T)
+    row_start = torch.tensor(cu_rows.to("cpu", torch.int64).tolist())[row]
+    i = torch.arange(T)[:, None]
+    j = torch.arange(T)[None, :]
+    order = (j <= i) if causal else torch.ones(T, T, dtype=torch.bool)
+    same_doc = doc[:, None] == doc[None, :]
+    if window is None:
+        win = torch.ones(T, T, dtype=torch.bool)
+    else:
+        win = (i - j < window) if causal else ((i - j).abs() < window)
+    anchor = (row[:, None] == row[None, :]) & (j < row_start[:, None] + num_anchors)
+    return (same_doc & order & win) | (anchor & order)
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                     softmax_scale: float | None = None):
+    """q: [T, Hq, D], k, v: [T, Hk, D] (Hq % Hk == 0), mask: bool [T, T].
+
+    Returns fp64 (out [T, Hq, D], lse [Hq, T]), differentiable in q, k, v.
+    Rows with no allowed key get out = 0 and lse = -inf.
+    """
+    T, HQ, D = q.shape
+    HK = k.shape[1]
+    scale = D ** -0.5 if softmax_scale is None else softmax_scale
+    q64, k64, v64 = (x.to(torch.float64) for x in (q, k, v))
+    g = HQ // HK
+    k64 = k64.repeat_interleave(g, dim=1)
+    v64 = v64.repeat_interleave(g, dim=1)
+    s = torch.einsum("ihd,jhd->hij", q64, k64) * scale
+    m = mask.to(s.device)[None]
+    s = s.masked_fill(~m, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)                          # [H, T]
+    p = torch.exp(s - lse[..., None].masked_fill(torch.isinf(lse[..., None]), 0.0))
+    p = p.masked_fill(~m, 0.0)
+    out = torch.einsum("hij,jhd->ihd", p, v64)
+    return out, lse
+
+
+def rotate_thd(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, rotary_dim: int,
+               interleaved: bool, attention_scaling: float = 1.0) -> torch.Tensor:
+    """x: [T, H, D]; positions: [T] int or float -> fp64 [T, H, D] rotated (as apply_rope does)."""
+    ang = ref_rope.rope_angles(positions.unsqueeze(0), inv_freq)       # [1, T, R/2]
+    out = ref_rope.rotate(x.unsqueeze(0), ang, rotary_dim, interleaved).squeeze(0)
+    if attention_scaling != 1.0:
+        out = torch.cat((out[..., :rotary_dim] * attention_scaling, out[..., rotary_dim:]), dim=-1)
+    return out
+
+
+def anchor_attention(q, k, v, cu_seqlens, cu_rows=None, num_anchors=1, causal=True, window=None,
+                     softmax_scale=None, rope_args=None):
+    """fp64 anchor attention. ``rope_args``: None or (positions, inv_freq, rotary_dim, interleaved,
+    attention_scaling); q and k are rotated in fp64 first. Returns fp64 (out, lse)."""
+    T = q.shape[0]
+    mask = build_mask(T, cu_seqlens, cu_rows, num_anchors, causal, window)
+    if rope_args is not None:
+        positions, inv_freq, rotary_dim, interleaved, scaling = rope_args
+        q = rotate_thd(q, positions, inv_freq, rotary_dim, interleaved, scaling)
+        k = rotate_thd(k, positions, inv_freq, rotary_dim, interleaved, scaling)
+    return masked_attention(q, k, v, mask, softmax_scale)
+
+
+def anchor_attention_backward(dout, dlse, q, k, v, cu_seqlens, cu_rows=None, num_anchors=1, causal=True,
+                              window=None, softmax_scale=None, rope_args=None):
+    """fp64 gradients (dq, dk, dv) of :func:`anchor_attention`, written out (no autograd):
+
+        p = softmax(s) over the mask; dv = p^T dout; dp = dout v^T
+        ds = p * (dp - rowsum(dout * out) + dlse); dq_r = scale ds k_r; dk_r = scale ds^T q_r
+        with rope, dq = R(theta)^T dq_r (rotation by -theta, times attention_scaling), likewise dk.
+    """
+    T, HQ, D = q.shape
+    HK = k.shape[1]
+    g = HQ // HK
+    scale = D ** -0.5 if softmax_scale is None else softmax_scale
+    mask = build_mask(T, cu_seqlens, cu_rows, num_anchors, causal, window)
+    if rope_args is not None:
+        positions, inv_freq, rotary_dim, interleaved, scaling = rope_args
+        q = rotate_thd(q, positions, inv_freq, rotary_dim, interleaved, scaling)
+        k = rotate_thd(k, positions, inv_freq, rotary_dim, interleaved, scaling)
+    q64, k64, v64 = (x.to(torch.float64) for x in (q, k, v))
+    kr, vr = k64.repeat_interleave(g, dim=1), v64.repeat_interleave(g, dim=1)
+    m = mask.to(q64.device)[None]
+    s = (torch.einsum("ihd,jhd->hij", q64, kr) * scale).masked_fill(~m, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse[..., None]).masked_fill(~m, 0.0)
+    do = dout.to(torch.float64)
+    out = torch.einsum("hij,jhd->ihd", p, vr)
+    dv = torch.einsum("hij,ihd->jhd", p, do)
+    dp = torch.einsum("ihd,jhd->hij", do, vr)
+    delta = (do * out).sum(-1).transpose(0, 1)[..., None]          # [H, T, 1]
+    if dlse is not None:
+        delta = delta - dlse.to(torch.float64)[..., None]
+    ds = p * (dp - delta)
+    dq = torch.einsum("hij,jhd->ihd", ds, kr) * scale
+    dk = torch.einsum("hij,ihd->jhd", ds, q64) * scale
+    dk = dk.reshape(T, HK, g, D).sum(2)
+    dv = dv.reshape(T, HK, g, D).sum(2)
+    if rope_args is not None:
+        dq = rotate_thd(dq, positions, -inv_freq.to(torch.float64), rotary_dim, interleaved, scaling)
+        dk = rotate_thd(dk, positions, -inv_freq.to(torch.float64), rotary_dim, interleaved, scaling)
+    return dq, dk, dv

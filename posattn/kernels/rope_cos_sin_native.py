@@ -1,0 +1,60 @@
+"""Thin wrappers over posattn._C / posattn._cuda for the cos/sin-table rotary kernel.
+
+Kernel contract (shared by every backend of op "rope_cos_sin"):
+    q, qo, k, ko: [B, S, H, D] views, last dim contiguous (k, ko may be None)
+    c1, s1, c2, s2: [Bt, N, R/2] table views (Bt in {1, B}); c2 shares c1's strides and
+        s2 shares s1's (c2 is c1 / s2 is s1 for half tables)
+    pos2: None (row = s, N == S) or [Bp, S] int32/int64 rows into the tables
+    sign: +1 forward, -1 for the transposed rotation (with s1/s2 swapped by the caller)
+"""
+from __future__ import annotations
+
+import torch
+
+from posattn.kernels import native
+
+_C, _why_c = native.load("_C")
+_cuda, _why_cuda = native.load("_cuda")
+
+
+def _tensor_args(x, out):
+    return native.rope_tensor_args(x, out)
+
+
+def _table_args(c1, s1, c2, s2):
+    cb = 0 if c1.shape[0] == 1 else c1.stride(0)
+    sb = 0 if s1.shape[0] == 1 else s1.stride(0)
+    return [c1.data_ptr(), s1.data_ptr(), c2.data_ptr(), s2.data_ptr(),
+            cb, c1.stride(1), c1.stride(2), sb, s1.stride(1), s1.stride(2), c1.shape[1]]
+
+
+def _pos_args(pos2):
+    if pos2 is None:
+        return []
+    pb, ps = native.pos_strides(pos2)
+    return [pos2.data_ptr(), int(pos2.dtype == torch.int64), pb, ps]
+
+
+def _common(q, qo, k, ko, c1, s1, c2, s2, pos2, rotary_dim, interleaved, sign):
+    copy_tail = rotary_dim < q.shape[3] and qo.data_ptr() != q.data_ptr()
+    return (_tensor_args(q, qo), _tensor_args(k, ko), _table_args(c1, s1, c2, s2), _pos_args(pos2),
+            q.shape[0], q.shape[1], q.shape[3], rotary_dim, bool(interleaved), copy_tail, float(sign),
+            native.DTYPE_CODE[q.dtype], native.DTYPE_CODE[c1.dtype])
+
+
+def cpu_forward(q, qo, k, ko, c1, s1, c2, s2, pos2, rotary_dim: int, interleaved: bool, sign: float,
+                config: dict):
+    _C.rope_cos_sin_forward(*_common(q, qo, k, ko, c1, s1, c2, s2, pos2, rotary_dim, interleaved, sign),
+                            int(config.get("threads", 0)), int(config.get("chunk", 16)))
+
+
+def cuda_forward(q, qo, k, ko, c1, s1, c2, s2, pos2, rotary_dim: int, interleaved: bool, sign: float,
+                 config: dict):
+    stream = torch.cuda.current_stream(q.device).cuda_stream
+    with torch.cuda.device(q.device):
+        _cuda.rope_cos_sin_forward(*_common(q, qo, k, ko, c1, s1, c2, s2, pos2, rotary_dim, interleaved, sign),
+                                   int(config.get("threads", 0)), stream)
+
+
+def cuda_built() -> bool:
+    return _cuda is not None and hasattr(_cuda, "rope_cos_sin_forward")

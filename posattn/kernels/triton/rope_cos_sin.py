@@ -1,0 +1,178 @@
+"""Triton rotary kernel reading precomputed cos/sin tables (forward; the
+backward is the same kernel with the sines negated and swapped).
+
+Grid: (B*S tokens, head blocks of q then of k). Each program finds its
+token's table row (``positions[b, s]`` in the cache form, ``s`` in the
+per-token form), loads the row's cos/sin once in the table's dtype, converts
+them to fp32 and rotates BLOCK_H heads:
+
+    o1 = x1 cos1 - x2 sin1 ; o2 = x2 cos2 + x1 sin2
+    half-split pairs (p, p + R/2), interleaved pairs (2p, 2p + 1)
+
+cos2/sin2 are only loaded when they differ from cos1/sin1 (SPLIT: the
+transformers-style [.., R] tables). A row outside [0, N) gives NaN in the
+rotated dims; the table is never read outside its bounds.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rope_cos_sin_kernel(
+    q_ptr, qo_ptr, k_ptr, ko_ptr, c1_ptr, s1_ptr, c2_ptr, s2_ptr, pos_ptr,
+    S, HQ, HK, NQB, N,
+    q_sb, q_ss, q_sh, qo_sb, qo_ss, qo_sh,
+    k_sb, k_ss, k_sh, ko_sb, ko_ss, ko_sh,
+    c_sb, c_sn, c_sp, s_sb, s_sn, s_sp,
+    pos_sb, pos_ss,
+    HALF: tl.constexpr, D: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr,
+    INTERLEAVED: tl.constexpr, COPY_TAIL: tl.constexpr, SIGN: tl.constexpr,
+    HAS_POS: tl.constexpr, SPLIT: tl.constexpr,
+):
+    tok = tl.program_id(0).to(tl.int64)
+    hb = tl.program_id(1)
+    b = tok // S
+    s = tok - b * S
+    if HAS_POS:
+        row = tl.load(pos_ptr + b * pos_sb + s * pos_ss).to(tl.int64)
+    else:
+        row = s
+    valid = (row >= 0) & (row < N)
+    row = tl.where(valid, row, 0)
+    p = tl.arange(0, BLOCK_P)
+    pmask = p < HALF
+    lm = pmask & valid
+    co = b * c_sb + row * c_sn + p * c_sp
+    so = b * s_sb + row * s_sn + p * s_sp
+    cos1 = tl.load(c1_ptr + co, mask=lm, other=0.0).to(tl.float32)
+    sin1 = tl.load(s1_ptr + so, mask=lm, other=0.0).to(tl.float32) * SIGN
+    if SPLIT:
+        cos2 = tl.load(c2_ptr + co, mask=lm, other=0.0).to(tl.float32)
+        sin2 = tl.load(s2_ptr + so, mask=lm, other=0.0).to(tl.float32) * SIGN
+    else:
+        cos2 = cos1
+        sin2 = sin1
+    nan = float("nan")
+    cos1 = tl.where(valid, cos1, nan)
+    cos2 = tl.where(valid, cos2, nan)
+
+    if hb < NQB:
+        x_ptr = q_ptr
+        o_ptr = qo_ptr
+        h0 = hb * BLOCK_H
+        H = HQ
+        sb, ss, sh = q_sb, q_ss, q_sh
+        osb, oss, osh = qo_sb, qo_ss, qo_sh
+    else:
+        x_ptr = k_ptr
+        o_ptr = ko_ptr
+        h0 = (hb - NQB) * BLOCK_H
+        H = HK
+        sb, ss, sh = k_sb, k_ss, k_sh
+        osb, oss, osh = ko_sb, ko_ss, ko_sh
+
+    h = (h0 + tl.arange(0, BLOCK_H)).to(tl.int64)
+    hmask = h < H
+    if INTERLEAVED:
+        i1 = 2 * p
+        i2 = 2 * p + 1
+    else:
+        i1 = p
+        i2 = p + HALF
+    m = hmask[:, None] & pmask[None, :]
+    xin = x_ptr + b * sb + s * ss + h[:, None] * sh
+    xout = o_ptr + b * osb + s * oss + h[:, None] * osh
+    x1 = tl.load(xin + i1[None, :], mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(xin + i2[None, :], mask=m, other=0.0).to(tl.float32)
+    o1 = x1 * cos1[None, :] - x2 * sin1[None, :]
+    o2 = x2 * cos2[None, :] + x1 * sin2[None, :]
+    tl.store(xout + i1[None, :], o1.to(o_ptr.dtype.element_ty), mask=m)
+    tl.store(xout + i2[None, :], o2.to(o_ptr.dtype.element_ty), mask=m)
+    if COPY_TAIL:
+        t = 2 * HALF + tl.arange(0, BLOCK_T)
+        tm = hmask[:, None] & (t < D)[None, :]
+        xt = tl.load(xin + t[None, :], mask=tm, other=0.0)
+        tl.store(xout + t[None, :], xt, mask=tm)
+
+
+def default_config(head_dim: int, rotary_dim: int, heads: int) -> dict:
+    block_p = triton.next_power_of_2(max(rotary_dim // 2, 1))
+    # keep a program's tile near 2k pairs: enough work per program, few registers
+    block_h = max(1, min(triton.next_power_of_2(max(heads, 1)), max(1, 2048 // block_p)))
+    return {"BLOCK_H": block_h, "num_warps": 4 if block_h * block_p >= 1024 else 2}
+
+
+def rope_cos_sin_forward(q, qo, k, ko, c1, s1, c2, s2, pos2, rotary_dim: int, interleaved: bool,
+                         sign: float, config: dict):
+    """Same contract as posattn.kernels.rope_cos_sin_native.cpu_forward."""
+    B, S, HQ, D = q.shape
+    HK = k.shape[2] if k is not None else 0
+    if B * S == 0:
+        return
+    half = rotary_dim // 2
+    block_h = int(config.get("BLOCK_H") or default_config(D, rotary_dim, max(HQ, HK))["BLOCK_H"])
+    nqb = triton.cdiv(HQ, block_h)
+    nkb = triton.cdiv(HK, block_h) if k is not None else 0
+    kk, kko = (k, ko) if k is not None else (q, qo)
+    copy_tail = rotary_dim < D and qo.data_ptr() != q.data_ptr()
+    split = c2.data_ptr() != c1.data_ptr() or s2.data_ptr() != s1.data_ptr()
+    has_pos = pos2 is not None
+    pos = pos2 if has_pos else c1
+    pb = (0 if pos2.shape[0] == 1 else pos2.stride(0)) if has_pos else 0
+    ps = pos2.stride(1) if has_pos else 0
+    cb = 0 if c1.shape[0] == 1 else c1.stride(0)
+    sb = 0 if s1.shape[0] == 1 else s1.stride(0)
+    grid = (B * S, nqb + nkb)
+    _rope_cos_sin_kernel[grid](
+        q, qo, kk, kko, c1, s1, c2, s2, pos,
+        S, HQ, HK, nqb, c1.shape[1],
+        q.stride(0), q.stride(1), q.stride(2), qo.stride(0), qo.stride(1), qo.stride(2),
+        kk.stride(0), kk.stride(1), kk.stride(2), kko.stride(0), kko.stride(1), kko.stride(2),
+        cb, c1.stride(1), c1.stride(2), sb, s1.stride(1), s1.stride(2),
+        pb, ps,
+        HALF=half, D=D, BLOCK_P=triton.next_power_of_2(max(half, 1)), BLOCK_H=block_h,
+        BLOCK_T=triton.next_power_of_2(max(D - rotary_dim, 1)), INTERLEAVED=bool(interleaved),
+        COPY_TAIL=bool(copy_tail), SIGN=float(sign), HAS_POS=has_pos, SPLIT=bool(split),
+        num_warps=int(config.get("num_warps", 4)),
+    )
+
+
+# ---------------------------------------------------------------------------
+# ahead-of-time compilation (tests compile specialisations for sm_90a/sm_80)
+
+_TL_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def aot_specializations(head_dims=(64, 92, 128, 160),
+                        dtypes=(torch.float32, torch.float16, torch.bfloat16),
+                        table_dtypes=("fp32", "bf16")):
+    """Yield (name, kernel, signature, constexprs, num_warps) for ahead-of-time compiles."""
+    for d in head_dims:
+        for rot in sorted({d, d // 2 if (d // 2) % 2 == 0 else d}):
+            for dtype in dtypes:
+                for tdt in table_dtypes:
+                    for inter, has_pos, split, pos_t in ((False, True, False, "i64"), (True, True, False, "i32"),
+                                                         (False, False, True, "i64"), (True, False, True, "i64")):
+                        ty = _TL_DTYPE[dtype]
+                        cfg = default_config(d, rot, 32)
+                        meta = dict(HALF=rot // 2, D=d, BLOCK_P=triton.next_power_of_2(rot // 2),
+                                    BLOCK_H=cfg["BLOCK_H"], BLOCK_T=triton.next_power_of_2(max(d - rot, 1)),
+                                    INTERLEAVED=inter, COPY_TAIL=rot < d, SIGN=1.0, HAS_POS=has_pos,
+                                    SPLIT=split)
+                        sig = {n: "constexpr" for n in meta}
+                        sig.update({"q_ptr": f"*{ty}", "qo_ptr": f"*{ty}", "k_ptr": f"*{ty}", "ko_ptr": f"*{ty}",
+                                    "c1_ptr": f"*{tdt}", "s1_ptr": f"*{tdt}", "c2_ptr": f"*{tdt}",
+                                    "s2_ptr": f"*{tdt}", "pos_ptr": f"*{pos_t}" if has_pos else f"*{tdt}"})
+                        for n in ("S", "HQ", "HK", "NQB", "N"):
+                            sig[n] = "i32"
+                        for n in ("q_sb", "q_ss", "q_sh", "qo_sb", "qo_ss", "qo_sh", "k_sb", "k_ss", "k_sh",
+                                  "ko_sb", "ko_ss", "ko_sh", "c_sb", "c_sn", "c_sp", "s_sb", "s_sn", "s_sp",
+                                  "pos_sb", "pos_ss"):
+                            sig[n] = "i64"
+                        name = (f"rope_cos_sin_d{d}_r{rot}_{ty}_t{tdt}_{'inter' if inter else 'half'}"
+                                f"_{'pos' + pos_t if has_pos else 'tok'}{'_split' if split else ''}")
+                        yield name, _rope_cos_sin_kernel, sig, meta, cfg["num_warps"]
