@@ -81,12 +81,20 @@ fi
 
 # 3. build ------------------------------------------------------------------
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-step "build (CUDA)" "$(limit 240 260)" env POSATTN_CUDA=1 "$PY" setup.py -q build_ext --inplace
+# build only for this GPU's architecture (sm_90a on Hopper), one nvcc per .cu in parallel
+ARCH=$("$PY" -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}{n}' + ('a' if m == 9 else ''))" 2>/dev/null || echo "80,90a")
+step "build (CUDA sm_$ARCH)" "$(limit 120 200)" env POSATTN_CUDA=1 POSATTN_CUDA_ARCHS="$ARCH" "$PY" setup.py -q build_ext --inplace
 step "posattn info" 60 "$PY" -m posattn info
 
 # 4. tests on the GPU -------------------------------------------------------
-step "tests (GPU)" "$(limit 170 200)" "$PY" -m pytest -q -x -p no:cacheprovider \
-  --junitxml="$OUT/pytest.xml" tests
+# GPU_CHECK_TESTS: the test paths (default: the kernel tests, where device=cuda matters);
+# pytest-xdist spreads Triton's JIT compiles over the cores when it is installed
+TESTS=${GPU_CHECK_TESTS:-tests/rope tests/kernels tests/attention tests/compat}
+XDIST=()
+"$PY" -c "import xdist" 2>/dev/null && XDIST=(-n "${GPU_CHECK_WORKERS:-8}")
+# shellcheck disable=SC2086
+step "tests (GPU)" "$(limit 150 140)" "$PY" -m pytest -q --maxfail=25 -p no:cacheprovider "${XDIST[@]}" \
+  --junitxml="$OUT/pytest.xml" $TESTS
 
 # 5+6. benchmark sweep, results and dashboard -------------------------------
 WITH=() COMMITTED=()
@@ -94,7 +102,7 @@ if [ -d "$ROOT/benchmarks/results" ]; then
   WITH=(--with "$ROOT/benchmarks/results")
   COMMITTED=("$ROOT/benchmarks/results")
 fi
-BENCH_T=$(limit 220 45)
+BENCH_T=$(limit 110 75)
 NEW_CASES_UNTIL=$((BENCH_T - 40))  # seconds in which new cases may start; the rest lets the last one end
 ((NEW_CASES_UNTIL < 10)) && NEW_CASES_UNTIL=10
 step "bench (full sweep)" "$BENCH_T" "$PY" -m posattn bench --full -o "$OUT" \
@@ -104,11 +112,21 @@ if [ -s "$OUT/results.jsonl" ]; then
   step "dashboard" 30 "$PY" -m posattn dashboard "$OUT/results.jsonl" "${COMMITTED[@]}" -o "$OUT"
   SLUG=$("$PY" -c "from posattn.bench.device import device_fingerprint as f; print(f()['slug'])" 2>/dev/null \
     || echo unknown-gpu)
-  mkdir -p "$OUT/results/$SLUG"
-  cp "$OUT/results.jsonl" "$OUT/results/$SLUG/results.jsonl"
-  echo "results to commit: $OUT/results/$SLUG/results.jsonl -> benchmarks/results/$SLUG/"
+  echo "$SLUG" > "$OUT/gpu_slug.txt"
+  echo "results to commit: $OUT/results.jsonl -> benchmarks/results/$SLUG/results.jsonl"
 else
   echo "no results were written"
+fi
+
+# 6b. tune rope for this GPU and export the entries in the shipped-config format
+if (( BUDGET - (SECONDS - T0) > 40 )); then
+  export POSATTN_TUNE_DIR=/tmp/posattn-gpu-tune
+  step "tune (llama3-8b bf16)" "$(limit 60 15)" "$PY" -m posattn tune --ops rope --preset llama3-8b \
+    --dtype bf16 --tokens "${GPU_CHECK_TUNE_TOKENS:-1,4096,65536}"
+  step "tune export" 20 bash -c "'$PY' -m posattn cache export -o /tmp/posattn-gpu-tune-export && cp /tmp/posattn-gpu-tune-export/*.json '$OUT/' "
+  unset POSATTN_TUNE_DIR
+else
+  echo "(no time left to tune)"
 fi
 
 # 7. summary (last) -----------------------------------------------------------
