@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import os
 import threading
 from dataclasses import dataclass, field
@@ -52,6 +53,9 @@ _registry: dict[str, dict[str, Kernel]] = {}
 _memo: dict[tuple, tuple[Kernel, dict]] = {}
 _lock = threading.Lock()
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("posattn_backend", default=None)
+# called (no arguments) whenever the memo is dropped, by callers that keep their own
+# per-signature state derived from select() (posattn.rope.ops plans)
+_memo_listeners: list[Callable[[], None]] = []
 
 # Installed by posattn.autotune: (op, kernel, key) -> tuned config or None, and
 # (op, key, {backend: Kernel}) -> tuned backend name or None (the kernels are
@@ -84,6 +88,7 @@ def register(op: str, backend: str, *, supports=None, default_config=None, dtype
         with _lock:
             _registry.setdefault(op, {})[backend] = k
             _memo.clear()
+        _notify_cleared()
         return fn
 
     return deco
@@ -161,6 +166,22 @@ def _check_name(name, what: str) -> None:
         raise TypeError(f"{what} must be a backend name (str), got {type(name).__name__}")
     if name not in _PRIORITY:
         raise ValueError(f"{what} must be one of {', '.join(BACKENDS)}; got {name!r}")
+
+
+# What requested_backend(None) reads, as cheap values for callers that memoise per request
+# (posattn.rope.ops plans): the use_backend() context and the raw POSATTN_BACKEND value
+# (read from os.environ's own mapping, which os.environ[...] = / del / monkeypatch update;
+# os.environ.get costs ~1 us a call).
+context_backend = _override.get
+_env_data = getattr(os.environ, "_data", None)
+try:
+    _env_key = os.environ.encodekey("POSATTN_BACKEND")  # type: ignore[attr-defined]
+except AttributeError:
+    _env_key = None
+if isinstance(_env_data, dict) and _env_key is not None:
+    env_backend_raw = functools.partial(_env_data.get, _env_key)
+else:  # another Python's os.environ: the plain (slower) read
+    env_backend_raw = functools.partial(os.environ.get, "POSATTN_BACKEND")
 
 
 def requested_backend(explicit: str | None) -> tuple[str | None, str]:
@@ -255,6 +276,18 @@ def clear_memo() -> None:
     with _lock:
         _memo.clear()
         _avail_cache.clear()
+    _notify_cleared()
+
+
+def on_clear_memo(fn: Callable[[], None]) -> Callable[[], None]:
+    """Have ``fn()`` called whenever memoised decisions are forgotten (clear_memo, register)."""
+    _memo_listeners.append(fn)
+    return fn
+
+
+def _notify_cleared() -> None:
+    for fn in list(_memo_listeners):
+        fn()
 
 
 def set_tuned_lookups(config_lookup=None, backend_lookup=None) -> None:

@@ -22,6 +22,7 @@ torch's usual in-place error and non-leaf tensors get correct gradients.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Optional
 
@@ -389,6 +390,113 @@ def _direct(op, q, k, q4, k4, data, rotary_dim, interleaved, sign, layout, inpla
     return _from_bshd(qo4, layout), (_from_bshd(ko4, layout) if k is not None else None)
 
 
+# ---------------------------------------------------------------------------
+# the hot path: per-signature plans (eager, no gradient)
+#
+# apply_rope's checks, its kernel key, the backend choice and the lowered tables
+# depend only on the inputs' metadata (shapes, strides, dtypes, devices), the spec,
+# the keyword arguments and the backend request (backend=, use_backend(), the
+# POSATTN_BACKEND environment variable) -- never on tensor contents, except for
+# specs whose tables depend on max(positions) (seq_len=None with DynamicNTK or
+# LongRoPE), which are never planned. A plan stores the outcome for one such
+# signature, so that a repeated call costs one dict lookup, the views and the
+# output allocation before the kernel runs. Plans are made only after every
+# check passed, so a bad input never finds one (its key has never been stored).
+# dispatch.clear_memo() (autotune reloads, new registrations) drops them all.
+
+_Tensor = torch.Tensor
+_is_compiling = torch.compiler.is_compiling
+_grad_enabled = torch.is_grad_enabled
+_ctx_backend = dispatch.context_backend
+_env_backend = dispatch.env_backend_raw
+_empty_like = torch.empty_like
+_empty = torch.empty
+
+PLAN_CACHE_SIZE = 512  # signatures kept; the cache is emptied when full (0: no plans)
+_PLANS: dict = {}
+_PLANS_LOCK = threading.Lock()
+
+
+def clear_plans() -> None:
+    """Forget every apply_rope plan (dispatch.clear_memo() calls this)."""
+    with _PLANS_LOCK:
+        _PLANS.clear()
+
+
+dispatch.on_clear_memo(clear_plans)
+
+
+def _plans_store(pk, plan) -> None:
+    if PLAN_CACHE_SIZE <= 0:
+        return
+    with _PLANS_LOCK:
+        if len(_PLANS) >= PLAN_CACHE_SIZE:
+            _PLANS.clear()
+        _PLANS[pk] = plan
+
+
+def _keeps_last_dim(x4: torch.Tensor) -> bool:
+    """Whether empty_like(x4) is last-dim contiguous (what _new_like checks), without allocating."""
+    return torch.empty_like(x4, device="meta").stride(-1) == 1
+
+
+class _RopePlan:
+    """What apply_rope does for one checked signature (eager, no grad): see above."""
+
+    __slots__ = ("kernel", "fn", "config", "tables", "pos_shape", "pos_last", "q_copy", "k_copy", "q_like",
+                 "k_like", "rotary_dim", "interleaved", "layout", "inplace")
+
+    def __init__(self, kernel, config, tables, pos_shape, q4, k4, rotary_dim, interleaved, layout,
+                 inplace):
+        self.kernel, self.fn, self.config, self.tables = kernel, kernel.fn, config, tables
+        self.pos_shape = pos_shape  # pos3 = positions.view(pos_shape): size-1 dims inserted
+        # (positions, its data_ptr, its strides, its pos3 view) of the last call: a view costs
+        # ~2 us, and a model passes the same positions tensor to every layer. The view is valid
+        # while positions is the same object with the same storage, offset and strides (its
+        # shape, dtype and device are in the plan's key); pos3 keeps the storage alive, so an
+        # equal data_ptr cannot belong to new storage.
+        self.pos_last = None
+        self.q_copy = not (q4.stride(-1) == 1 or q4.shape[-1] == 1)   # as _last_contig
+        self.k_copy = k4 is not None and not (k4.stride(-1) == 1 or k4.shape[-1] == 1)
+        self.q_like = self.q_copy or _keeps_last_dim(q4)              # as _new_like
+        self.k_like = k4 is None or self.k_copy or _keeps_last_dim(k4)
+        self.rotary_dim, self.interleaved, self.layout, self.inplace = rotary_dim, interleaved, layout, inplace
+
+    def run(self, q, k, positions):
+        layout = self.layout
+        if layout == "bshd":
+            q4, k4 = q, k
+        elif layout == "bhsd":
+            q4, k4 = q.transpose(1, 2), (k.transpose(1, 2) if k is not None else None)
+        else:
+            q4, k4 = q.unsqueeze(0), (k.unsqueeze(0) if k is not None else None)
+        last = self.pos_last
+        if (last is not None and last[0] is positions and last[1] == positions.data_ptr()
+                and last[2] == positions.stride()):
+            pos3 = last[3]
+        else:
+            pos3 = positions.view(self.pos_shape)
+            self.pos_last = (positions, positions.data_ptr(), positions.stride(), pos3)  # one atomic store
+        qi = q4.contiguous() if self.q_copy else q4
+        ki = k4.contiguous() if self.k_copy else k4
+        if self.inplace:
+            self.fn(qi, qi, ki, ki, pos3, self.tables, self.rotary_dim, self.interleaved, 1.0, self.config)
+            if self.q_copy:
+                q4.copy_(qi)
+            if self.k_copy:
+                k4.copy_(ki)
+            return q, k
+        qo = _empty_like(qi) if self.q_like else _empty(qi.shape, dtype=qi.dtype, device=qi.device)
+        if ki is None:
+            ko = None
+        else:
+            ko = _empty_like(ki) if self.k_like else _empty(ki.shape, dtype=ki.dtype, device=ki.device)
+        self.fn(qi, qo, ki, ko, pos3, self.tables, self.rotary_dim, self.interleaved, 1.0, self.config)
+        if layout == "bshd":
+            return qo, ko
+        return _from_bshd(qo, layout), (_from_bshd(ko, layout) if ko is not None else None)
+
+
 def _run_positions(q, k, q4, k4, pos3, tables, rotary_dim, interleaved, sign, layout, inplace,
                    key, backend):
     """Run posattn::rope / rope_ on [B, S, H, D] views (or the kernel directly, eagerly and
@@ -447,6 +555,28 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor | None, positions: torch.Tensor,
         Angles are reduced modulo 2*pi exactly in fp64 before sin/cos; outputs are
         rounded once. Differentiable with respect to q and k on every backend.
     """
+    if (q.__class__ is _Tensor and positions.__class__ is _Tensor and spec.__class__ is RopeSpec
+            and (k is None or k.__class__ is _Tensor) and not _is_compiling()
+            and not (_grad_enabled() and (q.requires_grad or (k is not None and k.requires_grad)))
+            and (inplace is False or inplace is True) and (seq_len is None or seq_len.__class__ is int)
+            and (backend is None or backend.__class__ is str)):
+        # hot path: a signature seen before (every check below passed for it) runs its plan
+        if k is None:
+            pk = (q.shape, q.stride(), q.dtype, q.device, None, positions.shape, positions.dtype,
+                  positions.device, spec, layout, inplace, backend, seq_len, _ctx_backend(), _env_backend())
+        else:
+            pk = (q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), k.dtype, k.device,
+                  positions.shape, positions.dtype, positions.device, spec, layout, inplace, backend,
+                  seq_len, _ctx_backend(), _env_backend())
+        plan = _PLANS.get(pk)
+        if plan is not None:
+            return plan.run(q, k, positions)
+        return _apply_rope_checked(q, k, positions, spec, layout, inplace, backend, seq_len, pk)
+    return _apply_rope_checked(q, k, positions, spec, layout, inplace, backend, seq_len, None)
+
+
+def _apply_rope_checked(q, k, positions, spec, layout, inplace, backend, seq_len, pk):
+    """apply_rope with every check; stores a plan under ``pk`` (when not None) once they pass."""
     V.float_tensor(q, "q")
     if k is not None:
         V.float_tensor(k, "k")
@@ -469,6 +599,15 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor | None, positions: torch.Tensor,
     rows = _check_rows(tables, HQ, HK)
     key = _make_key(q4, HQ, HK, spec.rotary_dim, spec.interleaved, _dname(positions.dtype),
                     tables.n_axes, rows, tables.pair_pos_scale is not None)
+    if pk is not None and not (seq_len is None and spec.depends_on_seq_len):
+        # eager, no grad, plain tensors: everything checked above is fixed by pk (tables too,
+        # unless they depend on the positions' values); the kernel choice is fixed until
+        # dispatch.clear_memo(), which drops every plan
+        kernel, config = dispatch.select("rope", key, backend=backend)
+        plan = _RopePlan(kernel, config, tables, tuple(pos3.shape), q4, k4, spec.rotary_dim,
+                         spec.interleaved, layout, inplace)
+        _plans_store(pk, plan)
+        return plan.run(q, k, positions)
     return _run_positions(q, k, q4, k4, pos3, tables, spec.rotary_dim, spec.interleaved, 1.0, layout,
                           inplace, key, backend)
 

@@ -1,0 +1,257 @@
+"""apply_rope's per-signature plans (the eager, no-grad hot path; posattn/rope/ops.py).
+
+A plan stores what the checks, the kernel key and the backend choice decided for one
+signature (shapes, strides, dtypes, devices, spec, layout, inplace, backend request).
+These tests check that a changed signature gets a fresh plan (and bad inputs still
+raise), that the cache is bounded and dropped by dispatch.clear_memo(), and that
+results are bit-identical with and without plans.
+"""
+import pytest
+import torch
+
+import posattn
+from posattn import dispatch
+from posattn.rope import ops
+from tests.conftest import DEVICE
+from tests.rope import test_apply_rope as T
+
+SPEC = posattn.RopeSpec(32, rotary_dim=24)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_plans():
+    ops.clear_plans()
+    yield
+    ops.clear_plans()
+
+
+def _inputs(layout="bshd", B=2, S=5, HQ=3, HK=1, D=32, dtype=torch.float32):
+    shape = {"bshd": (B, S, HQ, D), "bhsd": (B, HQ, S, D), "thd": (S, HQ, D)}[layout]
+    kshape = {"bshd": (B, S, HK, D), "bhsd": (B, HK, S, D), "thd": (S, HK, D)}[layout]
+    q = torch.randn(shape, dtype=dtype, device=DEVICE)
+    k = torch.randn(kshape, dtype=dtype, device=DEVICE)
+    pos = torch.randint(0, 1000, (S,), device=DEVICE)
+    return q, k, pos
+
+
+def _uncached(monkeypatch, *args, **kw):
+    """apply_rope with plans turned off (every check and select on every call)."""
+    with monkeypatch.context() as m:
+        m.setattr(ops, "PLAN_CACHE_SIZE", 0)
+        before = dict(ops._PLANS)
+        out = posattn.apply_rope(*args, **kw)
+        assert ops._PLANS == before, "PLAN_CACHE_SIZE=0 must not store plans"
+        return out
+
+
+def _same(a, b):
+    assert (a is None) == (b is None)
+    if a is not None:
+        assert a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+        assert torch.equal(a, b)
+
+
+def test_repeated_signature_reuses_one_plan(monkeypatch):
+    q, k, pos = _inputs()
+    out1 = posattn.apply_rope(q, k, pos, SPEC)
+    assert len(ops._PLANS) == 1
+    plan = next(iter(ops._PLANS.values()))
+    q2, k2, pos2 = _inputs()  # new tensors, same signature
+    out2 = posattn.apply_rope(q2, k2, pos2, SPEC)
+    assert list(ops._PLANS.values()) == [plan]
+    for got, want in zip(out1 + out2, _uncached(monkeypatch, q, k, pos, SPEC) + _uncached(monkeypatch, q2, k2, pos2, SPEC)):
+        _same(got, want)
+    # an equal spec built separately finds the same plan
+    posattn.apply_rope(q2, k2, pos2, posattn.RopeSpec(32, rotary_dim=24))
+    assert list(ops._PLANS.values()) == [plan]
+
+
+def _variants():
+    """name -> (args, kwargs) differing from the base call in one thing the plan depends on."""
+    q, k, pos = _inputs()
+    wide = torch.randn(2, 5, 3, 64, device=DEVICE)
+    return q, k, pos, {
+        "stride": ((wide[..., :32], k, pos, SPEC), {}),                      # same shape, other strides
+        "last_dim_strided": ((torch.randn(2, 5, 3, 64, device=DEVICE)[..., ::2], k, pos, SPEC), {}),
+        "dtype": ((q.double(), k.double(), pos, SPEC), {}),
+        "shape": ((q[:, :4], k[:, :4], pos[:4], SPEC), {}),
+        "heads": ((torch.randn(2, 5, 2, 32, device=DEVICE), k, pos, SPEC), {}),
+        "no_k": ((q, None, pos, SPEC), {}),
+        "pos_dtype": ((q, k, pos.int(), SPEC), {}),
+        "pos_batched": ((q, k, pos.expand(2, 5), SPEC), {}),
+        "float_pos": ((q, k, pos.double() + 0.25, SPEC), {}),
+        "spec": ((q, k, pos, posattn.RopeSpec(32, interleaved=True)), {}),
+        "layout": ((q.transpose(1, 2), k.transpose(1, 2), pos, SPEC), {"layout": "bhsd"}),
+        "inplace": ((q.clone(), k.clone(), pos, SPEC), {"inplace": True}),
+        "backend": ((q, k, pos, SPEC), {"backend": "reference"}),
+        "seq_len": ((q, k, pos, SPEC), {"seq_len": 7}),
+    }
+
+
+@pytest.mark.parametrize("name", list(_variants()[3]))
+def test_changed_signature_gets_a_fresh_plan(monkeypatch, name):
+    q, k, pos, variants = _variants()
+    posattn.apply_rope(q, k, pos, SPEC)
+    first = set(ops._PLANS)
+    args, kw = variants[name]
+    want_args = tuple(a.clone() if isinstance(a, torch.Tensor) and kw.get("inplace") else a for a in args)
+    got = posattn.apply_rope(*args, **kw)
+    new = set(ops._PLANS) - first
+    assert len(new) == 1, f"{name}: expected one new plan, got {len(new)}"
+    assert len(ops._PLANS) == 2
+    want = _uncached(monkeypatch, *want_args, **kw)
+    for g, w in zip(got, want):
+        _same(g, w)
+    # and the base signature still runs its own plan
+    _same(posattn.apply_rope(q, k, pos, SPEC)[0], _uncached(monkeypatch, q, k, pos, SPEC)[0])
+    assert len(ops._PLANS) == 2
+
+
+def test_backend_request_context_and_env_are_part_of_the_key(monkeypatch):
+    q, k, pos = _inputs()
+    posattn.apply_rope(q, k, pos, SPEC)
+    chosen = [p.kernel.backend for p in ops._PLANS.values()]
+    with posattn.use_backend("reference"):
+        posattn.apply_rope(q, k, pos, SPEC)
+    monkeypatch.setenv("POSATTN_BACKEND", "reference")
+    posattn.apply_rope(q, k, pos, SPEC)
+    backends = [p.kernel.backend for p in ops._PLANS.values()]
+    assert backends == chosen + ["reference", "reference"]
+    # a bad environment value is still reported although plans exist for these inputs
+    monkeypatch.setenv("POSATTN_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="POSATTN_BACKEND"):
+        posattn.apply_rope(q, k, pos, SPEC)
+    monkeypatch.delenv("POSATTN_BACKEND")
+    posattn.apply_rope(q, k, pos, SPEC)
+    assert len(ops._PLANS) == 3
+
+
+def test_grad_mode_bypasses_plans():
+    q, k, pos = _inputs()
+    posattn.apply_rope(q, k, pos, SPEC)
+    assert len(ops._PLANS) == 1
+    qg = q.clone().requires_grad_()
+    qo, ko = posattn.apply_rope(qg, k, pos, SPEC)
+    assert qo.grad_fn is not None, "with grad the custom op (and its backward) must run"
+    qo.sum().backward()
+    assert qg.grad is not None and qg.grad.shape == q.shape
+    assert len(ops._PLANS) == 1
+    with torch.no_grad():  # requires_grad but grad disabled: the plan is fine
+        qo2, _ = posattn.apply_rope(qg, k, pos, SPEC)
+    assert qo2.grad_fn is None
+    _same(qo2, qo.detach())
+
+
+@pytest.mark.parametrize("case, exc, match", T.test_bad_inputs.pytestmark[-1].args[1])
+def test_bad_inputs_raise_with_plans_warm(case, exc, match):
+    """Every bad-input case of test_apply_rope, after its good signature has a plan."""
+    q, k, pos, spec = T._ok()
+    posattn.apply_rope(q, k, pos, spec)
+    for kw in ({"layout": "bshd"}, {"inplace": False}, {"backend": "reference"}):
+        posattn.apply_rope(q, k, pos, spec, **kw)
+    assert ops._PLANS
+    T.test_bad_inputs(case, exc, match)
+
+
+@pytest.mark.parametrize("kw, exc, match", [
+    ({"inplace": 0}, TypeError, "inplace must be a bool"),       # 0 == False and hash(0) == hash(False)
+    ({"inplace": 1}, TypeError, "inplace must be a bool"),
+    ({"seq_len": True}, ValueError, "seq_len must be a positive int"),  # True == 1
+    ({"seq_len": 0}, ValueError, "seq_len must be a positive int"),
+    ({"seq_len": 5.0}, ValueError, "seq_len must be a positive int"),
+    ({"backend": "tpu"}, ValueError, "backend must be one of"),
+])
+def test_equal_hashing_arguments_are_still_checked(kw, exc, match):
+    q, k, pos = _inputs()
+    posattn.apply_rope(q, k, pos, SPEC)
+    posattn.apply_rope(q, k, pos, SPEC, inplace=False)
+    posattn.apply_rope(q, k, pos, SPEC, seq_len=1)
+    with pytest.raises(exc, match=match):
+        posattn.apply_rope(q, k, pos, SPEC, **kw)
+
+
+def test_other_device_still_raises():
+    q, k, pos = _inputs()
+    posattn.apply_rope(q, k, pos, SPEC)
+    with pytest.raises(ValueError, match="positions is on meta"):
+        posattn.apply_rope(q, k, torch.arange(5, device="meta"), SPEC)
+    with pytest.raises(ValueError, match="k is on meta"):
+        posattn.apply_rope(q, k.to("meta"), pos, SPEC)
+
+
+def test_cache_is_bounded(monkeypatch):
+    monkeypatch.setattr(ops, "PLAN_CACHE_SIZE", 4)
+    for s in range(1, 12):
+        q, k, pos = _inputs(S=s)
+        posattn.apply_rope(q, k, pos, SPEC)
+        assert 1 <= len(ops._PLANS) <= 4
+
+
+def test_clear_memo_and_autotune_reload_drop_plans():
+    from posattn import autotune
+
+    q, k, pos = _inputs()
+    posattn.apply_rope(q, k, pos, SPEC)
+    assert ops._PLANS
+    dispatch.clear_memo()
+    assert not ops._PLANS
+    posattn.apply_rope(q, k, pos, SPEC)
+    assert ops._PLANS
+    autotune.reload()
+    assert not ops._PLANS
+
+
+def test_seq_len_dependent_specs_are_not_planned_without_seq_len(monkeypatch):
+    """Their tables depend on max(positions): each call must look at the values."""
+    spec = posattn.RopeSpec(32, scaling=posattn.DynamicNTK(2.0, 16))
+    q, k, _ = _inputs()
+    outs = []
+    for top in (3, 100):  # the second needs the NTK-scaled tables (100 > 16)
+        pos = torch.tensor([0, 1, 2, top - 2, top - 1], device=DEVICE)
+        outs.append(posattn.apply_rope(q, k, pos, spec))
+        assert not ops._PLANS
+        _same(outs[-1][0], _uncached(monkeypatch, q, k, pos, spec)[0])
+    # with seq_len the tables are fixed by the arguments: planned
+    posattn.apply_rope(q, k, pos, spec, seq_len=100)
+    assert len(ops._PLANS) == 1
+
+
+def test_positions_changed_in_place_are_seen(monkeypatch):
+    """The plan keeps the last positions view: values, storage and strides changed in place
+    must still be read correctly."""
+    q, k, _ = _inputs()
+    pos = torch.arange(5, device=DEVICE)
+    posattn.apply_rope(q, k, pos, SPEC)
+    pos.add_(7)  # new values, same storage
+    _same(posattn.apply_rope(q, k, pos, SPEC)[0], _uncached(monkeypatch, q, k, pos.clone(), SPEC)[0])
+    pos.set_(torch.arange(100, 105, device=DEVICE))  # new storage
+    _same(posattn.apply_rope(q, k, pos, SPEC)[0], _uncached(monkeypatch, q, k, pos.clone(), SPEC)[0])
+    base = torch.arange(10, device=DEVICE)
+    pos.set_(base.untyped_storage(), 0, (5,), (2,))  # other strides (even positions)
+    _same(posattn.apply_rope(q, k, pos, SPEC)[0], _uncached(monkeypatch, q, k, base[::2].clone(), SPEC)[0])
+    pos.set_(base.untyped_storage(), 1, (5,), (2,))  # other offset (odd positions)
+    _same(posattn.apply_rope(q, k, pos, SPEC)[0], _uncached(monkeypatch, q, k, base[1::2].clone(), SPEC)[0])
+
+
+@pytest.mark.parametrize("layout", ["bshd", "bhsd", "thd"])
+@pytest.mark.parametrize("strided", [False, True], ids=["dense", "strided"])
+@pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
+@pytest.mark.parametrize("with_k", [True, False], ids=["k", "no_k"])
+def test_identical_with_and_without_plans(monkeypatch, layout, strided, inplace, with_k):
+    q, k, pos = _inputs(layout)
+    if strided:  # last dim not contiguous: the op copies, runs, (copies back when in place)
+        q = torch.stack([q, q], -1)[..., 0]
+        k = torch.stack([k, k], -1)[..., 0]
+    k = k if with_k else None
+    for _ in range(2):  # the first call makes the plan, the second runs it
+        qa, ka = q.clone(), (k.clone() if k is not None else None)
+        qb, kb = q.clone(), (k.clone() if k is not None else None)
+        got = posattn.apply_rope(qa, ka, pos, SPEC, layout=layout, inplace=inplace)
+        want = _uncached(monkeypatch, qb, kb, pos, SPEC, layout=layout, inplace=inplace)
+        for g, w in zip(got, want):
+            _same(g, w)
+        if inplace:
+            assert got[0] is qa and got[1] is ka
+            _same(qa, qb)
+            _same(ka, kb)
+    assert len(ops._PLANS) == 1
