@@ -9,6 +9,7 @@ traces.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Optional
 
@@ -108,6 +109,37 @@ def apply_rope_cos_sin(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tenso
         (q_out, k_out) in the input dtype and layout; k_out is None when k is None. No
         gradient flows into the tables.
     """
+    if (q.__class__ is _Tensor and (k is None or k.__class__ is _Tensor) and not _is_compiling()
+            and not (_grad_enabled() and (q.requires_grad or (k is not None and k.requires_grad)))
+            and (cos is None or cos.__class__ is _Tensor) and (sin is None or sin.__class__ is _Tensor)
+            and (cos_sin_cache is None or cos_sin_cache.__class__ is _Tensor)
+            and (positions is None or positions.__class__ is _Tensor)
+            and (inplace is False or inplace is True) and (interleaved is False or interleaved is True)
+            and (check_bounds is False or check_bounds is True)
+            and (rotary_dim is None or rotary_dim.__class__ is int)
+            and (backend is None or backend.__class__ is str)):
+        # hot path: a signature seen before (every check below passed for it) runs its plan
+        pk = (q.shape, q.stride(), q.dtype, q.device,
+              None if k is None else (k.shape, k.stride(), k.dtype, k.device),
+              None if cos is None else (cos.shape, cos.dtype, cos.device),
+              None if sin is None else (sin.shape, sin.dtype, sin.device),
+              None if cos_sin_cache is None else (cos_sin_cache.shape, cos_sin_cache.dtype, cos_sin_cache.device),
+              None if positions is None else (positions.shape, positions.dtype, positions.device),
+              rotary_dim, layout, interleaved, inplace, check_bounds, backend, _ctx_backend(), _env_backend())
+        plan = _PLANS.get(pk)
+        if plan is not None:
+            if cos_sin_cache is not None:
+                return plan.run(q, k, cos_sin_cache, cos_sin_cache, positions)
+            return plan.run(q, k, cos, sin, positions)
+    else:
+        pk = None
+    return _apply_checked(q, k, cos, sin, cos_sin_cache, positions, rotary_dim, layout, interleaved, inplace,
+                          check_bounds, backend, pk)
+
+
+def _apply_checked(q, k, cos, sin, cos_sin_cache, positions, rotary_dim, layout, interleaved, inplace,
+                   check_bounds, backend, pk):
+    """apply_rope_cos_sin with every check; stores a plan under ``pk`` (when not None) once they pass."""
     V.float_tensor(q, "q")
     if k is not None:
         V.float_tensor(k, "k")
@@ -157,6 +189,19 @@ def apply_rope_cos_sin(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tenso
         _check_positions_shape(positions, B, S, layout)
     if k is not None:
         V.same_device(q, "q", k=k)
+
+    if pk is not None:
+        # eager, no grad, plain tensors: everything checked above is fixed by pk, and so are
+        # the kernel key and choice (until dispatch.clear_memo(), which drops every plan);
+        # the positions bounds check reads values and runs on every call
+        plan = _CosSinPlan(q, k, tab_a, tab_b, positions, R, form, layout, interleaved, inplace,
+                           check_bounds, backend)
+        if PLAN_CACHE_SIZE > 0:
+            with _PLANS_LOCK:
+                if len(_PLANS) >= PLAN_CACHE_SIZE:
+                    _PLANS.clear()
+                _PLANS[pk] = plan
+        return plan.run(q, k, tab_a, tab_b, positions)
 
     if inplace:
         if _use_custom_op(q, k):
@@ -314,9 +359,7 @@ def _launch(q, k, qo_t, ko_t, tab_a, tab_b, positions, R, form, layout, interlea
         pos2 = _positions_2d(positions, B, S, layout)
         if check_bounds:
             _check_positions_in_range(pos2, c1.shape[1])
-    key = CosSinKey(q.device.type, _DTYPE_NAME[q.dtype], _DTYPE_NAME[c1.dtype], D, R, bool(interleaved),
-                    c2.data_ptr() != c1.data_ptr(), "" if pos2 is None else _DTYPE_NAME[pos2.dtype], HQ,
-                    k4.shape[2] if k4 is not None else 0, _bucket(B * S))
+    key = _key_for(q, q4, k4, c1, c2, pos2, R, interleaved)
     kernel, config = dispatch.select("rope_cos_sin", key, backend=backend)
 
     qi, qo, qback = _io(q4, q4 if qo_t is q else _as_bshd(qo_t, layout))
@@ -328,6 +371,131 @@ def _launch(q, k, qo_t, ko_t, tab_a, tab_b, positions, R, form, layout, interlea
         qback.copy_(qo)
     if kback is not None:
         kback.copy_(ko)
+
+
+# ---------------------------------------------------------------------------
+# the hot path: per-signature plans (eager, no gradient), as for apply_rope
+# (posattn/rope/ops.py). The checks, R, the table form, the kernel key and the
+# backend choice depend only on metadata (shapes, dtypes, devices, q/k strides),
+# the keyword arguments and the backend request; the positions bounds check reads
+# values and is never skipped.
+
+_Tensor = torch.Tensor
+_is_compiling = torch.compiler.is_compiling
+_grad_enabled = torch.is_grad_enabled
+_ctx_backend = dispatch.context_backend
+_env_backend = dispatch.env_backend_raw
+_empty_like = torch.empty_like
+
+PLAN_CACHE_SIZE = 512  # signatures kept; the cache is emptied when full (0: no plans)
+_PLANS: dict = {}
+_PLANS_LOCK = threading.Lock()
+
+
+def clear_plans() -> None:
+    """Forget every apply_rope_cos_sin plan (dispatch.clear_memo() calls this)."""
+    with _PLANS_LOCK:
+        _PLANS.clear()
+
+
+dispatch.on_clear_memo(clear_plans)
+
+
+def _key_for(q, q4, k4, c1, c2, pos2, R, interleaved) -> CosSinKey:
+    B, S, HQ, D = q4.shape
+    return CosSinKey(q.device.type, _DTYPE_NAME[q.dtype], _DTYPE_NAME[c1.dtype], D, R, bool(interleaved),
+                     c2.data_ptr() != c1.data_ptr(), "" if pos2 is None else _DTYPE_NAME[pos2.dtype], HQ,
+                     k4.shape[2] if k4 is not None else 0, _bucket(B * S))
+
+
+def _same_view_src(last, a, b) -> bool:
+    return (last is not None and last[0] is a and last[1] is b and last[2] == a.data_ptr()
+            and last[3] == a.stride() and last[4] == b.data_ptr() and last[5] == b.stride())
+
+
+class _CosSinPlan:
+    """What apply_rope_cos_sin does for one checked signature (eager, no grad)."""
+
+    __slots__ = ("kernel", "fn", "config", "R", "form", "layout", "interleaved", "inplace", "check_bounds",
+                 "q_copy", "k_copy", "q_out_ok", "k_out_ok", "tab_last", "pos_last")
+
+    def __init__(self, q, k, tab_a, tab_b, positions, R, form, layout, interleaved, inplace, check_bounds,
+                 backend):
+        q4 = _as_bshd(q, layout)
+        k4 = _as_bshd(k, layout) if k is not None else None
+        c1, s1, c2, s2 = _table_views(tab_a, tab_b, R, form, interleaved, False)
+        pos2 = None if positions is None else _positions_2d(positions, q4.shape[0], q4.shape[1], layout)
+        self.kernel, self.config = dispatch.select("rope_cos_sin", _key_for(q, q4, k4, c1, c2, pos2, R, interleaved),
+                                                   backend=backend)
+        self.fn = self.kernel.fn
+        self.R, self.form, self.layout, self.interleaved = R, form, layout, interleaved
+        self.inplace, self.check_bounds = inplace, check_bounds
+        self.q_copy = q4.stride(-1) != 1   # as _io
+        self.k_copy = k4 is not None and k4.stride(-1) != 1
+        # out of place: empty_like(q) in q's layout; its [B,S,H,D] view has a contiguous last
+        # dim unless q is not dense (then the kernel writes a temporary, copied back as in _io)
+        self.q_out_ok = _as_bshd(torch.empty_like(q, device="meta"), layout).stride(-1) == 1
+        self.k_out_ok = k is None or _as_bshd(torch.empty_like(k, device="meta"), layout).stride(-1) == 1
+        self.tab_last = None   # (tab_a, tab_b, their data_ptrs and strides, the four table views)
+        self.pos_last = None   # (positions, data_ptr, strides, its [Bp, S] view)
+
+    def run(self, q, k, tab_a, tab_b, positions):
+        layout = self.layout
+        if layout == "bshd":
+            q4, k4 = q, k
+        elif layout == "bhsd":
+            q4, k4 = q.transpose(1, 2), (k.transpose(1, 2) if k is not None else None)
+        else:
+            q4, k4 = q.unsqueeze(0), (k.unsqueeze(0) if k is not None else None)
+        # views cost ~2 us each; a model passes the same tables and positions to every layer.
+        # A kept view is valid while its source is the same object with the same storage,
+        # offset and strides (shapes, dtypes and devices are in the plan's key); the view keeps
+        # the old storage alive, so an equal data_ptr cannot belong to new storage.
+        last = self.tab_last
+        if _same_view_src(last, tab_a, tab_b):
+            c1, s1, c2, s2 = last[6]
+        else:
+            views = _table_views(tab_a, tab_b, self.R, self.form, self.interleaved, False)
+            self.tab_last = (tab_a, tab_b, tab_a.data_ptr(), tab_a.stride(), tab_b.data_ptr(), tab_b.stride(),
+                             views)
+            c1, s1, c2, s2 = views
+        pos2 = None
+        if positions is not None:
+            last = self.pos_last
+            if (last is not None and last[0] is positions and last[1] == positions.data_ptr()
+                    and last[2] == positions.stride()):
+                pos2 = last[3]
+            else:
+                pos2 = positions.unsqueeze(0) if positions.dim() == 1 else positions  # as _positions_2d
+                self.pos_last = (positions, positions.data_ptr(), positions.stride(), pos2)
+            if self.check_bounds:
+                _check_positions_in_range(pos2, c1.shape[1])
+        R, inter = self.R, self.interleaved
+        if self.inplace:
+            qi = q4.contiguous() if self.q_copy else q4
+            ki = k4.contiguous() if self.k_copy else k4
+            self.fn(qi, qi, ki, ki, c1, s1, c2, s2, pos2, R, inter, 1.0, self.config)
+            if self.q_copy:
+                q4.copy_(qi)
+            if self.k_copy:
+                k4.copy_(ki)
+            return q, k
+        qi = q4.contiguous() if self.q_copy else q4
+        qo = _empty_like(q)
+        qo4 = qo if layout == "bshd" else _as_bshd(qo, layout)
+        qw = qo4 if self.q_out_ok else torch.empty(qo4.shape, dtype=qo4.dtype, device=qo4.device)
+        ko = ki = kw = ko4 = None
+        if k4 is not None:
+            ki = k4.contiguous() if self.k_copy else k4
+            ko = _empty_like(k)
+            ko4 = ko if layout == "bshd" else _as_bshd(ko, layout)
+            kw = ko4 if self.k_out_ok else torch.empty(ko4.shape, dtype=ko4.dtype, device=ko4.device)
+        self.fn(qi, qw, ki, kw, c1, s1, c2, s2, pos2, R, inter, 1.0, self.config)
+        if qw is not qo4:
+            qo4.copy_(qw)
+        if kw is not ko4:
+            ko4.copy_(kw)
+        return qo, ko
 
 
 _DTYPE_NAME = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",

@@ -255,3 +255,134 @@ def test_identical_with_and_without_plans(monkeypatch, layout, strided, inplace,
             _same(qa, qb)
             _same(ka, kb)
     assert len(ops._PLANS) == 1
+
+
+# ---------------------------------------------------------------------------
+# apply_rope_cos_sin's plans (posattn/rope/cos_sin.py)
+
+from posattn.rope import cos_sin as CS  # noqa: E402
+from tests.rope import test_cos_sin as TC  # noqa: E402
+
+
+@pytest.fixture
+def cs_fresh():
+    CS.clear_plans()
+    yield
+    CS.clear_plans()
+
+
+def _cs_uncached(monkeypatch, *args, **kw):
+    with monkeypatch.context() as m:
+        m.setattr(CS, "PLAN_CACHE_SIZE", 0)
+        before = dict(CS._PLANS)
+        out = posattn.apply_rope_cos_sin(*args, **kw)
+        assert CS._PLANS == before
+        return out
+
+
+def _cs_case(form, layout):
+    q, k, _ = _inputs(layout)
+    S = 5
+    if form == "cache":
+        cache = torch.randn(12, 24, device=DEVICE)
+        return (q, k), {"cos_sin_cache": cache, "positions": torch.randint(0, 12, (S,), device=DEVICE)}
+    ang = torch.rand(S, 12, device=DEVICE) * 6
+    if form == "full":
+        ang = torch.cat([ang, ang], -1)
+    return (q, k, ang.cos(), ang.sin()), {}
+
+
+@pytest.mark.parametrize("form", ["half", "full", "cache"])
+@pytest.mark.parametrize("layout", ["bshd", "bhsd", "thd"])
+@pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
+@pytest.mark.parametrize("strided", [False, True], ids=["dense", "strided"])
+def test_cos_sin_identical_with_and_without_plans(monkeypatch, cs_fresh, form, layout, inplace, strided):
+    args, kw = _cs_case(form, layout)
+    q, k = args[:2]
+    if strided:
+        q = torch.stack([q, q], -1)[..., 0]
+        k = torch.stack([k, k], -1)[..., 0]
+    for _ in range(2):  # the first call makes the plan, the second runs it
+        qa, ka, qb, kb = q.clone(), k.clone(), q.clone(), k.clone()
+        got = posattn.apply_rope_cos_sin(qa, ka, *args[2:], layout=layout, inplace=inplace, **kw)
+        want = _cs_uncached(monkeypatch, qb, kb, *args[2:], layout=layout, inplace=inplace, **kw)
+        for g, w in zip(got, want):
+            _same(g, w)
+        if inplace:
+            assert got[0] is qa and got[1] is ka
+    assert len(CS._PLANS) == 1
+    # no k: a fresh plan, k_out None
+    got = posattn.apply_rope_cos_sin(q, None, *args[2:], layout=layout, **kw)
+    assert got[1] is None and len(CS._PLANS) == 2
+    _same(got[0], _cs_uncached(monkeypatch, q, None, *args[2:], layout=layout, **kw)[0])
+
+
+def test_cos_sin_bounds_checked_on_every_call(cs_fresh):
+    args, kw = _cs_case("cache", "bshd")
+    posattn.apply_rope_cos_sin(*args, **kw)
+    assert len(CS._PLANS) == 1
+    bad = torch.tensor([0, 1, 12, 2, 3], device=DEVICE)  # same signature, a value out of range
+    with pytest.raises(ValueError, match="got a position 12"):
+        posattn.apply_rope_cos_sin(*args, cos_sin_cache=kw["cos_sin_cache"], positions=bad)
+    assert len(CS._PLANS) == 1
+    kw["positions"].fill_(-1)  # the kept positions view, changed in place
+    with pytest.raises(ValueError, match="got a position -1"):
+        posattn.apply_rope_cos_sin(*args, **kw)
+
+
+def test_cos_sin_tables_changed_in_place_are_seen(monkeypatch, cs_fresh):
+    (q, k, cos, sin), _ = _cs_case("half", "bshd")
+    posattn.apply_rope_cos_sin(q, k, cos, sin)
+    cos.mul_(0.5)
+    _same(posattn.apply_rope_cos_sin(q, k, cos, sin)[0], _cs_uncached(monkeypatch, q, k, cos.clone(), sin.clone())[0])
+    wide = torch.randn(5, 24, device=DEVICE)
+    cos.set_(wide.untyped_storage(), 0, (5, 12), (24, 1))  # other storage and strides
+    _same(posattn.apply_rope_cos_sin(q, k, cos, sin)[0],
+          _cs_uncached(monkeypatch, q, k, wide[:, :12].clone(), sin.clone())[0])
+    # other table objects with the same signature
+    c2, s2 = cos.clone() + 1, sin.clone()
+    _same(posattn.apply_rope_cos_sin(q, k, c2, s2)[0], _cs_uncached(monkeypatch, q, k, c2, s2)[0])
+    assert len(CS._PLANS) == 1
+
+
+def test_cos_sin_grad_and_clear(cs_fresh):
+    (q, k, cos, sin), _ = _cs_case("half", "bshd")
+    posattn.apply_rope_cos_sin(q, k, cos, sin)
+    qg = q.clone().requires_grad_()
+    qo, _ = posattn.apply_rope_cos_sin(qg, k, cos, sin)
+    assert qo.grad_fn is not None
+    assert len(CS._PLANS) == 1
+    dispatch.clear_memo()
+    assert not CS._PLANS
+
+
+@pytest.mark.parametrize("case, exc, match", TC.test_bad_inputs.pytestmark[-1].args[1])
+def test_cos_sin_bad_inputs_raise_with_plans_warm(cs_fresh, case, exc, match):
+    q, k, cos, sin = TC._ok()
+    posattn.apply_rope_cos_sin(q, k, cos, sin)
+    posattn.apply_rope_cos_sin(q, k, cos, sin, inplace=False, backend="reference")
+    assert CS._PLANS
+    TC.test_bad_inputs(case, exc, match)
+
+
+@pytest.mark.parametrize("kw, exc, match", [
+    ({"inplace": 0}, TypeError, "inplace must be a bool"),
+    ({"interleaved": 0}, TypeError, "interleaved must be a bool"),
+    ({"check_bounds": 1}, TypeError, "check_bounds must be a bool"),
+    ({"rotary_dim": 24.0}, TypeError, "rotary_dim must be an int"),
+])
+def test_cos_sin_equal_hashing_arguments_are_still_checked(cs_fresh, kw, exc, match):
+    (q, k, cos, sin), _ = _cs_case("half", "bshd")
+    posattn.apply_rope_cos_sin(q, k, cos, sin, inplace=False, interleaved=False, check_bounds=True)
+    posattn.apply_rope_cos_sin(q, k, cos, sin, rotary_dim=24)
+    with pytest.raises(exc, match=match):
+        posattn.apply_rope_cos_sin(q, k, cos, sin, **kw)
+
+
+def test_cos_sin_cache_is_bounded(monkeypatch, cs_fresh):
+    monkeypatch.setattr(CS, "PLAN_CACHE_SIZE", 3)
+    for s in range(1, 9):
+        q = torch.randn(1, s, 2, 32, device=DEVICE)
+        ang = torch.rand(s, 16, device=DEVICE)
+        posattn.apply_rope_cos_sin(q, None, ang.cos(), ang.sin())
+        assert 1 <= len(CS._PLANS) <= 3
