@@ -14,6 +14,9 @@ fp32, k None, positions int64 [1], one thread:
               a new tensor, so both sides allocate one (empty_like costs ~1.2 us by itself).
   op          posattn.apply_rope(q, None, positions, spec): checks (or its plan for a
               signature seen before), backend choice, positions view, output, kernel call
+  cs_direct,  the same pair for posattn.apply_rope_cos_sin(q, None, cos, sin) with per-token
+  cs_op       half-width tables [1, 8] (cs_direct: empty_like + the cos/sin kernel function
+              with its four prepared [1, S, R/2] table views)
   select      dispatch.select on a memoised key
   lookup      the autotune config lookup for a key it has answered before (its memo)
   index       the cache index's exact-key lookup without that memo (what a first sight costs)
@@ -104,7 +107,18 @@ def setup():
     tables = spec.tables(q.device)
     fn = kernel.fn
     idx = lk.index("cpu")[1]
+    from posattn.rope import cos_sin as CS
+
+    ang = torch.rand(1, 8)
+    cos, sin = ang.cos(), ang.sin()
+    cs_views = CS._table_views(cos, sin, 16, CS.FORM_HALF, False, False)
+    cs_key = CS.CosSinKey("cpu", "float32", "float32", 16, 16, False, False, "", 1, 0, 1)
+    cs_kernel, cs_cfg = dispatch.select("rope_cos_sin", cs_key)
+    assert cs_kernel.backend == "cpu", cs_kernel.backend
+    cs_fn = cs_kernel.fn
     return {
+        "cs_direct": lambda: cs_fn(q, torch.empty_like(q), None, None, *cs_views, None, 16, False, 1.0, cs_cfg),
+        "cs_op": lambda: posattn.apply_rope_cos_sin(q, None, cos, sin),
         "kernel": lambda: fn(q, qo, None, None, pos3, tables, 16, False, 1.0, chosen),
         "direct": lambda: fn(q, torch.empty_like(q), None, None, pos3, tables, 16, False, 1.0, chosen),
         "op": lambda: posattn.apply_rope(q, None, pos, spec),
@@ -125,10 +139,12 @@ def main() -> int:
     fns = setup()
     load0 = load_average()
     med, diff = paired_us({name: fns[name] for name in ("direct", "kernel", "op")})
+    cs_med, cs_diff = paired_us({name: fns[name] for name in ("cs_direct", "cs_op")})
     res = {name: per_call_us(fns[name]) for name in ("select", "lookup", "index")}
-    for name, us in list(med.items()) + list(res.items()):
+    for name, us in list(med.items()) + list(cs_med.items()) + list(res.items()):
         print(f"{name:8s} {us:8.3f} us/call")
     print(f"op - direct = {diff['op']:.3f} us (target <= 3 us); op - kernel = {diff['op'] - diff['kernel']:.3f} us; "
+          f"cs_op - cs_direct = {cs_diff['cs_op']:.3f} us; "
           f"lookup = {res['lookup']:.3f} us (target <= 1 us); index (unmemoised) = {res['index']:.3f} us; "
           f"load average {load0} -> {load_average()}")
     return 0

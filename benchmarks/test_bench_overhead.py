@@ -2,7 +2,9 @@
 
     PYTHONPATH=. python -m pytest -q benchmarks/test_bench_overhead.py --benchmark-only
 
-The issue's targets (op - direct <= 3 us, a cache lookup <= 1 us) are asserted
+What "direct" includes is said in bench_overhead's docstring (the kernel function
+plus the output allocation; "kernel" is the call alone). The issue's targets
+(op - direct <= 3 us, a cache lookup <= 1 us) are asserted
 only with POSATTN_BENCH_ASSERT=1: on a shared, oversubscribed CI machine the
 absolute microseconds say more about the neighbours than about the code.
 """
@@ -36,7 +38,7 @@ def fns():
     autotune.reload()
 
 
-@pytest.mark.parametrize("name", ["direct", "op", "select", "lookup", "index"])
+@pytest.mark.parametrize("name", ["kernel", "direct", "op", "cs_direct", "cs_op", "select", "lookup", "index"])
 def test_overhead(benchmark, fns, name):
     benchmark.group = "host overhead (tiny rope, CPU)"
     benchmark(fns[name])
@@ -45,6 +47,6 @@ def test_overhead(benchmark, fns, name):
 def test_targets(fns):
     if not ASSERT:
         pytest.skip("set POSATTN_BENCH_ASSERT=1 to check the microsecond targets on a quiet machine")
-    us = {n: bench_overhead.per_call_us(f) for n, f in fns.items()}
-    assert us["op"] - us["direct"] <= 3.0, us
-    assert us["lookup"] <= 1.0, us
+    med, diff = bench_overhead.paired_us({n: fns[n] for n in ("direct", "op")})
+    assert diff["op"] <= 3.0, (med, diff)
+    assert bench_overhead.per_call_us(fns["lookup"]) <= 1.0

@@ -109,14 +109,14 @@ def apply_rope_cos_sin(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tenso
         (q_out, k_out) in the input dtype and layout; k_out is None when k is None. No
         gradient flows into the tables.
     """
-    if (q.__class__ is _Tensor and (k is None or k.__class__ is _Tensor) and not _is_compiling()
+    if (not _is_compiling() and q.__class__ is _Tensor and (k is None or k.__class__ is _Tensor)
             and not (_grad_enabled() and (q.requires_grad or (k is not None and k.requires_grad)))
             and (cos is None or cos.__class__ is _Tensor) and (sin is None or sin.__class__ is _Tensor)
             and (cos_sin_cache is None or cos_sin_cache.__class__ is _Tensor)
             and (positions is None or positions.__class__ is _Tensor)
             and (inplace is False or inplace is True) and (interleaved is False or interleaved is True)
             and (check_bounds is False or check_bounds is True)
-            and (rotary_dim is None or rotary_dim.__class__ is int)
+            and (rotary_dim is None or rotary_dim.__class__ is int) and layout.__class__ is str
             and (backend is None or backend.__class__ is str)):
         # hot path: a signature seen before (every check below passed for it) runs its plan
         pk = (q.shape, q.stride(), q.dtype, q.device,

@@ -555,11 +555,11 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor | None, positions: torch.Tensor,
         Angles are reduced modulo 2*pi exactly in fp64 before sin/cos; outputs are
         rounded once. Differentiable with respect to q and k on every backend.
     """
-    if (q.__class__ is _Tensor and positions.__class__ is _Tensor and spec.__class__ is RopeSpec
-            and (k is None or k.__class__ is _Tensor) and not _is_compiling()
+    if (not _is_compiling() and q.__class__ is _Tensor and positions.__class__ is _Tensor
+            and spec.__class__ is RopeSpec and (k is None or k.__class__ is _Tensor)
             and not (_grad_enabled() and (q.requires_grad or (k is not None and k.requires_grad)))
             and (inplace is False or inplace is True) and (seq_len is None or seq_len.__class__ is int)
-            and (backend is None or backend.__class__ is str)):
+            and layout.__class__ is str and (backend is None or backend.__class__ is str)):
         # hot path: a signature seen before (every check below passed for it) runs its plan
         if k is None:
             pk = (q.shape, q.stride(), q.dtype, q.device, None, positions.shape, positions.dtype,

@@ -160,6 +160,8 @@ def test_bad_inputs_raise_with_plans_warm(case, exc, match):
     ({"seq_len": 0}, ValueError, "seq_len must be a positive int"),
     ({"seq_len": 5.0}, ValueError, "seq_len must be a positive int"),
     ({"backend": "tpu"}, ValueError, "backend must be one of"),
+    ({"layout": ["bshd"]}, ValueError, "layout must be one of"),  # unhashable: never a key
+    ({"backend": ["cpu"]}, TypeError, "backend must be a backend name"),
 ])
 def test_equal_hashing_arguments_are_still_checked(kw, exc, match):
     q, k, pos = _inputs()
@@ -370,6 +372,7 @@ def test_cos_sin_bad_inputs_raise_with_plans_warm(cs_fresh, case, exc, match):
     ({"interleaved": 0}, TypeError, "interleaved must be a bool"),
     ({"check_bounds": 1}, TypeError, "check_bounds must be a bool"),
     ({"rotary_dim": 24.0}, TypeError, "rotary_dim must be an int"),
+    ({"layout": ["bshd"]}, ValueError, "layout must be one of"),
 ])
 def test_cos_sin_equal_hashing_arguments_are_still_checked(cs_fresh, kw, exc, match):
     (q, k, cos, sin), _ = _cs_case("half", "bshd")
