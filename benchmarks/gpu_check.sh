@@ -7,7 +7,7 @@
 # 1. shows the machine (nvidia-smi, torch, nvcc)
 # 2. installs any wheels in ./.whl (offline; peers such as liger-kernel, or missing deps) into /tmp/site
 # 3. builds posattn's native modules with the CUDA one (POSATTN_CUDA=1)
-# 4. runs the test suite on the GPU (pytest -q -x)
+# 4. runs the kernel tests on the GPU (GPU_CHECK_TESTS; pytest-xdist when installed)
 # 5. runs the full benchmark sweep with every peer it can import
 # 6. writes results and the dashboard to $OUT (default ./bench-out), with any committed
 #    results (benchmarks/results/) drawn beside them
