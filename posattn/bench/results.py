@@ -35,7 +35,11 @@ def row_key(row: dict) -> tuple:
 
 
 def load(paths) -> list[dict]:
-    """Rows from JSONL files or directories (searched recursively for *.jsonl), in order.
+    """Rows from JSONL files or directories (searched recursively for results*.jsonl), in order.
+
+    Inside a directory only files named ``results*.jsonl`` are read, so other
+    JSON lines kept beside them (e.g. a standalone script's raw output) are not
+    mistaken for result rows; a file named explicitly must hold result rows.
 
     Each row gets ``_source`` (the file it came from) for grouping into result sets.
     """
@@ -63,7 +67,7 @@ def _expand(paths) -> list[Path]:
     out = []
     for p in map(Path, paths):
         if p.is_dir():
-            out.extend(sorted(p.rglob("*.jsonl")))
+            out.extend(sorted(p.rglob("results*.jsonl")))
         elif p.is_file():
             out.append(p)
         else:

@@ -37,7 +37,7 @@ def test_result_sets_side_by_side(bench_run, tmp_path):
     """A second file (here: the same rows relabelled as another device, e.g. committed GPU
     results) becomes its own result set with its own fingerprint card and charts."""
     out, rows = bench_run
-    other = tmp_path / "results" / "other-device" / "rope.jsonl"
+    other = tmp_path / "results" / "other-device" / "results.jsonl"
     relabelled = [dict(r, device=dict(r["device"], name="Other Device", slug="other-device")) for r in rows]
     results.upsert(other, relabelled)
     assert run_cli(["dashboard", str(out / "results.jsonl"), str(tmp_path / "results"), "-o", str(tmp_path)]) == 0

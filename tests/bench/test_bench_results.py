@@ -35,11 +35,16 @@ def test_upsert_drops_private_fields(tmp_path):
 
 
 def test_load_files_and_folders(tmp_path):
-    results.upsert(tmp_path / "a" / "one.jsonl", [_row("cpu")])
-    results.upsert(tmp_path / "b" / "two.jsonl", [_row("reference"), _row("transformers")])
+    results.upsert(tmp_path / "a" / "results.jsonl", [_row("cpu")])
+    results.upsert(tmp_path / "b" / "results-two.jsonl", [_row("reference"), _row("transformers")])
+    # other JSON lines in a results folder (a script's raw output) are not result rows: left alone
+    (tmp_path / "b" / "raw_sweep.jsonl").write_text('{"bench": "something else"}\n')
     rows = results.load([tmp_path])
     assert sorted(r["backend"] for r in rows) == ["cpu", "reference", "transformers"]
     assert all(r["_source"].endswith(".jsonl") for r in rows)
+    # named explicitly, a file must hold result rows
+    with pytest.raises(ValueError, match="not a posattn result row"):
+        results.load([tmp_path / "b" / "raw_sweep.jsonl"])
 
 
 def test_load_reports_bad_lines(tmp_path):
