@@ -19,6 +19,10 @@ custom op) when no gradient is needed. When q or k requires grad it is done
 like torch's own in-place ops: the rotation is computed out of place and
 copied into q / k through autograd, so a leaf that requires grad raises
 torch's usual in-place error and non-leaf tensors get correct gradients.
+
+Hot path: eager calls that need no gradient skip the custom-op dispatcher, and
+apply_rope keeps a per-signature *plan* (see "the hot path" below): a repeated
+signature costs a dict lookup, the output allocation and the kernel call.
 """
 from __future__ import annotations
 
