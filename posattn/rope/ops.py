@@ -448,7 +448,7 @@ class _RopePlan:
     """What apply_rope does for one checked signature (eager, no grad): see above."""
 
     __slots__ = ("kernel", "fn", "config", "tables", "pos_shape", "pos_last", "q_copy", "k_copy", "q_like",
-                 "k_like", "rotary_dim", "interleaved", "layout", "inplace")
+                 "k_like", "rotary_dim", "interleaved", "layout", "inplace", "simple")
 
     def __init__(self, kernel, config, tables, pos_shape, q4, k4, rotary_dim, interleaved, layout,
                  inplace):
@@ -465,15 +465,10 @@ class _RopePlan:
         self.q_like = self.q_copy or _keeps_last_dim(q4)              # as _new_like
         self.k_like = k4 is None or self.k_copy or _keeps_last_dim(k4)
         self.rotary_dim, self.interleaved, self.layout, self.inplace = rotary_dim, interleaved, layout, inplace
+        self.simple = (layout == "bshd" and not inplace and not self.q_copy and not self.k_copy
+                       and self.q_like and self.k_like)
 
     def run(self, q, k, positions):
-        layout = self.layout
-        if layout == "bshd":
-            q4, k4 = q, k
-        elif layout == "bhsd":
-            q4, k4 = q.transpose(1, 2), (k.transpose(1, 2) if k is not None else None)
-        else:
-            q4, k4 = q.unsqueeze(0), (k.unsqueeze(0) if k is not None else None)
         last = self.pos_last
         if (last is not None and last[0] is positions and last[1] == positions.data_ptr()
                 and last[2] == positions.stride()):
@@ -481,6 +476,18 @@ class _RopePlan:
         else:
             pos3 = positions.view(self.pos_shape)
             self.pos_last = (positions, positions.data_ptr(), positions.stride(), pos3)  # one atomic store
+        if self.simple:  # bshd, out of place, last dims contiguous, empty_like keeps them so
+            qo = _empty_like(q)
+            ko = None if k is None else _empty_like(k)
+            self.fn(q, qo, k, ko, pos3, self.tables, self.rotary_dim, self.interleaved, 1.0, self.config)
+            return qo, ko
+        layout = self.layout
+        if layout == "bshd":
+            q4, k4 = q, k
+        elif layout == "bhsd":
+            q4, k4 = q.transpose(1, 2), (k.transpose(1, 2) if k is not None else None)
+        else:
+            q4, k4 = q.unsqueeze(0), (k.unsqueeze(0) if k is not None else None)
         qi = q4.contiguous() if self.q_copy else q4
         ki = k4.contiguous() if self.k_copy else k4
         if self.inplace:
