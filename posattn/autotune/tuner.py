@@ -164,7 +164,8 @@ def measure(launch: Callable[[int], None], n_sets: int, device: str, s: "Setting
 def n_input_sets(per_set: int, dev: F.Device, s: Settings) -> int:
     """Enough sets that the rotated data is twice the cache, within the memory budget."""
     per_set = max(1, per_set)
-    want = math.ceil(2 * (dev.l2_bytes or (32 << 20)) / per_set)
+    cache = dev.l2_bytes or ((50 << 20) if dev.kind == "cuda" else (32 << 20))  # unknown: a large L2
+    want = math.ceil(2 * cache / per_set)
     cap = max(1, s.max_input_bytes // per_set)
     return int(max(1, min(want, cap, s.max_sets)))
 

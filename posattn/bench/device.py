@@ -1,19 +1,21 @@
 """Which machine a result came from, and what its ceiling is.
 
-``device_fingerprint()`` is the one place that describes the device a run
-measured (GPU: name slug, compute capability, SM count, memory, L2; CPU:
-model name and core count). ``peaks()`` gives the roofline ceilings: for a
-known GPU the vendor datasheet's peak memory bandwidth and dense bf16/fp16
+``device_fingerprint()`` describes the device a run measured (GPU: name
+slug, compute capability, SM count, memory, L2; CPU: model name and core
+count), from the probe in :mod:`posattn.device` that the tuner shares.
+``peaks()`` gives the roofline ceilings: for a known GPU the vendor datasheet's peak memory bandwidth and dense bf16/fp16
 tensor FLOP/s; on a CPU (or an unknown GPU) the bandwidth of a large copy
 and the FLOP/s of a matrix product, measured in the same run.
 """
 from __future__ import annotations
 
-import os
 import platform
 import re
 import time
 from dataclasses import dataclass
+
+from posattn import device as _device
+from posattn.device import slugify
 
 # --------------------------------------------------------------------------
 # Datasheet peaks. bandwidth: GB/s (1e9 B/s) of the device memory; tflops:
@@ -76,47 +78,30 @@ def gpu_peak(name: str) -> GpuPeak | None:
     return None
 
 
-def slugify(text: str) -> str:
-    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-    return s or "unknown"
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
-
-
 def device_fingerprint(device: str | None = None) -> dict:
-    """What device a result was measured on.
+    """What device a result was measured on (a result row's ``device`` field).
 
-    GPU: {"kind": "cuda", "name", "slug", "cc", "sm_count", "memory_gb", "l2_mb"}.
-    CPU: {"kind": "cpu", "name" (model), "slug", "cores", "threads"}.
-    The slug names the folder of committed results (benchmarks/results/<slug>/).
+    GPU: {"kind": "cuda", "name", "slug", "cc", "sm_count", "memory_gb", "l2_mb", "cuda"}.
+    CPU: {"kind": "cpu", "name" (model), "slug", "cores", "threads", "machine"}.
+    The slug names the folder of committed results (benchmarks/results/<slug>/):
+    the GPU name without "NVIDIA" (``h200``), or ``cpu-<model>-<logical CPUs>c``.
+    The device is probed by :mod:`posattn.device`, as the tuner's is.
     """
     import torch
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if torch.device(device).type == "cuda":
-        idx = torch.device(device).index or 0
-        p = torch.cuda.get_device_properties(idx)
-        name = p.name
-        fp = {"kind": "cuda", "name": name, "slug": slugify(name.replace("NVIDIA", "")),
-              "cc": f"{p.major}.{p.minor}", "sm_count": p.multi_processor_count,
-              "memory_gb": round(p.total_memory / 2**30, 1),
-              "l2_mb": round(getattr(p, "L2_cache_size", 0) / 2**20, 1),
-              "cuda": torch.version.cuda}
-        return fp
-    model = _cpu_model()
-    cores = os.cpu_count() or 1
-    return {"kind": "cpu", "name": model, "slug": slugify(f"cpu {model} {cores}c"),
-            "cores": cores, "threads": torch.get_num_threads(), "machine": platform.machine()}
+    d = torch.device(device)
+    if d.type == "cuda":
+        dev = _device.cuda_device(d.index or 0)
+        return {"kind": "cuda", "name": dev.name, "slug": slugify(dev.name.replace("NVIDIA", "")),
+                "cc": dev.capability, "sm_count": dev.sm_count,
+                "memory_gb": round((dev.memory_bytes or 0) / 2**30, 1),
+                "l2_mb": round((dev.l2_bytes or 0) / 2**20, 1),
+                "cuda": torch.version.cuda}
+    dev = _device.cpu_device()
+    return {"kind": "cpu", "name": dev.name, "slug": slugify(f"cpu {dev.name} {dev.logical_cpus}c"),
+            "cores": dev.logical_cpus, "threads": torch.get_num_threads(), "machine": platform.machine()}
 
 
 # --------------------------------------------------------------------------
