@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from posattn.kernels.triton.rope_common import config_ok, default_config, rotate_heads, search_space
+
 TWO_PI = tl.constexpr(6.283185307179586)
 INV_TWO_PI = tl.constexpr(0.15915494309189535)
 TWO_PI_C1 = tl.constexpr(6.2831854820251465)      # 24 significant bits
@@ -123,32 +125,8 @@ def _rope_kernel(
         cos = cos[None, :]
         sin = sin[None, :]
 
-    if INTERLEAVED:
-        i1 = 2 * p
-        i2 = 2 * p + 1
-    else:
-        i1 = p
-        i2 = p + HALF
-    xin = x_ptr + b * sb + s * ss + h[:, None] * sh
-    xout = o_ptr + b * osb + s * oss + h[:, None] * osh
-    x1 = tl.load(xin + i1[None, :], mask=m, other=0.0).to(tl.float32)
-    x2 = tl.load(xin + i2[None, :], mask=m, other=0.0).to(tl.float32)
-    o1 = x1 * cos - x2 * sin
-    o2 = x2 * cos + x1 * sin
-    tl.store(xout + i1[None, :], o1.to(o_ptr.dtype.element_ty), mask=m)
-    tl.store(xout + i2[None, :], o2.to(o_ptr.dtype.element_ty), mask=m)
-    if COPY_TAIL:
-        t = 2 * HALF + tl.arange(0, BLOCK_T)
-        tm = hmask[:, None] & (t < D)[None, :]
-        xt = tl.load(xin + t[None, :], mask=tm, other=0.0)
-        tl.store(xout + t[None, :], xt, mask=tm)
-
-
-def default_config(head_dim: int, rotary_dim: int, heads: int) -> dict:
-    block_p = triton.next_power_of_2(max(rotary_dim // 2, 1))
-    # keep a program's tile near 2k pairs: enough work per program, few registers
-    block_h = max(1, min(triton.next_power_of_2(max(heads, 1)), max(1, 2048 // block_p)))
-    return {"BLOCK_H": block_h, "num_warps": 4 if block_h * block_p >= 1024 else 2}
+    rotate_heads(x_ptr + b * sb + s * ss + h[:, None] * sh, o_ptr + b * osb + s * oss + h[:, None] * osh,
+                 p, pmask, hmask, cos, sin, cos, sin, HALF, D, BLOCK_T, INTERLEAVED, COPY_TAIL)
 
 
 def _heads(x):
@@ -313,19 +291,5 @@ def aot_specializations(full: bool = False, arch: int = 90):
 # ---------------------------------------------------------------------------
 # autotune search space (read by posattn.autotune through the kernel registry)
 
-def rope_search_space(key) -> list[dict]:
-    """Candidate {BLOCK_H, num_warps} for the rope kernel (``key``: the rope kernel key)."""
-    return [c for c in ({"BLOCK_H": bh, "num_warps": w} for bh in (1, 2, 4, 8, 16, 32) for w in (1, 2, 4, 8))
-            if rope_config_ok(key, c)]
-
-
-def rope_config_ok(key, config: dict) -> bool:
-    """Prune: no block taller than the heads, no tile past 8k pairs (registers),
-    no more warps than the tile has rows of 32 pairs."""
-    heads = max(int(key.heads_q), int(key.heads_k), 1)
-    block_p = triton.next_power_of_2(max(int(key.rotary_dim) // 2, 1))
-    bh, w = config["BLOCK_H"], config["num_warps"]
-    if bh > triton.next_power_of_2(heads):
-        return False
-    tile = bh * block_p
-    return tile <= 8192 and w * 32 <= max(32, tile)
+rope_search_space = search_space
+rope_config_ok = config_ok

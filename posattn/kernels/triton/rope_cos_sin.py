@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from posattn.kernels.triton.rope_common import config_ok, default_config, rotate_heads, search_space
+
 
 @triton.jit
 def _rope_cos_sin_kernel(
@@ -77,33 +79,9 @@ def _rope_cos_sin_kernel(
 
     h = (h0 + tl.arange(0, BLOCK_H)).to(tl.int64)
     hmask = h < H
-    if INTERLEAVED:
-        i1 = 2 * p
-        i2 = 2 * p + 1
-    else:
-        i1 = p
-        i2 = p + HALF
-    m = hmask[:, None] & pmask[None, :]
-    xin = x_ptr + b * sb + s * ss + h[:, None] * sh
-    xout = o_ptr + b * osb + s * oss + h[:, None] * osh
-    x1 = tl.load(xin + i1[None, :], mask=m, other=0.0).to(tl.float32)
-    x2 = tl.load(xin + i2[None, :], mask=m, other=0.0).to(tl.float32)
-    o1 = x1 * cos1[None, :] - x2 * sin1[None, :]
-    o2 = x2 * cos2[None, :] + x1 * sin2[None, :]
-    tl.store(xout + i1[None, :], o1.to(o_ptr.dtype.element_ty), mask=m)
-    tl.store(xout + i2[None, :], o2.to(o_ptr.dtype.element_ty), mask=m)
-    if COPY_TAIL:
-        t = 2 * HALF + tl.arange(0, BLOCK_T)
-        tm = hmask[:, None] & (t < D)[None, :]
-        xt = tl.load(xin + t[None, :], mask=tm, other=0.0)
-        tl.store(xout + t[None, :], xt, mask=tm)
-
-
-def default_config(head_dim: int, rotary_dim: int, heads: int) -> dict:
-    block_p = triton.next_power_of_2(max(rotary_dim // 2, 1))
-    # keep a program's tile near 2k pairs: enough work per program, few registers
-    block_h = max(1, min(triton.next_power_of_2(max(heads, 1)), max(1, 2048 // block_p)))
-    return {"BLOCK_H": block_h, "num_warps": 4 if block_h * block_p >= 1024 else 2}
+    rotate_heads(x_ptr + b * sb + s * ss + h[:, None] * sh, o_ptr + b * osb + s * oss + h[:, None] * osh,
+                 p, pmask, hmask, cos1[None, :], sin1[None, :], cos2[None, :], sin2[None, :],
+                 HALF, D, BLOCK_T, INTERLEAVED, COPY_TAIL)
 
 
 def rope_cos_sin_forward(q, qo, k, ko, c1, s1, c2, s2, pos2, rotary_dim: int, interleaved: bool,
@@ -176,3 +154,11 @@ def aot_specializations(head_dims=(64, 92, 128, 160),
                         name = (f"rope_cos_sin_d{d}_r{rot}_{ty}_t{tdt}_{'inter' if inter else 'half'}"
                                 f"_{'pos' + pos_t if has_pos else 'tok'}{'_split' if split else ''}")
                         yield name, _rope_cos_sin_kernel, sig, meta, cfg["num_warps"]
+
+
+# ---------------------------------------------------------------------------
+# autotune search space (read by posattn.autotune through the kernel registry):
+# the same {BLOCK_H, num_warps} tile as the rope kernel
+
+rope_cos_sin_search_space = search_space
+rope_cos_sin_config_ok = config_ok
