@@ -35,7 +35,7 @@ from posattn.autotune import fingerprint as F
 log = logging.getLogger("posattn.autotune")
 
 _ADAPTERS: dict[str, Any] = {}
-_BUILTIN_ADAPTERS = {"rope": "posattn.autotune.ops_rope"}
+_BUILTIN_ADAPTERS = {"rope": "posattn.autotune.ops_rope", "rope_cos_sin": "posattn.autotune.ops_rope_cos_sin"}
 
 
 def register_adapter(op: str, adapter) -> None:
