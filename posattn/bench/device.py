@@ -107,6 +107,27 @@ def device_fingerprint(device: str | None = None) -> dict:
 # --------------------------------------------------------------------------
 # measured ceilings
 
+def _best_seconds(fn, dev, reps: int) -> float:
+    """Fastest of ``reps`` runs of ``fn`` after one warm-up (CUDA events on a GPU)."""
+    import torch
+
+    best = float("inf")
+    for _ in range(reps + 1):
+        if dev.type == "cuda":
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            e.synchronize()
+            t = s.elapsed_time(e) * 1e-3
+        else:
+            t0 = time.perf_counter()
+            fn()
+            t = time.perf_counter() - t0
+        best = min(best, t)
+    return best
+
+
 def measure_copy_bandwidth(device: str, nbytes: int | None = None, reps: int = 10) -> float:
     """GB/s of a large device copy (bytes read + bytes written), best of ``reps``."""
     import torch
@@ -117,20 +138,7 @@ def measure_copy_bandwidth(device: str, nbytes: int | None = None, reps: int = 1
     n = nbytes // 4
     a = torch.ones(n, dtype=torch.float32, device=dev)
     b = torch.empty_like(a)
-    best = float("inf")
-    for _ in range(reps + 1):
-        if dev.type == "cuda":
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            b.copy_(a)
-            e.record()
-            e.synchronize()
-            t = s.elapsed_time(e) * 1e-3
-        else:
-            t0 = time.perf_counter()
-            b.copy_(a)
-            t = time.perf_counter() - t0
-        best = min(best, t)
+    best = _best_seconds(lambda: b.copy_(a), dev, reps)
     del a, b
     return 2 * n * 4 / best / 1e9
 
@@ -146,20 +154,7 @@ def measure_matmul_tflops(device: str, reps: int = 3) -> float:
         n, dtype = 1024, torch.float32
     a = torch.randn(n, n, device=dev, dtype=dtype)
     b = torch.randn(n, n, device=dev, dtype=dtype)
-    best = float("inf")
-    for _ in range(reps + 1):
-        if dev.type == "cuda":
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            a @ b
-            e.record()
-            e.synchronize()
-            t = s.elapsed_time(e) * 1e-3
-        else:
-            t0 = time.perf_counter()
-            a @ b
-            t = time.perf_counter() - t0
-        best = min(best, t)
+    best = _best_seconds(lambda: a @ b, dev, reps)
     return 2 * n ** 3 / best / 1e12
 
 

@@ -11,7 +11,7 @@ from posattn.autotune import cli as acli
 from posattn.autotune import fingerprint as F
 from posattn.cli import main
 
-from ._util import cpu_file, entry, header, rope_key
+from ._util import cos_sin_key, cpu_file, entry, header, rope_key
 
 TUNE = ["tune", "--backends", "cpu", "--dtype", "fp32", "--budget-ms", "1", "--devices", "cpu"]
 
@@ -128,7 +128,5 @@ def test_tune_rope_cos_sin_both_forms(dirs, tmp_path, capsys):
     doc = C.read_file(cpu_file(dirs.tune), writable=True)
     assert sorted(e["key"]["split"] for e in doc["entries"] if e["op"] == "rope_cos_sin") == [False, True]
     autotune.reload()
-    from posattn.rope.cos_sin import CosSinKey
-
-    k = CosSinKey("cpu", "float32", "float32", 16, 8, False, True, "", 3, 1, 16)
+    k = cos_sin_key(tokens_bucket=16, heads_q=3, heads_k=1, head_dim=16, rotary_dim=8, split=True, pos_dtype="")
     assert dispatch.select("rope_cos_sin", k, backend="cpu")[1] == rows[1]["config"]

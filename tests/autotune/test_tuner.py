@@ -12,7 +12,7 @@ from posattn import autotune, dispatch
 from posattn.autotune import cache as C
 from posattn.autotune import tuner
 
-from ._util import TKey, cpu_file, register_tunetest, rope_key, unregister_tunetest
+from ._util import TKey, cos_sin_key, cpu_file, register_tunetest, rope_key, unregister_tunetest
 
 FAST = tuner.Settings(warmup=1, min_reps=3, max_reps=9, budget_s=0.005, rounds=3, max_sets=4)
 
@@ -188,26 +188,17 @@ def test_search_spaces_beside_the_kernels_are_pruned():
     assert cu and all(c["threads"] % 32 == 0 for c in cu)
 
 
-def test_triton_candidates_tune_under_the_interpreter(dirs):
+@pytest.mark.parametrize("op, make_key", [("rope", rope_key), ("rope_cos_sin", cos_sin_key)])
+def test_triton_candidates_tune_under_the_interpreter(dirs, op, make_key):
     from posattn.kernels import triton as tk
 
     if not tk.device_ok("cpu"):
         pytest.skip("Triton cannot take CPU tensors here (no TRITON_INTERPRET)")
-    k = rope_key(tokens_bucket=2, heads_q=2, heads_k=1, head_dim=16)
+    k = make_key(tokens_bucket=2, heads_q=2, heads_k=1, head_dim=16)
     space = [{"BLOCK_H": 1, "num_warps": 1}, {"BLOCK_H": 2, "num_warps": 1}]
     s = tuner.Settings(warmup=1, min_reps=1, max_reps=2, rounds=1, max_sets=1)
-    [r] = tuner.tune_key("rope", k, backends=["triton"], spaces={"triton": space}, settings=s)
+    [r] = tuner.tune_key(op, k, backends=["triton"], spaces={"triton": space}, settings=s)
     assert r.best is not None and all(x["status"] == "ok" for x in r.results)
-
-
-def cos_sin_key(tokens_bucket=64, heads_q=4, heads_k=2, head_dim=64, split=False, pos_dtype="int64", **kw):
-    from posattn.rope.cos_sin import CosSinKey
-
-    f = dict(device_type="cpu", dtype="float32", table_dtype="float32", head_dim=head_dim, rotary_dim=head_dim,
-             interleaved=False, split=split, pos_dtype=pos_dtype, heads_q=heads_q, heads_k=heads_k,
-             tokens_bucket=tokens_bucket)
-    f.update(kw)
-    return CosSinKey(**f)
 
 
 @pytest.mark.parametrize("form", [dict(), dict(split=True, pos_dtype="", rotary_dim=32, interleaved=True)],
@@ -255,14 +246,3 @@ def test_rope_cos_sin_search_spaces_are_pruned():
     assert {"threads": 1024} in ks["cuda"].search_space(cos_sin_key(tokens_bucket=4096, heads_q=32, heads_k=8,
                                                                      head_dim=128))
 
-
-def test_triton_rope_cos_sin_candidates_tune_under_the_interpreter(dirs):
-    from posattn.kernels import triton as tk
-
-    if not tk.device_ok("cpu"):
-        pytest.skip("Triton cannot take CPU tensors here (no TRITON_INTERPRET)")
-    k = cos_sin_key(tokens_bucket=2, heads_q=2, heads_k=1, head_dim=16)
-    space = [{"BLOCK_H": 1, "num_warps": 1}, {"BLOCK_H": 2, "num_warps": 1}]
-    s = tuner.Settings(warmup=1, min_reps=1, max_reps=2, rounds=1, max_sets=1)
-    [r] = tuner.tune_key("rope_cos_sin", k, backends=["triton"], spaces={"triton": space}, settings=s)
-    assert r.best is not None and all(x["status"] == "ok" for x in r.results)
