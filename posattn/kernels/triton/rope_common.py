@@ -6,6 +6,9 @@ angles from tables) run one program per (token, block of BLOCK_H heads) over a
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
 import triton
 import triton.language as tl
 
@@ -40,6 +43,67 @@ def rotate_heads(xin, xout, p, pmask, hmask, cos1, sin1, cos2, sin2,
         tm = hmask[:, None] & (t < D)[None, :]
         xt = tl.load(xin + t[None, :], mask=tm, other=0.0)
         tl.store(xout + t[None, :], xt, mask=tm)
+
+
+# ---------------------------------------------------------------------------
+# launch: grid, q/k arguments and the tile's constexprs
+
+@dataclass(frozen=True)
+class Launch:
+    grid: tuple[int, int]   # (B*S tokens, head blocks of q then of k)
+    S: int
+    HQ: int
+    HK: int
+    NQB: int                # head blocks of q
+    tensors: tuple          # (q, qo, k, ko); a missing side is replaced by the other (never read)
+    strides: tuple          # (b, s, h) strides of q, qo, k, ko: the kernels' q_sb ... ko_sh
+    meta: dict              # tile_meta(...)
+    num_warps: int
+
+
+def _heads(x) -> int:
+    return 0 if x is None else x.shape[2]
+
+
+def plan(q, qo, k, ko, rotary_dim: int, interleaved: bool, config: dict) -> Launch | None:
+    """How to launch a rotary kernel on [B, S, H, D] q/k (either may be None or have no
+    heads); None when there is nothing to rotate."""
+    x = q if _heads(q) else k
+    if x is None or _heads(x) == 0:
+        return None
+    xo = qo if x is q else ko
+    B, S, _, D = x.shape
+    if B * S == 0:
+        return None
+    HQ, HK = _heads(q), _heads(k)
+    block_h = int(config.get("BLOCK_H") or default_config(D, rotary_dim, max(HQ, HK))["BLOCK_H"])
+    nqb, nkb = triton.cdiv(HQ, block_h), triton.cdiv(HK, block_h)
+    tensors = ((q, qo) if HQ else (x, xo)) + ((k, ko) if HK else (x, xo))
+    strides = tuple(st for t in tensors for st in (t.stride(0), t.stride(1), t.stride(2)))
+    copy_tail = rotary_dim < D and xo.data_ptr() != x.data_ptr()
+    return Launch((B * S, nqb + nkb), S, HQ, HK, nqb, tensors, strides,
+                  tile_meta(D, rotary_dim, interleaved, copy_tail, block_h), int(config.get("num_warps", 4)))
+
+
+def tile_meta(head_dim: int, rotary_dim: int, interleaved: bool, copy_tail: bool, block_h: int) -> dict:
+    """The constexprs both kernels take: HALF, D, BLOCK_P, BLOCK_H, BLOCK_T, INTERLEAVED, COPY_TAIL."""
+    half = rotary_dim // 2
+    return dict(HALF=half, D=head_dim, BLOCK_P=triton.next_power_of_2(max(half, 1)), BLOCK_H=block_h,
+                BLOCK_T=triton.next_power_of_2(max(head_dim - rotary_dim, 1)), INTERLEAVED=bool(interleaved),
+                COPY_TAIL=bool(copy_tail))
+
+
+# ahead-of-time signatures
+TL_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+QK_STRIDE_ARGS = ("q_sb", "q_ss", "q_sh", "qo_sb", "qo_ss", "qo_sh", "k_sb", "k_ss", "k_sh",
+                  "ko_sb", "ko_ss", "ko_sh")
+
+
+def qk_signature(ty: str) -> dict:
+    """Signature entries of q, qo, k, ko (pointers to ``ty``) and their strides (i64)."""
+    sig = {n: f"*{ty}" for n in ("q_ptr", "qo_ptr", "k_ptr", "ko_ptr")}
+    sig.update({n: "i64" for n in QK_STRIDE_ARGS})
+    return sig
 
 
 # ---------------------------------------------------------------------------
