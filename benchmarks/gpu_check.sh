@@ -7,16 +7,19 @@
 # 1. shows the machine (nvidia-smi, torch, nvcc)
 # 2. installs any wheels in ./.whl (offline; peers such as liger-kernel, or missing deps) into /tmp/site
 # 3. builds posattn's native modules with the CUDA one (POSATTN_CUDA=1)
-# 4. runs the test suite on the GPU (pytest -q -x)
+# 4. runs the kernel tests on the GPU (GPU_CHECK_TESTS; pytest-xdist when installed)
 # 5. runs the full benchmark sweep with every peer it can import
 # 6. writes results and the dashboard to $OUT (default ./bench-out), with any committed
 #    results (benchmarks/results/) drawn beside them
-# 7. prints a short summary table last
+# 7. if time remains: anchor attention's training step vs FlexAttention, the cos/sin paths vs
+#    FlashInfer/vLLM, and a rope tune for this GPU exported in the shipped-config format
+# 8. prints a short summary table last
 #
 # Every step has a time limit taken from one overall budget (GPU_CHECK_BUDGET, default
 # 450 s, so that the whole script ends inside 8 minutes); a step that fails or runs out
 # of time is reported and the script goes on, so partial results are still written.
-# Results to commit: $OUT/results/<gpu-slug>/results.jsonl -> benchmarks/results/<gpu-slug>/.
+# Results to commit: $OUT/results.jsonl -> benchmarks/results/<gpu-slug>/results.jsonl; the tune export <slug>.json -> posattn/autotune/configs/.
+# At most 8 files are written to $OUT (the device machine returns no more).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -112,10 +115,20 @@ if [ -s "$OUT/results.jsonl" ]; then
   step "dashboard" 30 "$PY" -m posattn dashboard "$OUT/results.jsonl" "${COMMITTED[@]}" -o "$OUT"
   SLUG=$("$PY" -c "from posattn.bench.device import device_fingerprint as f; print(f()['slug'])" 2>/dev/null \
     || echo unknown-gpu)
-  echo "$SLUG" > "$OUT/gpu_slug.txt"
+  echo "gpu slug: $SLUG"
   echo "results to commit: $OUT/results.jsonl -> benchmarks/results/$SLUG/results.jsonl"
 else
   echo "no results were written"
+fi
+
+# 6a. anchor attention's training step (mask + forward + backward) against FlexAttention,
+#     and the cos/sin paths against FlashInfer / vLLM where importable, while time remains
+if (( BUDGET - (SECONDS - T0) > 120 )); then
+  step "anchor attention vs Flex" "$(limit 120 60)" "$PY" benchmarks/bench_anchor_attention.py \
+    --out "$OUT/bench_anchor_attention.jsonl"
+fi
+if (( BUDGET - (SECONDS - T0) > 90 )); then
+  step "cos/sin vs peers" "$(limit 45 45)" "$PY" benchmarks/bench_cos_sin.py --json "$OUT/bench_cos_sin.jsonl"
 fi
 
 # 6b. tune rope for this GPU and export the entries in the shipped-config format

@@ -15,6 +15,13 @@ def _has_cuda() -> bool:
 if not _has_cuda():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The tests never read or write the user's tuned-config cache (a `posattn tune` run on
+# this machine must not change which config a test runs): a private cache home.
+import tempfile  # noqa: E402
+
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="posattn-tests-cache-")
+os.environ.pop("POSATTN_TUNE_DIR", None)
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
