@@ -79,6 +79,17 @@ def _time_ms(fn, device: str) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
+def _gpu_inputs(row_len, n_rows, n_docs, hq, hk, d, dtype, grad: bool):
+    """(cu, rows, cu on the GPU, rows on the GPU, T, q, k, v, dout) for one packed layout (seed 0)."""
+    dev = "cuda"
+    cu, rows = make_layout(row_len, n_rows, n_docs)
+    T = row_len * n_rows
+    g = torch.Generator(device=dev).manual_seed(0)
+    q, k, v = (torch.randn(T, h, d, device=dev, dtype=dtype, generator=g).requires_grad_(grad) for h in (hq, hk, hk))
+    do = torch.randn(T, hq, d, device=dev, dtype=dtype, generator=g)
+    return cu, rows, cu.to(dev), rows.to(dev), T, q, k, v, do
+
+
 def bench_gpu(row_len: int, n_rows: int, n_docs: int, hq=32, hk=8, d=128, dtype=torch.bfloat16) -> dict:
     import posattn
     from posattn import dispatch
@@ -88,14 +99,7 @@ def bench_gpu(row_len: int, n_rows: int, n_docs: int, hq=32, hk=8, d=128, dtype=
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     dev = "cuda"
-    cu, rows = make_layout(row_len, n_rows, n_docs)
-    T = row_len * n_rows
-    cu_d, rows_d = cu.to(dev), rows.to(dev)
-    g = torch.Generator(device=dev).manual_seed(0)
-    q = torch.randn(T, hq, d, device=dev, dtype=dtype, generator=g).requires_grad_(True)
-    k = torch.randn(T, hk, d, device=dev, dtype=dtype, generator=g).requires_grad_(True)
-    v = torch.randn(T, hk, d, device=dev, dtype=dtype, generator=g).requires_grad_(True)
-    do = torch.randn(T, hq, d, device=dev, dtype=dtype, generator=g)
+    cu, rows, cu_d, rows_d, T, q, k, v, do = _gpu_inputs(row_len, n_rows, n_docs, hq, hk, d, dtype, grad=True)
 
     # FlexAttention in its native [B, H, S, D] layout (the copies are not timed)
     qf, kf, vf = (x.detach().transpose(0, 1).unsqueeze(0).contiguous().requires_grad_(True) for x in (q, k, v))
@@ -206,14 +210,7 @@ def sweep_gpu(row_len: int, n_rows: int, n_docs: int, hq=32, hk=8, d=128, dtype=
     from posattn.kernels.triton import flash_attn as fa
 
     dev = "cuda"
-    cu, rows = make_layout(row_len, n_rows, n_docs)
-    T = row_len * n_rows
-    cu_d, rows_d = cu.to(dev), rows.to(dev)
-    g = torch.Generator(device=dev).manual_seed(0)
-    q = torch.randn(T, hq, d, device=dev, dtype=dtype, generator=g)
-    k = torch.randn(T, hk, d, device=dev, dtype=dtype, generator=g)
-    v = torch.randn(T, hk, d, device=dev, dtype=dtype, generator=g)
-    do = torch.randn(T, hq, d, device=dev, dtype=dtype, generator=g)
+    cu, rows, cu_d, rows_d, T, q, k, v, do = _gpu_inputs(row_len, n_rows, n_docs, hq, hk, d, dtype, grad=False)
     spec = MaskSpec(causal=True, num_anchors=1)
     rows_out, best = [], {}
     out = lse = None

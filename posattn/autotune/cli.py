@@ -17,7 +17,7 @@ log = logging.getLogger("posattn.autotune")
 
 DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16", "half": "float16",
           "fp32": "float32", "float32": "float32", "float": "float32", "fp64": "float64", "float64": "float64"}
-OPS = ("rope",)
+OPS = ("rope", "rope_cos_sin")
 
 
 def add_parsers(sub) -> None:
@@ -169,6 +169,22 @@ def rope_keys(shape: ModelShape, dtype: str, tokens: list[int], device_type: str
     return out
 
 
+def cos_sin_keys(shape: ModelShape, dtype: str, tokens: list[int], device_type: str) -> list:
+    """Keys of apply_rope_cos_sin in its two common forms: a float32 cos_sin_cache indexed by
+    int64 positions (vLLM / FlashInfer) and transformers' per-token [B, S, D] cos/sin in the
+    model's dtype (each half of a pair read from its own half of the table)."""
+    from posattn.rope.cos_sin import CosSinKey
+
+    out = []
+    for b in sorted({_bucket(t) for t in tokens}):
+        for table_dtype, split, pos_dtype in (("float32", False, "int64"), (dtype, True, "")):
+            out.append(make_key(CosSinKey, device_type=device_type, dtype=dtype, table_dtype=table_dtype,
+                                head_dim=shape.head_dim, rotary_dim=shape.rotary_dim,
+                                interleaved=shape.interleaved, split=split, pos_dtype=pos_dtype,
+                                heads_q=shape.heads_q, heads_k=shape.heads_k, tokens_bucket=b))
+    return out
+
+
 def describe_key(key) -> str:
     from posattn.autotune import cache as C
 
@@ -182,9 +198,15 @@ def describe_key(key) -> str:
              "pos_dtype": None, "tokens_bucket": "T", "interleaved": None}
     parts = []
     for k, v in f.items():
-        if k == "interleaved":
+        if k in ("interleaved", "split"):
             if v:
-                parts.append("inter")
+                parts.append("inter" if k == "interleaved" else "split")
+            continue
+        if k == "table_dtype":
+            parts.append(f"table={v}")
+            continue
+        if k == "pos_dtype" and "table_dtype" in f:  # cos/sin: cache + positions, or per-token tables
+            parts.append(f"pos={v}" if v else "per-token")
             continue
         if k in defaults and v == defaults[k]:
             continue
@@ -280,6 +302,8 @@ def jobs_for(ops, shape, dtype, tokens, device: str) -> list[Job]:
     for op in ops:
         if op == "rope":
             out += [Job(op, k) for k in rope_keys(shape, dtype, tokens, dt)]
+        elif op == "rope_cos_sin":
+            out += [Job(op, k) for k in cos_sin_keys(shape, dtype, tokens, dt)]
     return out
 
 

@@ -53,21 +53,31 @@ def run(kernel, config: dict, x: dict) -> None:
 
 def reference_check(key, x: dict, run_once) -> str | None:
     """Run the candidate once on NaN-filled outputs; compare sampled tokens with fp64."""
+    idx = run_poisoned(key, x, run_once)
+    pos = x["pos3"][:, :, idx.to(x["pos3"].device)].cpu()
+    ang = ref.rope_angles(pos, x["tables"].to("cpu"))
+    return compare_sampled(key, x, idx, lambda xs: ref.rotate(xs, ang, key.rotary_dim, key.interleaved))
+
+
+def run_poisoned(key, x: dict, run_once) -> torch.Tensor:
+    """Fill the outputs ``x["qo"]``/``x["ko"]`` with NaN, launch once; the token indices to check."""
     x["qo"].fill_(float("nan"))
     if x["ko"] is not None:
         x["ko"].fill_(float("nan"))
     run_once()
     s = key.tokens_bucket
     n = min(s, _SAMPLE_TOKENS)
-    idx = torch.unique(torch.linspace(0, s - 1, n).round().long())
-    pos = x["pos3"][:, :, idx.to(x["pos3"].device)].cpu()
-    ang = ref.rope_angles(pos, x["tables"].to("cpu"))
+    return torch.unique(torch.linspace(0, s - 1, n).round().long())
+
+
+def compare_sampled(key, x: dict, idx: torch.Tensor, reference) -> str | None:
+    """Why tokens ``idx`` of q->qo / k->ko differ from ``reference(x[:, idx] on the CPU)`` (fp64), or None."""
     tol = _CHECK_TOL[key.dtype]
     for name, out in (("q", "qo"), ("k", "ko")):
         if x[name] is None:
             continue
         dev_idx = idx.to(x[name].device)
-        want = ref.rotate(x[name][:, dev_idx].cpu(), ang, key.rotary_dim, key.interleaved)
+        want = reference(x[name][:, dev_idx].cpu())
         got = x[out][:, dev_idx].cpu().to(torch.float64)
         if not torch.isfinite(got).all():
             return f"{name} output has non-finite values (not written?)"

@@ -35,7 +35,7 @@ from posattn.autotune import fingerprint as F
 log = logging.getLogger("posattn.autotune")
 
 _ADAPTERS: dict[str, Any] = {}
-_BUILTIN_ADAPTERS = {"rope": "posattn.autotune.ops_rope"}
+_BUILTIN_ADAPTERS = {"rope": "posattn.autotune.ops_rope", "rope_cos_sin": "posattn.autotune.ops_rope_cos_sin"}
 
 
 def register_adapter(op: str, adapter) -> None:
@@ -164,7 +164,8 @@ def measure(launch: Callable[[int], None], n_sets: int, device: str, s: "Setting
 def n_input_sets(per_set: int, dev: F.Device, s: Settings) -> int:
     """Enough sets that the rotated data is twice the cache, within the memory budget."""
     per_set = max(1, per_set)
-    want = math.ceil(2 * (dev.l2_bytes or (32 << 20)) / per_set)
+    cache = dev.l2_bytes or ((50 << 20) if dev.kind == "cuda" else (32 << 20))  # unknown: a large L2
+    want = math.ceil(2 * cache / per_set)
     cap = max(1, s.max_input_bytes // per_set)
     return int(max(1, min(want, cap, s.max_sets)))
 

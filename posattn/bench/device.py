@@ -1,19 +1,21 @@
 """Which machine a result came from, and what its ceiling is.
 
-``device_fingerprint()`` is the one place that describes the device a run
-measured (GPU: name slug, compute capability, SM count, memory, L2; CPU:
-model name and core count). ``peaks()`` gives the roofline ceilings: for a
-known GPU the vendor datasheet's peak memory bandwidth and dense bf16/fp16
+``device_fingerprint()`` describes the device a run measured (GPU: name
+slug, compute capability, SM count, memory, L2; CPU: model name and core
+count), from the probe in :mod:`posattn.device` that the tuner shares.
+``peaks()`` gives the roofline ceilings: for a known GPU the vendor datasheet's peak memory bandwidth and dense bf16/fp16
 tensor FLOP/s; on a CPU (or an unknown GPU) the bandwidth of a large copy
 and the FLOP/s of a matrix product, measured in the same run.
 """
 from __future__ import annotations
 
-import os
 import platform
 import re
 import time
 from dataclasses import dataclass
+
+from posattn import device as _device
+from posattn.device import slugify
 
 # --------------------------------------------------------------------------
 # Datasheet peaks. bandwidth: GB/s (1e9 B/s) of the device memory; tflops:
@@ -76,51 +78,55 @@ def gpu_peak(name: str) -> GpuPeak | None:
     return None
 
 
-def slugify(text: str) -> str:
-    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-    return s or "unknown"
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
-
-
 def device_fingerprint(device: str | None = None) -> dict:
-    """What device a result was measured on.
+    """What device a result was measured on (a result row's ``device`` field).
 
-    GPU: {"kind": "cuda", "name", "slug", "cc", "sm_count", "memory_gb", "l2_mb"}.
-    CPU: {"kind": "cpu", "name" (model), "slug", "cores", "threads"}.
-    The slug names the folder of committed results (benchmarks/results/<slug>/).
+    GPU: {"kind": "cuda", "name", "slug", "cc", "sm_count", "memory_gb", "l2_mb", "cuda"}.
+    CPU: {"kind": "cpu", "name" (model), "slug", "cores", "threads", "machine"}.
+    The slug names the folder of committed results (benchmarks/results/<slug>/):
+    the GPU name without "NVIDIA" (``h200``), or ``cpu-<model>-<logical CPUs>c``.
+    The device is probed by :mod:`posattn.device`, as the tuner's is.
     """
     import torch
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if torch.device(device).type == "cuda":
-        idx = torch.device(device).index or 0
-        p = torch.cuda.get_device_properties(idx)
-        name = p.name
-        fp = {"kind": "cuda", "name": name, "slug": slugify(name.replace("NVIDIA", "")),
-              "cc": f"{p.major}.{p.minor}", "sm_count": p.multi_processor_count,
-              "memory_gb": round(p.total_memory / 2**30, 1),
-              "l2_mb": round(getattr(p, "L2_cache_size", 0) / 2**20, 1),
-              "cuda": torch.version.cuda}
-        return fp
-    model = _cpu_model()
-    cores = os.cpu_count() or 1
-    return {"kind": "cpu", "name": model, "slug": slugify(f"cpu {model} {cores}c"),
-            "cores": cores, "threads": torch.get_num_threads(), "machine": platform.machine()}
+    d = torch.device(device)
+    if d.type == "cuda":
+        dev = _device.cuda_device(d.index or 0)
+        return {"kind": "cuda", "name": dev.name, "slug": slugify(dev.name.replace("NVIDIA", "")),
+                "cc": dev.capability, "sm_count": dev.sm_count,
+                "memory_gb": round((dev.memory_bytes or 0) / 2**30, 1),
+                "l2_mb": round((dev.l2_bytes or 0) / 2**20, 1),
+                "cuda": torch.version.cuda}
+    dev = _device.cpu_device()
+    return {"kind": "cpu", "name": dev.name, "slug": slugify(f"cpu {dev.name} {dev.logical_cpus}c"),
+            "cores": dev.logical_cpus, "threads": torch.get_num_threads(), "machine": platform.machine()}
 
 
 # --------------------------------------------------------------------------
 # measured ceilings
+
+def _best_seconds(fn, dev, reps: int) -> float:
+    """Fastest of ``reps`` runs of ``fn`` after one warm-up (CUDA events on a GPU)."""
+    import torch
+
+    best = float("inf")
+    for _ in range(reps + 1):
+        if dev.type == "cuda":
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            e.synchronize()
+            t = s.elapsed_time(e) * 1e-3
+        else:
+            t0 = time.perf_counter()
+            fn()
+            t = time.perf_counter() - t0
+        best = min(best, t)
+    return best
+
 
 def measure_copy_bandwidth(device: str, nbytes: int | None = None, reps: int = 10) -> float:
     """GB/s of a large device copy (bytes read + bytes written), best of ``reps``."""
@@ -132,20 +138,7 @@ def measure_copy_bandwidth(device: str, nbytes: int | None = None, reps: int = 1
     n = nbytes // 4
     a = torch.ones(n, dtype=torch.float32, device=dev)
     b = torch.empty_like(a)
-    best = float("inf")
-    for _ in range(reps + 1):
-        if dev.type == "cuda":
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            b.copy_(a)
-            e.record()
-            e.synchronize()
-            t = s.elapsed_time(e) * 1e-3
-        else:
-            t0 = time.perf_counter()
-            b.copy_(a)
-            t = time.perf_counter() - t0
-        best = min(best, t)
+    best = _best_seconds(lambda: b.copy_(a), dev, reps)
     del a, b
     return 2 * n * 4 / best / 1e9
 
@@ -161,20 +154,7 @@ def measure_matmul_tflops(device: str, reps: int = 3) -> float:
         n, dtype = 1024, torch.float32
     a = torch.randn(n, n, device=dev, dtype=dtype)
     b = torch.randn(n, n, device=dev, dtype=dtype)
-    best = float("inf")
-    for _ in range(reps + 1):
-        if dev.type == "cuda":
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            a @ b
-            e.record()
-            e.synchronize()
-            t = s.elapsed_time(e) * 1e-3
-        else:
-            t0 = time.perf_counter()
-            a @ b
-            t = time.perf_counter() - t0
-        best = min(best, t)
+    best = _best_seconds(lambda: a @ b, dev, reps)
     return 2 * n ** 3 / best / 1e12
 
 

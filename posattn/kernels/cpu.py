@@ -18,6 +18,7 @@ import os
 
 import torch
 
+from posattn.device import cpu_cores
 from posattn.kernels import native
 
 _C, _why = native.load("_C")
@@ -52,52 +53,32 @@ def _advise(x, xo):
             _C.advise_hugepages(st.data_ptr(), st.nbytes())
 
 
-def _pick(q, qo, k, ko):
-    x = q if q is not None and q.shape[2] > 0 else k
-    xo = qo if x is q else ko
-    return x, xo
+def _launch(q, qo, k, ko, rotary_dim, interleaved, sign, config, pos=(), freqs=(), scaling=1.0, angles=()):
+    x, xo = native.pick(q, qo, k, ko)
+    if x is None:
+        return
+    _advise(q, qo)
+    _advise(k, ko)
+    _C.rope_forward(
+        native.rope_tensor_args(q, qo), native.rope_tensor_args(k, ko),
+        native.dims_args(x, rotary_dim, interleaved, native.copies_tail(x, xo, rotary_dim)),
+        list(pos), list(freqs), float(scaling), list(angles), float(sign), native.DTYPE_CODE[x.dtype],
+        _threads(config), int(config.get("chunk", 16)))
 
 
 def rope_forward(q, qo, k, ko, pos3, tables, rotary_dim: int, interleaved: bool, sign: float,
                  config: dict):
-    x, xo = _pick(q, qo, k, ko)
-    if x is None:
-        return
-    _advise(q, qo)
-    _advise(k, ko)
-    _C.rope_forward(
-        native.rope_tensor_args(q, qo), native.rope_tensor_args(k, ko),
-        native.dims_args(x, rotary_dim, interleaved, native.copies_tail(x, xo, rotary_dim)),
-        native.pos_args(pos3), native.freq_args(tables), float(tables.attention_scaling), [],
-        float(sign), native.DTYPE_CODE[x.dtype], _threads(config),
-        int(config.get("chunk", 16)))
+    _launch(q, qo, k, ko, rotary_dim, interleaved, sign, config, pos=native.pos_args(pos3),
+            freqs=native.freq_args(tables), scaling=tables.attention_scaling)
 
 
 def rope_angles_forward(q, qo, k, ko, angles, rotary_dim: int, interleaved: bool, sign: float,
                         config: dict):
-    x, xo = _pick(q, qo, k, ko)
-    if x is None:
-        return
-    _advise(q, qo)
-    _advise(k, ko)
-    _C.rope_forward(
-        native.rope_tensor_args(q, qo), native.rope_tensor_args(k, ko),
-        native.dims_args(x, rotary_dim, interleaved, native.copies_tail(x, xo, rotary_dim)),
-        [], [], 1.0, native.angle_args(angles), float(sign), native.DTYPE_CODE[x.dtype],
-        _threads(config), int(config.get("chunk", 16)))
+    _launch(q, qo, k, ko, rotary_dim, interleaved, sign, config, angles=native.angle_args(angles))
 
 
 # ---------------------------------------------------------------------------
 # autotune search space (read by posattn.autotune through the kernel registry)
-
-def _cores() -> int:
-    import os
-
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
 
 def rope_search_space(key) -> list[dict]:
     """Candidate {threads, chunk} for the OpenMP rope kernel (``key``: the rope kernel key).
@@ -106,7 +87,7 @@ def rope_search_space(key) -> list[dict]:
     count itself; chunk: tokens per statically scheduled block (their cos/sin tables
     are computed once and stay in cache while every head of the block is rotated).
     """
-    n = _cores()
+    n = cpu_cores()
     threads = sorted({t for t in (1, 2, 4, 8, 16, 32, 64, 128) if t <= n} | {n})
     return [c for c in ({"threads": t, "chunk": ch} for t in threads for ch in (4, 16, 64))
             if rope_config_ok(key, c)]

@@ -31,14 +31,8 @@ def module():
     return _cuda
 
 
-def _pick(q, qo, k, ko):
-    x = q if q is not None and q.shape[2] > 0 else k
-    xo = qo if x is q else ko
-    return x, xo
-
-
 def _launch(q, qo, k, ko, rotary_dim, interleaved, sign, config, pos=(), freqs=(), scaling=1.0, angles=()):
-    x, xo = _pick(q, qo, k, ko)
+    x, xo = native.pick(q, qo, k, ko)
     if x is None:
         return
     stream = torch.cuda.current_stream(x.device).cuda_stream

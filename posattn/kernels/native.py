@@ -59,6 +59,13 @@ def angle_args(angles: torch.Tensor) -> list[int]:
             angles.stride(1), 0 if angles.shape[2] == 1 else angles.stride(2)]
 
 
+def pick(q, qo, k, ko):
+    """(x, its output): the tensor whose shape and dtype describe the launch (q unless it has no heads)."""
+    x = q if q is not None and q.shape[2] > 0 else k
+    xo = qo if x is q else ko
+    return x, xo
+
+
 def dims_args(x: torch.Tensor, rotary_dim: int, interleaved: bool, copy_tail: bool) -> list[int]:
     B, S, _, D = x.shape
     return [B, S, D, rotary_dim, int(interleaved), int(copy_tail)]

@@ -58,3 +58,35 @@ def cuda_forward(q, qo, k, ko, c1, s1, c2, s2, pos2, rotary_dim: int, interleave
 
 def cuda_built() -> bool:
     return _cuda is not None and hasattr(_cuda, "rope_cos_sin_forward")
+
+
+# ---------------------------------------------------------------------------
+# autotune search spaces (read by posattn.autotune through the kernel registry)
+
+def cpu_search_space(key) -> list[dict]:
+    """Candidate {threads, chunk} for the OpenMP cos/sin kernel (``key``: a CosSinKey).
+
+    The same grid and pruning as the rope kernel's (posattn.kernels.cpu.rope_search_space):
+    threads up to the cores this process may use; chunk: tokens handed to a thread at a
+    time (dynamic schedule here), never so many that threads stay idle.
+    """
+    from posattn.kernels import cpu
+
+    return cpu.rope_search_space(key)
+
+
+def cuda_search_space(key) -> list[dict]:
+    """Candidate block sizes for the CUDA cos/sin kernel (``key``: a CosSinKey)."""
+    return [c for c in ({"threads": t} for t in (64, 128, 256, 512, 1024)) if cuda_config_ok(key, c)]
+
+
+def cuda_config_ok(key, config: dict) -> bool:
+    """Prune: a block holds threads // (heads * pairs) tokens (at least one; at most the
+    tokens there are and what fits the kernel's 32 KiB of shared tables); a block more
+    than twice as wide as that work only idles threads."""
+    t = int(config["threads"])
+    half = max(1, int(key.rotary_dim) // 2)
+    pairs = max(1, (int(key.heads_q) + int(key.heads_k)) * half)
+    max_tokens = max(1, 32768 // (16 * half))  # as in csrc/cuda/rope_cos_sin.cu
+    per_block = max(1, min(max_tokens, int(key.tokens_bucket), t // pairs))
+    return t % 32 == 0 and t <= 1024 and (t <= 128 or t <= 2 * per_block * pairs)

@@ -653,7 +653,11 @@ def _triton_default(key: CosSinKey):
 
 dispatch.register("rope_cos_sin", "reference", dtypes=_DTYPES)(ref_kernels.rope_cos_sin_forward)
 dispatch.register("rope_cos_sin", "cpu", supports=_cpu_supports,
-                  default_config=lambda key: {"threads": 0, "chunk": 16}, dtypes=_DTYPES)(native_kernels.cpu_forward)
+                  default_config=lambda key: {"threads": 0, "chunk": 16}, dtypes=_DTYPES,
+                  search_space=native_kernels.cpu_search_space)(native_kernels.cpu_forward)
 dispatch.register("rope_cos_sin", "cuda", supports=_cuda_supports, default_config=lambda key: {"threads": 256},
-                  dtypes=_DTYPES)(native_kernels.cuda_forward)
-dispatch.register("rope_cos_sin", "triton", supports=_triton_supports, default_config=_triton_default)(_triton_fn)
+                  dtypes=_DTYPES, search_space=native_kernels.cuda_search_space)(native_kernels.cuda_forward)
+dispatch.register("rope_cos_sin", "triton", supports=_triton_supports, default_config=_triton_default,
+                  search_space=lambda key: __import__(  # lazy: importing triton waits for a Triton launch
+                      "posattn.kernels.triton.rope_cos_sin", fromlist=["_"]).rope_cos_sin_search_space(key)
+                  )(_triton_fn)

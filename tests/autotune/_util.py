@@ -31,6 +31,17 @@ def rope_key(tokens_bucket=16, heads_q=3, heads_k=1, head_dim=16, dtype="float32
     return RopeKey(**f)
 
 
+def cos_sin_key(tokens_bucket=64, heads_q=4, heads_k=2, head_dim=64, split=False, pos_dtype="int64", **kw):
+    """Kernel key of apply_rope_cos_sin (cos_sin_cache + int64 positions unless told)."""
+    from posattn.rope.cos_sin import CosSinKey
+
+    f = dict(device_type="cpu", dtype="float32", table_dtype="float32", head_dim=head_dim, rotary_dim=head_dim,
+             interleaved=False, split=split, pos_dtype=pos_dtype, heads_q=heads_q, heads_k=heads_k,
+             tokens_bucket=tokens_bucket)
+    f.update(kw)
+    return CosSinKey(**f)
+
+
 def entry(op, backend, key, results, version=1, default=None):
     fields = C.key_fields(key)
     return {"op": op, "backend": backend, "version": version, "key": fields,

@@ -11,7 +11,7 @@ from posattn.autotune import cli as acli
 from posattn.autotune import fingerprint as F
 from posattn.cli import main
 
-from ._util import cpu_file, entry, header, rope_key
+from ._util import cos_sin_key, cpu_file, entry, header, rope_key
 
 TUNE = ["tune", "--backends", "cpu", "--dtype", "fp32", "--budget-ms", "1", "--devices", "cpu"]
 
@@ -114,3 +114,19 @@ def test_worker_process_path(dirs, tmp_path):
     assert [r["status"] for r in rows if r["backend"] == "cpu"] == ["ok"]
     doc = C.read_file(cpu_file(dirs.tune), writable=True)
     assert [e["key"]["tokens_bucket"] for e in doc["entries"]] == [8]
+
+
+def test_tune_rope_cos_sin_both_forms(dirs, tmp_path, capsys):
+    """`posattn tune --ops rope_cos_sin`: the cos_sin_cache and the transformers form of each
+    bucket, tuned on the cpu kernel, written to the cache and used by dispatch."""
+    p = _tiny_config(tmp_path)
+    assert main(TUNE + ["--ops", "rope_cos_sin", "--hf-config", str(p), "--tokens", "16", "--json"]) == 0
+    rows = [r for r in json.loads(capsys.readouterr().out) if r["backend"] == "cpu"]
+    assert [r["key"] for r in rows] == ["float32 table=float32 D16 R8 pos=int64 Hq3 Hk1 T16",
+                                        "float32 table=float32 D16 R8 split per-token Hq3 Hk1 T16"]
+    assert all(r["op"] == "rope_cos_sin" and r["status"] == "ok" and r["time_us"] > 0 for r in rows)
+    doc = C.read_file(cpu_file(dirs.tune), writable=True)
+    assert sorted(e["key"]["split"] for e in doc["entries"] if e["op"] == "rope_cos_sin") == [False, True]
+    autotune.reload()
+    k = cos_sin_key(tokens_bucket=16, heads_q=3, heads_k=1, head_dim=16, rotary_dim=8, split=True, pos_dtype="")
+    assert dispatch.select("rope_cos_sin", k, backend="cpu")[1] == rows[1]["config"]

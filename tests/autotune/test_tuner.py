@@ -12,7 +12,7 @@ from posattn import autotune, dispatch
 from posattn.autotune import cache as C
 from posattn.autotune import tuner
 
-from ._util import TKey, cpu_file, register_tunetest, rope_key, unregister_tunetest
+from ._util import TKey, cos_sin_key, cpu_file, register_tunetest, rope_key, unregister_tunetest
 
 FAST = tuner.Settings(warmup=1, min_reps=3, max_reps=9, budget_s=0.005, rounds=3, max_sets=4)
 
@@ -188,13 +188,60 @@ def test_search_spaces_beside_the_kernels_are_pruned():
     assert cu and all(c["threads"] % 32 == 0 for c in cu)
 
 
-def test_triton_candidates_tune_under_the_interpreter(dirs):
+@pytest.mark.parametrize("op, make_key", [("rope", rope_key), ("rope_cos_sin", cos_sin_key)])
+def test_triton_candidates_tune_under_the_interpreter(dirs, op, make_key):
     from posattn.kernels import triton as tk
 
     if not tk.device_ok("cpu"):
         pytest.skip("Triton cannot take CPU tensors here (no TRITON_INTERPRET)")
-    k = rope_key(tokens_bucket=2, heads_q=2, heads_k=1, head_dim=16)
+    k = make_key(tokens_bucket=2, heads_q=2, heads_k=1, head_dim=16)
     space = [{"BLOCK_H": 1, "num_warps": 1}, {"BLOCK_H": 2, "num_warps": 1}]
     s = tuner.Settings(warmup=1, min_reps=1, max_reps=2, rounds=1, max_sets=1)
-    [r] = tuner.tune_key("rope", k, backends=["triton"], spaces={"triton": space}, settings=s)
+    [r] = tuner.tune_key(op, k, backends=["triton"], spaces={"triton": space}, settings=s)
     assert r.best is not None and all(x["status"] == "ok" for x in r.results)
+
+
+def test_cpu_rope_cos_sin_threads_1_vs_2_for_real(dirs):
+    """The cpu cos/sin kernel over threads {1, 2} on transformers-style split tables (interleaved,
+    partial rotary): both timed and checked against the fp64 reference; dispatch uses the faster.
+    (The cos_sin_cache form is tuned end to end in tests/autotune/test_cli.py.)"""
+    k = cos_sin_key(split=True, pos_dtype="", rotary_dim=32, interleaved=True)
+    space = [{"threads": 1, "chunk": 16}, {"threads": 2, "chunk": 16}]
+    [r] = tuner.tune_key("rope_cos_sin", k, backends=["cpu"], spaces={"cpu": space}, settings=FAST)
+    assert r.measured == 3 and all(x["status"] == "ok" for x in r.results)
+    assert r.best["time_s"] == min(x["time_s"] for x in r.results)
+    autotune.reload()
+    assert dispatch.select("rope_cos_sin", k, backend="cpu")[1] == r.best["config"]
+
+
+def test_rope_cos_sin_mismatch_is_caught(dirs, monkeypatch):
+    """A cos/sin config that reads the sines as cosines is a mismatch, not a win."""
+    kern = dispatch.kernels("rope_cos_sin")["cpu"]
+    real = kern.fn
+
+    def swapped(q, qo, k, ko, c1, s1, c2, s2, pos2, *rest):
+        if rest[-1].get("chunk") == 4:
+            c1, s1, c2, s2 = s1, c1, s2, c2
+        real(q, qo, k, ko, c1, s1, c2, s2, pos2, *rest)
+
+    monkeypatch.setitem(dispatch._registry["rope_cos_sin"], "cpu", type(kern)(**{**kern.__dict__, "fn": swapped}))
+    k = cos_sin_key(tokens_bucket=16, split=True, pos_dtype="")
+    [r] = tuner.tune_key("rope_cos_sin", k, backends=["cpu"], settings=FAST,
+                         spaces={"cpu": [{"threads": 1, "chunk": 4}, {"threads": 1, "chunk": 16}]})
+    st = {x["config"]["chunk"]: x["status"] for x in r.results if x["config"]["threads"] == 1}
+    assert st == {4: "mismatch", 16: "ok"}
+
+
+def test_rope_cos_sin_search_spaces_are_pruned():
+    ks = dispatch.kernels("rope_cos_sin")
+    k = cos_sin_key(tokens_bucket=4, heads_q=3, heads_k=1, head_dim=16)
+    cpu = ks["cpu"].search_space(k)
+    assert cpu and all(c["threads"] <= 4 for c in cpu)
+    tri = ks["triton"].search_space(k)
+    assert tri and all(c["BLOCK_H"] <= 4 for c in tri)
+    # 4 x 8 pairs per token, 4 tokens: a 1024-thread block would idle most of its threads
+    cu = ks["cuda"].search_space(k)
+    assert cu and all(c["threads"] % 32 == 0 for c in cu) and {"threads": 1024} not in cu
+    assert {"threads": 1024} in ks["cuda"].search_space(cos_sin_key(tokens_bucket=4096, heads_q=32, heads_k=8,
+                                                                     head_dim=128))
+

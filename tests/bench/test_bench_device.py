@@ -50,3 +50,35 @@ def test_cpu_peaks_are_measured():
 def test_copy_bandwidth_counts_read_and_write():
     bw = device.measure_copy_bandwidth("cpu", nbytes=8 << 20, reps=2)
     assert 0.05 < bw < 5000
+
+
+def test_bench_and_tuner_describe_the_same_cpu():
+    from posattn.autotune import fingerprint as F
+
+    fp, dev = device.device_fingerprint("cpu"), F.cpu_device()
+    assert fp["name"] == dev.name and fp["cores"] == dev.logical_cpus
+    assert dev.fingerprint == f"{dev.slug}-c{dev.cores}" and dev.slug.startswith("cpu-")
+
+
+def test_gpu_fingerprint_formats(monkeypatch):
+    """One probe, the two names it has always had: the result folder ``h200``
+    and the tune cache file ``nvidia-h200-cc90-sm132``."""
+    import types
+
+    import torch
+
+    from posattn import device as shared
+    from posattn.autotune import fingerprint as F
+
+    props = types.SimpleNamespace(name="NVIDIA H200", major=9, minor=0, multi_processor_count=132,
+                                  total_memory=141 * 2**30, L2_cache_size=60 * 2**20)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda idx: props)
+    shared.cuda_device.cache_clear()
+    try:
+        fp, dev = device.device_fingerprint("cuda:0"), F.cuda_device(0)
+    finally:
+        shared.cuda_device.cache_clear()
+    assert {k: fp[k] for k in ("kind", "name", "slug", "cc", "sm_count", "memory_gb", "l2_mb")} == {
+        "kind": "cuda", "name": "NVIDIA H200", "slug": "h200", "cc": "9.0", "sm_count": 132,
+        "memory_gb": 141.0, "l2_mb": 60.0}
+    assert (dev.slug, dev.fingerprint, dev.l2_bytes) == ("nvidia-h200", "nvidia-h200-cc90-sm132", 60 * 2**20)

@@ -11,6 +11,7 @@ import importlib.util
 
 import torch
 
+from posattn.bench.ops._common import dtypes_from, parse_dims, posattn_available
 from posattn.bench.registry import BenchOp, Shape, Unsupported, register_op, skip_op
 
 HQ, HK, D = 32, 8, 128
@@ -40,20 +41,11 @@ def sweep(mode: str, device_type: str) -> list[Shape]:
     return [_shape(T) for T in _SWEEPS[(mode, device_type)]]
 
 
-def dtypes(mode: str, device_type: str):
-    return [getattr(torch, n) for n in _DTYPES[(mode, device_type)]]
+dtypes = dtypes_from(_DTYPES)
 
 
 def parse_shape(text: str) -> Shape:
-    try:
-        dims = {k.strip(): int(v) for k, v in (kv.split("=") for kv in text.split(","))}
-    except ValueError:
-        raise ValueError(f"--shape for anchor_attention must look like T=16384,row=16384,Hq=32,Hk=8,D=128; "
-                         f"got {text!r}") from None
-    unknown = set(dims) - {"T", "row", "Hq", "Hk", "D"}
-    if unknown:
-        raise ValueError(f"--shape for anchor_attention: unknown dimension(s) {sorted(unknown)}; "
-                         f"use T, row, Hq, Hk, D")
+    dims = parse_dims(text, "anchor_attention", ("T", "row", "Hq", "Hk", "D"), "T=16384,row=16384,Hq=32,Hk=8,D=128")
     T = dims.get("T", 1024)
     return _shape(T, dims.get("row"), dims.get("Hq", HQ), dims.get("Hk", HK), dims.get("D", D))
 
@@ -130,20 +122,6 @@ else:
         make_inputs=make_inputs, reference=reference, sweep=sweep, dtypes=dtypes, bytes=nbytes, flops=flops,
         parse_shape=parse_shape, size_name="tokens", baseline=("flex", "sdpa", "reference")))
 
-    def _available(backend: str):
-        def check(device_type: str):
-            from posattn import dispatch
-
-            ok, why = dispatch.backend_status(backend)
-            if not ok:
-                return False, why
-            if backend == "cpu" and device_type != "cpu":
-                return False, "CPU kernel: runs on CPU tensors only"
-            if backend == "triton" and device_type != "cuda":
-                return False, "needs a CUDA device (the Triton interpreter is not timed)"
-            return True, ""
-        return check
-
     def _factory(backend: str):
         def factory(inp: dict, device_type: str):
             if backend == "reference" and not _dense_ok(inp):
@@ -153,7 +131,7 @@ else:
         return factory
 
     for _b in ("triton", "cpu", "reference"):
-        op.backend(_b, available=_available(_b),
+        op.backend(_b, available=posattn_available("anchor_attention", _b),
                    note=f"posattn.anchor_attention(q, k, v, cu_seqlens, cu_rows=..., backend={_b!r}); "
                         f"lowering included")(_factory(_b))
 

@@ -8,10 +8,9 @@ holds the rotation alone; posattn computes its angles inside the kernel.
 """
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 
+from posattn.bench.ops._common import as_qk, dtypes_from, flashinfer_fn, importable, parse_dims, posattn_available
 from posattn.bench.registry import BenchOp, Shape, Unsupported, register_op
 
 HQ, HK, D = 32, 8, 128
@@ -41,18 +40,11 @@ def sweep(mode: str, device_type: str) -> list[Shape]:
     return [_shape(S=s) for s in _SWEEPS[(mode, device_type)]]
 
 
-def dtypes(mode: str, device_type: str):
-    return [getattr(torch, n) for n in _DTYPES[(mode, device_type)]]
+dtypes = dtypes_from(_DTYPES)
 
 
 def parse_shape(text: str) -> Shape:
-    try:
-        dims = {k.strip(): int(v) for k, v in (kv.split("=") for kv in text.split(","))}
-    except ValueError:
-        raise ValueError(f"--shape for rope must look like B=1,S=4096,Hq=32,Hk=8,D=128; got {text!r}") from None
-    unknown = set(dims) - {"B", "S", "Hq", "Hk", "D"}
-    if unknown:
-        raise ValueError(f"--shape for rope: unknown dimension(s) {sorted(unknown)}; use B, S, Hq, Hk, D")
+    dims = parse_dims(text, "rope", ("B", "S", "Hq", "Hk", "D"), "B=1,S=4096,Hq=32,Hk=8,D=128")
     return _shape(dims.get("B", 1), dims.get("S", 1), dims.get("Hq", HQ), dims.get("Hk", HK), dims.get("D", D))
 
 
@@ -102,23 +94,6 @@ op = register_op(BenchOp(
 # ---------------------------------------------------------------------------
 # posattn backends
 
-def _posattn_available(backend: str):
-    def check(device_type: str):
-        from posattn import dispatch
-
-        if backend not in dispatch.kernels("rope"):
-            return False, f"posattn has no {backend} kernel for rope"
-        ok, why = dispatch.backend_status(backend)
-        if not ok:
-            return False, why
-        if backend == "cpu" and device_type != "cpu":
-            return False, "CPU kernel: runs on CPU tensors only"
-        if backend in ("cuda", "triton") and device_type != "cuda":
-            return False, "needs a CUDA device (the Triton interpreter is not timed)"
-        return True, ""
-    return check
-
-
 def _posattn_factory(backend: str):
     def factory(inp: dict, device_type: str):
         import posattn
@@ -135,24 +110,12 @@ def _elements_of(inp: dict) -> int:
 
 
 for _b in ("cuda", "triton", "cpu", "reference"):
-    op.backend(_b, available=_posattn_available(_b),
+    op.backend(_b, available=posattn_available("rope", _b),
                note="posattn.apply_rope(q, k, positions, spec, backend=%r)" % _b)(_posattn_factory(_b))
 
 
 # ---------------------------------------------------------------------------
 # peers: each used only when importable
-
-def _importable(module: str, cuda_only: bool = False):
-    def check(device_type: str):
-        if cuda_only and device_type != "cuda":
-            return False, "CUDA only"
-        try:
-            found = importlib.util.find_spec(module) is not None
-        except (ImportError, ValueError):
-            found = False
-        return (True, "") if found else (False, f"{module.split('.')[0]} is not installed")
-    return check
-
 
 def _hf_cos_sin(inp: dict):
     """cos, sin [1, S, D] in the inputs' dtype, from transformers' LlamaRotaryEmbedding."""
@@ -173,7 +136,7 @@ def _hf_cos_sin(inp: dict):
     return rot(q, inp["positions"][None])
 
 
-@op.peer("transformers", available=_importable("transformers"),
+@op.peer("transformers", available=importable("transformers"),
          note="transformers' apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2) on [B,S,H,D]; "
               "cos/sin from LlamaRotaryEmbedding, precomputed")
 def _transformers(inp, device_type):
@@ -187,7 +150,7 @@ def _transformers(inp, device_type):
 _compiled = {}
 
 
-@op.peer("torch.compile", available=_importable("transformers"), full_only=True,
+@op.peer("torch.compile", available=importable("transformers"), full_only=True,
          note="torch.compile(transformers' apply_rotary_pos_emb); compile time not counted")
 def _compiled_transformers(inp, device_type):
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -200,7 +163,7 @@ def _compiled_transformers(inp, device_type):
     return lambda: fn(q, k, cos, sin, unsqueeze_dim=2)
 
 
-@op.peer("liger", available=_importable("liger_kernel", cuda_only=True),
+@op.peer("liger", available=importable("liger_kernel", cuda_only=True),
          note="Liger-Kernel liger_rotary_pos_emb on [B,H,S,D] views; cos/sin precomputed; rotates in place")
 def _liger(inp, device_type):
     from liger_kernel.transformers.rope import liger_rotary_pos_emb
@@ -214,27 +177,22 @@ def _liger(inp, device_type):
     return fn, lambda out: (out[0].transpose(1, 2), out[1].transpose(1, 2))
 
 
-@op.peer("flashinfer", available=_importable("flashinfer", cuda_only=True),
+@op.peer("flashinfer", available=importable("flashinfer", cuda_only=True),
          note="FlashInfer apply_rope_pos_ids on [T,H,D]; angles computed in the kernel")
 def _flashinfer(inp, device_type):
-    try:
-        from flashinfer.rope import apply_rope_pos_ids
-    except ImportError:
-        from flashinfer import apply_rope_pos_ids
-
+    apply_rope_pos_ids = flashinfer_fn("apply_rope_pos_ids")
     q, k = inp["q"], inp["k"]
     B, S, hq, d = q.shape
-    hk = k.shape[2]
-    q3, k3 = q.view(B * S, hq, d), k.view(B * S, hk, d)
+    q3, k3 = q.view(B * S, hq, d), k.view(B * S, k.shape[2], d)
     pos = inp["positions"].repeat(B).to(torch.int32)
 
     def fn():
         return apply_rope_pos_ids(q3, k3, pos, rotary_dim=d, interleave=False, rope_scale=1.0, rope_theta=BASE)
 
-    return fn, lambda out: (out[0].view(B, S, hq, d), out[1].view(B, S, hk, d))
+    return fn, as_qk(q, k)
 
 
-@op.peer("flash-attn", available=_importable("flash_attn", cuda_only=True),
+@op.peer("flash-attn", available=importable("flash_attn", cuda_only=True),
          note="flash-attn apply_rotary_emb on q and k (two calls); cos/sin [S, D/2] precomputed in the input dtype")
 def _flash_attn(inp, device_type):
     from flash_attn.layers.rotary import apply_rotary_emb

@@ -12,11 +12,10 @@ inference engine builds them once and shares them across layers):
 """
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 
 from posattn.bench.ops import rope as _rope
+from posattn.bench.ops._common import as_qk, dtypes_from, flashinfer_fn, importable, posattn_available
 from posattn.bench.registry import BenchOp, Shape, Unsupported, register_op
 
 MAX_POS = 1 << 17  # a 128k-position cache, as long-context engines hold
@@ -40,8 +39,7 @@ def sweep(mode: str, device_type: str) -> list[Shape]:
     return [_rope._shape(S=s) for s in _SWEEPS[(mode, device_type)]]
 
 
-def dtypes(mode: str, device_type: str):
-    return [getattr(torch, n) for n in _DTYPES[(mode, device_type)]]
+dtypes = dtypes_from(_DTYPES)
 
 
 def nbytes(shape: Shape, dtype) -> int:
@@ -85,26 +83,11 @@ op = register_op(BenchOp(
     parse_shape=_rope.parse_shape, size_name="tokens", baseline=("flashinfer-cache", "vllm", "reference")))
 
 
-def _available(backend: str):
-    def check(device_type: str):
-        from posattn import dispatch
-
-        ok, why = dispatch.backend_status(backend)
-        if not ok:
-            return False, why
-        if backend == "cpu" and device_type != "cpu":
-            return False, "CPU kernel: runs on CPU tensors only"
-        if backend in ("cuda", "triton") and device_type != "cuda":
-            return False, "needs a CUDA device (the Triton interpreter is not timed)"
-        return True, ""
-    return check
-
-
 def _cache_factory(backend: str):
     def factory(inp: dict, device_type: str):
         import posattn
 
-        if backend == "reference" and inp["q"].numel() + inp["k"].numel() > _REFERENCE_MAX_ELEMENTS[device_type]:
+        if backend == "reference" and _rope._elements_of(inp) > _REFERENCE_MAX_ELEMENTS[device_type]:
             raise Unsupported("the fp64 reference is timed on small inputs only")
         q, k, pos, cache = inp["q"], inp["k"], inp["positions"], inp["cos_sin_cache"]
         return lambda: posattn.apply_rope_cos_sin(q, k, cos_sin_cache=cache, positions=pos, check_bounds=False,
@@ -122,11 +105,11 @@ def _tables_factory(backend: str):
 
 
 for _b in ("cuda", "triton", "cpu", "reference"):
-    op.backend(_b, available=_available(_b),
+    op.backend(_b, available=posattn_available("rope_cos_sin", _b),
                note="posattn.apply_rope_cos_sin(q, k, cos_sin_cache=..., positions=..., check_bounds=False, "
                     "backend=%r)" % _b)(_cache_factory(_b))
 for _b in ("cuda", "triton", "cpu"):
-    op.backend(_b + "-tables", available=_available(_b),
+    op.backend(_b + "-tables", available=posattn_available("rope_cos_sin", _b),
                note="posattn.apply_rope_cos_sin(q, k, cos, sin, backend=%r), per-token [B, S, D/2] fp32 tables" % _b
                )(_tables_factory(_b))
 
@@ -139,40 +122,23 @@ def _on_the_fly(inp, device_type):
     return lambda: posattn.apply_rope(q, k, pos, spec)
 
 
-def _importable(module: str):
-    def check(device_type: str):
-        if device_type != "cuda":
-            return False, "CUDA only"
-        try:
-            found = importlib.util.find_spec(module) is not None
-        except (ImportError, ValueError):
-            found = False
-        return (True, "") if found else (False, f"{module.split('.')[0]} is not installed")
-    return check
-
-
-@op.peer("flashinfer-cache", available=_importable("flashinfer"),
+@op.peer("flashinfer-cache", available=importable("flashinfer", cuda_only=True),
          note="flashinfer.apply_rope_with_cos_sin_cache(positions, q [T, Hq*D], k [T, Hk*D], D, cache, True)")
 def _flashinfer(inp, device_type):
-    try:
-        from flashinfer.rope import apply_rope_with_cos_sin_cache
-    except ImportError:
-        from flashinfer import apply_rope_with_cos_sin_cache
-
+    apply_rope_with_cos_sin_cache = flashinfer_fn("apply_rope_with_cos_sin_cache")
     q, k = inp["q"], inp["k"]
     B, S, hq, d = q.shape
-    hk = k.shape[2]
-    q2, k2 = q.reshape(B * S, hq * d), k.reshape(B * S, hk * d)
+    q2, k2 = q.reshape(B * S, hq * d), k.reshape(B * S, k.shape[2] * d)
     pos = inp["positions"].reshape(-1)
     cache = inp["cos_sin_cache"]
 
     def fn():
         return apply_rope_with_cos_sin_cache(pos, q2, k2, d, cache, True)
 
-    return fn, lambda out: (out[0].view(B, S, hq, d), out[1].view(B, S, hk, d))
+    return fn, as_qk(q, k)
 
 
-@op.peer("vllm", available=_importable("vllm"),
+@op.peer("vllm", available=importable("vllm", cuda_only=True),
          note="vllm._custom_ops.rotary_embedding(positions, q, k, D, cache, True), in place")
 def _vllm(inp, device_type):
     from vllm import _custom_ops as vops

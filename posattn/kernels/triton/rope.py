@@ -21,6 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
+from posattn.kernels.triton.rope_common import (TL_DTYPE, config_ok, default_config, plan, qk_signature,
+                                                rotate_heads, search_space, tile_meta)
+
 TWO_PI = tl.constexpr(6.283185307179586)
 INV_TWO_PI = tl.constexpr(0.15915494309189535)
 TWO_PI_C1 = tl.constexpr(6.2831854820251465)      # 24 significant bits
@@ -123,56 +126,15 @@ def _rope_kernel(
         cos = cos[None, :]
         sin = sin[None, :]
 
-    if INTERLEAVED:
-        i1 = 2 * p
-        i2 = 2 * p + 1
-    else:
-        i1 = p
-        i2 = p + HALF
-    xin = x_ptr + b * sb + s * ss + h[:, None] * sh
-    xout = o_ptr + b * osb + s * oss + h[:, None] * osh
-    x1 = tl.load(xin + i1[None, :], mask=m, other=0.0).to(tl.float32)
-    x2 = tl.load(xin + i2[None, :], mask=m, other=0.0).to(tl.float32)
-    o1 = x1 * cos - x2 * sin
-    o2 = x2 * cos + x1 * sin
-    tl.store(xout + i1[None, :], o1.to(o_ptr.dtype.element_ty), mask=m)
-    tl.store(xout + i2[None, :], o2.to(o_ptr.dtype.element_ty), mask=m)
-    if COPY_TAIL:
-        t = 2 * HALF + tl.arange(0, BLOCK_T)
-        tm = hmask[:, None] & (t < D)[None, :]
-        xt = tl.load(xin + t[None, :], mask=tm, other=0.0)
-        tl.store(xout + t[None, :], xt, mask=tm)
-
-
-def default_config(head_dim: int, rotary_dim: int, heads: int) -> dict:
-    block_p = triton.next_power_of_2(max(rotary_dim // 2, 1))
-    # keep a program's tile near 2k pairs: enough work per program, few registers
-    block_h = max(1, min(triton.next_power_of_2(max(heads, 1)), max(1, 2048 // block_p)))
-    return {"BLOCK_H": block_h, "num_warps": 4 if block_h * block_p >= 1024 else 2}
-
-
-def _heads(x):
-    return 0 if x is None else x.shape[2]
+    rotate_heads(x_ptr + b * sb + s * ss + h[:, None] * sh, o_ptr + b * osb + s * oss + h[:, None] * osh,
+                 p, pmask, hmask, cos, sin, cos, sin, HALF, D, BLOCK_T, INTERLEAVED, COPY_TAIL)
 
 
 def _launch(q, qo, k, ko, rotary_dim, interleaved, sign, config, *, pos3=None, tables=None,
             angles=None):
-    x = q if _heads(q) else k
-    if x is None or _heads(x) == 0:
+    L = plan(q, qo, k, ko, rotary_dim, interleaved, config)
+    if L is None:
         return
-    xo = qo if x is q else ko
-    B, S, _, D = x.shape
-    HQ, HK = _heads(q), _heads(k)
-    if B * S == 0:
-        return
-    half = rotary_dim // 2
-    block_h = int(config.get("BLOCK_H") or default_config(D, rotary_dim, max(HQ, HK))["BLOCK_H"])
-    num_warps = int(config.get("num_warps", 4))
-    nqb = triton.cdiv(HQ, block_h)
-    nkb = triton.cdiv(HK, block_h)
-    qq, qqo = (q, qo) if HQ else (x, xo)
-    kk, kko = (k, ko) if HK else (x, xo)
-    copy_tail = rotary_dim < D and xo.data_ptr() != x.data_ptr()
     if angles is not None:
         rows = angles.shape[2]
         dummy = angles
@@ -194,16 +156,11 @@ def _launch(q, qo, k, ko, rotary_dim, interleaved, sign, config, *, pos3=None, t
                      DPE=tables.pair_pos_scale is not None,
                      Q_OFFSET=tables.pair_pos_scale is not None and tables.pair_q_offset is not None)
         scale = float(tables.attention_scaling)
-    grid = (B * S, nqb + nkb)
-    _rope_kernel[grid](
-        qq, qqo, kk, kko, *ptrs,
-        S, HQ, HK, nqb, max(HQ // rows, 1), max(HK // rows, 1),
-        qq.stride(0), qq.stride(1), qq.stride(2), qqo.stride(0), qqo.stride(1), qqo.stride(2),
-        kk.stride(0), kk.stride(1), kk.stride(2), kko.stride(0), kko.stride(1), kko.stride(2),
-        *pstr, *astr, scale, float(sign),
-        HALF=half, D=D, BLOCK_P=triton.next_power_of_2(max(half, 1)), BLOCK_H=block_h,
-        BLOCK_T=triton.next_power_of_2(max(D - rotary_dim, 1)), INTERLEAVED=bool(interleaved),
-        COPY_TAIL=bool(copy_tail), PER_ROW=rows > 1, num_warps=num_warps, **flags,
+    _rope_kernel[L.grid](
+        *L.tensors, *ptrs,
+        L.S, L.HQ, L.HK, L.NQB, max(L.HQ // rows, 1), max(L.HK // rows, 1),
+        *L.strides, *pstr, *astr, scale, float(sign),
+        PER_ROW=rows > 1, num_warps=L.num_warps, **L.meta, **flags,
     )
 
 
@@ -222,10 +179,8 @@ def rope_angles_forward(q, qo, k, ko, angles, rotary_dim: int, interleaved: bool
 # ---------------------------------------------------------------------------
 # ahead-of-time compilation (tests compile every specialisation for sm_90a/sm_80)
 
-_TL_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _INT_ARGS = ("S", "HQ", "HK", "NQB", "HPR_Q", "HPR_K")
-_STRIDE_ARGS = ("q_sb", "q_ss", "q_sh", "qo_sb", "qo_ss", "qo_sh", "k_sb", "k_ss", "k_sh",
-                "ko_sb", "ko_ss", "ko_sh", "pos_sa", "pos_sb", "pos_ss", "ang_sb", "ang_ss", "ang_sh")
+_STRIDE_ARGS = ("pos_sa", "pos_sb", "pos_ss", "ang_sb", "ang_ss", "ang_sh")
 # the variants the public ops launch: (name, FROM_ANGLES, PER_ROW, MULTI_AXIS, DPE, Q_OFFSET)
 VARIANTS = (
     ("plain", False, False, False, False, False),
@@ -239,15 +194,13 @@ VARIANTS = (
 
 def _spec(d, rot, dtype, inter, variant, pos_t):
     vname, from_ang, per_row, multi, dpe, qoff = variant
-    ty = _TL_DTYPE[dtype]
+    ty = TL_DTYPE[dtype]
     cfg = default_config(d, rot, 32)
-    meta = dict(HALF=rot // 2, D=d, BLOCK_P=triton.next_power_of_2(rot // 2),
-                BLOCK_H=cfg["BLOCK_H"], BLOCK_T=triton.next_power_of_2(max(d - rot, 1)),
-                INTERLEAVED=inter, COPY_TAIL=rot < d, FROM_ANGLES=from_ang,
+    meta = dict(tile_meta(d, rot, inter, rot < d, cfg["BLOCK_H"]), FROM_ANGLES=from_ang,
                 PER_ROW=per_row, MULTI_AXIS=multi, DPE=dpe, Q_OFFSET=qoff)
     sig = {n: "constexpr" for n in meta}
-    sig.update({"q_ptr": f"*{ty}", "qo_ptr": f"*{ty}", "k_ptr": f"*{ty}",
-                "ko_ptr": f"*{ty}", "pos_ptr": f"*{'fp32' if from_ang else pos_t}", "inv_freq_ptr": "*fp32",
+    sig.update(qk_signature(ty))
+    sig.update({"pos_ptr": f"*{'fp32' if from_ang else pos_t}", "inv_freq_ptr": "*fp32",
                 "pair_axis_ptr": "*i32", "pos_scale_ptr": "*fp32",
                 "q_offset_ptr": "*fp32", "ang_ptr": "*fp32",
                 "attention_scaling": "fp32", "sign": "fp32"})
@@ -313,19 +266,5 @@ def aot_specializations(full: bool = False, arch: int = 90):
 # ---------------------------------------------------------------------------
 # autotune search space (read by posattn.autotune through the kernel registry)
 
-def rope_search_space(key) -> list[dict]:
-    """Candidate {BLOCK_H, num_warps} for the rope kernel (``key``: the rope kernel key)."""
-    return [c for c in ({"BLOCK_H": bh, "num_warps": w} for bh in (1, 2, 4, 8, 16, 32) for w in (1, 2, 4, 8))
-            if rope_config_ok(key, c)]
-
-
-def rope_config_ok(key, config: dict) -> bool:
-    """Prune: no block taller than the heads, no tile past 8k pairs (registers),
-    no more warps than the tile has rows of 32 pairs."""
-    heads = max(int(key.heads_q), int(key.heads_k), 1)
-    block_p = triton.next_power_of_2(max(int(key.rotary_dim) // 2, 1))
-    bh, w = config["BLOCK_H"], config["num_warps"]
-    if bh > triton.next_power_of_2(heads):
-        return False
-    tile = bh * block_p
-    return tile <= 8192 and w * 32 <= max(32, tile)
+rope_search_space = search_space
+rope_config_ok = config_ok

@@ -19,6 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
+from posattn.kernels.triton.rope_common import (TL_DTYPE, config_ok, default_config, plan, qk_signature,
+                                                rotate_heads, search_space, tile_meta)
+
 
 @triton.jit
 def _rope_cos_sin_kernel(
@@ -77,48 +80,17 @@ def _rope_cos_sin_kernel(
 
     h = (h0 + tl.arange(0, BLOCK_H)).to(tl.int64)
     hmask = h < H
-    if INTERLEAVED:
-        i1 = 2 * p
-        i2 = 2 * p + 1
-    else:
-        i1 = p
-        i2 = p + HALF
-    m = hmask[:, None] & pmask[None, :]
-    xin = x_ptr + b * sb + s * ss + h[:, None] * sh
-    xout = o_ptr + b * osb + s * oss + h[:, None] * osh
-    x1 = tl.load(xin + i1[None, :], mask=m, other=0.0).to(tl.float32)
-    x2 = tl.load(xin + i2[None, :], mask=m, other=0.0).to(tl.float32)
-    o1 = x1 * cos1[None, :] - x2 * sin1[None, :]
-    o2 = x2 * cos2[None, :] + x1 * sin2[None, :]
-    tl.store(xout + i1[None, :], o1.to(o_ptr.dtype.element_ty), mask=m)
-    tl.store(xout + i2[None, :], o2.to(o_ptr.dtype.element_ty), mask=m)
-    if COPY_TAIL:
-        t = 2 * HALF + tl.arange(0, BLOCK_T)
-        tm = hmask[:, None] & (t < D)[None, :]
-        xt = tl.load(xin + t[None, :], mask=tm, other=0.0)
-        tl.store(xout + t[None, :], xt, mask=tm)
-
-
-def default_config(head_dim: int, rotary_dim: int, heads: int) -> dict:
-    block_p = triton.next_power_of_2(max(rotary_dim // 2, 1))
-    # keep a program's tile near 2k pairs: enough work per program, few registers
-    block_h = max(1, min(triton.next_power_of_2(max(heads, 1)), max(1, 2048 // block_p)))
-    return {"BLOCK_H": block_h, "num_warps": 4 if block_h * block_p >= 1024 else 2}
+    rotate_heads(x_ptr + b * sb + s * ss + h[:, None] * sh, o_ptr + b * osb + s * oss + h[:, None] * osh,
+                 p, pmask, hmask, cos1[None, :], sin1[None, :], cos2[None, :], sin2[None, :],
+                 HALF, D, BLOCK_T, INTERLEAVED, COPY_TAIL)
 
 
 def rope_cos_sin_forward(q, qo, k, ko, c1, s1, c2, s2, pos2, rotary_dim: int, interleaved: bool,
                          sign: float, config: dict):
     """Same contract as posattn.kernels.rope_cos_sin_native.cpu_forward."""
-    B, S, HQ, D = q.shape
-    HK = k.shape[2] if k is not None else 0
-    if B * S == 0:
+    L = plan(q, qo, k, ko, rotary_dim, interleaved, config)
+    if L is None:
         return
-    half = rotary_dim // 2
-    block_h = int(config.get("BLOCK_H") or default_config(D, rotary_dim, max(HQ, HK))["BLOCK_H"])
-    nqb = triton.cdiv(HQ, block_h)
-    nkb = triton.cdiv(HK, block_h) if k is not None else 0
-    kk, kko = (k, ko) if k is not None else (q, qo)
-    copy_tail = rotary_dim < D and qo.data_ptr() != q.data_ptr()
     split = c2.data_ptr() != c1.data_ptr() or s2.data_ptr() != s1.data_ptr()
     has_pos = pos2 is not None
     pos = pos2 if has_pos else c1
@@ -126,26 +98,18 @@ def rope_cos_sin_forward(q, qo, k, ko, c1, s1, c2, s2, pos2, rotary_dim: int, in
     ps = pos2.stride(1) if has_pos else 0
     cb = 0 if c1.shape[0] == 1 else c1.stride(0)
     sb = 0 if s1.shape[0] == 1 else s1.stride(0)
-    grid = (B * S, nqb + nkb)
-    _rope_cos_sin_kernel[grid](
-        q, qo, kk, kko, c1, s1, c2, s2, pos,
-        S, HQ, HK, nqb, c1.shape[1],
-        q.stride(0), q.stride(1), q.stride(2), qo.stride(0), qo.stride(1), qo.stride(2),
-        kk.stride(0), kk.stride(1), kk.stride(2), kko.stride(0), kko.stride(1), kko.stride(2),
+    _rope_cos_sin_kernel[L.grid](
+        *L.tensors, c1, s1, c2, s2, pos,
+        L.S, L.HQ, L.HK, L.NQB, c1.shape[1],
+        *L.strides,
         cb, c1.stride(1), c1.stride(2), sb, s1.stride(1), s1.stride(2),
         pb, ps,
-        HALF=half, D=D, BLOCK_P=triton.next_power_of_2(max(half, 1)), BLOCK_H=block_h,
-        BLOCK_T=triton.next_power_of_2(max(D - rotary_dim, 1)), INTERLEAVED=bool(interleaved),
-        COPY_TAIL=bool(copy_tail), SIGN=float(sign), HAS_POS=has_pos, SPLIT=bool(split),
-        num_warps=int(config.get("num_warps", 4)),
+        SIGN=float(sign), HAS_POS=has_pos, SPLIT=bool(split), num_warps=L.num_warps, **L.meta,
     )
 
 
 # ---------------------------------------------------------------------------
 # ahead-of-time compilation (tests compile specialisations for sm_90a/sm_80)
-
-_TL_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
 
 def aot_specializations(head_dims=(64, 92, 128, 160),
                         dtypes=(torch.float32, torch.float16, torch.bfloat16),
@@ -157,22 +121,26 @@ def aot_specializations(head_dims=(64, 92, 128, 160),
                 for tdt in table_dtypes:
                     for inter, has_pos, split, pos_t in ((False, True, False, "i64"), (True, True, False, "i32"),
                                                          (False, False, True, "i64"), (True, False, True, "i64")):
-                        ty = _TL_DTYPE[dtype]
+                        ty = TL_DTYPE[dtype]
                         cfg = default_config(d, rot, 32)
-                        meta = dict(HALF=rot // 2, D=d, BLOCK_P=triton.next_power_of_2(rot // 2),
-                                    BLOCK_H=cfg["BLOCK_H"], BLOCK_T=triton.next_power_of_2(max(d - rot, 1)),
-                                    INTERLEAVED=inter, COPY_TAIL=rot < d, SIGN=1.0, HAS_POS=has_pos,
+                        meta = dict(tile_meta(d, rot, inter, rot < d, cfg["BLOCK_H"]), SIGN=1.0, HAS_POS=has_pos,
                                     SPLIT=split)
                         sig = {n: "constexpr" for n in meta}
-                        sig.update({"q_ptr": f"*{ty}", "qo_ptr": f"*{ty}", "k_ptr": f"*{ty}", "ko_ptr": f"*{ty}",
-                                    "c1_ptr": f"*{tdt}", "s1_ptr": f"*{tdt}", "c2_ptr": f"*{tdt}",
+                        sig.update(qk_signature(ty))
+                        sig.update({"c1_ptr": f"*{tdt}", "s1_ptr": f"*{tdt}", "c2_ptr": f"*{tdt}",
                                     "s2_ptr": f"*{tdt}", "pos_ptr": f"*{pos_t}" if has_pos else f"*{tdt}"})
                         for n in ("S", "HQ", "HK", "NQB", "N"):
                             sig[n] = "i32"
-                        for n in ("q_sb", "q_ss", "q_sh", "qo_sb", "qo_ss", "qo_sh", "k_sb", "k_ss", "k_sh",
-                                  "ko_sb", "ko_ss", "ko_sh", "c_sb", "c_sn", "c_sp", "s_sb", "s_sn", "s_sp",
-                                  "pos_sb", "pos_ss"):
+                        for n in ("c_sb", "c_sn", "c_sp", "s_sb", "s_sn", "s_sp", "pos_sb", "pos_ss"):
                             sig[n] = "i64"
                         name = (f"rope_cos_sin_d{d}_r{rot}_{ty}_t{tdt}_{'inter' if inter else 'half'}"
                                 f"_{'pos' + pos_t if has_pos else 'tok'}{'_split' if split else ''}")
                         yield name, _rope_cos_sin_kernel, sig, meta, cfg["num_warps"]
+
+
+# ---------------------------------------------------------------------------
+# autotune search space (read by posattn.autotune through the kernel registry):
+# the same {BLOCK_H, num_warps} tile as the rope kernel
+
+rope_cos_sin_search_space = search_space
+rope_cos_sin_config_ok = config_ok
