@@ -37,6 +37,12 @@ def same_device(ref: torch.Tensor, ref_name: str, **others) -> None:
                              f"all tensors must be on one device")
 
 
+def boolean(value, name: str) -> None:
+    """A flag must be a real bool (1, "yes" or a tensor would silently mean something else)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
 def choice(value, name: str, allowed: tuple) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")

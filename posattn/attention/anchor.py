@@ -186,8 +186,7 @@ def anchor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         softmax_scale = D ** -0.5
     elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) or softmax_scale <= 0:
         raise ValueError(f"softmax_scale must be a positive number or None; got {softmax_scale!r}")
-    if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    V.boolean(return_lse, "return_lse")
     ra = _rope_inputs(rope, positions, q)
 
     key = AttnKey(q.device.type, _dtype_name(q.dtype), D, HQ, HK, ra[2] if ra else 0, ra[3] if ra else False,

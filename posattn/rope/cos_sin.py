@@ -9,14 +9,13 @@ traces.
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from posattn import _validate as V
-from posattn import dispatch
+from posattn import _plans, dispatch
 from posattn.kernels import rope_cos_sin_native as native_kernels
 from posattn.kernels.reference import rope_cos_sin as ref_kernels
 
@@ -145,8 +144,7 @@ def _apply_checked(q, k, cos, sin, cos_sin_cache, positions, rotary_dim, layout,
         V.float_tensor(k, "k")
     V.choice(layout, "layout", LAYOUTS)
     for name, val in (("inplace", inplace), ("interleaved", interleaved), ("check_bounds", check_bounds)):
-        if not isinstance(val, bool):
-            raise TypeError(f"{name} must be a bool, got {type(val).__name__}")
+        V.boolean(val, name)
     if backend is not None:
         dispatch.requested_backend(backend)  # validates the name
     _check_qk(q, k, layout)
@@ -196,11 +194,7 @@ def _apply_checked(q, k, cos, sin, cos_sin_cache, positions, rotary_dim, layout,
         # the positions bounds check reads values and runs on every call
         plan = _CosSinPlan(q, k, tab_a, tab_b, positions, R, form, layout, interleaved, inplace,
                            check_bounds, backend)
-        if PLAN_CACHE_SIZE > 0:
-            with _PLANS_LOCK:
-                if len(_PLANS) >= PLAN_CACHE_SIZE:
-                    _PLANS.clear()
-                _PLANS[pk] = plan
+        _plans.store(_PLANS, pk, plan, PLAN_CACHE_SIZE)
         return plan.run(q, k, tab_a, tab_b, positions)
 
     if inplace:
@@ -388,17 +382,12 @@ _env_backend = dispatch.env_backend_raw
 _empty_like = torch.empty_like
 
 PLAN_CACHE_SIZE = 512  # signatures kept; the cache is emptied when full (0: no plans)
-_PLANS: dict = {}
-_PLANS_LOCK = threading.Lock()
+_PLANS: dict = _plans.new_table()
 
 
 def clear_plans() -> None:
-    """Forget every apply_rope_cos_sin plan (dispatch.clear_memo() calls this)."""
-    with _PLANS_LOCK:
-        _PLANS.clear()
-
-
-dispatch.on_clear_memo(clear_plans)
+    """Forget every apply_rope_cos_sin plan (dispatch.clear_memo() does this too)."""
+    _PLANS.clear()
 
 
 def _key_for(q, q4, k4, c1, c2, pos2, R, interleaved) -> CosSinKey:

@@ -26,14 +26,13 @@ signature costs a dict lookup, the output allocation and the kernel call.
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from posattn import _validate as V
-from posattn import dispatch
+from posattn import _plans, dispatch
 from posattn.kernels import cpu as cpu_kernels
 from posattn.kernels import cuda as cuda_kernels
 from posattn.kernels.reference import rope as ref_kernels
@@ -417,26 +416,12 @@ _empty_like = torch.empty_like
 _empty = torch.empty
 
 PLAN_CACHE_SIZE = 512  # signatures kept; the cache is emptied when full (0: no plans)
-_PLANS: dict = {}
-_PLANS_LOCK = threading.Lock()
+_PLANS: dict = _plans.new_table()
 
 
 def clear_plans() -> None:
-    """Forget every apply_rope plan (dispatch.clear_memo() calls this)."""
-    with _PLANS_LOCK:
-        _PLANS.clear()
-
-
-dispatch.on_clear_memo(clear_plans)
-
-
-def _plans_store(pk, plan) -> None:
-    if PLAN_CACHE_SIZE <= 0:
-        return
-    with _PLANS_LOCK:
-        if len(_PLANS) >= PLAN_CACHE_SIZE:
-            _PLANS.clear()
-        _PLANS[pk] = plan
+    """Forget every apply_rope plan (dispatch.clear_memo() does this too)."""
+    _PLANS.clear()
 
 
 def _keeps_last_dim(x4: torch.Tensor) -> bool:
@@ -595,8 +580,7 @@ def _apply_rope_checked(q, k, positions, spec, layout, inplace, backend, seq_len
     if not isinstance(spec, RopeSpec):
         raise TypeError(f"spec must be a posattn.RopeSpec, got {type(spec).__name__}")
     V.choice(layout, "layout", LAYOUTS)
-    if not isinstance(inplace, bool):
-        raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
+    V.boolean(inplace, "inplace")
     _check_qk(q, k, layout)
     V.same_device(q, "q", k=k, positions=positions)
     q4 = _as_bshd(q, layout)
@@ -617,7 +601,7 @@ def _apply_rope_checked(q, k, positions, spec, layout, inplace, backend, seq_len
         kernel, config = dispatch.select("rope", key, backend=backend)
         plan = _RopePlan(kernel, config, tables, tuple(pos3.shape), q4, k4, spec.rotary_dim,
                          spec.interleaved, layout, inplace)
-        _plans_store(pk, plan)
+        _plans.store(_PLANS, pk, plan, PLAN_CACHE_SIZE)
         return plan.run(q, k, positions)
     return _run_positions(q, k, q4, k4, pos3, tables, spec.rotary_dim, spec.interleaved, 1.0, layout,
                           inplace, key, backend)
@@ -647,11 +631,9 @@ def apply_rope_angles(q: torch.Tensor, k: torch.Tensor | None, angles: torch.Ten
     V.tensor(angles, "angles")
     if angles.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"angles must be float32 (or float64); got {angles.dtype}")
-    if not isinstance(interleaved, bool):
-        raise TypeError(f"interleaved must be a bool, got {type(interleaved).__name__}")
+    V.boolean(interleaved, "interleaved")
     V.choice(layout, "layout", LAYOUTS)
-    if not isinstance(inplace, bool):
-        raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
+    V.boolean(inplace, "inplace")
     _check_qk(q, k, layout)
     V.same_device(q, "q", k=k, angles=angles)
     q4 = _as_bshd(q, layout)
@@ -730,8 +712,7 @@ def rope_shift(k: torch.Tensor, delta, spec: RopeSpec, positions: torch.Tensor |
     if not isinstance(spec, RopeSpec):
         raise TypeError(f"spec must be a posattn.RopeSpec, got {type(spec).__name__}")
     V.choice(layout, "layout", LAYOUTS)
-    if not isinstance(inplace, bool):
-        raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
+    V.boolean(inplace, "inplace")
     _check_x(k, "k", layout)
     k4 = _as_bshd(k, layout)
     B, S, H, D = k4.shape
