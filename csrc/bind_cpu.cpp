@@ -1,6 +1,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+#include <stdexcept>
 #include <string>
+#include <vector>
 #include "rope_args.h"
 #include "cpu/rope_cpu.h"
 #include "cpu/rope_cos_sin_cpu.h"
@@ -11,6 +13,83 @@
 #endif
 
 namespace py = pybind11;
+
+namespace {
+
+// A prepared launch: the problem of one call signature, built (and checked) once from the
+// same integer lists as rope_forward / rope_cos_sin_forward. A call supplies only what
+// changes between calls of that signature: data pointers, and the positions' (and tables')
+// pointer and strides. posattn/kernels/cpu.py keeps one per plan (posattn/rope/ops.py).
+void patch_tensor(posattn::RopeTensor& t, int64_t in, int64_t out, const char* name) {
+  if (t.in == nullptr) return;  // absent in the prepared signature: the call's pointers are unused
+  if (in == 0 || out == 0) throw std::invalid_argument(std::string(name) + ": null pointer");
+  t.in = reinterpret_cast<const void*>(in);
+  t.out = reinterpret_cast<void*>(out);
+}
+
+void patch_tensor(posattn::CosSinTensor& t, int64_t in, int64_t out, const char* name) {
+  if (t.in == nullptr) return;
+  if (in == 0 || out == 0) throw std::invalid_argument(std::string(name) + ": null pointer");
+  t.in = reinterpret_cast<const void*>(in);
+  t.out = reinterpret_cast<void*>(out);
+}
+
+struct RopeLaunch {
+  posattn::RopeProblem p;
+  int dtype;
+  int64_t chunk;
+
+  // src: what rope_forward takes as pos (ptr, dtype code, sa, sb, ss; the prepared dtype), or,
+  // when prepared with explicit angles, as angles (ptr, rows, sb, ss, sh; the prepared rows)
+  std::string run(int64_t q_in, int64_t q_out, int64_t k_in, int64_t k_out,
+                  const std::vector<int64_t>& src, int num_threads) const {
+    posattn::RopeProblem c = p;
+    if (p.ang.ptr != nullptr) {
+      if (src.size() != 5) throw std::invalid_argument("angles: expected 5 integers");
+      if (src[1] != p.ang.rows) throw std::invalid_argument("angles: rows differ from the prepared ones");
+      if (src[0] == 0) throw std::invalid_argument("angles: null pointer");
+      c.ang.ptr = reinterpret_cast<const float*>(src[0]);
+      c.ang.sb = src[2]; c.ang.ss = src[3]; c.ang.sh = src[4];
+    } else {
+      if (src.size() != 5) throw std::invalid_argument("pos: expected 5 integers");
+      if (src[1] != p.pos.dtype) throw std::invalid_argument("pos: dtype differs from the prepared one");
+      if (src[0] == 0) throw std::invalid_argument("pos: null pointer");
+      c.pos.ptr = reinterpret_cast<const void*>(src[0]);
+      c.pos.sa = src[2]; c.pos.sb = src[3]; c.pos.ss = src[4];
+    }
+    patch_tensor(c.q, q_in, q_out, "q");
+    patch_tensor(c.k, k_in, k_out, "k");
+    py::gil_scoped_release release;
+    return std::string(posattn::cpu::rope_forward(c, dtype, num_threads, chunk));
+  }
+};
+
+struct CosSinLaunch {
+  posattn::CosSinProblem p;
+  int dtype, table_dtype;
+  int64_t chunk;
+
+  // tables as in cos_sin_problem_from (their row count must be the prepared one);
+  // positions = (ptr, is_int64, sb, ss), or empty exactly when the prepared call had none
+  void run(int64_t q_in, int64_t q_out, int64_t k_in, int64_t k_out, const std::vector<int64_t>& tables,
+           const std::vector<int64_t>& positions, int num_threads) const {
+    posattn::CosSinProblem c = posattn::cos_sin_problem_from({}, {}, tables, positions, p.batch, p.seqlen,
+                                                             p.head_dim, p.rotary_dim, p.interleaved,
+                                                             p.copy_tail, p.sign);
+    if (c.table_rows != p.table_rows) throw std::invalid_argument("tables: rows differ from the prepared ones");
+    if ((c.positions == nullptr) != (p.positions == nullptr) || c.pos_is_int64 != p.pos_is_int64)
+      throw std::invalid_argument("positions: presence or dtype differs from the prepared call");
+    for (const void* t : {c.cos1, c.sin1, c.cos2, c.sin2})
+      if (t == nullptr) throw std::invalid_argument("tables: null pointer");
+    c.q = p.q; c.k = p.k;
+    patch_tensor(c.q, q_in, q_out, "q");
+    patch_tensor(c.k, k_in, k_out, "k");
+    py::gil_scoped_release release;
+    posattn::cpu::rope_cos_sin_forward(c, dtype, table_dtype, num_threads, chunk);
+  }
+};
+
+}  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "posattn C++ CPU kernels (OpenMP); raw pointers passed as integers";
@@ -33,6 +112,34 @@ PYBIND11_MODULE(_C, m) {
       py::arg("q"), py::arg("k"), py::arg("dims"), py::arg("pos"), py::arg("freqs"),
       py::arg("attention_scaling"), py::arg("angles"), py::arg("sign"), py::arg("dtype"),
       py::arg("num_threads") = 0, py::arg("chunk") = 64);
+  py::class_<RopeLaunch>(m, "RopeLaunch",
+                         "rope_forward prepared for one call signature; call(q_in, q_out, k_in, k_out, src, num_threads)")
+      .def(py::init([](const std::vector<int64_t>& q, const std::vector<int64_t>& k, const std::vector<int64_t>& dims,
+                       const std::vector<int64_t>& pos, const std::vector<int64_t>& freqs, double attention_scaling,
+                       const std::vector<int64_t>& angles, double sign, int dtype, int64_t chunk) {
+             return RopeLaunch{posattn::rope_problem_from(q, k, dims, pos, freqs, attention_scaling, angles, sign),
+                               dtype, chunk};
+           }),
+           py::arg("q"), py::arg("k"), py::arg("dims"), py::arg("pos"), py::arg("freqs"),
+           py::arg("attention_scaling"), py::arg("angles"), py::arg("sign"), py::arg("dtype"), py::arg("chunk"))
+      .def("__call__", &RopeLaunch::run, py::arg("q_in"), py::arg("q_out"), py::arg("k_in"), py::arg("k_out"),
+           py::arg("src"), py::arg("num_threads"));
+  py::class_<CosSinLaunch>(m, "CosSinLaunch",
+                           "rope_cos_sin_forward prepared for one call signature; "
+                           "call(q_in, q_out, k_in, k_out, tables, positions, num_threads)")
+      .def(py::init([](const std::vector<int64_t>& q, const std::vector<int64_t>& k,
+                       const std::vector<int64_t>& tables, const std::vector<int64_t>& positions, int64_t batch,
+                       int64_t seqlen, int64_t head_dim, int rotary_dim, bool interleaved, bool copy_tail,
+                       double sign, int dtype, int table_dtype, int64_t chunk) {
+             return CosSinLaunch{posattn::cos_sin_problem_from(q, k, tables, positions, batch, seqlen, head_dim,
+                                                               rotary_dim, interleaved, copy_tail, sign),
+                                 dtype, table_dtype, chunk};
+           }),
+           py::arg("q"), py::arg("k"), py::arg("tables"), py::arg("positions"), py::arg("batch"),
+           py::arg("seqlen"), py::arg("head_dim"), py::arg("rotary_dim"), py::arg("interleaved"),
+           py::arg("copy_tail"), py::arg("sign"), py::arg("dtype"), py::arg("table_dtype"), py::arg("chunk"))
+      .def("__call__", &CosSinLaunch::run, py::arg("q_in"), py::arg("q_out"), py::arg("k_in"), py::arg("k_out"),
+           py::arg("tables"), py::arg("positions"), py::arg("num_threads"));
   m.def("advise_hugepages", &posattn::cpu::advise_hugepages, py::arg("ptr"), py::arg("nbytes"),
         "madvise(MADV_HUGEPAGE) the 2 MiB-aligned interior of [ptr, ptr + nbytes); returns bytes advised");
   m.def(

@@ -47,6 +47,9 @@ class Kernel:
     dtypes: tuple[str, ...] = ("float32", "float16", "bfloat16")
     search_space: Callable[[Any], list[dict]] | None = None
     version: int = 1
+    # optional: fn prepared for one call signature, prepare(*fn's arguments) -> run(tensors...);
+    # each op's kernel contract says which arguments run takes (posattn.kernels.cpu.rope_prepare)
+    prepare: Callable[..., Callable[..., Any]] | None = None
 
 
 _registry: dict[str, dict[str, Kernel]] = {}
@@ -75,7 +78,7 @@ def _no_config(_key) -> dict:
 
 
 def register(op: str, backend: str, *, supports=None, default_config=None, dtypes=None,
-             search_space=None, version: int = 1):
+             search_space=None, version: int = 1, prepare=None):
     """Decorator registering ``fn`` as ``op``'s kernel on ``backend``."""
     if backend not in _PRIORITY:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -84,7 +87,7 @@ def register(op: str, backend: str, *, supports=None, default_config=None, dtype
         k = Kernel(op=op, backend=backend, fn=fn, supports=supports or _always,
                    default_config=default_config or _no_config,
                    dtypes=tuple(dtypes) if dtypes else ("float32", "float16", "bfloat16"),
-                   search_space=search_space, version=version)
+                   search_space=search_space, version=version, prepare=prepare)
         with _lock:
             _registry.setdefault(op, {})[backend] = k
             _memo.clear()

@@ -77,6 +77,65 @@ def rope_angles_forward(q, qo, k, ko, angles, rotary_dim: int, interleaved: bool
     _launch(q, qo, k, ko, rotary_dim, interleaved, sign, config, angles=native.angle_args(angles))
 
 
+def rope_prepare(q, qo, k, ko, pos3, tables, rotary_dim: int, interleaved: bool, sign: float,
+                 config: dict):
+    """rope_forward prepared for one call signature (the ops' plans use it; see
+    posattn.dispatch.Kernel.prepare). Returns ``run(q, qo, k, ko, pos3)``, which launches on
+    tensors with the shapes, strides, dtypes and device of these examples (pos3: the same
+    shape and dtype, any strides): only their pointers are read per call. The arguments
+    rope_forward rebuilds on every call (strides, dims, frequency tables) are checked once here.
+    """
+    return _prepare(q, qo, k, ko, rotary_dim, interleaved, sign, config, pos3, native.pos_args,
+                    freqs=native.freq_args(tables), scaling=tables.attention_scaling, keep=tables)
+
+
+def rope_angles_prepare(q, qo, k, ko, angles, rotary_dim: int, interleaved: bool, sign: float, config: dict):
+    """rope_angles_forward prepared for one call signature: ``run(q, qo, k, ko, angles)`` (angles:
+    the same shape, any strides), as :func:`rope_prepare`."""
+    return _prepare(q, qo, k, ko, rotary_dim, interleaved, sign, config, angles, native.angle_args, angles=True)
+
+
+def _prepare(q, qo, k, ko, rotary_dim, interleaved, sign, config, src, src_args, freqs=(), scaling=1.0,
+             angles=False, keep=None):
+    x, xo = native.pick(q, qo, k, ko)
+    if x is None:
+        return _no_launch
+    sa = src_args(src)
+    launch = _C.RopeLaunch(native.rope_tensor_args(q, qo), native.rope_tensor_args(k, ko),
+                           native.dims_args(x, rotary_dim, interleaved, native.copies_tail(x, xo, rotary_dim)),
+                           [] if angles else sa, list(freqs), float(scaling), sa if angles else [],
+                           float(sign), native.DTYPE_CODE[x.dtype], int(config.get("chunk", 16)))
+    fixed_threads = int(config.get("threads", 0))
+    get_threads = torch.get_num_threads
+    # outputs big enough for _advise (their sizes are fixed by the signature)
+    advise = _HUGEPAGES and any(
+        t is not None and t.shape[2] > 0 and o is not None and o.data_ptr() != t.data_ptr()
+        and t.numel() * t.element_size() >= HUGEPAGE_MIN_BYTES for t, o in ((q, qo), (k, ko)))
+    has_q = q is not None and q.shape[2] > 0
+    has_k = k is not None and k.shape[2] > 0
+    last = [None]  # (src, its args): the plans pass the same view object while it is valid
+
+    def run(q, qo, k, ko, src, _keep=keep):  # _keep: the tables whose memory the launch reads
+        ls = last[0]
+        if ls is not None and ls[0] is src:
+            a = ls[1]
+        else:
+            a = src_args(src)
+            last[0] = (src, a)
+        if advise:
+            _advise(q, qo)
+            _advise(k, ko)
+        launch(q.data_ptr() if has_q else 0, qo.data_ptr() if has_q else 0,
+               k.data_ptr() if has_k else 0, ko.data_ptr() if has_k else 0,
+               a, fixed_threads if fixed_threads > 0 else get_threads())
+
+    return run
+
+
+def _no_launch(*_args):
+    return None
+
+
 # ---------------------------------------------------------------------------
 # autotune search space (read by posattn.autotune through the kernel registry)
 

@@ -48,6 +48,43 @@ def cpu_forward(q, qo, k, ko, c1, s1, c2, s2, pos2, rotary_dim: int, interleaved
                             int(config.get("threads", 0)), int(config.get("chunk", 16)))
 
 
+def cpu_prepare(q, qo, k, ko, c1, s1, c2, s2, pos2, rotary_dim: int, interleaved: bool, sign: float,
+                config: dict):
+    """cpu_forward prepared for one call signature (the op's plans use it; see
+    posattn.dispatch.Kernel.prepare). Returns ``run(q, qo, k, ko, tables, pos2)`` with
+    ``tables`` the tuple (c1, s1, c2, s2), for tensors with the shapes, strides, dtypes and
+    device of these examples (tables and pos2: the same shapes and dtypes, any strides). Per
+    call it reads only pointers, and the tables' and positions' strides when their objects
+    change (the plans pass the same tuple and view while they stay valid)."""
+    common = _common(q, qo, k, ko, c1, s1, c2, s2, pos2, rotary_dim, interleaved, sign)
+    launch = _C.CosSinLaunch(*common, int(config.get("chunk", 16)))
+    threads = int(config.get("threads", 0))
+    has_k = k is not None and k.shape[2] > 0
+    last_tab = [None]  # (tables tuple, its args)
+    last_pos = [None]  # (pos2, its args)
+
+    def run(q, qo, k, ko, tables, pos2):
+        lt = last_tab[0]
+        if lt is not None and lt[0] is tables:
+            ta = lt[1]
+        else:
+            ta = _table_args(*tables)
+            last_tab[0] = (tables, ta)
+        if pos2 is None:
+            pa = []
+        else:
+            lp = last_pos[0]
+            if lp is not None and lp[0] is pos2:
+                pa = lp[1]
+            else:
+                pa = _pos_args(pos2)
+                last_pos[0] = (pos2, pa)
+        launch(q.data_ptr(), qo.data_ptr(), k.data_ptr() if has_k else 0, ko.data_ptr() if has_k else 0,
+               ta, pa, threads)
+
+    return run
+
+
 def cuda_forward(q, qo, k, ko, c1, s1, c2, s2, pos2, rotary_dim: int, interleaved: bool, sign: float,
                  config: dict):
     stream = torch.cuda.current_stream(q.device).cuda_stream

@@ -118,18 +118,29 @@ def apply_rope_cos_sin(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tenso
             and (rotary_dim is None or rotary_dim.__class__ is int) and layout.__class__ is str
             and (backend is None or backend.__class__ is str)):
         # hot path: a signature seen before (every check below passed for it) runs its plan
-        pk = (q.shape, q.stride(), q.dtype, q.device,
-              None if k is None else (k.shape, k.stride(), k.dtype, k.device),
-              None if cos is None else (cos.shape, cos.dtype, cos.device),
-              None if sin is None else (sin.shape, sin.dtype, sin.device),
-              None if cos_sin_cache is None else (cos_sin_cache.shape, cos_sin_cache.dtype, cos_sin_cache.device),
-              None if positions is None else (positions.shape, positions.dtype, positions.device),
-              rotary_dim, layout, interleaved, inplace, check_bounds, backend, _ctx_backend(), _env_backend())
-        plan = _PLANS.get(pk)
-        if plan is not None:
-            if cos_sin_cache is not None:
-                return plan.run(q, k, cos_sin_cache, cos_sin_cache, positions)
-            return plan.run(q, k, cos, sin, positions)
+        # one flat tuple (nested ones cost an allocation and a hash each); the leading tag
+        # says which optional tensors are present, so keys of different forms never compare equal
+        if cos_sin_cache is None:
+            tab_a, tab_b = cos, sin
+            tag = 1
+        else:  # with cos or sin too: the checked path raises
+            tab_a = tab_b = None if (cos is not None or sin is not None) else cos_sin_cache
+            tag = 2
+        if tab_a is None or tab_b is None:
+            pk = None
+        else:
+            if k is not None:
+                tag += 2
+            pk = (tag, q.shape, q.stride(), q.dtype, q.device, tab_a.shape, tab_a.dtype, tab_a.device,
+                  tab_b.shape, tab_b.dtype, tab_b.device, rotary_dim, layout, interleaved, inplace, check_bounds,
+                  backend, _ctx_backend(), _env_backend())
+            if k is not None:
+                pk += (k.shape, k.stride(), k.dtype, k.device)
+            if positions is not None:
+                pk += (positions.shape, positions.dtype, positions.device)
+            plan = _PLANS.get(pk)
+            if plan is not None:
+                return plan.run(q, k, tab_a, tab_b, positions)
     else:
         pk = None
     return _apply_checked(q, k, cos, sin, cos_sin_cache, positions, rotary_dim, layout, interleaved, inplace,
@@ -397,16 +408,11 @@ def _key_for(q, q4, k4, c1, c2, pos2, R, interleaved) -> CosSinKey:
                      k4.shape[2] if k4 is not None else 0, _bucket(B * S))
 
 
-def _same_view_src(last, a, b) -> bool:
-    return (last is not None and last[0] is a and last[1] is b and last[2] == a.data_ptr()
-            and last[3] == a.stride() and last[4] == b.data_ptr() and last[5] == b.stride())
-
-
 class _CosSinPlan:
     """What apply_rope_cos_sin does for one checked signature (eager, no grad)."""
 
     __slots__ = ("kernel", "fn", "config", "R", "form", "layout", "interleaved", "inplace", "check_bounds",
-                 "q_copy", "k_copy", "q_out_ok", "k_out_ok", "tab_last", "pos_last")
+                 "q_copy", "k_copy", "q_out_ok", "k_out_ok", "tab_last", "pos_last", "launch", "simple")
 
     def __init__(self, q, k, tab_a, tab_b, positions, R, form, layout, interleaved, inplace, check_bounds,
                  backend):
@@ -425,29 +431,40 @@ class _CosSinPlan:
         # dim unless q is not dense (then the kernel writes a temporary, copied back as in _io)
         self.q_out_ok = _as_bshd(torch.empty_like(q, device="meta"), layout).stride(-1) == 1
         self.k_out_ok = k is None or _as_bshd(torch.empty_like(k, device="meta"), layout).stride(-1) == 1
+        self.simple = (layout == "bshd" and not inplace and not self.q_copy and not self.k_copy
+                       and self.q_out_ok and self.k_out_ok)
         self.tab_last = None   # (tab_a, tab_b, their data_ptrs and strides, the four table views)
         self.pos_last = None   # (positions, data_ptr, strides, its [Bp, S] view)
+        # launch(qi, qo, ki, ko, (c1, s1, c2, s2), pos2): the kernel prepared for this signature
+        # (Kernel.prepare) on the first run, with that run's tensors (later runs' tensors have
+        # the same shapes, strides, dtypes and device: the plan's key and the rules above fix
+        # them); the tables tuple is the one kept in tab_last while it stays valid
+        self.launch = None
+
+    def _prepare(self, qi, qo, ki, ko, tables, pos2):
+        fn, R, inter, config = self.fn, self.R, self.interleaved, self.config
+        if self.kernel.prepare is not None:
+            launch = self.kernel.prepare(qi, qo, ki, ko, *tables, pos2, R, inter, 1.0, config)
+        else:
+            def launch(qi, qo, ki, ko, tables, pos2):
+                fn(qi, qo, ki, ko, *tables, pos2, R, inter, 1.0, config)
+        self.launch = launch
+        return launch
 
     def run(self, q, k, tab_a, tab_b, positions):
-        layout = self.layout
-        if layout == "bshd":
-            q4, k4 = q, k
-        elif layout == "bhsd":
-            q4, k4 = q.transpose(1, 2), (k.transpose(1, 2) if k is not None else None)
-        else:
-            q4, k4 = q.unsqueeze(0), (k.unsqueeze(0) if k is not None else None)
         # views cost ~2 us each; a model passes the same tables and positions to every layer.
         # A kept view is valid while its source is the same object with the same storage,
         # offset and strides (shapes, dtypes and devices are in the plan's key); the view keeps
         # the old storage alive, so an equal data_ptr cannot belong to new storage.
         last = self.tab_last
-        if _same_view_src(last, tab_a, tab_b):
-            c1, s1, c2, s2 = last[6]
+        if (last is not None and last[0] is tab_a and last[1] is tab_b and last[2] == tab_a.data_ptr()
+                and last[3] == tab_a.stride()
+                and (tab_b is tab_a or (last[4] == tab_b.data_ptr() and last[5] == tab_b.stride()))):
+            views = last[6]
         else:
             views = _table_views(tab_a, tab_b, self.R, self.form, self.interleaved, False)
             self.tab_last = (tab_a, tab_b, tab_a.data_ptr(), tab_a.stride(), tab_b.data_ptr(), tab_b.stride(),
                              views)
-            c1, s1, c2, s2 = views
         pos2 = None
         if positions is not None:
             last = self.pos_last
@@ -458,12 +475,18 @@ class _CosSinPlan:
                 pos2 = positions.unsqueeze(0) if positions.dim() == 1 else positions  # as _positions_2d
                 self.pos_last = (positions, positions.data_ptr(), positions.stride(), pos2)
             if self.check_bounds:
-                _check_positions_in_range(pos2, c1.shape[1])
-        R, inter = self.R, self.interleaved
+                _check_positions_in_range(pos2, views[0].shape[1])
+        if self.simple:  # bshd, out of place, last dims contiguous, empty_like keeps them so
+            qo = _empty_like(q)
+            ko = None if k is None else _empty_like(k)
+            (self.launch or self._prepare(q, qo, k, ko, views, pos2))(q, qo, k, ko, views, pos2)
+            return qo, ko
+        layout = self.layout
+        q4, k4 = _as_bshd(q, layout), (_as_bshd(k, layout) if k is not None else None)
         if self.inplace:
             qi = q4.contiguous() if self.q_copy else q4
             ki = k4.contiguous() if self.k_copy else k4
-            self.fn(qi, qi, ki, ki, c1, s1, c2, s2, pos2, R, inter, 1.0, self.config)
+            (self.launch or self._prepare(qi, qi, ki, ki, views, pos2))(qi, qi, ki, ki, views, pos2)
             if self.q_copy:
                 q4.copy_(qi)
             if self.k_copy:
@@ -479,7 +502,7 @@ class _CosSinPlan:
             ko = _empty_like(k)
             ko4 = ko if layout == "bshd" else _as_bshd(ko, layout)
             kw = ko4 if self.k_out_ok else torch.empty(ko4.shape, dtype=ko4.dtype, device=ko4.device)
-        self.fn(qi, qw, ki, kw, c1, s1, c2, s2, pos2, R, inter, 1.0, self.config)
+        (self.launch or self._prepare(qi, qw, ki, kw, views, pos2))(qi, qw, ki, kw, views, pos2)
         if qw is not qo4:
             qo4.copy_(qw)
         if kw is not ko4:
@@ -643,7 +666,8 @@ def _triton_default(key: CosSinKey):
 dispatch.register("rope_cos_sin", "reference", dtypes=_DTYPES)(ref_kernels.rope_cos_sin_forward)
 dispatch.register("rope_cos_sin", "cpu", supports=_cpu_supports,
                   default_config=lambda key: {"threads": 0, "chunk": 16}, dtypes=_DTYPES,
-                  search_space=native_kernels.cpu_search_space)(native_kernels.cpu_forward)
+                  search_space=native_kernels.cpu_search_space,
+                  prepare=native_kernels.cpu_prepare)(native_kernels.cpu_forward)
 dispatch.register("rope_cos_sin", "cuda", supports=_cuda_supports, default_config=lambda key: {"threads": 256},
                   dtypes=_DTYPES, search_space=native_kernels.cuda_search_space)(native_kernels.cuda_forward)
 dispatch.register("rope_cos_sin", "triton", supports=_triton_supports, default_config=_triton_default,

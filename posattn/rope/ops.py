@@ -417,11 +417,13 @@ _empty = torch.empty
 
 PLAN_CACHE_SIZE = 512  # signatures kept; the cache is emptied when full (0: no plans)
 _PLANS: dict = _plans.new_table()
+_ANGLE_PLANS: dict = _plans.new_table()   # apply_rope_angles' plans (the same _RopePlan, tables None)
 
 
 def clear_plans() -> None:
-    """Forget every apply_rope plan (dispatch.clear_memo() does this too)."""
+    """Forget every apply_rope and apply_rope_angles plan (dispatch.clear_memo() does this too)."""
     _PLANS.clear()
+    _ANGLE_PLANS.clear()
 
 
 def _keeps_last_dim(x4: torch.Tensor) -> bool:
@@ -430,13 +432,14 @@ def _keeps_last_dim(x4: torch.Tensor) -> bool:
 
 
 class _RopePlan:
-    """What apply_rope does for one checked signature (eager, no grad): see above."""
+    """What apply_rope (or apply_rope_angles) does for one checked signature (eager, no grad):
+    see above. ``tables`` is None for apply_rope_angles, whose kernels take the angles instead."""
 
     __slots__ = ("kernel", "fn", "config", "tables", "pos_shape", "pos_last", "q_copy", "k_copy", "q_like",
-                 "k_like", "rotary_dim", "interleaved", "layout", "inplace", "simple")
+                 "k_like", "rotary_dim", "interleaved", "layout", "inplace", "simple", "launch", "src_fix")
 
     def __init__(self, kernel, config, tables, pos_shape, q4, k4, rotary_dim, interleaved, layout,
-                 inplace):
+                 inplace, src_fix=None):
         self.kernel, self.fn, self.config, self.tables = kernel, kernel.fn, config, tables
         self.pos_shape = pos_shape  # pos3 = positions.view(pos_shape): size-1 dims inserted
         # (positions, its data_ptr, its strides, its pos3 view) of the last call: a view costs
@@ -445,6 +448,9 @@ class _RopePlan:
         # shape, dtype and device are in the plan's key); pos3 keeps the storage alive, so an
         # equal data_ptr cannot belong to new storage.
         self.pos_last = None
+        # angles only: view -> what the kernel reads (fp32, last dim contiguous), the view
+        # itself when it already is; a copy is made again on every call
+        self.src_fix = src_fix
         self.q_copy = not (q4.stride(-1) == 1 or q4.shape[-1] == 1)   # as _last_contig
         self.k_copy = k4 is not None and not (k4.stride(-1) == 1 or k4.shape[-1] == 1)
         self.q_like = self.q_copy or _keeps_last_dim(q4)              # as _new_like
@@ -452,6 +458,21 @@ class _RopePlan:
         self.rotary_dim, self.interleaved, self.layout, self.inplace = rotary_dim, interleaved, layout, inplace
         self.simple = (layout == "bshd" and not inplace and not self.q_copy and not self.k_copy
                        and self.q_like and self.k_like)
+        # launch(qi, qo, ki, ko, pos3): the kernel prepared for this signature (Kernel.prepare)
+        # on the first run, with that run's tensors; the tensors of every later run have the
+        # same shapes, strides, dtypes and device (the plan's key and the rules above fix them)
+        self.launch = None
+
+    def _prepare(self, qi, qo, ki, ko, pos3):
+        fn, tables, rd, inter, config = self.fn, self.tables, self.rotary_dim, self.interleaved, self.config
+        data = () if tables is None else (tables,)  # kernel arguments after pos3 / the angles
+        if self.kernel.prepare is not None:
+            launch = self.kernel.prepare(qi, qo, ki, ko, pos3, *data, rd, inter, 1.0, config)
+        else:
+            def launch(qi, qo, ki, ko, pos3):
+                fn(qi, qo, ki, ko, pos3, *data, rd, inter, 1.0, config)
+        self.launch = launch
+        return launch
 
     def run(self, q, k, positions):
         last = self.pos_last
@@ -460,23 +481,22 @@ class _RopePlan:
             pos3 = last[3]
         else:
             pos3 = positions.view(self.pos_shape)
-            self.pos_last = (positions, positions.data_ptr(), positions.stride(), pos3)  # one atomic store
+            fixed = pos3 if self.src_fix is None else self.src_fix(pos3)
+            if fixed is pos3:
+                self.pos_last = (positions, positions.data_ptr(), positions.stride(), pos3)  # one atomic store
+            else:  # a copy: never kept (it would miss in-place changes of the source)
+                pos3 = fixed
         if self.simple:  # bshd, out of place, last dims contiguous, empty_like keeps them so
             qo = _empty_like(q)
             ko = None if k is None else _empty_like(k)
-            self.fn(q, qo, k, ko, pos3, self.tables, self.rotary_dim, self.interleaved, 1.0, self.config)
+            (self.launch or self._prepare(q, qo, k, ko, pos3))(q, qo, k, ko, pos3)
             return qo, ko
         layout = self.layout
-        if layout == "bshd":
-            q4, k4 = q, k
-        elif layout == "bhsd":
-            q4, k4 = q.transpose(1, 2), (k.transpose(1, 2) if k is not None else None)
-        else:
-            q4, k4 = q.unsqueeze(0), (k.unsqueeze(0) if k is not None else None)
+        q4, k4 = _as_bshd(q, layout), (_as_bshd(k, layout) if k is not None else None)
         qi = q4.contiguous() if self.q_copy else q4
         ki = k4.contiguous() if self.k_copy else k4
         if self.inplace:
-            self.fn(qi, qi, ki, ki, pos3, self.tables, self.rotary_dim, self.interleaved, 1.0, self.config)
+            (self.launch or self._prepare(qi, qi, ki, ki, pos3))(qi, qi, ki, ki, pos3)
             if self.q_copy:
                 q4.copy_(qi)
             if self.k_copy:
@@ -487,7 +507,7 @@ class _RopePlan:
             ko = None
         else:
             ko = _empty_like(ki) if self.k_like else _empty(ki.shape, dtype=ki.dtype, device=ki.device)
-        self.fn(qi, qo, ki, ko, pos3, self.tables, self.rotary_dim, self.interleaved, 1.0, self.config)
+        (self.launch or self._prepare(qi, qo, ki, ko, pos3))(qi, qo, ki, ko, pos3)
         if layout == "bshd":
             return qo, ko
         return _from_bshd(qo, layout), (_from_bshd(ko, layout) if ko is not None else None)
@@ -625,6 +645,33 @@ def apply_rope_angles(q: torch.Tensor, k: torch.Tensor | None, angles: torch.Ten
     Returns:
         (q_out, k_out). Differentiable with respect to q, k and angles.
     """
+    if (not _is_compiling() and q.__class__ is _Tensor and angles.__class__ is _Tensor
+            and (k is None or k.__class__ is _Tensor)
+            and not (_grad_enabled() and (q.requires_grad or angles.requires_grad
+                                          or (k is not None and k.requires_grad)))
+            and (interleaved is False or interleaved is True) and (inplace is False or inplace is True)
+            and layout.__class__ is str and (backend is None or backend.__class__ is str)):
+        # hot path: a signature seen before runs its plan (as apply_rope)
+        if k is None:
+            pk = (q.shape, q.stride(), q.dtype, q.device, None, angles.shape, angles.dtype, angles.device,
+                  interleaved, layout, inplace, backend, _ctx_backend(), _env_backend())
+        else:
+            pk = (q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), k.dtype, k.device,
+                  angles.shape, angles.dtype, angles.device, interleaved, layout, inplace, backend,
+                  _ctx_backend(), _env_backend())
+        plan = _ANGLE_PLANS.get(pk)
+        if plan is not None:
+            return plan.run(q, k, angles)
+        return _apply_rope_angles_checked(q, k, angles, interleaved, layout, inplace, backend, pk)
+    return _apply_rope_angles_checked(q, k, angles, interleaved, layout, inplace, backend, None)
+
+
+def _angles_to_fp32(a4):
+    return _last_contig(a4.float())
+
+
+def _apply_rope_angles_checked(q, k, angles, interleaved, layout, inplace, backend, pk):
+    """apply_rope_angles with every check; stores a plan under ``pk`` (when not None) once they pass."""
     V.float_tensor(q, "q")
     if k is not None:
         V.float_tensor(k, "k")
@@ -657,6 +704,14 @@ def apply_rope_angles(q: torch.Tensor, k: torch.Tensor | None, angles: torch.Ten
                          f"({HK}) head counts; got shape {tuple(angles.shape)}")
     rotary_dim = 2 * half
     key = _make_key(q4, HQ, HK, rotary_dim, interleaved, "angles", 1, rows, False)
+    if pk is not None:
+        # eager, no grad, plain tensors: the checks above depend only on what pk holds
+        kernel, config = dispatch.select("rope_angles", key, backend=backend)
+        fix = _angles_to_fp32 if kernel.backend != "reference" and angles.dtype != torch.float32 else _last_contig
+        plan = _RopePlan(kernel, config, None, tuple(ang4.shape), q4, k4, rotary_dim, interleaved, layout,
+                         inplace, src_fix=fix)
+        _plans.store(_ANGLE_PLANS, pk, plan, PLAN_CACHE_SIZE)
+        return plan.run(q, k, angles)
     if not _compiling() and not _needs_grad(q, k, angles):
         return _direct("rope_angles", q, k, q4, k4, (ang4,), rotary_dim, interleaved, 1.0, layout, inplace,
                        key, backend)
@@ -824,7 +879,7 @@ dispatch.register("rope", "reference", dtypes=("float32", "float16", "bfloat16",
 dispatch.register("rope", "cpu", supports=_cpu_supports,
                   default_config=lambda key: {"threads": 0, "chunk": 16},
                   dtypes=("float32", "float16", "bfloat16", "float64"),
-                  search_space=cpu_kernels.rope_search_space)(cpu_kernels.rope_forward)
+                  search_space=cpu_kernels.rope_search_space, prepare=cpu_kernels.rope_prepare)(cpu_kernels.rope_forward)
 dispatch.register("rope", "cuda", supports=_cuda_supports, default_config=lambda key: {"threads": 128},
                   dtypes=("float32", "float16", "bfloat16", "float64"),
                   search_space=cuda_kernels.rope_search_space)(cuda_kernels.rope_forward)
@@ -834,7 +889,8 @@ dispatch.register("rope", "triton", supports=_triton_supports, default_config=_t
 dispatch.register("rope_angles", "reference", dtypes=_ALL_DTYPES)(ref_kernels.rope_angles_forward)
 dispatch.register("rope_angles", "cpu", supports=_cpu_supports,
                   default_config=lambda key: {"threads": 0, "chunk": 16}, dtypes=_ALL_DTYPES,
-                  search_space=cpu_kernels.rope_search_space)(cpu_kernels.rope_angles_forward)
+                  search_space=cpu_kernels.rope_search_space,
+                  prepare=cpu_kernels.rope_angles_prepare)(cpu_kernels.rope_angles_forward)
 dispatch.register("rope_angles", "cuda", supports=_cuda_supports, default_config=lambda key: {"threads": 128},
                   dtypes=_ALL_DTYPES, search_space=cuda_kernels.rope_search_space)(cuda_kernels.rope_angles_forward)
 dispatch.register("rope_angles", "triton", supports=_triton_supports, default_config=_triton_default,

@@ -34,14 +34,18 @@ def _inputs(layout="bshd", B=2, S=5, HQ=3, HK=1, D=32, dtype=torch.float32):
     return q, k, pos
 
 
-def _uncached(monkeypatch, *args, **kw):
-    """apply_rope with plans turned off (every check and select on every call)."""
+def _without_plans(module, table, op, monkeypatch, *args, **kw):
+    """``op`` with its module's plans turned off (every check and select on every call)."""
     with monkeypatch.context() as m:
-        m.setattr(ops, "PLAN_CACHE_SIZE", 0)
-        before = dict(ops._PLANS)
-        out = posattn.apply_rope(*args, **kw)
-        assert ops._PLANS == before, "PLAN_CACHE_SIZE=0 must not store plans"
+        m.setattr(module, "PLAN_CACHE_SIZE", 0)
+        before = dict(table)
+        out = op(*args, **kw)
+        assert table == before, "PLAN_CACHE_SIZE=0 must not store plans"
         return out
+
+
+def _uncached(monkeypatch, *args, **kw):
+    return _without_plans(ops, ops._PLANS, posattn.apply_rope, monkeypatch, *args, **kw)
 
 
 def _same(a, b):
@@ -274,12 +278,7 @@ def cs_fresh():
 
 
 def _cs_uncached(monkeypatch, *args, **kw):
-    with monkeypatch.context() as m:
-        m.setattr(CS, "PLAN_CACHE_SIZE", 0)
-        before = dict(CS._PLANS)
-        out = posattn.apply_rope_cos_sin(*args, **kw)
-        assert CS._PLANS == before
-        return out
+    return _without_plans(CS, CS._PLANS, posattn.apply_rope_cos_sin, monkeypatch, *args, **kw)
 
 
 def _cs_case(form, layout):
@@ -389,3 +388,187 @@ def test_cos_sin_cache_is_bounded(monkeypatch, cs_fresh):
         ang = torch.rand(s, 16, device=DEVICE)
         posattn.apply_rope_cos_sin(q, None, ang.cos(), ang.sin())
         assert 1 <= len(CS._PLANS) <= 3
+
+
+def test_cos_sin_cache_plan_warm_still_rejects_cos_and_sin_too(cs_fresh):
+    args, kw = _cs_case("cache", "bshd")
+    posattn.apply_rope_cos_sin(*args, **kw)
+    assert len(CS._PLANS) == 1
+    ang = torch.rand(5, 12, device=DEVICE)
+    for cos, sin in ((ang.cos(), ang.sin()), (ang.cos(), None), (None, ang.sin())):
+        with pytest.raises(ValueError, match="not both"):
+            posattn.apply_rope_cos_sin(*args, cos, sin, **kw)
+
+
+# ---------------------------------------------------------------------------
+# the prepared CPU launchers the plans call (Kernel.prepare; csrc/bind_cpu.cpp)
+
+from posattn.kernels import cpu as cpu_kernels  # noqa: E402
+from posattn.kernels import native  # noqa: E402
+from posattn.kernels import rope_cos_sin_native as cs_native  # noqa: E402
+
+needs_cpu_kernels = pytest.mark.skipif(DEVICE != "cpu" or not cpu_kernels.status()[0],
+                                       reason="the C++ CPU kernels run on CPU tensors")
+
+
+@needs_cpu_kernels
+def test_plans_run_the_prepared_cpu_launchers(monkeypatch, cs_fresh):
+    q, k, pos = _inputs()
+    posattn.apply_rope(q, k, pos, SPEC, backend="cpu")
+    posattn.apply_rope(q, k, pos, SPEC, backend="cpu")
+    (plan,) = ops._PLANS.values()
+    assert plan.kernel.prepare is cpu_kernels.rope_prepare
+    assert plan.launch is not None and plan.launch.__qualname__.startswith("_prepare.")
+    args, kw = _cs_case("cache", "bshd")
+    posattn.apply_rope_cos_sin(*args, backend="cpu", **kw)
+    posattn.apply_rope_cos_sin(*args, backend="cpu", **kw)
+    (cs_plan,) = CS._PLANS.values()
+    assert cs_plan.launch is not None and cs_plan.launch.__qualname__.startswith("cpu_prepare")
+    # a launcher prepared on one set of tensors rotates others of the same signature exactly
+    q2, k2, pos2 = _inputs()
+    got = posattn.apply_rope(q2, k2, pos2, SPEC, backend="cpu")
+    want = _uncached(monkeypatch, q2, k2, pos2, SPEC, backend="cpu")
+    for g, w in zip(got, want):
+        _same(g, w)
+
+
+@needs_cpu_kernels
+def test_prepared_rope_launcher_rejects_what_the_signature_rules_out():
+    q, k, pos = _inputs()
+    qo = torch.empty_like(q)
+    tables = SPEC.tables(q.device)
+    pos3 = pos[None, None]
+    launch = cpu_kernels._C.RopeLaunch(native.rope_tensor_args(q, qo), [], native.dims_args(q, 24, False, True),
+                                       native.pos_args(pos3), native.freq_args(tables), 1.0, [], 1.0,
+                                       native.DTYPE_CODE[q.dtype], 16)
+    pa = native.pos_args(pos3)
+    launch(q.data_ptr(), qo.data_ptr(), 0, 0, pa, 1)  # k absent in the signature: its pointers unused
+    want = _uncached(pytest.MonkeyPatch(), q, None, pos, SPEC, backend="cpu")[0]
+    _same(qo, want)
+    with pytest.raises(ValueError, match="q: null pointer"):
+        launch(0, qo.data_ptr(), 0, 0, pa, 1)
+    with pytest.raises(ValueError, match="dtype differs"):
+        launch(q.data_ptr(), qo.data_ptr(), 0, 0, native.pos_args(pos3.int()), 1)
+    with pytest.raises(ValueError, match="pos: expected 5 integers"):
+        launch(q.data_ptr(), qo.data_ptr(), 0, 0, pa[:4], 1)
+    with pytest.raises(ValueError, match="pos: expected 5 integers"):  # neither positions nor angles
+        cpu_kernels._C.RopeLaunch(native.rope_tensor_args(q, qo), [], native.dims_args(q, 24, False, True),
+                                  [], [], 1.0, [], 1.0, native.DTYPE_CODE[q.dtype], 16)
+    # prepared with explicit angles: a call passes angle arguments with the prepared row count
+    ang = torch.rand(1, 5, 3, 12)
+    alaunch = cpu_kernels._C.RopeLaunch(native.rope_tensor_args(q, qo), [], native.dims_args(q, 24, False, True),
+                                        [], [], 1.0, native.angle_args(ang), 1.0, native.DTYPE_CODE[q.dtype], 16)
+    alaunch(q.data_ptr(), qo.data_ptr(), 0, 0, native.angle_args(ang), 1)
+    want = posattn.apply_rope_angles(q, None, ang, backend="reference")[0]
+    torch.testing.assert_close(qo, want, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="angles: rows differ"):
+        alaunch(q.data_ptr(), qo.data_ptr(), 0, 0, native.angle_args(ang[:, :, :1]), 1)
+
+
+@needs_cpu_kernels
+def test_prepared_cos_sin_launcher_rejects_what_the_signature_rules_out():
+    q, _, _ = _inputs()
+    qo = torch.empty_like(q)
+    cache = torch.randn(12, 24)
+    pos2 = torch.randint(0, 12, (1, 5))
+    views = CS._table_views(cache, cache, 24, CS.FORM_CACHE, False, False)
+    run = cs_native.cpu_prepare(q, qo, None, None, *views, pos2, 24, False, 1.0, {"threads": 1})
+    run(q, qo, None, None, views, pos2)
+    want = posattn.apply_rope_cos_sin(q, None, cos_sin_cache=cache, positions=pos2[0], backend="reference")[0]
+    torch.testing.assert_close(qo, want, rtol=0, atol=1e-6)
+    common = cs_native._common(q, qo, None, None, *views, pos2, 24, False, 1.0)
+    launch = cs_native._C.CosSinLaunch(*common, 16)
+    ta, pa = common[2], common[3]
+    with pytest.raises(ValueError, match="presence or dtype differs"):
+        launch(q.data_ptr(), qo.data_ptr(), 0, 0, ta, [], 1)
+    with pytest.raises(ValueError, match="presence or dtype differs"):
+        launch(q.data_ptr(), qo.data_ptr(), 0, 0, ta, cs_native._pos_args(pos2.int()), 1)
+    with pytest.raises(ValueError, match="rows differ"):
+        launch(q.data_ptr(), qo.data_ptr(), 0, 0, ta[:10] + [11], pa, 1)
+    with pytest.raises(ValueError, match="q: null pointer"):
+        launch(0, qo.data_ptr(), 0, 0, ta, pa, 1)
+
+
+# ---------------------------------------------------------------------------
+# apply_rope_angles' plans (the same _RopePlan, angles in place of positions)
+
+from tests.rope import test_rope_angles as TA  # noqa: E402
+
+
+def _ang_uncached(monkeypatch, *args, **kw):
+    return _without_plans(ops, ops._ANGLE_PLANS, posattn.apply_rope_angles, monkeypatch, *args, **kw)
+
+
+def _angles(layout, B=2, S=5, rows=1, half=12, dtype=torch.float32):
+    shape = (S, rows, half) if layout == "thd" else (B, S, rows, half)
+    return torch.rand(shape, dtype=dtype, device=DEVICE) * 6
+
+
+@pytest.mark.parametrize("layout", ["bshd", "bhsd", "thd"])
+@pytest.mark.parametrize("strided", [False, True], ids=["dense", "strided"])
+@pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
+@pytest.mark.parametrize("ang_form", ["fp32", "fp64", "shared_rows", "last_dim_strided"])
+def test_angles_identical_with_and_without_plans(monkeypatch, layout, strided, inplace, ang_form):
+    q, k, _ = _inputs(layout)
+    if strided:
+        q = torch.stack([q, q], -1)[..., 0]
+        k = torch.stack([k, k], -1)[..., 0]
+    if ang_form == "fp64":
+        ang = _angles(layout, dtype=torch.float64)
+    elif ang_form == "shared_rows" and layout != "thd":
+        ang = _angles("thd")  # [S, 1, R/2] shared by the batch
+    elif ang_form == "last_dim_strided":
+        ang = torch.stack([_angles(layout)] * 2, -1)[..., 0]
+    else:
+        ang = _angles(layout)
+    for _ in range(2):  # the first call makes the plan, the second runs it
+        qa, ka, qb, kb = q.clone(), k.clone(), q.clone(), k.clone()
+        got = posattn.apply_rope_angles(qa, ka, ang, layout=layout, inplace=inplace)
+        want = _ang_uncached(monkeypatch, qb, kb, ang, layout=layout, inplace=inplace)
+        for g, w in zip(got, want):
+            _same(g, w)
+        if inplace:
+            assert got[0] is qa and got[1] is ka
+    assert len(ops._ANGLE_PLANS) == 1
+    # angles changed in place, and other angle tensors of the same signature, are read afresh
+    # (q.clone(): the loop's signature; cloning a strided q makes it dense)
+    ang.mul_(0.5)
+    _same(posattn.apply_rope_angles(q.clone(), k.clone(), ang, layout=layout, inplace=inplace)[0],
+          _ang_uncached(monkeypatch, q.clone(), k.clone(), ang.clone(), layout=layout, inplace=inplace)[0])
+    assert len(ops._ANGLE_PLANS) == 1
+    a2 = ang.clone() + 1
+    _same(posattn.apply_rope_angles(q.clone(), None, a2, layout=layout, inplace=inplace)[0],
+          _ang_uncached(monkeypatch, q.clone(), None, a2, layout=layout, inplace=inplace)[0])
+    assert len(ops._ANGLE_PLANS) == 2  # with and without k
+
+
+def test_angles_restrided_in_place_are_seen(monkeypatch):
+    q, k, _ = _inputs()
+    ang = _angles("bshd")
+    posattn.apply_rope_angles(q, k, ang)
+    wide = torch.rand(2, 5, 1, 24, device=DEVICE)
+    ang.set_(wide.untyped_storage(), 0, (2, 5, 1, 12), (120, 24, 24, 1))  # other storage and strides
+    _same(posattn.apply_rope_angles(q, k, ang)[0], _ang_uncached(monkeypatch, q, k, wide[..., :12].clone())[0])
+    assert len(ops._ANGLE_PLANS) == 1
+
+
+def test_angles_grad_bypasses_plans():
+    q, k, _ = _inputs()
+    ang = _angles("bshd")
+    posattn.apply_rope_angles(q, k, ang)
+    assert len(ops._ANGLE_PLANS) == 1
+    ag = ang.clone().requires_grad_()
+    qo, _ = posattn.apply_rope_angles(q, k, ag)
+    assert qo.grad_fn is not None
+    assert len(ops._ANGLE_PLANS) == 1
+    dispatch.clear_memo()
+    assert not ops._ANGLE_PLANS
+
+
+@pytest.mark.parametrize("case, exc, match", TA.test_bad_inputs.pytestmark[-1].args[1])
+def test_angles_bad_inputs_raise_with_plans_warm(case, exc, match):
+    q, k = torch.randn(2, 3, 4, 64), torch.randn(2, 3, 2, 64)
+    posattn.apply_rope_angles(q, k, torch.randn(2, 3, 1, 16))
+    posattn.apply_rope_angles(q, k, torch.randn(2, 3, 1, 16), backend="reference")
+    assert ops._ANGLE_PLANS
+    TA.test_bad_inputs(case, exc, match)
