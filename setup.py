@@ -17,6 +17,9 @@ from setuptools.command.build_ext import build_ext
 ROOT = Path(__file__).parent.resolve()
 CSRC = ROOT / "csrc"
 INCLUDE = [str(CSRC / "include"), str(CSRC)]
+# headers and included bodies: a change to any of them rebuilds the modules (setuptools
+# otherwise compares only the sources' times with the built module's)
+HEADERS = sorted(str(p.relative_to(ROOT)) for ext in ("*.h", "*.inc", "*.cuh") for p in CSRC.rglob(ext))
 
 # CUDA architectures: real code for Ampere and Hopper (sm_90a for wgmma-era
 # features), plus PTX of the newest so that later GPUs can JIT it.
@@ -103,6 +106,7 @@ def extensions():
             "posattn._C",
             # every .cpp under csrc/cpu joins the CPU module; bind_cpu.cpp binds them
             sources=["csrc/bind_cpu.cpp"] + sorted(str(p.relative_to(ROOT)) for p in (CSRC / "cpu").glob("*.cpp")),
+            depends=HEADERS,
             include_dirs=INCLUDE,
             cxx_std=17,
             extra_compile_args=["-O3", "-fopenmp", "-march=x86-64-v2"]
@@ -117,6 +121,7 @@ def extensions():
         ext = Pybind11Extension(
             "posattn._cuda",
             sources=["csrc/bind_cuda.cpp"] + sorted(str(p.relative_to(ROOT)) for p in (CSRC / "cuda").glob("*.cu")),
+            depends=HEADERS,
             include_dirs=INCLUDE + [str(cuda_home / "include")],
             cxx_std=17,
             extra_compile_args=["-O3"],

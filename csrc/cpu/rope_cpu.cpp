@@ -19,25 +19,18 @@
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 #include "posattn/rope_math.h"
 #include "rope_cpu.h"
 
 namespace posattn {
 namespace cpu {
 
-namespace generic {
-#include "rope_cpu_impl.inc"
-}  // namespace generic
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#define POSATTN_HAVE_AVX2_CLONE 1
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-namespace avx2 {
-#include "rope_cpu_impl.inc"
-}  // namespace avx2
-#pragma GCC pop_options
-#endif
+#define POSATTN_CLONE_BODY "rope_cpu_impl.inc"
+#include "clones.inc"
+#undef POSATTN_CLONE_BODY
 
 const char* rope_forward(const RopeProblem& p, int dtype, int num_threads, int64_t block_tokens) {
   if (block_tokens <= 0) block_tokens = 64;
@@ -47,7 +40,7 @@ const char* rope_forward(const RopeProblem& p, int dtype, int num_threads, int64
   num_threads = 1;
 #endif
 #ifdef POSATTN_HAVE_AVX2_CLONE
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
+  if (cpu_has_avx2()) {
     avx2::rope_dispatch(p, dtype, num_threads, block_tokens);
     return "avx2";
   }
