@@ -15,6 +15,8 @@ import json
 import os
 import subprocess
 import tempfile
+import time
+import warnings
 from pathlib import Path
 
 KEY_FIELDS = ("op", "backend", "shape_key", "dtype", "metric")
@@ -75,6 +77,25 @@ def _expand(paths) -> list[Path]:
     return out
 
 
+def _existing_rows(path: Path) -> list[dict]:
+    """The result rows already in ``path`` (held under its lock). A file that is not all
+    result rows (an older format, another tool's output, a torn write) is renamed to
+    ``<name>.bad-<time>-<pid>`` with a warning, never deleted, and the run starts a new one."""
+    if not path.exists():
+        return []
+    try:
+        rows = load([path])
+    except (ValueError, UnicodeDecodeError) as e:
+        dest = path.with_name(f"{path.name}.bad-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}")
+        os.replace(path, dest)
+        warnings.warn(f"posattn bench: {e}; set that file aside as {dest.name} and started a new {path.name}",
+                      stacklevel=3)
+        return []
+    for r in rows:
+        r.pop("_source", None)
+    return rows
+
+
 def upsert(path, new_rows: list[dict]) -> int:
     """Merge ``new_rows`` into the JSONL file at ``path`` (rows with an equal key are
     replaced in place, new keys appended). Atomic (temp file + rename), locked.
@@ -84,10 +105,7 @@ def upsert(path, new_rows: list[dict]) -> int:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(_lock_path(path)):
-        old = []
-        if path.exists():
-            with open(path) as f:
-                old = [json.loads(line) for line in f if line.strip()]
+        old = _existing_rows(path)
         index = {row_key(r): i for i, r in enumerate(old)}
         for r in new_rows:
             r = {k: v for k, v in r.items() if not k.startswith("_")}

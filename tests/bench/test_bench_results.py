@@ -20,6 +20,21 @@ def test_upsert_replaces_same_key_and_appends_new(tmp_path):
     assert not list(tmp_path.rglob("*.lock")) and not list(tmp_path.rglob("*.tmp"))
 
 
+@pytest.mark.parametrize("content", [
+    '{"op": "rope", "backend": "cpu", "tokens": 1, "median_s": 3e-05}\n',   # an older row format
+    '{"op": "rope", "metric": "latency"}\n{"op": "rope", "metr',             # a torn last line
+    "not json at all\n",
+])
+def test_upsert_sets_aside_a_file_that_is_not_result_rows(tmp_path, content):
+    f = tmp_path / "results.jsonl"
+    f.write_text(content)
+    with pytest.warns(UserWarning, match="set that file aside as results.jsonl.bad-"):
+        assert results.upsert(f, [_row("cpu"), _row("reference")]) == 2
+    (aside,) = tmp_path.glob("results.jsonl.bad-*")
+    assert aside.read_text() == content  # kept byte for byte, never deleted
+    assert [r["backend"] for r in results.load([f])] == ["cpu", "reference"]
+
+
 def test_key_separates_devices_metrics_and_shapes(tmp_path):
     f = tmp_path / "r.jsonl"
     results.upsert(f, [_row(slug="a"), _row(slug="b"), _row(metric="throughput"), _row(shape="S=2")])
