@@ -46,19 +46,27 @@ HUGEPAGE_MIN_BYTES = 8 << 20
 _HUGEPAGES = os.environ.get("POSATTN_CPU_HUGEPAGES", "1") not in ("0", "")
 
 
-def _advise(x, xo):
+def advise(x, xo):
+    """Advise ``xo`` (a kernel's output) as huge pages when it is a fresh buffer of at least
+    HUGEPAGE_MIN_BYTES distinct from its input ``x``."""
     if _HUGEPAGES and xo is not None and x is not None and xo.data_ptr() != x.data_ptr():
         st = xo.untyped_storage()
         if st.nbytes() >= HUGEPAGE_MIN_BYTES:
             _C.advise_hugepages(st.data_ptr(), st.nbytes())
 
 
+def advises(x, xo) -> bool:
+    """Whether :func:`advise` can act on outputs of ``xo``'s size (a prepared launcher asks once)."""
+    return (_HUGEPAGES and x is not None and xo is not None and x.dim() == 4 and x.shape[2] > 0
+            and xo.data_ptr() != x.data_ptr() and xo.numel() * xo.element_size() >= HUGEPAGE_MIN_BYTES)
+
+
 def _launch(q, qo, k, ko, rotary_dim, interleaved, sign, config, pos=(), freqs=(), scaling=1.0, angles=()):
     x, xo = native.pick(q, qo, k, ko)
     if x is None:
         return
-    _advise(q, qo)
-    _advise(k, ko)
+    advise(q, qo)
+    advise(k, ko)
     _C.rope_forward(
         native.rope_tensor_args(q, qo), native.rope_tensor_args(k, ko),
         native.dims_args(x, rotary_dim, interleaved, native.copies_tail(x, xo, rotary_dim)),
@@ -107,10 +115,7 @@ def _prepare(q, qo, k, ko, rotary_dim, interleaved, sign, config, src, src_args,
                            float(sign), native.DTYPE_CODE[x.dtype], int(config.get("chunk", 16)))
     fixed_threads = int(config.get("threads", 0))
     get_threads = torch.get_num_threads
-    # outputs big enough for _advise (their sizes are fixed by the signature)
-    advise = _HUGEPAGES and any(
-        t is not None and t.shape[2] > 0 and o is not None and o.data_ptr() != t.data_ptr()
-        and t.numel() * t.element_size() >= HUGEPAGE_MIN_BYTES for t, o in ((q, qo), (k, ko)))
+    big = advises(q, qo) or advises(k, ko)  # output sizes are fixed by the signature
     has_q = q is not None and q.shape[2] > 0
     has_k = k is not None and k.shape[2] > 0
     last = [None]  # (src, its args): the plans pass the same view object while it is valid
@@ -122,9 +127,9 @@ def _prepare(q, qo, k, ko, rotary_dim, interleaved, sign, config, src, src_args,
         else:
             a = src_args(src)
             last[0] = (src, a)
-        if advise:
-            _advise(q, qo)
-            _advise(k, ko)
+        if big:
+            advise(q, qo)
+            advise(k, ko)
         launch(q.data_ptr() if has_q else 0, qo.data_ptr() if has_q else 0,
                k.data_ptr() if has_k else 0, ko.data_ptr() if has_k else 0,
                a, fixed_threads if fixed_threads > 0 else get_threads())

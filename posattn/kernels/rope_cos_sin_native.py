@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from posattn.kernels import native
+from posattn.kernels import cpu, native
 
 _C, _why_c = native.load("_C")
 _cuda, _why_cuda = native.load("_cuda")
@@ -44,6 +44,8 @@ def _common(q, qo, k, ko, c1, s1, c2, s2, pos2, rotary_dim, interleaved, sign):
 
 def cpu_forward(q, qo, k, ko, c1, s1, c2, s2, pos2, rotary_dim: int, interleaved: bool, sign: float,
                 config: dict):
+    cpu.advise(q, qo)  # fresh large outputs as huge pages (first-touch faults), as the rope kernel
+    cpu.advise(k, ko)
     _C.rope_cos_sin_forward(*_common(q, qo, k, ko, c1, s1, c2, s2, pos2, rotary_dim, interleaved, sign),
                             int(config.get("threads", 0)), int(config.get("chunk", 16)))
 
@@ -60,6 +62,8 @@ def cpu_prepare(q, qo, k, ko, c1, s1, c2, s2, pos2, rotary_dim: int, interleaved
     launch = _C.CosSinLaunch(*common, int(config.get("chunk", 16)))
     threads = int(config.get("threads", 0))
     has_k = k is not None and k.shape[2] > 0
+    big = cpu.advises(q, qo) or cpu.advises(k, ko)  # sizes are fixed by the signature
+    advise = cpu.advise
     last_tab = [None]  # (tables tuple, its args)
     last_pos = [None]  # (pos2, its args)
 
@@ -79,6 +83,9 @@ def cpu_prepare(q, qo, k, ko, c1, s1, c2, s2, pos2, rotary_dim: int, interleaved
             else:
                 pa = _pos_args(pos2)
                 last_pos[0] = (pos2, pa)
+        if big:
+            advise(q, qo)
+            advise(k, ko)
         launch(q.data_ptr(), qo.data_ptr(), k.data_ptr() if has_k else 0, ko.data_ptr() if has_k else 0,
                ta, pa, threads)
 
@@ -107,8 +114,6 @@ def cpu_search_space(key) -> list[dict]:
     threads up to the cores this process may use; chunk: tokens handed to a thread at a
     time (dynamic schedule here), never so many that threads stay idle.
     """
-    from posattn.kernels import cpu
-
     return cpu.rope_search_space(key)
 
 
