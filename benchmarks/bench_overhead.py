@@ -22,6 +22,9 @@ fp32, k None, positions int64 [1], one thread:
               table views; posattn.kernels.rope_cos_sin_native.cpu_prepare)
   ang_*       the same rows for posattn.apply_rope_angles(q, None, angles) with angles [1, 1, 8]
               (posattn.kernels.cpu.rope_angles_forward / rope_angles_prepare on its [1, 1, 1, 8] view)
+  shift_*     the same rows for posattn.rope_shift(k, 3, spec) on the same tensor as q (a scalar delta;
+              direct: the rope kernel function with every token at position 3 as an expanded fp64
+              tensor and unit-scaling tables; prepared: the launcher's constant-position call)
   select      dispatch.select on a memoised key
   lookup      the autotune config lookup for a key it has answered before (its memo)
   index       the cache index's exact-key lookup without that memo (what a first sight costs)
@@ -132,6 +135,13 @@ def setup():
     assert ang_kernel.backend == "cpu", ang_kernel.backend
     ang_fn = ang_kernel.fn
     ang_prep = ang_kernel.prepare(q, qo, None, None, ang4, 16, False, 1.0, ang_cfg)
+    from posattn.rope.lowering import RopeTables
+
+    unit = RopeTables(tables.inv_freq, 1.0, tables.pair_axis, 1)
+    d3 = torch.full((1, 1, 1), 3.0, dtype=torch.float64).expand(1, 1, 1)
+    sh_kernel, sh_cfg = dispatch.select("rope", RopeKey("cpu", "float32", 16, 16, False, 1, 0, "float64", 1))
+    assert sh_kernel.backend == "cpu", sh_kernel.backend
+    sh_prep = sh_kernel.prepare(q, qo, None, None, d3, unit, 16, False, 1.0, sh_cfg)
     cs_prep = cs_kernel.prepare(q, qo, None, None, *cs_views, None, 16, False, 1.0, cs_cfg)
     return {
         "prepared": lambda: prep(q, torch.empty_like(q), None, None, pos3),
@@ -139,6 +149,9 @@ def setup():
         "ang_prepared": lambda: ang_prep(q, torch.empty_like(q), None, None, ang4),
         "ang_direct": lambda: ang_fn(q, torch.empty_like(q), None, None, ang4, 16, False, 1.0, ang_cfg),
         "ang_op": lambda: posattn.apply_rope_angles(q, None, angles),
+        "shift_prepared": lambda: sh_prep(q, torch.empty_like(q), None, None, 3.0),
+        "shift_direct": lambda: fn(q, torch.empty_like(q), None, None, d3, unit, 16, False, 1.0, sh_cfg),
+        "shift_op": lambda: posattn.rope_shift(q, 3, spec),
         "cs_direct": lambda: cs_fn(q, torch.empty_like(q), None, None, *cs_views, None, 16, False, 1.0, cs_cfg),
         "cs_op": lambda: posattn.apply_rope_cos_sin(q, None, cos, sin),
         "kernel": lambda: fn(q, qo, None, None, pos3, tables, 16, False, 1.0, chosen),
@@ -163,13 +176,16 @@ def main() -> int:
     med, diff = paired_us({name: fns[name] for name in ("prepared", "direct", "kernel", "op")})
     cs_med, cs_diff = paired_us({name: fns[name] for name in ("cs_prepared", "cs_direct", "cs_op")})
     ang_med, ang_diff = paired_us({name: fns[name] for name in ("ang_prepared", "ang_direct", "ang_op")})
+    sh_med, sh_diff = paired_us({name: fns[name] for name in ("shift_prepared", "shift_direct", "shift_op")})
     res = {name: per_call_us(fns[name]) for name in ("select", "lookup", "index")}
-    for name, us in list(med.items()) + list(cs_med.items()) + list(ang_med.items()) + list(res.items()):
+    for name, us in list(med.items()) + list(cs_med.items()) + list(ang_med.items()) + list(sh_med.items()) + list(res.items()):
         print(f"{name:8s} {us:8.3f} us/call")
     print(f"op - direct = {diff('op', 'direct'):.3f} us, cs_op - cs_direct = {cs_diff('cs_op', 'cs_direct'):.3f} us, "
-          f"ang_op - ang_direct = {ang_diff('ang_op', 'ang_direct'):.3f} us (target <= 3 us); "
+          f"ang_op - ang_direct = {ang_diff('ang_op', 'ang_direct'):.3f} us, "
+          f"shift_op - shift_direct = {sh_diff('shift_op', 'shift_direct'):.3f} us (target <= 3 us); "
           f"op - prepared = {diff('op', 'prepared'):.3f} us, cs_op - cs_prepared = "
-          f"{cs_diff('cs_op', 'cs_prepared'):.3f} us, ang_op - ang_prepared = {ang_diff('ang_op', 'ang_prepared'):.3f} us; "
+          f"{cs_diff('cs_op', 'cs_prepared'):.3f} us, ang_op - ang_prepared = {ang_diff('ang_op', 'ang_prepared'):.3f} us, "
+          f"shift_op - shift_prepared = {sh_diff('shift_op', 'shift_prepared'):.3f} us; "
           f"op - kernel = {diff('op', 'kernel'):.3f} us; "
           f"lookup = {res['lookup']:.3f} us (target <= 1 us); index (unmemoised) = {res['index']:.3f} us; "
           f"load average {load0} -> {load_average()}")

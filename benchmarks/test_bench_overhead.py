@@ -5,7 +5,7 @@
 What "direct" and "prepared" include is said in bench_overhead's docstring (the kernel
 function, or the launcher Kernel.prepare built for the signature, plus the output
 allocation; "kernel" is the call alone). The issue's targets (op - direct <= 3 us for
-apply_rope, apply_rope_cos_sin and apply_rope_angles; a cache lookup <= 1 us) are asserted
+apply_rope, apply_rope_cos_sin, apply_rope_angles and rope_shift; a cache lookup <= 1 us) are asserted
 only with POSATTN_BENCH_ASSERT=1: on a shared, oversubscribed CI machine the
 absolute microseconds say more about the neighbours than about the code.
 """
@@ -40,7 +40,8 @@ def fns():
 
 
 @pytest.mark.parametrize("name", ["kernel", "direct", "prepared", "op", "cs_direct", "cs_prepared", "cs_op",
-                                  "ang_direct", "ang_prepared", "ang_op", "select", "lookup", "index"])
+                                  "ang_direct", "ang_prepared", "ang_op", "shift_direct", "shift_prepared",
+                                  "shift_op", "select", "lookup", "index"])
 def test_overhead(benchmark, fns, name):
     benchmark.group = "host overhead (tiny rope, CPU)"
     benchmark(fns[name])
@@ -49,7 +50,7 @@ def test_overhead(benchmark, fns, name):
 def test_targets(fns):
     if not ASSERT:
         pytest.skip("set POSATTN_BENCH_ASSERT=1 to check the microsecond targets on a quiet machine")
-    for pre in ("", "cs_", "ang_"):
+    for pre in ("", "cs_", "ang_", "shift_"):
         med, diff = bench_overhead.paired_us({n: fns[pre + n] for n in ("direct", "op")})
         assert diff("op", "direct") <= 3.0, (pre + "op - direct", med, diff("op", "direct"))
     assert bench_overhead.per_call_us(fns["lookup"]) <= 1.0

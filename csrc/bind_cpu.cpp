@@ -62,6 +62,18 @@ struct RopeLaunch {
     py::gil_scoped_release release;
     return std::string(posattn::cpu::rope_forward(c, dtype, num_threads, chunk));
   }
+
+  // every token at one position `value` (rope_shift's scalar delta), with no positions tensor
+  std::string run_const(int64_t q_in, int64_t q_out, int64_t k_in, int64_t k_out, double value,
+                        int num_threads) const {
+    if (p.ang.ptr != nullptr) throw std::invalid_argument("run_const: prepared with explicit angles");
+    posattn::RopeProblem c = p;
+    c.pos = posattn::RopePositions{&value, posattn::kPosFloat64, 0, 0, 0};
+    patch_tensor(c.q, q_in, q_out, "q");
+    patch_tensor(c.k, k_in, k_out, "k");
+    py::gil_scoped_release release;
+    return std::string(posattn::cpu::rope_forward(c, dtype, num_threads, chunk));
+  }
 };
 
 struct CosSinLaunch {
@@ -123,7 +135,9 @@ PYBIND11_MODULE(_C, m) {
            py::arg("q"), py::arg("k"), py::arg("dims"), py::arg("pos"), py::arg("freqs"),
            py::arg("attention_scaling"), py::arg("angles"), py::arg("sign"), py::arg("dtype"), py::arg("chunk"))
       .def("__call__", &RopeLaunch::run, py::arg("q_in"), py::arg("q_out"), py::arg("k_in"), py::arg("k_out"),
-           py::arg("src"), py::arg("num_threads"));
+           py::arg("src"), py::arg("num_threads"))
+      .def("run_const", &RopeLaunch::run_const, py::arg("q_in"), py::arg("q_out"), py::arg("k_in"),
+           py::arg("k_out"), py::arg("value"), py::arg("num_threads"));
   py::class_<CosSinLaunch>(m, "CosSinLaunch",
                            "rope_cos_sin_forward prepared for one call signature; "
                            "call(q_in, q_out, k_in, k_out, tables, positions, num_threads)")

@@ -90,7 +90,8 @@ def rope_prepare(q, qo, k, ko, pos3, tables, rotary_dim: int, interleaved: bool,
     """rope_forward prepared for one call signature (the ops' plans use it; see
     posattn.dispatch.Kernel.prepare). Returns ``run(q, qo, k, ko, pos3)``, which launches on
     tensors with the shapes, strides, dtypes and device of these examples (pos3: the same
-    shape and dtype, any strides): only their pointers are read per call. The arguments
+    shape and dtype, any strides; or a Python float: every token at that one position, as
+    rope_shift's scalar delta): only their pointers are read per call. The arguments
     rope_forward rebuilds on every call (strides, dims, frequency tables) are checked once here.
     """
     return _prepare(q, qo, k, ko, rotary_dim, interleaved, sign, config, pos3, native.pos_args,
@@ -121,18 +122,22 @@ def _prepare(q, qo, k, ko, rotary_dim, interleaved, sign, config, src, src_args,
     last = [None]  # (src, its args): the plans pass the same view object while it is valid
 
     def run(q, qo, k, ko, src, _keep=keep):  # _keep: the tables whose memory the launch reads
-        ls = last[0]
-        if ls is not None and ls[0] is src:
-            a = ls[1]
-        else:
-            a = src_args(src)
-            last[0] = (src, a)
         if big:
             advise(q, qo)
             advise(k, ko)
-        launch(q.data_ptr() if has_q else 0, qo.data_ptr() if has_q else 0,
-               k.data_ptr() if has_k else 0, ko.data_ptr() if has_k else 0,
-               a, fixed_threads if fixed_threads > 0 else get_threads())
+        ptrs = (q.data_ptr() if has_q else 0, qo.data_ptr() if has_q else 0,
+                k.data_ptr() if has_k else 0, ko.data_ptr() if has_k else 0)
+        threads = fixed_threads if fixed_threads > 0 else get_threads()
+        ls = last[0]
+        if ls is not None and ls[0] is src:
+            a = ls[1]
+        elif src.__class__ is float:
+            launch.run_const(*ptrs, src, threads)
+            return
+        else:
+            a = src_args(src)
+            last[0] = (src, a)
+        launch(*ptrs, a, threads)
 
     return run
 

@@ -418,12 +418,19 @@ _empty = torch.empty
 PLAN_CACHE_SIZE = 512  # signatures kept; the cache is emptied when full (0: no plans)
 _PLANS: dict = _plans.new_table()
 _ANGLE_PLANS: dict = _plans.new_table()   # apply_rope_angles' plans (the same _RopePlan, tables None)
+_SHIFT_PLANS: dict = _plans.new_table()   # rope_shift's plans (k in the query role)
 
 
 def clear_plans() -> None:
-    """Forget every apply_rope and apply_rope_angles plan (dispatch.clear_memo() does this too)."""
+    """Forget every apply_rope, apply_rope_angles and rope_shift plan (dispatch.clear_memo() does this too)."""
     _PLANS.clear()
     _ANGLE_PLANS.clear()
+    _SHIFT_PLANS.clear()
+
+
+def _scalar_positions(value: float, shape, device) -> torch.Tensor:
+    """fp64 positions of ``shape`` [A, 1, S], all ``value`` (one element, expanded)."""
+    return torch.full((1, 1, 1), value, dtype=torch.float64, device=device).expand(shape)
 
 
 def _keeps_last_dim(x4: torch.Tensor) -> bool:
@@ -436,10 +443,11 @@ class _RopePlan:
     see above. ``tables`` is None for apply_rope_angles, whose kernels take the angles instead."""
 
     __slots__ = ("kernel", "fn", "config", "tables", "pos_shape", "pos_last", "q_copy", "k_copy", "q_like",
-                 "k_like", "rotary_dim", "interleaved", "layout", "inplace", "simple", "launch", "src_fix")
+                 "k_like", "rotary_dim", "interleaved", "layout", "inplace", "simple", "launch", "src_fix",
+                 "scalar")
 
     def __init__(self, kernel, config, tables, pos_shape, q4, k4, rotary_dim, interleaved, layout,
-                 inplace, src_fix=None):
+                 inplace, src_fix=None, scalar=False):
         self.kernel, self.fn, self.config, self.tables = kernel, kernel.fn, config, tables
         self.pos_shape = pos_shape  # pos3 = positions.view(pos_shape): size-1 dims inserted
         # (positions, its data_ptr, its strides, its pos3 view) of the last call: a view costs
@@ -451,6 +459,9 @@ class _RopePlan:
         # angles only: view -> what the kernel reads (fp32, last dim contiguous), the view
         # itself when it already is; a copy is made again on every call
         self.src_fix = src_fix
+        # rope_shift's scalar delta: run() gets a Python float, every token at that position
+        # (a prepared launcher takes it as is; the kernel function gets an expanded tensor)
+        self.scalar = scalar
         self.q_copy = not (q4.stride(-1) == 1 or q4.shape[-1] == 1)   # as _last_contig
         self.k_copy = k4 is not None and not (k4.stride(-1) == 1 or k4.shape[-1] == 1)
         self.q_like = self.q_copy or _keeps_last_dim(q4)              # as _new_like
@@ -466,17 +477,23 @@ class _RopePlan:
     def _prepare(self, qi, qo, ki, ko, pos3):
         fn, tables, rd, inter, config = self.fn, self.tables, self.rotary_dim, self.interleaved, self.config
         data = () if tables is None else (tables,)  # kernel arguments after pos3 / the angles
+        shape, scalar = self.pos_shape, self.scalar
         if self.kernel.prepare is not None:
-            launch = self.kernel.prepare(qi, qo, ki, ko, pos3, *data, rd, inter, 1.0, config)
+            example = _scalar_positions(pos3, shape, qi.device) if scalar else pos3
+            launch = self.kernel.prepare(qi, qo, ki, ko, example, *data, rd, inter, 1.0, config)
         else:
             def launch(qi, qo, ki, ko, pos3):
+                if scalar:
+                    pos3 = _scalar_positions(pos3, shape, qi.device)
                 fn(qi, qo, ki, ko, pos3, *data, rd, inter, 1.0, config)
         self.launch = launch
         return launch
 
     def run(self, q, k, positions):
         last = self.pos_last
-        if (last is not None and last[0] is positions and last[1] == positions.data_ptr()
+        if self.scalar:
+            pos3 = positions
+        elif (last is not None and last[0] is positions and last[1] == positions.data_ptr()
                 and last[2] == positions.stride()):
             pos3 = last[3]
         else:
@@ -763,6 +780,39 @@ def rope_shift(k: torch.Tensor, delta, spec: RopeSpec, positions: torch.Tensor |
     Returns:
         the shifted keys (k itself when inplace).
     """
+    if (not _is_compiling() and k.__class__ is _Tensor and spec.__class__ is RopeSpec
+            and not (_grad_enabled() and k.requires_grad)
+            and (positions is None or positions.__class__ is _Tensor)
+            and (inplace is False or inplace is True) and (seq_len is None or seq_len.__class__ is int)
+            and layout.__class__ is str and (backend is None or backend.__class__ is str)):
+        # hot path: a signature seen before runs its plan (as apply_rope); a scalar delta is
+        # part of the signature by its type only, its value goes to the kernel as is
+        dc = delta.__class__
+        if dc is int:
+            dkey = int if -_EXACT_INT < delta < _EXACT_INT else None  # exact as a float64 position
+        elif dc is float:
+            dkey = float
+        elif dc is _Tensor and not (_grad_enabled() and delta.requires_grad):
+            dkey = (delta.shape, delta.dtype, delta.device)
+        else:
+            dkey = None
+        if dkey is not None:
+            pk = (k.shape, k.stride(), k.dtype, k.device, dkey, spec,
+                  None if positions is None else (positions.shape, positions.dtype, positions.device),
+                  layout, inplace, backend, seq_len, _ctx_backend(), _env_backend())
+            plan = _SHIFT_PLANS.get(pk)
+            if plan is not None:
+                return plan.run(k, None, delta if dc is _Tensor else float(delta))[0]
+            return _rope_shift_checked(k, delta, spec, positions, layout, inplace, backend, seq_len, pk)
+    return _rope_shift_checked(k, delta, spec, positions, layout, inplace, backend, seq_len, None)
+
+
+_EXACT_INT = 1 << 53
+
+
+def _rope_shift_checked(k, delta, spec, positions, layout, inplace, backend, seq_len, pk):
+    """rope_shift with every check; stores a plan under ``pk`` (when not None) for the linear
+    case once they pass: k is rotated as a query by the delta alone (unit scaling)."""
     V.float_tensor(k, "k")
     if not isinstance(spec, RopeSpec):
         raise TypeError(f"spec must be a posattn.RopeSpec, got {type(spec).__name__}")
@@ -794,6 +844,18 @@ def rope_shift(k: torch.Tensor, delta, spec: RopeSpec, positions: torch.Tensor |
         d3 = torch.full((1, 1, 1), delta, dtype=dt, device=k.device).expand(A, 1, S)
     rows = _check_rows(tables, 0, H)
     unit = RopeTables(tables.inv_freq, 1.0, tables.pair_axis, A)
+    scalar = not isinstance(delta, torch.Tensor)
+    if (pk is not None and tables.pair_pos_scale is None and not (seq_len is None and spec.depends_on_seq_len)
+            and (scalar or (A == 1 and delta.dim() >= 1))):
+        # eager, no grad, plain tensors, a linear position map: the checks above depend only
+        # on what pk holds. k is rotated in the query role (no DPE offset in unit tables).
+        key = _make_key(k4, H, 0, spec.rotary_dim, spec.interleaved, "float64" if scalar else _dname(d3.dtype),
+                        A, rows, False)
+        kernel, config = dispatch.select("rope", key, backend=backend)
+        plan = _RopePlan(kernel, config, unit, (A, 1, S) if scalar else tuple(d3.shape), k4, None,
+                         spec.rotary_dim, spec.interleaved, layout, inplace, scalar=scalar)
+        _plans.store(_SHIFT_PLANS, pk, plan, PLAN_CACHE_SIZE)
+        return plan.run(k, None, float(delta) if scalar else delta)[0]
     q4 = k4.new_empty(B, S, 0, D)
     if tables.pair_pos_scale is None:
         key = _make_key(k4, 0, H, spec.rotary_dim, spec.interleaved, _dname(d3.dtype), A, rows, False)

@@ -572,3 +572,104 @@ def test_angles_bad_inputs_raise_with_plans_warm(case, exc, match):
     posattn.apply_rope_angles(q, k, torch.randn(2, 3, 1, 16), backend="reference")
     assert ops._ANGLE_PLANS
     TA.test_bad_inputs(case, exc, match)
+
+
+# ---------------------------------------------------------------------------
+# rope_shift's plans (linear position maps: k rotated in the query role by the delta alone)
+
+from tests.rope import test_rope_shift as TS  # noqa: E402
+
+
+def _shift_uncached(monkeypatch, *args, **kw):
+    return _without_plans(ops, ops._SHIFT_PLANS, posattn.rope_shift, monkeypatch, *args, **kw)
+
+
+SHIFT_SPECS = {
+    "plain": posattn.RopeSpec(32, rotary_dim=24),
+    "yarn_interleaved": posattn.RopeSpec(32, interleaved=True, scaling=posattn.YaRN(4.0, 4096)),
+    "mrope": posattn.RopeSpec(32, mrope_section=(4, 6, 6)),
+}
+
+
+def _shift_deltas(S, B):
+    return {
+        "int": 7,
+        "negative_int": -3,
+        "float": 2.5,
+        "tensor_S": torch.randint(-50, 50, (S,), device=DEVICE).to(torch.int32),
+        "tensor_BS_float": torch.rand(B, S, device=DEVICE) * 8 - 4,
+    }
+
+
+@pytest.mark.parametrize("spec_name", list(SHIFT_SPECS))
+@pytest.mark.parametrize("layout", ["bshd", "bhsd", "thd"])
+@pytest.mark.parametrize("strided", [False, True], ids=["dense", "strided"])
+@pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
+@pytest.mark.parametrize("delta_name", list(_shift_deltas(5, 2)))
+def test_shift_identical_with_and_without_plans(monkeypatch, spec_name, layout, strided, inplace, delta_name):
+    spec = SHIFT_SPECS[spec_name]
+    if delta_name == "tensor_BS_float" and layout == "thd":
+        pytest.skip("thd takes [T] deltas")
+    _, k, _ = _inputs(layout, HK=2)
+    if strided:
+        k = torch.stack([k, k], -1)[..., 0]
+    delta = _shift_deltas(5, 2)[delta_name]
+    planned = not isinstance(delta, torch.Tensor) or spec.mrope_section is None
+    for _ in range(2):  # the first call makes the plan, the second runs it
+        ka, kb = k.clone(), k.clone()
+        got = posattn.rope_shift(ka, delta, spec, layout=layout, inplace=inplace)
+        want = _shift_uncached(monkeypatch, kb, delta, spec, layout=layout, inplace=inplace)
+        _same(got, want)
+        if inplace:
+            assert got is ka
+    assert len(ops._SHIFT_PLANS) == (1 if planned else 0)
+    if not isinstance(delta, torch.Tensor):  # another value: the same plan
+        got = posattn.rope_shift(k.clone(), delta * 3 + 1, spec, layout=layout, inplace=inplace)
+        _same(got, _shift_uncached(monkeypatch, k.clone(), delta * 3 + 1, spec, layout=layout, inplace=inplace))
+        assert len(ops._SHIFT_PLANS) == 1
+    else:  # the delta changed in place
+        delta.add_(1)
+        got = posattn.rope_shift(k.clone(), delta, spec, layout=layout, inplace=inplace)
+        _same(got, _shift_uncached(monkeypatch, k.clone(), delta.clone(), spec, layout=layout, inplace=inplace))
+
+
+def test_shift_plans_cover_types_and_bypass_grad_and_huge_ints(monkeypatch):
+    spec = SHIFT_SPECS["plain"]
+    _, k, _ = _inputs()
+    posattn.rope_shift(k, 3, spec)
+    posattn.rope_shift(k, 3.0, spec)   # int and float deltas: two signatures
+    posattn.rope_shift(k, 3, spec, backend="reference")
+    assert len(ops._SHIFT_PLANS) == 3
+    _same(posattn.rope_shift(k, 5, spec, backend="reference"), _shift_uncached(monkeypatch, k, 5, spec, backend="reference"))
+    big = 1 << 60  # not exact as a float64 position: the checked path (int64 positions)
+    _same(posattn.rope_shift(k, big, spec), _shift_uncached(monkeypatch, k, big, spec))
+    kg = k.clone().requires_grad_()
+    out = posattn.rope_shift(kg, 3, spec)
+    assert out.grad_fn is not None
+    posattn.rope_shift(k, torch.tensor(2), spec)  # a 0-d delta: checked path
+    assert len(ops._SHIFT_PLANS) == 3
+    dispatch.clear_memo()
+    assert not ops._SHIFT_PLANS
+
+
+@pytest.mark.parametrize("case, exc, match", TS.test_bad_inputs.pytestmark[-1].args[1])
+def test_shift_bad_inputs_raise_with_plans_warm(case, exc, match):
+    k = torch.randn(2, 3, 2, 32)
+    posattn.rope_shift(k, 1, posattn.RopeSpec(32))
+    posattn.rope_shift(k, torch.ones(3, dtype=torch.long), posattn.RopeSpec(32))
+    assert len(ops._SHIFT_PLANS) == 2
+    TS.test_bad_inputs(case, exc, match)
+
+
+@pytest.mark.parametrize("kw, exc, match", [
+    ({"inplace": 0}, TypeError, "inplace must be a bool"),
+    ({"layout": ["bshd"]}, ValueError, "layout must be one of"),
+    ({"seq_len": 0}, ValueError, "seq_len must be a positive int"),
+])
+def test_shift_arguments_still_checked_with_plans_warm(kw, exc, match):
+    k = torch.randn(2, 3, 2, 32)
+    posattn.rope_shift(k, 1, posattn.RopeSpec(32))
+    with pytest.raises(exc, match=match):
+        posattn.rope_shift(k, 1, posattn.RopeSpec(32), **kw)
+    with pytest.raises(TypeError, match="delta must be an int, a float or a tensor"):
+        posattn.rope_shift(k, True, posattn.RopeSpec(32))
