@@ -22,11 +22,11 @@ import json, sys, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from posattn.kernels.triton import flash_attn as fa
-cases = [(128, 0, False, torch.bfloat16, True, False, 4),      # the benchmark's case: fwd, dq, dkdv
+cases = [(128, 0, False, torch.bfloat16, True, False, 4),      # the benchmark's case: fwd, dq, dkdv, delta
          (128, 128, False, torch.bfloat16, True, False, 4)]    # in-kernel RoPE: the forward
 out = []
 for name, fn, sig, const, nw, ns in fa.aot_specializations(cases):
-    if not (name.startswith("attn_fwd") or "_r0" in name):
+    if not (name.startswith(("attn_fwd", "attn_delta")) or "_r0" in name):
         continue
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": nw, "num_stages": ns})
@@ -44,8 +44,9 @@ def test_kernels_compile_for_sm90a():
     res = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     kernels = json.loads(res.stdout.strip().splitlines()[-1])
-    assert len(kernels) == 4
+    assert len(kernels) == 5
     for k in kernels:
         assert k["sm90a"] and k["cubin"] > 0, k
-        assert k["wgmma"], f"{k['name']}: no Hopper tensor-core (wgmma) product"
+        if not k["name"].startswith("attn_delta"):  # a row sum: no product
+            assert k["wgmma"], f"{k['name']}: no Hopper tensor-core (wgmma) product"
         assert k["shared"] <= 227 * 1024, k

@@ -124,21 +124,29 @@ def _load_qk_tile(X, rows, rmask, stride_t, POS, INV_FREQ, rope_scaling,
 
 
 @triton.jit
-def _allowed(rows, cols, q_doc, q_row, k_doc, T, NUM_ANCHORS, WINDOW,
-             CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    """The element mask of one (query block, key block) tile."""
-    ok = q_doc[:, None] == k_doc[None, :]
+def _allowed2(r, c, q_doc, q_row, k_doc, T, NUM_ANCHORS, WINDOW, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """The element mask over a 2-D grid: r, q_doc, q_row broadcast along the query axis and
+    c, k_doc along the key axis (either orientation: [BM, BN] or, transposed, [BN, BM])."""
+    ok = q_doc == k_doc
     if HAS_WINDOW:
         if CAUSAL:
-            ok = ok & (rows[:, None] - cols[None, :] < WINDOW)
+            ok = ok & (r - c < WINDOW)
         else:
-            diff = rows[:, None] - cols[None, :]
+            diff = r - c
             ok = ok & (diff < WINDOW) & (diff > -WINDOW)
-    anchor = (cols[None, :] >= q_row[:, None]) & (cols[None, :] < q_row[:, None] + NUM_ANCHORS)
+    anchor = (c >= q_row) & (c < q_row + NUM_ANCHORS)
     ok = ok | anchor
     if CAUSAL:
-        ok = ok & (cols[None, :] <= rows[:, None])
-    return ok & (cols < T)[None, :]
+        ok = ok & (c <= r)
+    return ok & (c < T)
+
+
+@triton.jit
+def _allowed(rows, cols, q_doc, q_row, k_doc, T, NUM_ANCHORS, WINDOW,
+             CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """The element mask of one (query block, key block) tile, [BM, BN]."""
+    return _allowed2(rows[:, None], cols[None, :], q_doc[:, None], q_row[:, None], k_doc[None, :], T,
+                     NUM_ANCHORS, WINDOW, CAUSAL, HAS_WINDOW)
 
 
 @triton.jit
@@ -339,6 +347,9 @@ def _dkdv_step(dka, dkb, dkt, dv, ka, kb, kt, v, Qh, DOh, LSEh, DELTAh, qbi, col
                INTERLEAVED: tl.constexpr, ROPE: tl.constexpr, HAS_TAIL: tl.constexpr,
                CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                MASKED: tl.constexpr):
+    """One query block of the key block's dk, dv, computed key-major ([BLOCK_N, BLOCK_M]
+    tiles: s^T = k q^T), so that p^T and ds^T come out of their products in the orientation
+    the dv and dk products take, with no transpose of a register tile in between."""
     DT = Qh.dtype.element_ty
     rows = qbi * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < T
@@ -351,21 +362,22 @@ def _dkdv_step(dka, dkb, dkt, dv, ka, kb, kt, v, Qh, DOh, LSEh, DELTAh, qbi, col
     else:
         lse2 = tl.load(LSEh + rows) * _LOG2E
         delta = tl.load(DELTAh + rows)
-    s = _scores(qa, qb_, qt, ka, kb, kt, BLOCK_M, BLOCK_N, ROPE, HAS_TAIL, PREC, UPCAST) * qk_scale_log2
-    p = tl.math.exp2(s - lse2[:, None])
+    s_t = _scores(ka, kb, kt, qa, qb_, qt, BLOCK_N, BLOCK_M, ROPE, HAS_TAIL, PREC, UPCAST) * qk_scale_log2
+    p_t = tl.math.exp2(s_t - lse2[None, :])
     if MASKED:
         q_doc = tl.load(DOC_START + rows, mask=rmask, other=-1)
         q_row = tl.load(ROW_START + rows, mask=rmask, other=-1)
-        ok = _allowed(rows, cols, q_doc, q_row, k_doc, T, NUM_ANCHORS, WINDOW, CAUSAL, HAS_WINDOW)
-        p = tl.where(ok, p, 0.0)
-    dv += _dot(tl.trans(p.to(DT)), do, PREC, UPCAST)
-    dp = _dot(do, tl.trans(v), PREC, UPCAST)
-    ds = tl.trans((p * (dp - delta[:, None])).to(DT))
+        ok_t = _allowed2(rows[None, :], cols[:, None], q_doc[None, :], q_row[None, :], k_doc[:, None], T,
+                         NUM_ANCHORS, WINDOW, CAUSAL, HAS_WINDOW)
+        p_t = tl.where(ok_t, p_t, 0.0)
+    dv += _dot(p_t.to(DT), do, PREC, UPCAST)
+    dp_t = _dot(v, tl.trans(do), PREC, UPCAST)
+    ds_t = (p_t * (dp_t - delta[None, :])).to(DT)
     if ROPE:
-        dka += _dot(ds, qa, PREC, UPCAST)
-        dkb += _dot(ds, qb_, PREC, UPCAST)
+        dka += _dot(ds_t, qa, PREC, UPCAST)
+        dkb += _dot(ds_t, qb_, PREC, UPCAST)
     if HAS_TAIL:
-        dkt += _dot(ds, qt, PREC, UPCAST)
+        dkt += _dot(ds_t, qt, PREC, UPCAST)
     return dka, dkb, dkt, dv
 
 
@@ -420,6 +432,21 @@ def _attn_bwd_dkdv_kernel(
                 D, ROT, BH, R_HALF, BT, INTERLEAVED, ROPE, HAS_TAIL)
     tl.store(DV + hk * s_dvh + cols[:, None].to(tl.int64) * s_dvt + dcols[None, :], dv.to(DV.dtype.element_ty),
              mask=cmask[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(O, DO, DELTA, T, s_ot, s_oh, s_dot, s_doh,
+                           D: tl.constexpr, BD: tl.constexpr, BLOCK_T: tl.constexpr):
+    """delta[h, t] = sum_d out[t, h, d] * dout[t, h, d] in fp32, reading each input once in its dtype."""
+    tb = tl.program_id(0)
+    h = tl.program_id(1)
+    rows = tb * BLOCK_T + tl.arange(0, BLOCK_T)
+    rmask = rows < T
+    d = tl.arange(0, BD)
+    m = rmask[:, None] & (d < D)[None, :]
+    o = tl.load(O + h * s_oh + rows[:, None].to(tl.int64) * s_ot + d[None, :], mask=m, other=0.0).to(tl.float32)
+    do = tl.load(DO + h * s_doh + rows[:, None].to(tl.int64) * s_dot + d[None, :], mask=m, other=0.0).to(tl.float32)
+    tl.store(DELTA + h.to(tl.int64) * T + rows, tl.sum(o * do, 1), mask=rmask)
 
 
 # ---------------------------------------------------------------------------
@@ -514,10 +541,14 @@ def attn_backward(dout, q, k, v, out, lse, lists, num_anchors: int, causal: bool
     if T == 0:
         return dq, dk, dv
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
-    delta = (out.float() * dout.float()).sum(-1).transpose(0, 1)   # [Hq, T]
+    out = out if out.stride(-1) == 1 else out.contiguous()
+    delta = torch.empty(HQ, T, dtype=torch.float32, device=q.device)   # rowsum(out * dout), [Hq, T]
+    block_t = 16 if _interpreting() else 64
+    _attn_bwd_delta_kernel[(triton.cdiv(T, block_t), HQ)](
+        out, dout, delta, T, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1),
+        D=D, BD=_pow2(D), BLOCK_T=block_t, num_warps=4)
     if dlse is not None:
-        delta = delta - dlse.float()
-    delta = delta.contiguous()
+        delta -= dlse.float()
     pos, inv_freq, rot, inter, scaling = _rope_args(q, rope)
     bm, bn = lists.block_m, lists.block_n
     meta = tile_meta(D, rot, inter, q.dtype)
@@ -557,6 +588,7 @@ def aot_specializations(cases=None):
         cases = [(128, 0, False, torch.bfloat16, True, False, 4), (128, 128, False, torch.bfloat16, True, False, 4),
                  (96, 48, True, torch.float16, False, True, 1), (80, 80, False, torch.float32, True, True, 2),
                  (256, 0, False, torch.bfloat16, True, False, 4), (192, 192, False, torch.bfloat16, True, False, 1)]
+    delta_done = set()
     for D, rot, inter, dtype, causal, has_window, group in cases:
         ty = _TL_DTYPE[dtype]
         cfg = default_config(D, dtype, interpret=False)
@@ -605,3 +637,9 @@ def aot_specializations(cases=None):
             name = (f"attn_{kind}_d{D}_r{rot}{'i' if inter else 'h'}_{ty}_{'causal' if causal else 'full'}"
                     f"{'_win' if has_window else ''}_g{group}")
             yield name, fn, sig, const, nw, ns
+        if (D, ty) not in delta_done:  # the backward's rowsum(out * dout), once per head_dim and dtype
+            delta_done.add((D, ty))
+            dsig = {"O": f"*{ty}", "DO": f"*{ty}", "DELTA": "*fp32", "T": "i32", "s_ot": "i32", "s_oh": "i32",
+                    "s_dot": "i32", "s_doh": "i32", "D": "constexpr", "BD": "constexpr", "BLOCK_T": "constexpr"}
+            yield (f"attn_delta_d{D}_{ty}", _attn_bwd_delta_kernel, dsig, {"D": D, "BD": _pow2(D), "BLOCK_T": 64},
+                   4, 1)
