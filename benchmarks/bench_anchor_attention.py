@@ -201,7 +201,10 @@ BWD_CONFIGS = [dict(BWD_BLOCK_M=64, BWD_BLOCK_N=64, bwd_num_warps=4, bwd_num_sta
                dict(BWD_BLOCK_M=64, BWD_BLOCK_N=128, bwd_num_warps=8, bwd_num_stages=2),
                dict(BWD_BLOCK_M=32, BWD_BLOCK_N=64, bwd_num_warps=4, bwd_num_stages=2),
                dict(BWD_BLOCK_M=64, BWD_BLOCK_N=64, bwd_num_warps=4, bwd_num_stages=3),
-               dict(BWD_BLOCK_M=128, BWD_BLOCK_N=64, bwd_num_warps=8, bwd_num_stages=2)]
+               dict(BWD_BLOCK_M=128, BWD_BLOCK_N=64, bwd_num_warps=8, bwd_num_stages=2),
+               # key blocks of 128 over small query blocks suit the key-major dk/dv kernel
+               dict(BWD_BLOCK_M=32, BWD_BLOCK_N=128, bwd_num_warps=4, bwd_num_stages=2),
+               dict(BWD_BLOCK_M=32, BWD_BLOCK_N=128, bwd_num_warps=8, bwd_num_stages=3)]
 
 
 def sweep_gpu(row_len: int, n_rows: int, n_docs: int, hq=32, hk=8, d=128, dtype=torch.bfloat16) -> dict:

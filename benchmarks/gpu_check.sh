@@ -123,8 +123,12 @@ fi
 
 # 6a. anchor attention's training step (mask + forward + backward) against FlexAttention,
 #     and the cos/sin paths against FlashInfer / vLLM where importable, while time remains
+#     (with time to spare, first a sweep of launch configs, whose fastest the comparison uses:
+#     the backward's key-major dk/dv and its configs have not been timed on a GPU before)
 if (( BUDGET - (SECONDS - T0) > 120 )); then
-  step "anchor attention vs Flex" "$(limit 120 60)" "$PY" benchmarks/bench_anchor_attention.py \
+  SWEEP=()
+  (( BUDGET - (SECONDS - T0) > 300 )) && SWEEP=(--sweep)
+  step "anchor attention vs Flex" "$(limit 200 60)" "$PY" benchmarks/bench_anchor_attention.py "${SWEEP[@]}" \
     --out "$OUT/bench_anchor_attention.jsonl"
 fi
 if (( BUDGET - (SECONDS - T0) > 90 )); then
