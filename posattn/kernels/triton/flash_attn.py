@@ -221,17 +221,26 @@ def _attn_fwd_kernel(
     start = tl.load(Q_OFF + qb)
     mid = start + tl.load(Q_NFULL + qb)
     end = tl.load(Q_OFF + qb + 1)
-    # the list holds a query block's unmasked key blocks first, then those needing the mask
+    # the list holds a query block's unmasked key blocks first, then those needing the mask.
+    # Each iteration reads the next block's index (as FlexAttention does), so the K/V tile
+    # addresses are loop-carried and the pipeliner can fetch tiles num_stages - 1 blocks ahead;
+    # indexing the list inside the iteration spends one of those stages on the index load.
+    kbi = tl.load(KV_IDX + start, mask=start < mid, other=0)
     for e in range(start, mid):
-        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, qa, qb_, qt, Kh, Vh, tl.load(KV_IDX + e), rows, q_doc, q_row,
+        nxt = tl.load(KV_IDX + e + 1, mask=e + 1 < mid, other=0)
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, qa, qb_, qt, Kh, Vh, kbi, rows, q_doc, q_row,
                                   dcols, dmask, POS, INV_FREQ, DOC_START, T, NUM_ANCHORS, WINDOW, qk_scale_log2,
                                   rope_scaling, s_kt, s_vt, D, BD, BLOCK_M, BLOCK_N, ROT, BH, R_HALF, BT,
                                   INTERLEAVED, ROPE, HAS_TAIL, CAUSAL, HAS_WINDOW, PREC, UPCAST, False)
+        kbi = nxt
+    kbi = tl.load(KV_IDX + mid, mask=mid < end, other=0)
     for e in range(mid, end):
-        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, qa, qb_, qt, Kh, Vh, tl.load(KV_IDX + e), rows, q_doc, q_row,
+        nxt = tl.load(KV_IDX + e + 1, mask=e + 1 < end, other=0)
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, qa, qb_, qt, Kh, Vh, kbi, rows, q_doc, q_row,
                                   dcols, dmask, POS, INV_FREQ, DOC_START, T, NUM_ANCHORS, WINDOW, qk_scale_log2,
                                   rope_scaling, s_kt, s_vt, D, BD, BLOCK_M, BLOCK_N, ROT, BH, R_HALF, BT,
                                   INTERLEAVED, ROPE, HAS_TAIL, CAUSAL, HAS_WINDOW, PREC, UPCAST, True)
+        kbi = nxt
     l_i = tl.where(rmask, l_i, 1.0)      # padding rows past T see no key
     out = acc / l_i[:, None]
     tl.store(O + h * s_oh + rows[:, None].to(tl.int64) * s_ot + dcols[None, :], out.to(O.dtype.element_ty),
@@ -324,16 +333,22 @@ def _attn_bwd_dq_kernel(
     start = tl.load(Q_OFF + qb)
     mid = start + tl.load(Q_NFULL + qb)
     end = tl.load(Q_OFF + qb + 1)
+    kbi = tl.load(KV_IDX + start, mask=start < mid, other=0)
     for e in range(start, mid):
-        dqa, dqb, dqt = _dq_step(dqa, dqb, dqt, qa, qb_, qt, do, lse2, delta, Kh, Vh, tl.load(KV_IDX + e), rows,
+        nxt = tl.load(KV_IDX + e + 1, mask=e + 1 < mid, other=0)
+        dqa, dqb, dqt = _dq_step(dqa, dqb, dqt, qa, qb_, qt, do, lse2, delta, Kh, Vh, kbi, rows,
                                  q_doc, q_row, dcols, dmask, POS, INV_FREQ, DOC_START, T, NUM_ANCHORS, WINDOW,
                                  qk_scale_log2, rope_scaling, s_kt, s_vt, D, BD, BLOCK_M, BLOCK_N, ROT, BH, R_HALF,
                                  BT, INTERLEAVED, ROPE, HAS_TAIL, CAUSAL, HAS_WINDOW, PREC, UPCAST, False)
+        kbi = nxt
+    kbi = tl.load(KV_IDX + mid, mask=mid < end, other=0)
     for e in range(mid, end):
-        dqa, dqb, dqt = _dq_step(dqa, dqb, dqt, qa, qb_, qt, do, lse2, delta, Kh, Vh, tl.load(KV_IDX + e), rows,
+        nxt = tl.load(KV_IDX + e + 1, mask=e + 1 < end, other=0)
+        dqa, dqb, dqt = _dq_step(dqa, dqb, dqt, qa, qb_, qt, do, lse2, delta, Kh, Vh, kbi, rows,
                                  q_doc, q_row, dcols, dmask, POS, INV_FREQ, DOC_START, T, NUM_ANCHORS, WINDOW,
                                  qk_scale_log2, rope_scaling, s_kt, s_vt, D, BD, BLOCK_M, BLOCK_N, ROT, BH, R_HALF,
                                  BT, INTERLEAVED, ROPE, HAS_TAIL, CAUSAL, HAS_WINDOW, PREC, UPCAST, True)
+        kbi = nxt
     _store_grad(DQ + h * s_dqh, rows, rmask, s_dqt, dqa, dqb, dqt, qcos, qsin, sm_scale,
                 D, ROT, BH, R_HALF, BT, INTERLEAVED, ROPE, HAS_TAIL)
 
@@ -416,18 +431,24 @@ def _attn_bwd_dkdv_kernel(
         DOh = DO + h * s_doh
         LSEh = LSE + h.to(tl.int64) * T
         DELTAh = DELTA + h.to(tl.int64) * T
+        qbi = tl.load(Q_IDX + start, mask=start < mid, other=0)
         for e in range(start, mid):
+            nxt = tl.load(Q_IDX + e + 1, mask=e + 1 < mid, other=0)
             dka, dkb, dkt, dv = _dkdv_step(dka, dkb, dkt, dv, ka, kb, kt, v, Qh, DOh, LSEh, DELTAh,
-                                           tl.load(Q_IDX + e), cols, k_doc, dcols, dmask, POS, INV_FREQ, DOC_START,
+                                           qbi, cols, k_doc, dcols, dmask, POS, INV_FREQ, DOC_START,
                                            ROW_START, T, NUM_ANCHORS, WINDOW, qk_scale_log2, rope_scaling, s_qt,
                                            s_dot, D, BD, BLOCK_M, BLOCK_N, ROT, BH, R_HALF, BT, INTERLEAVED, ROPE,
                                            HAS_TAIL, CAUSAL, HAS_WINDOW, PREC, UPCAST, False)
+            qbi = nxt
+        qbi = tl.load(Q_IDX + mid, mask=mid < end, other=0)
         for e in range(mid, end):
+            nxt = tl.load(Q_IDX + e + 1, mask=e + 1 < end, other=0)
             dka, dkb, dkt, dv = _dkdv_step(dka, dkb, dkt, dv, ka, kb, kt, v, Qh, DOh, LSEh, DELTAh,
-                                           tl.load(Q_IDX + e), cols, k_doc, dcols, dmask, POS, INV_FREQ, DOC_START,
+                                           qbi, cols, k_doc, dcols, dmask, POS, INV_FREQ, DOC_START,
                                            ROW_START, T, NUM_ANCHORS, WINDOW, qk_scale_log2, rope_scaling, s_qt,
                                            s_dot, D, BD, BLOCK_M, BLOCK_N, ROT, BH, R_HALF, BT, INTERLEAVED, ROPE,
                                            HAS_TAIL, CAUSAL, HAS_WINDOW, PREC, UPCAST, True)
+            qbi = nxt
     _store_grad(DK + hk * s_dkh, cols, cmask, s_dkt, dka, dkb, dkt, kcos, ksin, sm_scale,
                 D, ROT, BH, R_HALF, BT, INTERLEAVED, ROPE, HAS_TAIL)
     tl.store(DV + hk * s_dvh + cols[:, None].to(tl.int64) * s_dvt + dcols[None, :], dv.to(DV.dtype.element_ty),
