@@ -366,8 +366,12 @@ def _triton_default(key: AttnKey) -> dict:
     from posattn.kernels import triton as tk
     from posattn.kernels.triton import flash_attn as fa
 
+    smem = None
+    if key.device_type == "cuda":
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        smem = getattr(props, "shared_memory_per_block_optin", None)   # None: sized for an H100
     return fa.default_config(key.head_dim, getattr(torch, key.dtype), interpret=key.device_type == "cpu"
-                             and tk.interpreting())
+                             and tk.interpreting(), smem_per_block=smem)
 
 
 dispatch.register("anchor_attention", "reference", supports=_reference_supports,

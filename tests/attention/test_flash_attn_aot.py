@@ -37,16 +37,61 @@ print(json.dumps(out))
 """
 
 
-def test_kernels_compile_for_sm90a():
+def _compile_in_child(script: str) -> list[dict]:
+    """Run ``script`` (which prints one JSON line) in a child without TRITON_INTERPRET."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parents[2]
     env["PYTHONPATH"] = os.pathsep.join([str(root)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    res = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-4000:]
-    kernels = json.loads(res.stdout.strip().splitlines()[-1])
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_kernels_compile_for_sm90a():
+    kernels = _compile_in_child(SCRIPT)
     assert len(kernels) == 5
     for k in kernels:
         assert k["sm90a"] and k["cubin"] > 0, k
         if not k["name"].startswith("attn_delta"):  # a row sum: no product
             assert k["wgmma"], f"{k['name']}: no Hopper tensor-core (wgmma) product"
         assert k["shared"] <= 227 * 1024, k
+
+
+SMEM_SCRIPT = r"""
+import json, sys, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from posattn.kernels.triton import flash_attn as fa
+# (arch, opt-in shared memory per block, the widest cases whose default config must fit)
+CLASSES = [(90, 232448, [(256, 256, torch.float32), (192, 192, torch.bfloat16)]),
+           (80, 166912, [(256, 256, torch.float32), (128, 128, torch.float32)]),
+           (89, 101376, [(256, 256, torch.float32), (256, 256, torch.bfloat16), (128, 128, torch.float32)])]
+out = []
+for arch, limit, cases in CLASSES:
+    for D, rot, dtype in cases:
+        cfg = fa.default_config(D, dtype, interpret=False, smem_per_block=limit)
+        for name, fn, sig, const, nw, ns in fa.aot_specializations([(D, rot, False, dtype, True, False, 4)]):
+            if name.startswith("attn_delta"):
+                continue
+            fwd = name.startswith("attn_fwd")
+            const = dict(const, BLOCK_M=cfg["BLOCK_M" if fwd else "BWD_BLOCK_M"],
+                         BLOCK_N=cfg["BLOCK_N" if fwd else "BWD_BLOCK_N"])
+            opts = {"num_warps": cfg["num_warps" if fwd else "bwd_num_warps"],
+                    "num_stages": cfg["num_stages" if fwd else "bwd_num_stages"]}
+            # the JIT's specialisation for aligned pointers and strides (what pipelining sizes)
+            attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items()
+                     if t.startswith("*") or (t == "i32" and (n.startswith("s_") or n == "T"))}
+            k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
+                               target=GPUTarget("cuda", arch, 32), options=opts)
+            out.append(dict(name=f"sm{arch}:{name}", shared=k.metadata.shared, limit=limit))
+print(json.dumps(out))
+"""
+
+
+def test_default_configs_fit_each_gpu_class():
+    """default_config's blocks and stages fit the shared memory of an H100/H200, an A100 and
+    an sm_86/sm_89 GPU for the widest tiles (fp32 or head_dim 256, with in-kernel RoPE)."""
+    kernels = _compile_in_child(SMEM_SCRIPT)
+    assert len(kernels) == 21
+    over = [k for k in kernels if k["shared"] > k["limit"]]
+    assert not over, over

@@ -497,21 +497,38 @@ def tile_meta(D: int, rotary_dim: int, interleaved: bool, dtype: torch.dtype) ->
     )
 
 
-def default_config(head_dim: int, dtype: torch.dtype, interpret: bool) -> dict:
+# opt-in shared memory per block: H100/H200 227 KB, A100 163 KB, sm_86/sm_89 (RTX 30/40, L4,
+# L40S, A10) 99 KB
+SMEM_HOPPER = 232448
+SMEM_LARGE = 160 * 1024
+
+
+def default_config(head_dim: int, dtype: torch.dtype, interpret: bool, smem_per_block: int | None = None) -> dict:
     """Launch config: block sizes of the forward and of the backward, warps and stages.
 
-    bf16/fp16 with head_dim <= 128: the fastest of the configs timed on an H200 by
-    ``benchmarks/bench_anchor_attention.py --sweep`` (64x64 blocks, 4 warps; 3 stages forward,
-    2 backward). Larger heads and fp32 keep tiles within shared memory with fewer stages.
+    bf16/fp16 with head_dim <= 128 on GPUs with at least 160 KB of shared memory per block:
+    the fastest of the configs timed on an H200 by ``benchmarks/bench_anchor_attention.py
+    --sweep`` (64x64 blocks, 4 warps; 3 stages forward, 2 backward). Wider tiles (fp32,
+    head_dim > 128) and GPUs with less shared memory (``smem_per_block``, default: an H100's)
+    get smaller blocks and fewer stages, chosen so that every kernel fits (the sizes come from
+    compiling them for sm_90a, sm_80 and sm_89: tests/attention/test_flash_attn_aot.py).
     """
     if interpret:
         return {"BLOCK_M": 16, "BLOCK_N": 16, "BWD_BLOCK_M": 16, "BWD_BLOCK_N": 16,
                 "num_warps": 4, "num_stages": 1, "bwd_num_warps": 4, "bwd_num_stages": 1}
-    if head_dim <= 128 and dtype != torch.float32:
-        return {"BLOCK_M": 64, "BLOCK_N": 64, "BWD_BLOCK_M": 64, "BWD_BLOCK_N": 64,
-                "num_warps": 4, "num_stages": 3, "bwd_num_warps": 4, "bwd_num_stages": 2}
-    return {"BLOCK_M": 64, "BLOCK_N": 32 if head_dim > 128 else 64, "BWD_BLOCK_M": 32, "BWD_BLOCK_N": 64,
-            "num_warps": 4, "num_stages": 2, "bwd_num_warps": 4, "bwd_num_stages": 2}
+    limit = SMEM_HOPPER if smem_per_block is None else int(smem_per_block)
+    wide = dtype == torch.float32 or head_dim > 128
+    widest = dtype == torch.float32 and head_dim > 128
+    cfg = {"num_warps": 4, "bwd_num_warps": 4}
+    if limit >= SMEM_LARGE:
+        if not wide:
+            return dict(cfg, BLOCK_M=64, BLOCK_N=64, BWD_BLOCK_M=64, BWD_BLOCK_N=64, num_stages=3, bwd_num_stages=2)
+        return dict(cfg, BLOCK_M=64, BLOCK_N=32 if head_dim > 128 else 64, BWD_BLOCK_M=32,
+                    BWD_BLOCK_N=32 if widest else 64, num_stages=2, bwd_num_stages=1 if widest else 2)
+    if widest:
+        return dict(cfg, BLOCK_M=32, BLOCK_N=16, BWD_BLOCK_M=16, BWD_BLOCK_N=32, num_stages=1, bwd_num_stages=1)
+    return dict(cfg, BLOCK_M=64, BLOCK_N=32 if wide else 64, BWD_BLOCK_M=32, BWD_BLOCK_N=32 if wide else 64,
+                num_stages=2, bwd_num_stages=1 if wide else 2)
 
 
 def _rope_args(q, rope):
