@@ -189,7 +189,39 @@ def bench_cpu_tiny() -> list[dict]:
             continue
         out.append(dict(bench="anchor_attention", device="cpu", backend=backend, tokens=T, fwd_ms=ms,
                         note="CPU smoke run; the speed targets are GPU-only"))
+    out.append(bench_cpu_step())
     return out
+
+
+def bench_cpu_step(T: int = 1024, hq: int = 8, hk: int = 2, d: int = 128, reps: int = 5) -> dict:
+    """The C++ CPU kernels on one 1024-token row of 4 documents plus an anchor, fp32:
+    median forward and forward + backward over ``reps`` runs, at torch's thread count."""
+    import statistics
+
+    import posattn
+
+    cu, rows = make_layout(T, 1, 4)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(T, h, d, generator=g) for h in (hq, hk, hk))
+    qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+
+    def fwd():
+        posattn.anchor_attention(q, k, v, cu, cu_rows=rows, backend="cpu")
+
+    def step():
+        posattn.anchor_attention(qg, kg, vg, cu, cu_rows=rows, backend="cpu").sum().backward()
+
+    res = {}
+    for name, fn in (("fwd_ms", fwd), ("step_ms", step)):
+        fn()
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t0) * 1e3)
+        res[name] = statistics.median(ts)
+    return dict(bench="anchor_attention_cpu_step", device="cpu", backend="cpu", dtype="float32", tokens=T,
+                heads_q=hq, heads_k=hk, head_dim=d, threads=torch.get_num_threads(), **res)
 
 
 FWD_CONFIGS = [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
