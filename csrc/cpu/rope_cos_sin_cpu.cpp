@@ -22,11 +22,7 @@ namespace cpu {
 
 void rope_cos_sin_forward(const CosSinProblem& p, int dtype, int table_dtype, int num_threads,
                           int64_t chunk) {
-#ifdef _OPENMP
-  if (num_threads <= 0) num_threads = omp_get_max_threads();
-#else
-  num_threads = 1;
-#endif
+  num_threads = omp_threads(num_threads);
 #ifdef POSATTN_HAVE_AVX2_CLONE
   if (cpu_has_avx2()) {
     avx2::cos_sin_dispatch(p, dtype, table_dtype, num_threads, chunk);

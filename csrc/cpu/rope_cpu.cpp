@@ -34,11 +34,7 @@ namespace cpu {
 
 const char* rope_forward(const RopeProblem& p, int dtype, int num_threads, int64_t block_tokens) {
   if (block_tokens <= 0) block_tokens = 64;
-#ifdef _OPENMP
-  if (num_threads <= 0) num_threads = omp_get_max_threads();
-#else
-  num_threads = 1;
-#endif
+  num_threads = omp_threads(num_threads);
 #ifdef POSATTN_HAVE_AVX2_CLONE
   if (cpu_has_avx2()) {
     avx2::rope_dispatch(p, dtype, num_threads, block_tokens);

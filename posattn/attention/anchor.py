@@ -351,10 +351,9 @@ def _reference_supports(key: AttnKey):
 def _triton_supports(key: AttnKey, explicit: bool = False):
     from posattn.kernels import triton as tk
 
-    if not tk.device_ok(key.device_type):
-        return False, f"Triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU), got {key.device_type}"
-    if key.device_type == "cpu" and not explicit:
-        return False, "the Triton interpreter is only used on CPU tensors when asked for by name"
+    why = tk.device_refusal(key.device_type, explicit)
+    if why:
+        return False, why
     if key.dtype not in ("float16", "bfloat16", "float32"):
         return False, f"dtype {key.dtype} is not compiled for Triton (float16, bfloat16, float32)"
     if key.head_dim > MAX_HEAD_DIM:

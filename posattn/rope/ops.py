@@ -901,10 +901,9 @@ def _cuda_supports(key: RopeKey):
 def _triton_supports(key: RopeKey, explicit: bool = False):
     from posattn.kernels import triton as tk
 
-    if not tk.device_ok(key.device_type):
-        return False, f"Triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU), got {key.device_type}"
-    if key.device_type == "cpu" and not explicit:
-        return False, "the Triton interpreter is only used on CPU tensors when asked for by name"
+    why = tk.device_refusal(key.device_type, explicit)
+    if why:
+        return False, why
     if key.dtype == "float64":
         return False, "float64 is not compiled for Triton"
     return True, ""

@@ -30,3 +30,14 @@ def status() -> tuple[bool, str]:
 def device_ok(device_type: str) -> bool:
     """Whether Triton kernels can take tensors of this device type in this process."""
     return device_type == "cuda" or (device_type == "cpu" and interpreting())
+
+
+def device_refusal(device_type: str, explicit: bool) -> str:
+    """Why a Triton kernel does not take tensors of this device type ("" when it does): the
+    rule every op's ``supports`` shares (on CPU tensors only the interpreter, and only when
+    the Triton backend is asked for by name)."""
+    if not device_ok(device_type):
+        return f"Triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU), got {device_type}"
+    if device_type == "cpu" and not explicit:
+        return "the Triton interpreter is only used on CPU tensors when asked for by name"
+    return ""
