@@ -9,6 +9,7 @@ from posattn import _validate as V
 from posattn import dispatch
 from posattn.attention.masks import MaskSpec, lower
 from posattn.kernels.reference import attention as ref_attn
+from posattn.lowered import RopeTables, token_bucket
 
 MAX_HEAD_DIM = 256
 _POS_DTYPES = (torch.int32, torch.int64, torch.float32, torch.float64)
@@ -30,9 +31,6 @@ class AttnKey:
     anchors: bool
     tokens_bucket: int
 
-
-def _bucket(n: int) -> int:
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
 def _dtype_name(dt: torch.dtype) -> str:
@@ -115,8 +113,6 @@ def _rope_inputs(rope, positions, q: torch.Tensor):
         seq_len = int(positions.max().item()) + 1 if positions.numel() else 1   # as transformers does
     if torch.compiler.is_compiling():
         # tables() keeps a locked cache that Dynamo cannot trace; build the same table in the graph
-        from posattn.rope.lowering import RopeTables
-
         tables = RopeTables(rope.inv_freq(None).to(q.device), rope.attention_scaling)
     else:
         tables = rope.tables(q.device, seq_len)
@@ -190,7 +186,7 @@ def anchor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     ra = _rope_inputs(rope, positions, q)
 
     key = AttnKey(q.device.type, _dtype_name(q.dtype), D, HQ, HK, ra[2] if ra else 0, ra[3] if ra else False,
-                  causal, window is not None, num_anchors > 0, _bucket(T))
+                  causal, window is not None, num_anchors > 0, token_bucket(T))
     if torch.compiler.is_compiling():
         # dispatch's memo takes a lock Dynamo cannot trace: the op resolves the backend itself
         backend_name = backend or ""
@@ -207,7 +203,7 @@ def anchor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
 def _key_of(q, k, rotary_dim, interleaved, causal, window, num_anchors) -> AttnKey:
     T, HQ, D = q.shape
     return AttnKey(q.device.type, _dtype_name(q.dtype), D, HQ, k.shape[1], rotary_dim, interleaved,
-                   causal, window >= 0, num_anchors > 0, _bucket(T))
+                   causal, window >= 0, num_anchors > 0, token_bucket(T))
 
 
 def _unpack(positions, inv_freq, rotary_dim, interleaved, rope_scaling):

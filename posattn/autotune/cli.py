@@ -13,6 +13,8 @@ import sys
 from dataclasses import dataclass, fields as dc_fields
 from pathlib import Path
 
+from posattn.lowered import token_bucket
+
 log = logging.getLogger("posattn.autotune")
 
 DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16", "half": "float16",
@@ -137,9 +139,6 @@ def model_shape(cfg: dict, source: str) -> ModelShape:
     return ModelShape(hq, hk, hd, spec.rotary_dim, spec.interleaved, source)
 
 
-def _bucket(n: int) -> int:
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
-
 
 def make_key(cls, **values):
     """A kernel key of dataclass ``cls`` from named values; fields not named take
@@ -162,7 +161,7 @@ def rope_keys(shape: ModelShape, dtype: str, tokens: list[int], device_type: str
     from posattn.rope.ops import RopeKey
 
     out = []
-    for b in sorted({_bucket(t) for t in tokens}):
+    for b in sorted({token_bucket(t) for t in tokens}):
         out.append(make_key(RopeKey, device_type=device_type, dtype=dtype, head_dim=shape.head_dim,
                             rotary_dim=shape.rotary_dim, interleaved=shape.interleaved, heads_q=shape.heads_q,
                             heads_k=shape.heads_k, pos_dtype="int64", tokens_bucket=b))
@@ -176,7 +175,7 @@ def cos_sin_keys(shape: ModelShape, dtype: str, tokens: list[int], device_type: 
     from posattn.rope.cos_sin import CosSinKey
 
     out = []
-    for b in sorted({_bucket(t) for t in tokens}):
+    for b in sorted({token_bucket(t) for t in tokens}):
         for table_dtype, split, pos_dtype in (("float32", False, "int64"), (dtype, True, "")):
             out.append(make_key(CosSinKey, device_type=device_type, dtype=dtype, table_dtype=table_dtype,
                                 head_dim=shape.head_dim, rotary_dim=shape.rotary_dim,

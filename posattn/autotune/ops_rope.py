@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from posattn.kernels.reference import rope as ref
-from posattn.rope.lowering import RopeTables
+from posattn.lowered import RopeTables
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 # A sanity bound that catches broken configs (wrong results are O(1) off);

@@ -6,7 +6,7 @@ Kernel contract shared by every backend (cpu, cuda, triton, reference):
         q, qo, k, ko: [B, S, H, D] views, last dim contiguous; q or k may be None
             (or have 0 heads); qo may be q (in place). q receives the DPE query offset.
         pos3: [A, Bp, S] positions (int32/int64/fp32/fp64), Bp in {1, B}, any strides.
-        tables: posattn.rope.lowering.RopeTables on the tensors' device.
+        tables: posattn.lowered.RopeTables on the tensors' device.
         sign: +1 rotates by theta, -1 by -theta (the backward).
     rope_angles_forward(q, qo, k, ko, angles, rotary_dim, interleaved, sign, config)
         angles: fp32 [Ba, S, Ha, R/2] view, last dim contiguous; Ba in {1, B};

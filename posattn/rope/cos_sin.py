@@ -18,6 +18,7 @@ from posattn import _validate as V
 from posattn import _plans, dispatch
 from posattn.kernels import rope_cos_sin_native as native_kernels
 from posattn.kernels.reference import rope_cos_sin as ref_kernels
+from posattn.lowered import token_bucket
 
 LAYOUTS = ("bshd", "bhsd", "thd")
 # how the two table tensors hold the [Bt, N, R/2] tables the kernels read
@@ -40,9 +41,6 @@ class CosSinKey:
     heads_k: int
     tokens_bucket: int   # next power of two of B*S (autotune shape bucket)
 
-
-def _bucket(n: int) -> int:
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
 # (batch, sequence, heads, head_dim) dims of each layout; None: the dim is absent (thd's batch is 1)
@@ -405,7 +403,7 @@ def _key_for(q, q4, k4, c1, c2, pos2, R, interleaved) -> CosSinKey:
     B, S, HQ, D = q4.shape
     return CosSinKey(q.device.type, _DTYPE_NAME[q.dtype], _DTYPE_NAME[c1.dtype], D, R, bool(interleaved),
                      c2.data_ptr() != c1.data_ptr(), "" if pos2 is None else _DTYPE_NAME[pos2.dtype], HQ,
-                     k4.shape[2] if k4 is not None else 0, _bucket(B * S))
+                     k4.shape[2] if k4 is not None else 0, token_bucket(B * S))
 
 
 class _CosSinPlan:

@@ -2,7 +2,7 @@
 the torch.library custom ops they run through (autograd, torch.compile), and
 the kernel registrations.
 
-Every kernel sees only lowered data (posattn.rope.lowering.RopeTables, or an
+Every kernel sees only lowered data (posattn.lowered.RopeTables, or an
 explicit angles tensor) and [B, S, H, D] views whose last dimension is
 contiguous; see posattn/kernels/cpu.py for the contract.
 
@@ -36,7 +36,7 @@ from posattn import _plans, dispatch
 from posattn.kernels import cpu as cpu_kernels
 from posattn.kernels import cuda as cuda_kernels
 from posattn.kernels.reference import rope as ref_kernels
-from posattn.rope.lowering import RopeTables
+from posattn.lowered import RopeTables, token_bucket
 from posattn.rope.spec import RopeSpec
 
 LAYOUTS = ("bshd", "bhsd", "thd")
@@ -60,9 +60,6 @@ class RopeKey:
     rows: int = 1       # per-head inv_freq / angle rows (1: shared by all heads)
     dpe: bool = False   # dimension-wise positions (pair_pos_scale)
 
-
-def _bucket(n: int) -> int:
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
 _DNAMES: dict = {}
@@ -183,7 +180,7 @@ def _make_key(x4: torch.Tensor, HQ: int, HK: int, rotary_dim: int, interleaved: 
               n_axes: int, rows: int, dpe: bool) -> RopeKey:
     B, S, _, D = x4.shape
     return RopeKey(x4.device.type, _dname(x4.dtype), D, rotary_dim, interleaved, HQ, HK, pos_dtype,
-                   _bucket(B * S), n_axes, rows, dpe)
+                   token_bucket(B * S), n_axes, rows, dpe)
 
 
 def _new_like(x4: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from posattn.rope import scaling as _sc
-from posattn.rope.lowering import RopeTables
+from posattn.lowered import RopeTables
 
 
 @dataclass(frozen=True)
@@ -242,7 +242,7 @@ class RopeSpec:
         return self.scaling.seq_len_key(seq_len) if self.depends_on_seq_len else None
 
     def tables(self, device=None, seq_len: int | None = None):
-        """The lowered tables (posattn.rope.lowering.RopeTables) on ``device``, cached per
+        """The lowered tables (posattn.lowered.RopeTables) on ``device``, cached per
         (spec, device, what of seq_len the tables depend on)."""
         if seq_len is not None:
             self._check_seq_len(seq_len)

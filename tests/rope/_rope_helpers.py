@@ -8,7 +8,7 @@ import dataclasses
 import torch
 
 import posattn
-from posattn.rope.lowering import RopeTables
+from posattn.lowered import RopeTables
 
 
 class _Seen:

@@ -10,7 +10,7 @@ import torch
 import posattn
 from posattn.kernels.reference import rope as ref
 from posattn.rope import DPE, Custom, DynamicNTK, LongRoPE, RopeSpec, YaRN
-from posattn.rope.lowering import RopeTables
+from posattn.lowered import RopeTables
 from tests._tol import assert_close
 
 
@@ -108,7 +108,7 @@ def test_tables_on_cuda():
 # -------------------------------------------------------------------- round trip through the reference
 
 def angles_from_tables(t: RopeTables, positions: torch.Tensor, is_query: bool) -> torch.Tensor:
-    """The lowering contract (posattn/rope/lowering.py), fp64: positions [n_axes, B, S] ->
+    """The lowering contract (posattn/lowered.py), fp64: positions [n_axes, B, S] ->
     angles [B, S, R/2] (shared inv_freq)."""
     half = t.inv_freq.shape[-1]
     axis = t.pair_axis.long() if t.pair_axis is not None else torch.zeros(half, dtype=torch.long)
@@ -166,7 +166,7 @@ def _ids(s):
 @pytest.mark.parametrize("spec", SPECS, ids=_ids)
 @pytest.mark.parametrize("is_query", [True, False], ids=["q", "k"])
 def test_tables_follow_the_contract(spec, is_query):
-    """Angles from the tables, read as posattn/rope/lowering.py says, equal the angles the
+    """Angles from the tables, read as posattn/lowered.py says, equal the angles the
     spec's documentation defines (both fp64, exactly)."""
     g = torch.Generator().manual_seed(11)
     positions = torch.randint(0, 5000, (spec.n_axes, 2, 7), generator=g)

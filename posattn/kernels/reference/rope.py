@@ -42,7 +42,7 @@ def rope_angles(pos3: torch.Tensor, tables, is_query: bool = True) -> torch.Tens
     returns [Bp, S, R/2] (used by the attention reference).
     """
     if isinstance(tables, torch.Tensor):
-        from posattn.rope.lowering import RopeTables
+        from posattn.lowered import RopeTables
 
         return rope_angles(pos3[None], RopeTables(tables), is_query)[:, :, 0, :]
     pos = rope_positions(pos3, tables, is_query)

@@ -1,4 +1,7 @@
-"""What a RopeSpec lowers to: the small tables every backend's kernel reads.
+"""Lowered data that kernels read: what a RopeSpec lowers to (RopeTables).
+
+A leaf module: it imports nothing of posattn, so kernels (posattn/kernels/*) and
+lowering code (posattn/attention/masks.py) can import it without importing the ops.
 
 Contract between the spec side (posattn/rope/spec.py, scaling.py) and the
 kernels (posattn/kernels/*): kernels see only a RopeTables, never a spec.
@@ -36,3 +39,9 @@ class RopeTables:
 
         return RopeTables(mv(self.inv_freq), self.attention_scaling, mv(self.pair_axis), self.n_axes,
                           mv(self.pair_pos_scale), mv(self.pair_q_offset))
+
+
+def token_bucket(n: int) -> int:
+    """The power-of-two bucket of a token count (1 for n <= 1): kernel keys and tuned
+    configs are keyed by it, so nearby sizes share one choice."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
