@@ -132,6 +132,9 @@ def tables_for(spec: RopeSpec, device, positions, seq_len):
         if positions is None:
             raise ValueError("this spec's tables depend on the sequence length: pass seq_len= "
                              "(or positions) so the right tables are used")
+        if torch.compiler.is_compiling():
+            raise ValueError("this spec's tables depend on the sequence length (DynamicNTK, LongRoPE): under "
+                             "torch.compile pass seq_len= (max(positions) + 1 is a value the trace cannot read)")
         # one host sync; pass seq_len= to avoid it
         seq_len = int(positions.max().item()) + 1 if positions.numel() else 1
     return spec.tables(device, seq_len)

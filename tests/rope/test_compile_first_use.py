@@ -108,3 +108,19 @@ def test_trace_time_marker_is_what_dynamo_reads():
     torch._dynamo.assume_constant_result(probe)
     marks = {name for name in vars(probe) if name.startswith("_dynamo")}
     assert marks and all(getattr(spec_mod._tables_at_trace_time, m, None) is True for m in marks)
+
+
+def test_seq_len_dependent_spec_needs_seq_len_under_compile():
+    """DynamicNTK's tables depend on max(positions) + 1, a value a trace cannot read: a compiled
+    call without seq_len= is an error that says so; with seq_len= it traces on first use."""
+    torch._dynamo.reset()
+    spec = _fresh(posattn.RopeSpec(16, base=11017.0, scaling=posattn.DynamicNTK(2.0, 8)))
+    q, k = torch.randn(1, 7, 3, 16, device=DEVICE), torch.randn(1, 7, 1, 16, device=DEVICE)
+    pos = torch.arange(7, device=DEVICE) * 3
+
+    with pytest.raises(Exception, match="under torch.compile pass seq_len="):
+        torch.compile(lambda q, k, p: posattn.apply_rope(q, k, p, spec), fullgraph=True)(q, k, pos)
+    got = torch.compile(lambda q, k, p: posattn.apply_rope(q, k, p, spec, seq_len=19), fullgraph=True)(q, k, pos)
+    want = posattn.apply_rope(q, k, pos, spec, seq_len=19)
+    for g, w in zip(got, want):
+        _close(g, w)
