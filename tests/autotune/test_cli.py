@@ -142,6 +142,13 @@ def test_a_config_posattn_cannot_read_is_an_error_not_a_plain_spec(tmp_path, cap
     assert str(p) in err and "warp-drive" in err
 
 
+@pytest.mark.parametrize("name", presets.names())
+def test_every_preset_reads_through_from_hf_config(name):
+    """No fallback hides a preset that RopeSpec.from_hf_config cannot read."""
+    shape = shapes.model_shape(presets.get(name), name)
+    assert 0 < shape.rotary_dim <= shape.head_dim and shape.heads_q % shape.heads_k == 0
+
+
 def test_layer_type_picks_one_rope_of_a_per_layer_type_config():
     cfg = {"model_type": "gemma3_text", "hidden_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1,
            "head_dim": 32, "layer_types": ["sliding_attention", "full_attention"],
