@@ -258,19 +258,6 @@ class RopeSpec:
         t = _INV_FREQ_CACHE.get(("tables", self, dev_key, self._seq_key(seq_len)))
         return t if t is not None else _build_tables(self, dev_key, seq_len)
 
-    def inv_freq_on(self, device: torch.device, seq_len: int | None = None) -> torch.Tensor:
-        """inv_freq on ``device``, cached per (spec, device)."""
-        self._check_seq_len(seq_len)
-        key = (self, str(device), self._seq_key(seq_len))
-        t = _INV_FREQ_CACHE.get(key)
-        if t is None:
-            t = self.inv_freq(seq_len).to(device=device, dtype=torch.float32).contiguous()
-            with _CACHE_LOCK:
-                if len(_INV_FREQ_CACHE) > 256:
-                    _INV_FREQ_CACHE.clear()
-                _INV_FREQ_CACHE[key] = t
-        return t
-
     @classmethod
     def from_hf_config(cls, config, *, layer_type: str | None = None, interleaved: bool | None = None) -> "RopeSpec":
         """The spec of a transformers model config (see :func:`posattn.rope.hf.from_hf_config`)."""
