@@ -6,3 +6,5 @@ from posattn.distributed.sharding import (gather_tensor, shard_indices, shard_po
 
 __all__ = ["anchor_attention", "RingPlan", "plan_ring", "gather_tensor", "shard_indices", "shard_positions",
            "shard_ranges", "shard_sizes", "shard_tensor"]
+
+from posattn.distributed import dtensor as _dtensor  # noqa: E402,F401  registers the DTensor sharding rules
