@@ -93,7 +93,8 @@ def _gpu_inputs(row_len, n_rows, n_docs, hq, hk, d, dtype, grad: bool):
 def bench_gpu(row_len: int, n_rows: int, n_docs: int, hq=32, hk=8, d=128, dtype=torch.bfloat16) -> dict:
     import posattn
     from posattn import dispatch
-    from posattn.attention.anchor import AttnKey, _bucket
+    from posattn.attention.anchor import AttnKey
+    from posattn.lowered import token_bucket as _bucket
     from posattn.attention.masks import MaskSpec, lower
     from posattn.kernels.triton import flash_attn as fa
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -140,7 +141,7 @@ def bench_gpu(row_len: int, n_rows: int, n_docs: int, hq=32, hk=8, d=128, dtype=
     step_ours = _time_ms(lambda: (zero_grads(), ours_step()), dev)
     step_flex = _time_ms(lambda: (zero_grads(), flex_step()), dev)
 
-    key = AttnKey("cuda", "bfloat16", d, hq, hk, 0, False, True, False, True, _bucket(T))
+    key = AttnKey("cuda", "bfloat16", d, hq, hk, 0, False, True, False, True, _bucket(T), q.device.index or 0)
     _, cfg = dispatch.select("anchor_attention", key, backend="triton")
     spec = MaskSpec(causal=True, num_anchors=1)
     lists = lower(spec, cu_d, rows_d, T, cfg["BLOCK_M"], cfg["BLOCK_N"], transpose=False)
