@@ -23,6 +23,8 @@ namespace cpu {
 void rope_table(const void* positions, int pos_dtype, int64_t T, const float* inv_freq, int half,
                 double attention_scaling, float* out, int num_threads) {
   const int nt = omp_threads(num_threads);
+  // the rotary kernels hold attention_scaling as fp32 (RopeFreqs): the same factor here
+  attention_scaling = double(float(attention_scaling));
 #ifdef POSATTN_HAVE_AVX2_CLONE
   if (cpu_has_avx2()) return avx2::table_impl(positions, pos_dtype, T, inv_freq, half, attention_scaling, out, nt);
 #endif
