@@ -120,7 +120,9 @@ def anchor_attention_bwd_op(dout: torch.Tensor, dlse: torch.Tensor | None, q: to
             config = dict(config, BWD_BLOCK_M=blocks[0], BWD_BLOCK_N=blocks[1])
             bwd = unpack(lists, blocks[0], blocks[1])
         else:
-            bwd = lower(spec, cu_seqlens, cu_rows, q.shape[0], config["BWD_BLOCK_M"], config["BWD_BLOCK_N"])
+            # a backend without backward block sizes (the C++ kernel) uses the forward's
+            bm, bn = config.get("BWD_BLOCK_M", config["BLOCK_M"]), config.get("BWD_BLOCK_N", config["BLOCK_N"])
+            bwd = lower(spec, cu_seqlens, cu_rows, q.shape[0], bm, bn)
         # the kernels read the backward's block sizes from the lists, the warps/stages from config
     rope = _rope(positions, inv_freq, rotary_dim, interleaved, rope_scaling, table)
     return kernel.fn.backward(dout, dlse, q, k, v, out, lse, cu_seqlens, cu_rows, bwd, spec, softmax_scale, rope,

@@ -101,7 +101,7 @@ def _triton_default(key: AttnKey) -> dict:
 
     smem = smem_per_block(key)   # None: sized for an H100
     return fa.default_config(key.head_dim, getattr(torch, key.dtype), interpret=key.device_type == "cpu"
-                             and tk.interpreting(), smem_per_block=smem)
+                             and tk.interpreting(), smem_per_block=smem, rope=key.rotary_dim > 0)
 
 
 _triton_forward.backward = _triton_backward

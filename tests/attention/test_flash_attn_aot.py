@@ -75,7 +75,7 @@ CLASSES = [(90, 232448, [(256, 256, torch.float32), (192, 192, torch.bfloat16)])
 out = []
 for arch, limit, cases in CLASSES:
     for D, rot, dtype in cases:
-        cfg = fa.default_config(D, dtype, interpret=False, smem_per_block=limit)
+        cfg = fa.default_config(D, dtype, interpret=False, smem_per_block=limit, rope=rot > 0)
         for name, fn, sig, const, nw, ns in fa.aot_specializations([(D, rot, False, dtype, True, False, 4)]):
             if name.startswith("attn_delta"):
                 continue

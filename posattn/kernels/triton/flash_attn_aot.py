@@ -51,7 +51,7 @@ def aot_specializations(cases=None):
     delta_done = set()
     for D, rot, inter, dtype, causal, has_window, group in cases:
         ty = TL_DTYPE[dtype]
-        cfg = default_config(D, dtype, interpret=False)
+        cfg = default_config(D, dtype, interpret=False, rope=rot > 0)
         meta = tile_meta(D, rot, inter, dtype)
         for kind, fn in (("fwd", _attn_fwd_kernel), ("dq", _attn_bwd_dq_kernel), ("dkdv", _attn_bwd_dkdv_kernel)):
             if kind == "fwd":

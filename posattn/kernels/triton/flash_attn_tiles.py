@@ -159,7 +159,8 @@ SMEM_HOPPER = 232448
 SMEM_LARGE = 160 * 1024
 
 
-def default_config(head_dim: int, dtype: torch.dtype, interpret: bool, smem_per_block: int | None = None) -> dict:
+def default_config(head_dim: int, dtype: torch.dtype, interpret: bool, smem_per_block: int | None = None,
+                   rope: bool = False) -> dict:
     """Launch config: block sizes of the forward and of the backward, warps and stages.
 
     bf16/fp16 with head_dim <= 128 on GPUs with at least 160 KB of shared memory per block:
@@ -168,7 +169,18 @@ def default_config(head_dim: int, dtype: torch.dtype, interpret: bool, smem_per_
     head_dim > 128) and GPUs with less shared memory (``smem_per_block``, default: an H100's)
     get smaller blocks and fewer stages, chosen so that every kernel fits (the sizes come from
     compiling them for sm_90a, sm_80 and sm_89: tests/attention/test_flash_attn_aot.py).
+    With ``rope`` each key tile also loads its fp32 cos/sin rows ([BLOCK_N, R/2] twice), which
+    the pipeliner stages too: wide tiles on GPUs below Hopper's shared memory then run one stage
+    (sm_80 fp32 head_dim 256 needed 197 KB forward with two, sm_89 bf16 head_dim 256 103 KB).
     """
+    cfg = _default_config(head_dim, dtype, interpret, smem_per_block)
+    limit = SMEM_HOPPER if smem_per_block is None else int(smem_per_block)
+    if rope and not interpret and limit < SMEM_HOPPER and (dtype == torch.float32 or head_dim > 128):
+        cfg = dict(cfg, num_stages=1, bwd_num_stages=1)
+    return cfg
+
+
+def _default_config(head_dim: int, dtype: torch.dtype, interpret: bool, smem_per_block: int | None) -> dict:
     if interpret:
         return {"BLOCK_M": 16, "BLOCK_N": 16, "BWD_BLOCK_M": 16, "BWD_BLOCK_N": 16,
                 "num_warps": 4, "num_stages": 1, "bwd_num_warps": 4, "bwd_num_stages": 1}
