@@ -304,3 +304,25 @@ def test_dispatch_registration():
         # on CPU tensors the C++ kernel is the automatic choice (the interpreter only when named)
         key32 = AttnKey("cpu", "float32", 64, 4, 2, 0, False, True, False, True, 64)
         assert dispatch.select("anchor_attention", key32)[0].backend == "cpu"
+
+
+def test_triton_configs_are_sized_for_q_device(monkeypatch):
+    """The launch config reads the shared memory of q's device (the key's device_index), not of
+    torch.cuda.current_device(); the memo keys differ per device."""
+    from posattn.attention import backends
+    from posattn.attention._op import key_of
+
+    asked = []
+
+    class Props:
+        shared_memory_per_block_optin = 101376          # an sm_89 GPU
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: asked.append(i) or Props())
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: pytest.fail("current_device() consulted"))
+    key = backends.AttnKey("cuda", "float32", 256, 4, 2, 0, False, True, False, True, 64, 3)
+    cfg = backends._triton_default(key)
+    assert asked == [3]
+    from posattn.kernels.triton import flash_attn as fa
+    assert cfg == fa.default_config(256, torch.float32, interpret=False, smem_per_block=101376)
+    q = torch.empty(4, 2, 16, device="meta")
+    assert key_of(q, q, 0, False, True, -1, 1).device_index == -1

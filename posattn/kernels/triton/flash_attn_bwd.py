@@ -212,8 +212,8 @@ def _attn_bwd_dkdv_kernel(
             qbi = nxt
     _store_grad(DK + hk.to(tl.int64) * s_dkh, cols, cmask, s_dkt, dka, dkb, dkt, kcos, ksin, sm_scale,
                 D, ROT, BH, R_HALF, BT, INTERLEAVED, ROPE, HAS_TAIL)
-    tl.store(DV + hk.to(tl.int64) * s_dvh + cols[:, None].to(tl.int64) * s_dvt + dcols[None, :], dv.to(DV.dtype.element_ty),
-             mask=cmask[:, None] & dmask[None, :])
+    dv_ptrs = DV + hk.to(tl.int64) * s_dvh + cols[:, None].to(tl.int64) * s_dvt + dcols[None, :]
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=cmask[:, None] & dmask[None, :])
 
 
 @triton.jit
@@ -226,6 +226,8 @@ def _attn_bwd_delta_kernel(O, DO, DELTA, T, s_ot, s_oh, s_dot, s_doh,
     rmask = rows < T
     d = tl.arange(0, BD)
     m = rmask[:, None] & (d < D)[None, :]
-    o = tl.load(O + h.to(tl.int64) * s_oh + rows[:, None].to(tl.int64) * s_ot + d[None, :], mask=m, other=0.0).to(tl.float32)
-    do = tl.load(DO + h.to(tl.int64) * s_doh + rows[:, None].to(tl.int64) * s_dot + d[None, :], mask=m, other=0.0).to(tl.float32)
-    tl.store(DELTA + h.to(tl.int64) * T + rows, tl.sum(o * do, 1), mask=rmask)
+    h64 = h.to(tl.int64)
+    r64 = rows[:, None].to(tl.int64)
+    o = tl.load(O + h64 * s_oh + r64 * s_ot + d[None, :], mask=m, other=0.0).to(tl.float32)
+    do = tl.load(DO + h64 * s_doh + r64 * s_dot + d[None, :], mask=m, other=0.0).to(tl.float32)
+    tl.store(DELTA + h64 * T + rows, tl.sum(o * do, 1), mask=rmask)
