@@ -78,15 +78,17 @@ def anchor_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_se
     if positions is not None:
         table = cos_sin_table(positions, inv_freq, rope_scaling, backend=kernel.fn.table_backend)
     fwd = None
+    fwd_t, _, _ = split_lists(lists, blocks)
+    if fwd_t is None:
+        # nobody checked this layout (torch.compile without a plan, or the reference's plan)
+        from posattn.attention.anchor import check_boundary_values
+
+        check_boundary_values(q.shape[0], cu_seqlens, cu_rows, num_anchors)
     if kernel.fn.uses_lists:
-        fwd_t, _, _ = split_lists(lists, blocks)
         if fwd_t is not None:
             config = dict(config, BLOCK_M=blocks[0], BLOCK_N=blocks[1])
             fwd = unpack(fwd_t, blocks[0], blocks[1])
         else:
-            from posattn.attention.anchor import check_boundary_values
-
-            check_boundary_values(q.shape[0], cu_seqlens, cu_rows, num_anchors)
             fwd = lower(spec, cu_seqlens, cu_rows, q.shape[0], config["BLOCK_M"], config["BLOCK_N"], transpose=False)
     out, lse = kernel.fn(q, k, v, cu_seqlens, cu_rows, fwd, spec, softmax_scale,
                          _rope(positions, inv_freq, rotary_dim, interleaved, rope_scaling, table), config)
