@@ -75,7 +75,8 @@ class BlockLists:
     block needs the element mask, 0 where every (q, k) pair in it is allowed (such a block
     also lies wholly inside the T tokens). Within each list the unmasked blocks come first,
     ``q_nfull`` [NQB] / ``k_nfull`` [NKB] of them, each group in ascending order, so that a
-    kernel runs a mask-free loop and then a masked one.
+    kernel runs a mask-free loop and then a masked one. ``nnz``: the entries of each list;
+    ``max_per_q``: the longest query block's list (-1 when rebuilt from tensors without a sync).
     """
 
     block_m: int
