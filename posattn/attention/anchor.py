@@ -188,8 +188,7 @@ def anchor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                         window=window, softmax_scale=softmax_scale, rope=rope, positions=positions,
                         return_lse=return_lse, backend=backend)
     check_qkv(q, k, v)
-    T, HQ, D = q.shape
-    HK = k.shape[1]
+    T, _, D = q.shape
     _check_boundaries(cu_seqlens, "cu_seqlens", q.device)
     if cu_rows is None:
         cu_rows = torch.tensor([0, T], dtype=torch.int32, device=q.device)

@@ -326,3 +326,28 @@ def test_triton_configs_are_sized_for_q_device(monkeypatch):
     assert cfg == fa.default_config(256, torch.float32, interpret=False, smem_per_block=101376)
     q = torch.empty(4, 2, 16, device="meta")
     assert key_of(q, q, 0, False, True, -1, 1).device_index == -1
+
+
+def test_derived_bounds_catch_one_missing_key():
+    """The per-case bounds are tight enough to see a query attend to one key too few: over the 64
+    keys of a bf16 row, dropping any one of at least 90% of them fails the bound, among them keys
+    whose loss the former fixed bf16 tolerance (3e-2 absolute and relative) let pass."""
+    backend = next(b for b in ("cpu", "triton", "reference") if b in BACKENDS)
+    T = 64
+    cu = torch.tensor([0, 1, T], dtype=torch.int32)
+    q, k, v = (x.detach() for x in make_qkv(T, 2, 1, 80, torch.bfloat16))
+    out = posattn.anchor_attention(q, k, v, cu.to(DEVICE), backend=backend).double().cpu()
+    r_out, _, _, bnd = oracle.run(q, k, v, cu, None, 1, True, None, with_bounds=True)
+    check("all keys", out, r_out, bnd[0])
+    mask = oracle.allowed_mask(T, cu.tolist())
+    q64, k64, v64 = (x.double().cpu() for x in (q, k, v))
+    i, caught, hidden_before = T - 1, 0, 0
+    for j in range(T):
+        m = mask.clone()
+        m[i, j] = False
+        wrong = oracle.attention(q64, k64, v64, m)[0][i]
+        d = (out[i] - wrong).abs()
+        new = bool((d > bnd[0][i]).any())
+        caught += new
+        hidden_before += new and bool((d <= 3e-2 * (1 + wrong.abs())).all())
+    assert caught >= 0.9 * T and hidden_before > 0, (caught, hidden_before)
