@@ -12,7 +12,6 @@ from posattn import dispatch
 from posattn.attention import _op
 from posattn.attention.backends import MAX_HEAD_DIM, AttnKey  # noqa: F401  (AttnKey: public name)
 from posattn.attention.masks import MaskSpec, lower
-from posattn.lowered import RopeTables
 
 _POS_DTYPES = (torch.int32, torch.int64, torch.float32, torch.float64)
 
@@ -93,15 +92,11 @@ def check_rope(rope, positions, T: int, D: int, device) -> None:
 def rope_tables(rope, device, seq_len: int | None):
     """(inv_freq fp32 [R/2] on ``device``, rotary_dim, interleaved, attention_scaling) of ``rope``;
     ``seq_len`` matters only for scalings that depend on it (DynamicNTK, LongRoPE)."""
-    if torch.compiler.is_compiling():
-        if rope.depends_on_seq_len:
-            raise ValueError("rope: a scaling whose tables depend on the sequence length (DynamicNTK, LongRoPE) "
-                             "cannot be traced by torch.compile without a plan; build "
-                             "posattn.attention.plan(..., max_seqlen=...) outside the compiled region")
-        # tables() keeps a locked cache that Dynamo cannot trace; build the same table in the graph
-        tables = RopeTables(rope.inv_freq(None).to(device), rope.attention_scaling)
-    else:
-        tables = rope.tables(device, seq_len)
+    if torch.compiler.is_compiling() and rope.depends_on_seq_len:
+        raise ValueError("rope: a scaling whose tables depend on the sequence length (DynamicNTK, LongRoPE) "
+                         "cannot be traced by torch.compile without a plan; build "
+                         "posattn.attention.plan(..., max_seqlen=...) outside the compiled region")
+    tables = rope.tables(device, seq_len)      # traceable: built at trace time under torch.compile
     if tables.inv_freq.dim() != 1 or tables.pair_axis is not None or tables.pair_pos_scale is not None:
         raise ValueError("rope: anchor_attention supports one inv_freq table [R/2] (no per-head frequencies, "
                          "mrope_section or dpe) yet")
