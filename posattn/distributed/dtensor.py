@@ -162,44 +162,64 @@ def _rope_cos_sin_rule(q, k, tab_a, tab_b, positions, rotary_dim, form, layout, 
 
 
 # ---------------------------------------------------------------------------
-# posattn::anchor_attention(q, k, v, cu_seqlens, cu_rows, num_anchors, causal, window, softmax_scale,
-#                           positions?, inv_freq?, rotary_dim, interleaved, rope_scaling, backend)
+# posattn::anchor_attention(q, k, v, cu_seqlens, cu_rows, lists, blocks, num_anchors, causal, window,
+#                           softmax_scale, positions?, inv_freq?, rotary_dim, interleaved, rope_scaling, backend)
+#   -> (out, lse, table); the block lists (a list of tensors) and the cos/sin table are replicated
 
 _SEQ_HINT = (" A sequence-sharded anchor attention needs K/V from other ranks: use "
              "posattn.distributed.anchor_attention (context parallelism) on the local shards.")
 
 
-def _check_heads(op, q, k, mesh_dims):
-    for i in mesh_dims:
-        n = q.mesh.size(i)
+def _check_heads(op, specs, mesh):
+    q, k = specs["q"], specs["k"]
+    for i, p in enumerate(q.placements):
+        if p != Shard(1):
+            continue
+        n = mesh.size(i)
         hq, hk = _shape(q)[1], _shape(k)[1]
         if hq % n or hk % n:
             raise ValueError(f"{op}: heads sharded over {n} ranks need q's ({hq}) and k's ({hk}) head counts "
                              f"divisible by {n} (GQA groups stay whole)")
 
 
-@register_sharding(torch.ops.posattn.anchor_attention.default)
-def _anchor_rule(q, k, v, cu_seqlens, cu_rows, num_anchors, causal, window, softmax_scale, positions, inv_freq,
-                 *rest):
-    names = ("q", "k", "v", "cu_seqlens", "cu_rows", "positions", "inv_freq")
-    args = (q, k, v, cu_seqlens, cu_rows, positions, inv_freq)
-    rep = {n: R for n, a in zip(names[3:], args[3:]) if a is not None}
-    cands = [("replicated", dict(q=R, k=R, v=R, **rep), [R, R]),
-             ("heads", dict(q=Shard(1), k=Shard(1), v=Shard(1), **rep), [Shard(1), Shard(0)])]
-    out = _strategies("posattn::anchor_attention", names, args, cands, _SEQ_HINT)
-    _check_heads("posattn::anchor_attention", q, k, [i for i, p in enumerate(q.placements) if p == Shard(1)])
+def _flat(names, args):
+    """Tensor-list arguments (the block lists) become one replicated entry per tensor, in order."""
+    fn, fa = [], []
+    for n, a in zip(names, args):
+        if isinstance(a, (list, tuple)):
+            fn += [f"{n}[{j}]" for j in range(len(a))]
+            fa += list(a)
+        else:
+            fn.append(n)
+            fa.append(a)
+    return fn, fa
+
+
+def _attention_rule(op, names, args, heads, outs_heads, n_out):
+    names, args = _flat(names, args)
+    specs = {n: a for n, a in zip(names, args) if isinstance(a, DTensorSpec)}
+    rep = {n: R for n in specs}
+    head = dict(rep, **{n: p for n, p in heads.items() if n in specs})
+    cands = [("replicated", rep, [R] * n_out), ("heads", head, outs_heads)]
+    out = _strategies(op, names, args, cands, _SEQ_HINT)
+    _check_heads(op, specs, next(iter(specs.values())).mesh)
     return out
 
 
+@register_sharding(torch.ops.posattn.anchor_attention.default)
+def _anchor_rule(q, k, v, cu_seqlens, cu_rows, lists, blocks, num_anchors, causal, window, softmax_scale,
+                 positions, inv_freq, *rest):
+    names = ("q", "k", "v", "cu_seqlens", "cu_rows", "lists", "positions", "inv_freq")
+    args = (q, k, v, cu_seqlens, cu_rows, lists, positions, inv_freq)
+    return _attention_rule("posattn::anchor_attention", names, args, dict(q=Shard(1), k=Shard(1), v=Shard(1)),
+                           [Shard(1), Shard(0), R], 3)
+
+
 @register_sharding(torch.ops.posattn.anchor_attention_backward.default)
-def _anchor_bwd_rule(dout, dlse, q, k, v, out, lse, cu_seqlens, cu_rows, num_anchors, causal, window,
-                     softmax_scale, positions, inv_freq, *rest):
-    names = ("dout", "dlse", "q", "k", "v", "out", "lse", "cu_seqlens", "cu_rows", "positions", "inv_freq")
-    args = (dout, dlse, q, k, v, out, lse, cu_seqlens, cu_rows, positions, inv_freq)
-    rep = {n: R for n, a in zip(names[7:], args[7:]) if a is not None}
-    heads = dict(dout=Shard(1), q=Shard(1), k=Shard(1), v=Shard(1), out=Shard(1), lse=Shard(0), **rep)
-    if dlse is not None:
-        heads["dlse"] = Shard(0)
-    cands = [("replicated", {n: R for n, a in zip(names, args) if a is not None}, [R, R, R]),
-             ("heads", heads, [Shard(1), Shard(1), Shard(1)])]
-    return _strategies("posattn::anchor_attention_backward", names, args, cands, _SEQ_HINT)
+def _anchor_bwd_rule(dout, dlse, q, k, v, out, lse, table, cu_seqlens, cu_rows, lists, blocks, num_anchors, causal,
+                     window, softmax_scale, positions, inv_freq, *rest):
+    names = ("dout", "dlse", "q", "k", "v", "out", "lse", "table", "cu_seqlens", "cu_rows", "lists", "positions",
+             "inv_freq")
+    args = (dout, dlse, q, k, v, out, lse, table, cu_seqlens, cu_rows, lists, positions, inv_freq)
+    heads = dict(dout=Shard(1), dlse=Shard(0), q=Shard(1), k=Shard(1), v=Shard(1), out=Shard(1), lse=Shard(0))
+    return _attention_rule("posattn::anchor_attention_backward", names, args, heads, [Shard(1)] * 3, 3)

@@ -100,28 +100,33 @@ def rope_cases(rank, world):
 
 
 def attention_cases(rank, world):
+    """anchor_attention on head-sharded DTensors, the boundaries plain tensors: under
+    implicit_replication (posattn's block lists and cos/sin table enter as replicated)."""
+    from torch.distributed.tensor.experimental import implicit_replication
+
     mesh = DeviceMesh("cpu", list(range(world)))
     torch.manual_seed(1)
     T, HQ, HK, Dh = 13, 4, 2, 16
     q, k, v = torch.randn(T, HQ, Dh), torch.randn(T, HK, Dh), torch.randn(T, HK, Dh)
     cu = torch.tensor([0, 5, 6, 13], dtype=torch.int32)
     rows = torch.tensor([0, 6, 13], dtype=torch.int32)
+    pos = D.shard_positions(None, 1, 0, cu_seqlens=cu)
+    spec = posattn.RopeSpec(Dh)
 
-    def f(q_, k_, v_, cu_, rows_):
-        return posattn.anchor_attention(q_, k_, v_, cu_, cu_rows=rows_, num_anchors=2, window=4, return_lse=True,
-                                        backend="cpu")
+    def f(q_, k_, v_):
+        return posattn.anchor_attention(q_, k_, v_, cu, cu_rows=rows, num_anchors=2, window=4, return_lse=True,
+                                        rope=spec, positions=pos, backend="cpu")
 
-    out = _check(mesh, f, [q, k, v, cu, rows], [Shard(1), Shard(1), Shard(1), R, R], 9, "anchor_attention heads",
-                 grad_of=(0, 1, 2))
-    assert out[0].placements == (Shard(1),) and out[1].placements == (Shard(0),)
-    qs, ks, vs = (distribute_tensor(x, mesh, [Shard(0)]) for x in (q, k, v))
-    cud, rowsd = (distribute_tensor(x, mesh, [R]) for x in (cu, rows))
-    _raises(lambda: f(qs, ks, vs, cud, rowsd), "posattn::anchor_attention", "q S(0)",
-            "posattn.distributed.anchor_attention")
-    q6, k3 = (distribute_tensor(torch.randn(T, h, Dh), mesh, [Shard(1)]) for h in (6, 3))
-    _raises(lambda: f(q6, k3, k3, cud, rowsd), "k's (3) head counts divisible by 2")
-    k1 = distribute_tensor(torch.randn(T, 1, Dh), mesh, [Shard(1)])
-    _raises(lambda: f(q6, k1, k1, cud, rowsd), "shards fewer entries than the 2 ranks", "k dim 1 has 1")
+    with implicit_replication():
+        out = _check(mesh, f, [q, k, v], [Shard(1), Shard(1), Shard(1)], 9, "anchor_attention heads",
+                     grad_of=(0, 1, 2))
+        assert out[0].placements == (Shard(1),) and out[1].placements == (Shard(0),)
+        qs, ks, vs = (distribute_tensor(x, mesh, [Shard(0)]) for x in (q, k, v))
+        _raises(lambda: f(qs, ks, vs), "posattn::anchor_attention", "q S(0)", "posattn.distributed.anchor_attention")
+        q6, k3 = (distribute_tensor(torch.randn(T, h, Dh), mesh, [Shard(1)]) for h in (6, 3))
+        _raises(lambda: f(q6, k3, k3), "k's (3) head counts divisible by 2")
+        k1 = distribute_tensor(torch.randn(T, 1, Dh), mesh, [Shard(1)])
+        _raises(lambda: f(q6, k1, k1), "shards fewer entries than the 2 ranks", "k dim 1 has 1")
 
 
 def all_cases(rank, world):
