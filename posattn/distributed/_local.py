@@ -13,10 +13,18 @@ block, never O(T^2)):
                     or (row(i) == row(j) and j < row_start(i) + num_anchors and order(i, j))
 
 exactly the mask of posattn.attention.masks / kernels.reference.attention.build_mask.
+Queries are processed in tiles of ``TILE`` rows, so a block's scores never exceed
+[Hq, TILE, Tk] (the mask is built per tile too).
 """
 from __future__ import annotations
 
 import torch
+
+TILE = 1024          # query rows per product: bounds the scores' memory to Hq * TILE * Tk
+
+
+def _tiles(n: int):
+    return [(a, min(n, a + TILE)) for a in range(0, n, TILE)]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -59,23 +67,27 @@ def _scores(q, k, mask, scale):
     return s.masked_fill(~mask, float("-inf"))
 
 
-def block_forward(q, k, v, mask, scale):
-    """q: [Tq, Hq, D]; k, v: [Tk, Hk, D]; mask: bool [Tq, Tk].
+def block_forward(q, k, v, mask_of, scale):
+    """q: [Tq, Hq, D]; k, v: [Tk, Hk, D]; mask_of(a, b): bool [b - a, Tk] for query rows a..b.
 
     Returns (out [Tq, Hq, D], lse [Hq, Tq]) in the compute dtype; a query that sees no key of
     the block gets out = 0 and lse = -inf.
     """
     ct = compute_dtype(q.dtype)
     Tq, HQ, D = q.shape
-    qf, kf, vf = q.to(ct), k.to(ct), v.to(ct)
-    s = _scores(qf, kf, mask, scale)
-    lse = torch.logsumexp(s, -1)                                     # [Hk, g, Tq]
-    p = torch.exp(s - lse.masked_fill(torch.isinf(lse), 0.0)[..., None])
-    out = torch.einsum("hgqk,khd->qhgd", p, vf).reshape(Tq, HQ, D)
-    return out, lse.reshape(HQ, Tq)
+    kf, vf = k.to(ct), v.to(ct)
+    out = torch.zeros((Tq, HQ, D), dtype=ct, device=q.device)
+    lse = torch.full((HQ, Tq), float("-inf"), dtype=ct, device=q.device)
+    for a, b in _tiles(Tq):
+        s = _scores(q[a:b].to(ct), kf, mask_of(a, b), scale)
+        l = torch.logsumexp(s, -1)                                         # [Hk, g, tile]
+        p = torch.exp(s - l.masked_fill(torch.isinf(l), 0.0)[..., None])
+        out[a:b] = torch.einsum("hgqk,khd->qhgd", p, vf).reshape(b - a, HQ, D)
+        lse[:, a:b] = l.reshape(HQ, b - a)
+    return out, lse
 
 
-def block_backward(dout, q, k, v, mask, lse, delta, scale):
+def block_backward(dout, q, k, v, mask_of, lse, delta, scale):
     """The block's share of the gradients, given the merged lse [Hq, Tq] and
     delta = rowsum(dout * out) - dlse [Hq, Tq] (FlashAttention-2's backward, one block):
 
@@ -87,16 +99,22 @@ def block_backward(dout, q, k, v, mask, lse, delta, scale):
     Tq, HQ, D = q.shape
     HK = k.shape[1]
     g = HQ // HK
-    qf, kf, vf = q.to(ct), k.to(ct), v.to(ct)
-    do = dout.to(ct).view(Tq, HK, g, D)
-    s = _scores(qf, kf, mask, scale)
-    lse4 = lse.to(ct).view(HK, g, Tq, 1)
-    p = torch.exp(s - lse4.masked_fill(torch.isinf(lse4), 0.0))
-    dv = torch.einsum("hgqk,qhgd->khd", p, do)
-    dp = torch.einsum("qhgd,khd->hgqk", do, vf)
-    ds = p * (dp - delta.to(ct).view(HK, g, Tq, 1))
-    dq = torch.einsum("hgqk,khd->qhgd", ds, kf).reshape(Tq, HQ, D) * scale
-    dk = torch.einsum("hgqk,qhgd->khd", ds, qf.view(Tq, HK, g, D)) * scale
+    kf, vf = k.to(ct), v.to(ct)
+    dq = torch.zeros((Tq, HQ, D), dtype=ct, device=q.device)
+    dk = torch.zeros(kf.shape, dtype=ct, device=q.device)
+    dv = torch.zeros(vf.shape, dtype=ct, device=q.device)
+    for a, b in _tiles(Tq):
+        n = b - a
+        qf = q[a:b].to(ct)
+        do = dout[a:b].to(ct).view(n, HK, g, D)
+        s = _scores(qf, kf, mask_of(a, b), scale)
+        lse4 = lse[:, a:b].to(ct).reshape(HK, g, n, 1)
+        p = torch.exp(s - lse4.masked_fill(torch.isinf(lse4), 0.0))
+        dv += torch.einsum("hgqk,qhgd->khd", p, do)
+        dp = torch.einsum("qhgd,khd->hgqk", do, vf)
+        ds = p * (dp - delta[:, a:b].to(ct).reshape(HK, g, n, 1))
+        dq[a:b] = torch.einsum("hgqk,khd->qhgd", ds, kf).reshape(n, HQ, D) * scale
+        dk += torch.einsum("hgqk,qhgd->khd", ds, qf.view(n, HK, g, D)) * scale
     return dq, dk, dv
 
 

@@ -48,11 +48,13 @@ class _Ring:
         return dist.get_global_rank(self.group, r) if self.group is not None else r
 
     def mask(self, src: int | None):
-        """Mask of the rank's queries against rank src's keys (None: the anchor block)."""
+        """mask_of(a, b): the mask of the rank's queries a..b against rank src's keys (None: the
+        anchor block), built per query tile."""
         m = self.meta
         ik = m.anchor_index if src is None else m.index[src]
-        return L.block_mask(m.index[self.rank], ik, m.doc, m.row_start, self.na, self.causal, self.window,
-                            anchor_keys=src is None)
+        iq = m.index[self.rank]
+        return lambda a, b: L.block_mask(iq[a:b], ik, m.doc, m.row_start, self.na, self.causal, self.window,
+                                         anchor_keys=src is None)
 
     def post_kv(self, step: int, kv: torch.Tensor, tag: int):
         """Post step's send of kv [T_l, 2, Hk, D] and receive; returns (works, recv buffer, src)."""

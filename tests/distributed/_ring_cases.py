@@ -70,8 +70,12 @@ def run_case(rank, world, c):
 
 
 def ring_cases(rank, world, seed, n):
-    for c in random_cases(seed, n):
+    from posattn.distributed import _local
+
+    for i, c in enumerate(random_cases(seed, n)):
+        _local.TILE = (1024, 5)[i % 2]          # odd cases: several query tiles per block
         run_case(rank, world, c)
+    _local.TILE = 1024
     no_remote_block(rank, world)
     if world >= 3:
         empty_rank(rank, world)
