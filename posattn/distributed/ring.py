@@ -4,7 +4,9 @@ Each rank holds its shard of the step's packed tokens (posattn.distributed.shard
 schedule is the ring's rotation: at step s = 1..W-1, rank r sends its K/V to rank r+s and
 receives rank r-s's (one shard per step, as a ring; sent directly from the owner, so a block
 nobody downstream needs is not relayed, and a block its receiver cannot see is not sent at
-all). Step s+1's transfer is posted before step s's block is computed (overlap). The step's
+all). Before a block is computed, every transfer up to the rank's next received block is
+posted (overlap: skipped steps do not leave the next transfer without compute to hide
+behind; at most two receive buffers are alive). The step's
 anchor tokens are gathered once onto every rank (one all_gather) and attended as one extra
 block; the ring hides anchor keys so nothing is counted twice.
 
@@ -81,21 +83,42 @@ class _Ring:
         return cat[plan.anchor_from.to(kv.device)]
 
 
+class _Posts:
+    """Posts the K/V exchanges of the steps ahead: up to the rank's next received block."""
+
+    def __init__(self, ring: _Ring, kv: torch.Tensor, tag: int):
+        self.ring, self.kv, self.tag, self.next, self.posted = ring, kv, tag, 1, {}
+        plan, r, W = ring.plan, ring.rank, ring.plan.world_size
+        self.W = W
+        self.recv_steps = [s for s in range(1, W) if plan.visible[r][(r - s) % W]]
+
+    def ahead_of(self, step: int) -> None:
+        upto = next((s for s in self.recv_steps if s > step), self.W - 1)
+        while self.next <= upto:
+            self.posted[self.next] = self.ring.post_kv(self.next, self.kv, self.tag)
+            self.next += 1
+
+    def take(self, step: int):
+        """Wait for step's exchange; returns (recv buffer or None, src)."""
+        works, buf, src = self.posted.pop(step)
+        for w in works:
+            w.wait()
+        return buf, src
+
+
 def forward(ring: _Ring, q, k, v):
     """Returns (out [T_l, Hq, D] compute dtype, lse [Hq, T_l], anchor kv or None)."""
     plan, r = ring.plan, ring.rank
     kv = torch.stack((k, v), 1).contiguous()                       # [T_l, 2, Hk, D]
     akv = ring.gather_anchors(kv) if plan.anchor_index.numel() else None
-    W = plan.world_size
-    pending = ring.post_kv(1, kv, _FWD) if W > 1 else None
+    posts = _Posts(ring, kv, _FWD)
+    posts.ahead_of(0)
     out, lse = L.block_forward(q, k, v, ring.mask(r), ring.scale)
     if akv is not None:
         out, lse = L.merge(out, lse, *L.block_forward(q, akv[:, 0], akv[:, 1], ring.mask(None), ring.scale))
-    for step in range(1, W):
-        works, buf, src = pending
-        for w in works:
-            w.wait()
-        pending = ring.post_kv(step + 1, kv, _FWD) if step + 1 < W else None
+    for step in range(1, plan.world_size):
+        buf, src = posts.take(step)
+        posts.ahead_of(step)
         if buf is not None:
             out, lse = L.merge(out, lse, *L.block_forward(q, buf[:, 0], buf[:, 1], ring.mask(src), ring.scale))
     return out, lse, akv
@@ -110,17 +133,16 @@ def backward(ring: _Ring, dout, dlse, q, k, v, out, lse, akv):
     if dlse is not None:
         delta = delta - dlse.to(ct)
     kv = torch.stack((k, v), 1).contiguous()
-    pending = ring.post_kv(1, kv, _BWD_KV) if W > 1 else None
+    posts = _Posts(ring, kv, _BWD_KV)
+    posts.ahead_of(0)
     dq, dk, dv = L.block_backward(do, q, k, v, ring.mask(r), lse, delta, ring.scale)
     if akv is not None:
         dqa, dka, dva = L.block_backward(do, q, akv[:, 0], akv[:, 1], ring.mask(None), lse, delta, ring.scale)
         dq += dqa
     sends, recvs = [], []                       # dK/dV going back to their owners; (work, buffer) coming in
     for step in range(1, W):
-        works, buf, src = pending
-        for w in works:
-            w.wait()
-        pending = ring.post_kv(step + 1, kv, _BWD_KV) if step + 1 < W else None
+        buf, src = posts.take(step)
+        posts.ahead_of(step)
         dst = (r + step) % W
         if plan.visible[dst][r]:                 # rank dst computes our block: its dK/dV come back
             rbuf = torch.empty((plan.sizes[r], 2) + tuple(k.shape[1:]), dtype=ct, device=k.device)
