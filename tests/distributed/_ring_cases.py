@@ -69,8 +69,32 @@ def run_case(rank, world, c):
     assert_within(D.gather_tensor(lo.detach(), T, shard=sh), out.detach(), 2 * b_out, msg=f"gathered out: {what}")
 
 
+def bad_inputs(rank, world):
+    """Errors that need a process group: they name the argument and what was expected."""
+    import pytest
+
+    T = 10
+    cu = torch.tensor([0, T], dtype=torch.int32)
+    Tl = D.shard_sizes(T, world)[rank]
+    q = torch.zeros(Tl, 2, 16)
+    with pytest.raises(ValueError, match=f"q has {Tl + 1} tokens but rank {rank}'s zigzag shard"):
+        D.anchor_attention(torch.zeros(Tl + 1, 2, 16), torch.zeros(Tl + 1, 2, 16), torch.zeros(Tl + 1, 2, 16), cu)
+    with pytest.raises(ValueError, match="positions were given without rope"):
+        D.anchor_attention(q, q, q, cu, positions=torch.zeros(Tl))
+    with pytest.raises(ValueError, match=r"positions \[T_local\] .* are required with rope"):
+        D.anchor_attention(q, q, q, cu, rope=posattn.RopeSpec(16))
+    with pytest.raises(ValueError, match="cu_seqlens must be an int32 1-D tensor"):
+        D.anchor_attention(q, q, q, cu.long())
+    with pytest.raises(ValueError, match="must start at 0 and end at T"):
+        D.anchor_attention(q, q, q, cu, cu_rows=torch.tensor([0, 4], dtype=torch.int32))
+    with pytest.raises(ValueError, match="num_anchors"):
+        D.anchor_attention(q, q, q, cu, num_anchors=-1)
+
+
 def ring_cases(rank, world, seed, n):
     from posattn.distributed import _local
+
+    bad_inputs(rank, world)
 
     for i, c in enumerate(random_cases(seed, n)):
         _local.TILE = (1024, 5)[i % 2]          # odd cases: several query tiles per block
