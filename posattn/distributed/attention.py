@@ -10,6 +10,24 @@ from posattn.distributed import ring as R
 from posattn.distributed.plan import plan_ring
 from posattn.distributed.sharding import SHARDS
 
+_PLANS: dict = {}          # (boundaries, mask, W, shard, device) -> (RingPlan, token metadata): every layer
+_PLAN_CACHE_SIZE = 16      # of a step shares them
+
+
+def _plan(cs_h: torch.Tensor, cr_h: torch.Tensor, spec: MaskSpec, W: int, shard: str, device):
+    key = (tuple(cs_h.tolist()), tuple(cr_h.tolist()), spec, W, shard, str(device))
+    hit = _PLANS.get(key)
+    if hit is None:
+        from posattn.attention.anchor import check_boundary_values
+
+        check_boundary_values(key[0][-1], cs_h, cr_h, spec.num_anchors)
+        plan = plan_ring(key[0], key[1], spec.num_anchors, spec.causal, spec.window, W, shard)
+        hit = (plan, R._Meta(plan, cs_h, cr_h, device))
+        if len(_PLANS) >= _PLAN_CACHE_SIZE:
+            _PLANS.pop(next(iter(_PLANS)))
+        _PLANS[key] = hit
+    return hit
+
 
 def anchor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, *,
                      cu_rows: torch.Tensor | None = None, num_anchors: int = 1, causal: bool = True,
@@ -65,14 +83,11 @@ def anchor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) or softmax_scale <= 0:
         raise ValueError(f"softmax_scale must be a positive number or None; got {softmax_scale!r}")
     V.boolean(return_lse, "return_lse")
-    T = int(cu_seqlens[-1].item())                       # the one host read: the schedule depends on it
-    if cu_rows is None:
-        cu_rows = torch.tensor([0, T], dtype=torch.int32)
-    from posattn.attention.anchor import check_boundary_values
-
-    check_boundary_values(T, cu_seqlens.cpu(), cu_rows.cpu(), num_anchors)
+    cs_h = cu_seqlens.cpu()                              # the one host read: the schedule depends on it
+    T = int(cs_h[-1])
+    cr_h = torch.tensor([0, T], dtype=torch.int32) if cu_rows is None else cu_rows.cpu()
     W, rank = dist.get_world_size(group), dist.get_rank(group)
-    plan = plan_ring(cu_seqlens.cpu(), cu_rows.cpu(), num_anchors, causal, window, W, shard)
+    plan, meta = _plan(cs_h, cr_h, spec, W, shard, q.device)
     if plan.sizes[rank] != Tl:
         raise ValueError(f"q has {Tl} tokens but rank {rank}'s {shard} shard of the step's {T} tokens "
                          f"(world {W}) has {plan.sizes[rank]}")
@@ -91,7 +106,6 @@ def anchor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         q, k = apply_rope(q, k, positions, rope, layout="thd")
     elif positions is not None:
         raise ValueError("positions were given without rope: pass rope=RopeSpec(...) or drop positions")
-    meta = R._Meta(plan, cu_seqlens, cu_rows, q.device)
     ring = R._Ring(plan, meta, group, rank, spec.num_anchors, spec.causal, spec.window, float(softmax_scale))
     out, lse = R.RingAttention.apply(q, k, v, ring)
     return (out, lse) if return_lse else out
