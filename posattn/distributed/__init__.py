@@ -7,4 +7,7 @@ from posattn.distributed.sharding import (gather_tensor, shard_indices, shard_po
 __all__ = ["anchor_attention", "RingPlan", "plan_ring", "gather_tensor", "shard_indices", "shard_positions",
            "shard_ranges", "shard_sizes", "shard_tensor"]
 
-from posattn.distributed import dtensor as _dtensor  # noqa: E402,F401  registers the DTensor sharding rules
+import torch.distributed as _dist  # noqa: E402
+
+if _dist.is_available():
+    from posattn.distributed import dtensor as _dtensor  # noqa: F401  registers the DTensor sharding rules

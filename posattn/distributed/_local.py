@@ -63,7 +63,7 @@ def _scores(q, k, mask, scale):
     """q: [Tq, Hq, D], k: [Tk, Hk, D] (compute dtype) -> masked scores [Hk, g, Tq, Tk]."""
     Tq, HQ, D = q.shape
     HK = k.shape[1]
-    s = torch.einsum("qhgd,khd->hgqk", q.view(Tq, HK, HQ // HK, D), k) * scale
+    s = torch.einsum("qhgd,khd->hgqk", q.reshape(Tq, HK, HQ // HK, D), k) * scale
     return s.masked_fill(~mask, float("-inf"))
 
 
@@ -106,7 +106,7 @@ def block_backward(dout, q, k, v, mask_of, lse, delta, scale):
     for a, b in _tiles(Tq):
         n = b - a
         qf = q[a:b].to(ct)
-        do = dout[a:b].to(ct).view(n, HK, g, D)
+        do = dout[a:b].to(ct).reshape(n, HK, g, D)
         s = _scores(qf, kf, mask_of(a, b), scale)
         lse4 = lse[:, a:b].to(ct).reshape(HK, g, n, 1)
         p = torch.exp(s - lse4.masked_fill(torch.isinf(lse4), 0.0))
@@ -114,7 +114,7 @@ def block_backward(dout, q, k, v, mask_of, lse, delta, scale):
         dp = torch.einsum("qhgd,khd->hgqk", do, vf)
         ds = p * (dp - delta[:, a:b].to(ct).reshape(HK, g, n, 1))
         dq[a:b] = torch.einsum("hgqk,khd->qhgd", ds, kf).reshape(n, HQ, D) * scale
-        dk += torch.einsum("hgqk,qhgd->khd", ds, qf.view(n, HK, g, D)) * scale
+        dk += torch.einsum("hgqk,qhgd->khd", ds, qf.reshape(n, HK, g, D)) * scale
     return dq, dk, dv
 
 

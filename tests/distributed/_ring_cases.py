@@ -26,7 +26,7 @@ def random_cases(seed: int, n: int):
         HQ, HK = rng.choice([(3, 1), (4, 2), (2, 2)])
         out.append(dict(cu=cu, rows=rows, na=na, causal=rng.random() < 0.7, window=rng.choice([None, 3, 9]),
                         shard=("zigzag", "contiguous")[i % 2], HQ=HQ, HK=HK, D=rng.choice([16, 80]),
-                        rope=rng.random() < 0.5, seed=rng.randint(0, 10 ** 6)))
+                        rope=rng.random() < 0.5, seed=rng.randint(0, 10 ** 6), strided=i % 3 == 0))
     return out
 
 
@@ -48,10 +48,18 @@ def run_case(rank, world, c):
 
     sh = c["shard"]
     part = lambda x, dim=0: D.shard_tensor(x, world, rank, shard=sh, dim=dim)  # noqa: E731
-    mine = [part(x).clone().requires_grad_(True) for x in (q, k, v)]
+    Dh = c["D"]
+    if c.get("strided"):     # q, k, v and dout with a row stride of 2 D (last dimension contiguous)
+        big = [torch.cat((part(x), part(x)), -1).requires_grad_(True) for x in (q, k, v)]
+        ins = [b[..., :Dh] for b in big]
+        ldout = torch.cat((part(dout), part(dout)), -1)[..., :Dh]
+    else:
+        big = ins = [part(x).clone().requires_grad_(True) for x in (q, k, v)]
+        ldout = part(dout)
     lpos = D.shard_positions(None, world, rank, shard=sh, cu_seqlens=cu) if spec else None
-    lo, ll = D.anchor_attention(*mine, cu, rope=spec, positions=lpos, shard=sh, **kw)
-    torch.autograd.backward([lo, ll], [part(dout), part(dlse, 1)])
+    lo, ll = D.anchor_attention(*ins, cu, rope=spec, positions=lpos, shard=sh, **kw)
+    torch.autograd.backward([lo, ll], [ldout, part(dlse, 1)])
+    mine = [type("G", (), {"grad": b.grad[..., :Dh]})() for b in big]
     what = f"rank {rank}/{world} case {c}"
     # the fp64 oracle and the elementwise error bounds of an fp32 kernel (tests/attention/oracle.py):
     # the CP op is within them of the oracle, hence within twice them of the single-process op
