@@ -132,3 +132,34 @@ def attention_cases(rank, world):
 def all_cases(rank, world):
     rope_cases(rank, world)
     attention_cases(rank, world)
+
+
+def mesh_2d_cases(rank, world):
+    """A 2 x 2 mesh (data x tensor parallel): batch or sequence on one mesh dimension, heads on the
+    other; a head_dim shard on the second mesh dimension is refused, naming that dimension."""
+    from torch.distributed.tensor import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    torch.manual_seed(2)
+    B, S, HQ, HK, Dh = 2, 9, 4, 2, 32
+    spec = posattn.RopeSpec(Dh)
+    q, k, pos = torch.randn(B, S, HQ, Dh), torch.randn(B, S, HK, Dh), torch.randint(0, 500, (B, S))
+    f = lambda q_, k_, p_: posattn.apply_rope(q_, k_, p_, spec, backend="cpu")  # noqa: E731
+    for qp, pp, what in (([Shard(0), Shard(2)], [Shard(0), R], "batch x heads"),
+                         ([Shard(1), Shard(2)], [Shard(1), R], "sequence x heads")):
+        plain = [x.clone().requires_grad_(i < 2) for i, x in enumerate((q, k, pos))]
+        outs = f(*plain)
+        cot = [torch.randn(o.shape) for o in outs]
+        grads = torch.autograd.grad(outs, plain[:2], cot)
+        dts = [distribute_tensor(x, mesh, p) for x, p in zip((q, k, pos), (qp, qp, pp))]
+        dts = [x.requires_grad_(True) for x in dts[:2]] + dts[2:]
+        douts = f(*dts)
+        dg = torch.autograd.grad(douts, dts[:2], [distribute_tensor(c, mesh, list(o.placements))
+                                                  for c, o in zip(cot, douts)])
+        for a, b in zip(douts, outs):
+            assert a.placements == tuple(qp), what
+            assert_close(a.full_tensor(), b.detach(), msg=what)
+        for a, b in zip(dg, grads):
+            assert_close(a.full_tensor(), b, msg=f"{what}: gradient")
+    qd, kd = (distribute_tensor(x, mesh, [Shard(0), Shard(3)]) for x in (q, k))
+    _raises(lambda: f(qd, kd, pos), "unsupported DTensor placements on mesh dimension 1", "q S(3)")

@@ -5,3 +5,7 @@ from tests.distributed._spawn import spawn
 
 def test_sharded_ops_equal_local_ops():
     spawn(C.all_cases, 2)
+
+
+def test_two_dimensional_mesh():
+    spawn(C.mesh_2d_cases, 4)
