@@ -124,6 +124,17 @@ def check_qkv(q, k, v) -> None:
         raise ValueError(f"head_dim must be in 1..{MAX_HEAD_DIM}; got {D}")
 
 
+QK_PRECISIONS = ("bf16", "bf16x3", "fp32")
+
+
+def check_qk_precision(qk_precision) -> str:
+    if not isinstance(qk_precision, str):
+        raise TypeError(f"qk_precision must be a str, one of {QK_PRECISIONS}; got {type(qk_precision).__name__}")
+    if qk_precision not in QK_PRECISIONS:
+        raise ValueError(f"qk_precision must be one of {QK_PRECISIONS}; got {qk_precision!r}")
+    return qk_precision
+
+
 def check_scale(softmax_scale, D: int) -> float:
     if softmax_scale is None:
         return D ** -0.5
@@ -144,7 +155,7 @@ def anchor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                      cu_rows: torch.Tensor | None = None, num_anchors: int = 1, causal: bool = True,
                      window: int | None = None, softmax_scale: float | None = None, rope=None,
                      positions: torch.Tensor | None = None, return_lse: bool = False,
-                     backend: str | None = None, plan=None):
+                     backend: str | None = None, plan=None, qk_precision: str | None = None):
     """Attention over packed documents, each row sharing an anchor prefix (AnchorAttention).
 
     Args:
@@ -163,6 +174,14 @@ def anchor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
             angle reduction: the same as ``apply_rope`` then attention (to fp32 rounding), without
             the extra pass over memory.
         positions: [T] int or float positions (integers exact below 2^31), required with ``rope``.
+        qk_precision: how the rotated q and k (16-bit inputs with ``rope``) are multiplied:
+            "bf16" (default) rounds them to the input dtype first, as ``apply_rope`` then
+            attention does; "bf16x3" splits each fp32-rotated value into bf16 hi + lo and sums
+            hi.hi + hi.lo + lo.hi with fp32 accumulation (scores to ~2^-16 relative, so that
+            they keep RoPE's relative-position property at large positions; docs/numerics.md);
+            "fp32" multiplies in fp32 (slow; for reference runs). fp32 inputs, and q/k
+            without rope, are multiplied exactly as given whatever the mode. The C++ CPU
+            kernel computes "bf16x3" in fp32. None: "bf16", or the plan's with ``plan``.
         return_lse: also return the log-sum-exp.
         backend: force "triton", "cpu" (C++) or "reference".
         plan: a :func:`posattn.attention.plan` for this batch layout: the call then makes no
@@ -181,7 +200,8 @@ def anchor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
             raise TypeError(f"plan must be a posattn.attention.AttentionPlan, got {type(plan).__name__}")
         return plan.run(q, k, v, cu_seqlens=cu_seqlens, cu_rows=cu_rows, num_anchors=num_anchors, causal=causal,
                         window=window, softmax_scale=softmax_scale, rope=rope, positions=positions,
-                        return_lse=return_lse, backend=backend)
+                        return_lse=return_lse, backend=backend,
+                        **({} if qk_precision is None else {"qk_precision": qk_precision}))
     check_qkv(q, k, v)
     T, _, D = q.shape
     _check_boundaries(cu_seqlens, "cu_seqlens", q.device)
@@ -192,6 +212,7 @@ def anchor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     spec = MaskSpec(causal=causal, num_anchors=num_anchors, window=window)   # validates the three
     softmax_scale = check_scale(softmax_scale, D)
     V.boolean(return_lse, "return_lse")
+    qk_precision = check_qk_precision("bf16" if qk_precision is None else qk_precision)
     check_rope(rope, positions, T, D, q.device)
     ra = None
     if rope is not None:
@@ -208,7 +229,7 @@ def anchor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         # on the host: the op resolves the backend and lowers inside (or pass a plan)
         backend_name = backend or ""
     else:
-        key = _op.key_of(q, k, rot, inter, causal, -1 if window is None else window, num_anchors)
+        key = _op.key_of(q, k, rot, inter, causal, -1 if window is None else window, num_anchors, qk_precision)
         kernel, config = dispatch.select("anchor_attention", key, backend=backend)
         backend_name = kernel.backend
         check_boundary_values(T, cu_seqlens, cu_rows, num_anchors)
@@ -222,5 +243,5 @@ def anchor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     out, lse, _table = _op.anchor_attention_op(
         q, k, v, cu_seqlens, cu_rows, lists, blocks, spec.num_anchors, spec.causal, -1 if window is None else window,
         softmax_scale, positions.contiguous() if ra else None, ra[0] if ra else None, rot, inter,
-        ra[3] if ra else 1.0, backend_name)
+        ra[3] if ra else 1.0, backend_name, qk_precision)
     return (out, lse) if return_lse else out

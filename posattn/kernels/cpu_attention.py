@@ -4,7 +4,9 @@ FlashAttention-2 backward over the same block visit lists as the Triton engine.
 The kernel computes in fp32: q, k, v (and dout) are handed over as contiguous fp32 copies,
 and the outputs are rounded to the input dtype once, here. With rotary embedding it reads the
 call's cos/sin table (posattn.rope.table, backend "cpu": the C++ rotary kernel's own values)
-and rounds the rotated q and k to the input dtype, as apply_rope's output is.
+and, with qk_precision "bf16", rounds the rotated q and k to the input dtype, as apply_rope's
+output is; with "bf16x3" and "fp32" it keeps them in fp32 (fp32 products are at least as
+accurate as the split bf16 ones: the same bound holds).
 """
 from __future__ import annotations
 
@@ -39,9 +41,10 @@ def _ptrs(q, k, v, lists, rope):
 def _scalars(q, k, lists, num_anchors, causal, window, softmax_scale, rope):
     T, HQ, D = q.shape
     rot, inter = (rope[1], rope[2]) if rope is not None else (0, False)
+    qkp = rope[3] if rope is not None and len(rope) > 3 else "bf16"
     return (T, HQ, k.shape[1], D), (float(softmax_scale), int(num_anchors), bool(causal),
                                     int(window) if window is not None else 0, lists.block_m, lists.block_n,
-                                    int(rot), bool(inter), _ROUND[q.dtype])
+                                    int(rot), bool(inter), _ROUND[q.dtype] if qkp == "bf16" else 0)
 
 
 def attn_forward(q, k, v, lists, num_anchors, causal, window, softmax_scale, rope, config):

@@ -252,13 +252,17 @@ def test_opcheck():
     lists = _op.pack(lower(MaskSpec(num_anchors=1, window=5), cu, rows, 12, 16, 16))
     op = torch.ops.posattn.anchor_attention.default
     for backend in BACKENDS:
-        torch.library.opcheck(op, (q, k, v, cu, rows, [], [], 1, True, 5, 0.25, pos, inv, 16, False, 1.0, backend))
-        torch.library.opcheck(op, (q, k, v, cu, rows, [], [], 0, False, -1, 0.25, None, None, 0, False, 1.0, backend),
-                              test_utils=("test_schema", "test_faketensor"))
+        torch.library.opcheck(op, (q, k, v, cu, rows, [], [], 1, True, 5, 0.25, pos, inv, 16, False, 1.0, backend,
+                                   "bf16"))
+        qb, kb, vb = (x.detach().bfloat16().requires_grad_(True) for x in (q, k, v))
+        torch.library.opcheck(op, (qb, kb, vb, cu, rows, [], [], 1, True, 5, 0.25, pos, inv, 16, False, 1.0, backend,
+                                   "bf16x3"))
+        torch.library.opcheck(op, (q, k, v, cu, rows, [], [], 0, False, -1, 0.25, None, None, 0, False, 1.0, backend,
+                                   "bf16"), test_utils=("test_schema", "test_faketensor"))
         if backend != "reference":
             # lists handed in (a plan's): 16x16 blocks, with the transpose for the backward
             torch.library.opcheck(op, (q, k, v, cu, rows, lists, [16, 16], 1, True, 5, 0.25, pos, inv, 16, False,
-                                       1.0, backend), test_utils=("test_schema", "test_faketensor"))
+                                       1.0, backend, "bf16"), test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.parametrize("planned", [False, True])

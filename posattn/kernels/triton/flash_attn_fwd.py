@@ -14,15 +14,16 @@ def _fwd_step(acc, m_i, l_i, qa, qb_, qt, Kh, Vh, kbi, rows, q_doc, q_row, dcols
               ROT: tl.constexpr, BH: tl.constexpr, R_HALF: tl.constexpr, BT: tl.constexpr,
               INTERLEAVED: tl.constexpr, ROPE: tl.constexpr, HAS_TAIL: tl.constexpr,
               CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-              MASKED: tl.constexpr):
+              MASKED: tl.constexpr, qa_lo, qb_lo, QKP: tl.constexpr):
     """One key block of the online softmax; MASKED applies the element mask and bounds."""
     DT = Kh.dtype.element_ty
     cols = kbi * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < T
-    ka, kb, kt, _kc, _ks = _load_qk_tile(Kh, cols, cmask, s_kt, COS, SIN, BLOCK_N, D,
-                                         ROT, BH, R_HALF, BT, INTERLEAVED, ROPE, HAS_TAIL, MASKED)
+    ka, kb, kt, _kc, _ks, ka_lo, kb_lo = _load_qk_tile(Kh, cols, cmask, s_kt, COS, SIN, BLOCK_N, D, ROT, BH, R_HALF,
+                                                       BT, INTERLEAVED, ROPE, HAS_TAIL, MASKED, QKP, UPCAST)
     v = _ld(Vh + cols[:, None].to(tl.int64) * s_vt + dcols[None, :], cmask, dmask, MASKED, D != BD)
-    s = _scores(qa, qb_, qt, ka, kb, kt, BLOCK_M, BLOCK_N, ROPE, HAS_TAIL, PREC, UPCAST) * qk_scale_log2
+    s = _scores(qa, qb_, qt, ka, kb, kt, BLOCK_M, BLOCK_N, ROPE, HAS_TAIL, PREC, UPCAST,
+                qa_lo, qb_lo, ka_lo, kb_lo, QKP) * qk_scale_log2
     if MASKED:
         k_doc = tl.load(DOC_START + cols, mask=cmask, other=-2)
         ok = _allowed(rows, cols, q_doc, q_row, k_doc, T, NUM_ANCHORS, WINDOW, CAUSAL, HAS_WINDOW)
@@ -45,6 +46,7 @@ def _attn_fwd_kernel(
     ROT: tl.constexpr, BH: tl.constexpr, R_HALF: tl.constexpr, BT: tl.constexpr,
     INTERLEAVED: tl.constexpr, ROPE: tl.constexpr, HAS_TAIL: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    QKP: tl.constexpr,
 ):
     # last query blocks first: under a causal mask they visit the most key blocks
     qb = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -54,8 +56,9 @@ def _attn_fwd_kernel(
     rmask = rows < T
     Kh = K + hk.to(tl.int64) * s_kh
     Vh = V + hk.to(tl.int64) * s_vh
-    qa, qb_, qt, _c, _s = _load_qk_tile(Q + h.to(tl.int64) * s_qh, rows, rmask, s_qt, COS, SIN, BLOCK_M,
-                                        D, ROT, BH, R_HALF, BT, INTERLEAVED, ROPE, HAS_TAIL, True)
+    qa, qb_, qt, _c, _s, qa_lo, qb_lo = _load_qk_tile(Q + h.to(tl.int64) * s_qh, rows, rmask, s_qt, COS, SIN,
+                                                      BLOCK_M, D, ROT, BH, R_HALF, BT, INTERLEAVED, ROPE,
+                                                      HAS_TAIL, True, QKP, UPCAST)
     q_doc = tl.load(DOC_START + rows, mask=rmask, other=-1)
     q_row = tl.load(ROW_START + rows, mask=rmask, other=-1)
     dcols = tl.arange(0, BD)
@@ -77,7 +80,8 @@ def _attn_fwd_kernel(
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, qa, qb_, qt, Kh, Vh, kbi, rows, q_doc, q_row,
                                   dcols, dmask, COS, SIN, DOC_START, T, NUM_ANCHORS, WINDOW, qk_scale_log2,
                                   s_kt, s_vt, D, BD, BLOCK_M, BLOCK_N, ROT, BH, R_HALF, BT,
-                                  INTERLEAVED, ROPE, HAS_TAIL, CAUSAL, HAS_WINDOW, PREC, UPCAST, False)
+                                  INTERLEAVED, ROPE, HAS_TAIL, CAUSAL, HAS_WINDOW, PREC, UPCAST, False,
+                                  qa_lo, qb_lo, QKP)
         kbi = nxt
     kbi = tl.load(KV_IDX + mid, mask=mid < end, other=0)
     for e in range(mid, end):
@@ -85,7 +89,8 @@ def _attn_fwd_kernel(
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, qa, qb_, qt, Kh, Vh, kbi, rows, q_doc, q_row,
                                   dcols, dmask, COS, SIN, DOC_START, T, NUM_ANCHORS, WINDOW, qk_scale_log2,
                                   s_kt, s_vt, D, BD, BLOCK_M, BLOCK_N, ROT, BH, R_HALF, BT,
-                                  INTERLEAVED, ROPE, HAS_TAIL, CAUSAL, HAS_WINDOW, PREC, UPCAST, True)
+                                  INTERLEAVED, ROPE, HAS_TAIL, CAUSAL, HAS_WINDOW, PREC, UPCAST, True,
+                                  qa_lo, qb_lo, QKP)
         kbi = nxt
     l_i = tl.where(rmask, l_i, 1.0)      # padding rows past T see no key
     out = acc / l_i[:, None]
