@@ -70,7 +70,7 @@ def check_rope_spec(rope, D: int) -> None:
 
 
 def check_rope(rope, positions, T: int, D: int, device) -> None:
-    """Argument checks of ``rope`` and ``positions`` [T] (no host sync)."""
+    """Argument checks of ``rope`` and ``positions`` [T] ([n_axes, T] with mrope sections; no host sync)."""
     if rope is None:
         if positions is not None:
             raise ValueError("positions were given without rope: pass rope=RopeSpec(...) to rotate q and k, "
@@ -82,26 +82,40 @@ def check_rope(rope, positions, T: int, D: int, device) -> None:
     V.tensor(positions, "positions")
     if positions.dtype not in _POS_DTYPES:
         raise TypeError(f"positions must be int32, int64, float32 or float64; got {positions.dtype}")
-    if positions.dim() != 1 or positions.shape[0] != T:
-        raise ValueError(f"positions must be [T] = [{T}] (one per packed token); got shape {tuple(positions.shape)}")
+    A = rope.n_axes
+    want = (T,) if A == 1 else (A, T)
+    if tuple(positions.shape) != want:
+        what = "[T] = " if A == 1 else "[n_axes, T] = "
+        why = "one per packed token" if A == 1 else f"one per packed token on each of the spec's {A} mrope axes"
+        raise ValueError(f"positions must be {what}{list(want)} ({why}); got shape {tuple(positions.shape)}")
     if positions.device != device:
         raise ValueError(f"positions is on {positions.device} but q is on {device}; "
                          f"all tensors must be on one device")
 
 
 def rope_tables(rope, device, seq_len: int | None):
-    """(inv_freq fp32 [R/2] on ``device``, rotary_dim, interleaved, attention_scaling) of ``rope``;
-    ``seq_len`` matters only for scalings that depend on it (DynamicNTK, LongRoPE)."""
+    """(inv_freq fp32 [R/2] or per head [rows, R/2] on ``device``, rotary_dim, interleaved,
+    attention_scaling, (pair_axis, pair_pos_scale, pair_q_offset)) of ``rope`` (posattn.lowered.RopeTables:
+    mrope sections, DPE; None where the spec has none); ``seq_len`` matters only for scalings
+    that depend on it (DynamicNTK, LongRoPE)."""
     if torch.compiler.is_compiling() and rope.depends_on_seq_len:
         raise ValueError("rope: a scaling whose tables depend on the sequence length (DynamicNTK, LongRoPE) "
                          "cannot be traced by torch.compile without a plan; build "
                          "posattn.attention.plan(..., max_seqlen=...) outside the compiled region")
     tables = rope.tables(device, seq_len)      # traceable: built at trace time under torch.compile
-    if tables.inv_freq.dim() != 1 or tables.pair_axis is not None or tables.pair_pos_scale is not None:
-        raise ValueError("rope: anchor_attention supports one inv_freq table [R/2] (no per-head frequencies, "
-                         "mrope_section or dpe) yet")
+    extras = tuple(None if t is None else t.contiguous()
+                   for t in (tables.pair_axis, tables.pair_pos_scale, tables.pair_q_offset))
     return (tables.inv_freq.to(torch.float32).contiguous(), rope.rotary_dim, rope.interleaved,
-            float(tables.attention_scaling))
+            float(tables.attention_scaling), extras)
+
+
+def check_rope_heads(ra, HQ: int, HK: int) -> None:
+    """Per-head frequency rows must divide both head counts (head h reads row h // (H // rows))."""
+    if ra is not None and ra[0].dim() == 2:
+        rows = ra[0].shape[0]
+        if HQ % rows or HK % rows:
+            raise ValueError(f"rope: the spec's per-head inv_freq has {rows} rows, which must divide q's head "
+                             f"count ({HQ}) and k's ({HK})")
 
 
 def check_qkv(q, k, v) -> None:
@@ -221,6 +235,7 @@ def anchor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
             # as transformers does; a plan (max_seqlen=...) avoids this host sync
             seq_len = int(positions.max().item()) + 1 if positions.numel() else 1
         ra = rope_tables(rope, q.device, seq_len)
+    check_rope_heads(ra, q.shape[1], k.shape[1])
     rot, inter = (ra[1], ra[2]) if ra else (0, False)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     lists, blocks = [], []
@@ -243,5 +258,5 @@ def anchor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     out, lse, _table = _op.anchor_attention_op(
         q, k, v, cu_seqlens, cu_rows, lists, blocks, spec.num_anchors, spec.causal, -1 if window is None else window,
         softmax_scale, positions.contiguous() if ra else None, ra[0] if ra else None, rot, inter,
-        ra[3] if ra else 1.0, backend_name, qk_precision)
+        ra[3] if ra else 1.0, backend_name, qk_precision, *(ra[4] if ra else (None, None, None)))
     return (out, lse) if return_lse else out

@@ -49,8 +49,9 @@ class Rope(NamedTuple):
     rotary_dim: int
     interleaved: bool
     scaling: float
-    table: torch.Tensor | None     # fp32 [2, T, R/2]
+    table: torch.Tensor | None     # fp32 [n, 2, rows, T, R/2] (posattn.rope.table.attention_tables)
     qk_precision: str = "bf16"
+    tables: object = None          # posattn.lowered.RopeTables (the reference rotates from it in fp64)
 
 
 def _kernel_rope(rope):
@@ -149,7 +150,8 @@ _cpu_forward.uses_lists = True
 
 
 def _ref_rope(rope):
-    return None if rope is None else tuple(rope[:5])
+    # the full RopeTables stands in for inv_freq (per-head rows, mrope sections, DPE)
+    return None if rope is None else (rope.positions, rope.tables, rope.rotary_dim, rope.interleaved, rope.scaling)
 
 
 def _reference_forward(q, k, v, cu_seqlens, cu_rows, lists, spec, softmax_scale, rope, config):

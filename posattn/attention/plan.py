@@ -43,7 +43,7 @@ class AttentionPlan:
     cu_rows: torch.Tensor
     spec: MaskSpec
     rope: object                   # RopeSpec or None
-    rope_args: tuple | None        # (inv_freq fp32 [R/2], rotary_dim, interleaved, attention_scaling)
+    rope_args: tuple | None        # anchor.rope_tables: (inv_freq, rotary_dim, interleaved, scaling, extras)
     backend: str
     lists: tuple                   # the op's encoding (see _op.py)
     blocks: tuple
@@ -87,7 +87,8 @@ class AttentionPlan:
         out, lse, _table = _op.anchor_attention_op(
             q, k, v, self.cu_seqlens, self.cu_rows, list(self.lists), list(self.blocks), self.spec.num_anchors,
             self.spec.causal, w, softmax_scale, positions.contiguous() if ra else None, ra[0] if ra else None,
-            ra[1] if ra else 0, ra[2] if ra else False, ra[3] if ra else 1.0, self.backend, self.qk_precision)
+            ra[1] if ra else 0, ra[2] if ra else False, ra[3] if ra else 1.0, self.backend, self.qk_precision,
+            *(ra[4] if ra else (None, None, None)))
         return (out, lse) if return_lse else out
 
     __call__ = run
@@ -130,6 +131,7 @@ def plan(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, *, cu_rows:
                                  f"scaling that depends on the sequence length; got {max_seqlen!r}")
             seq_len = max_seqlen
         ra = A.rope_tables(rope, q.device, seq_len)
+        A.check_rope_heads(ra, HQ, k.shape[1])
     A.check_boundary_values(T, cu_seqlens, cu_rows, num_anchors)
     rot, inter = (ra[1], ra[2]) if ra else (0, False)
     key = _op.key_of(q, k, rot, inter, causal, -1 if window is None else window, num_anchors, qk_precision)

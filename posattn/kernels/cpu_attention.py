@@ -23,19 +23,27 @@ _ROUND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 def _ptrs(q, k, v, lists, rope):
-    cos = sin = 0
+    cos = sin = kcos = ksin = 0
     keep = []
     if rope is not None:
-        table = rope[0].to(torch.float32).contiguous()     # [2, T, R/2]
+        table = rope[0].to(torch.float32).contiguous()     # [n, 2, rows, T, R/2] (or [2, T, R/2])
+        if table.dim() == 3:
+            table = table[None, :, None]
         keep.append(table)
-        cos, sin = table[0].data_ptr(), table[1].data_ptr()
+        cos, sin = table[0, 0].data_ptr(), table[0, 1].data_ptr()
+        kcos, ksin = table[-1, 0].data_ptr(), table[-1, 1].data_ptr()
     kq = lists.k_offsets
     ptrs = [q.data_ptr(), k.data_ptr(), v.data_ptr(), lists.doc_start.data_ptr(), lists.row_start.data_ptr(),
             lists.q_offsets.data_ptr(), lists.q_kv_idx.data_ptr(), lists.q_kv_masked.data_ptr(),
             kq.data_ptr() if kq is not None else 0,
             lists.k_q_idx.data_ptr() if kq is not None else 0,
-            lists.k_q_masked.data_ptr() if kq is not None else 0, cos, sin]
+            lists.k_q_masked.data_ptr() if kq is not None else 0, cos, sin, kcos, ksin]
     return ptrs, keep
+
+
+def _rows(rope) -> int:
+    """Per-head frequency rows of the rope table (1 when shared)."""
+    return 1 if rope is None or rope[0].dim() == 3 else int(rope[0].shape[2])
 
 
 def _scalars(q, k, lists, num_anchors, causal, window, softmax_scale, rope):
@@ -57,7 +65,8 @@ def attn_forward(q, k, v, lists, num_anchors, causal, window, softmax_scale, rop
     if T:
         dims, sc = _scalars(q, k, lists, num_anchors, causal, window, softmax_scale, rope)
         ptrs, _keep = _ptrs(qf, kf, vf, lists, rope)
-        _cpu._C.attention_forward(*dims, ptrs, *sc, out.data_ptr(), lse.data_ptr(), int(config.get("threads", 0)))
+        _cpu._C.attention_forward(*dims, ptrs, *sc, out.data_ptr(), lse.data_ptr(), int(config.get("threads", 0)),
+                                  _rows(rope))
     return torch.empty_like(q).copy_(out), lse
 
 
@@ -75,5 +84,6 @@ def attn_backward(dout, q, k, v, out, lse, lists, num_anchors, causal, window, s
         dims, sc = _scalars(q, k, lists, num_anchors, causal, window, softmax_scale, rope)
         ptrs, _keep = _ptrs(qf, kf, vf, lists, rope)
         _cpu._C.attention_backward(*dims, ptrs, *sc, dof.data_ptr(), delta.data_ptr(), lse.data_ptr(),
-                                   dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), int(config.get("threads", 0)))
+                                   dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), int(config.get("threads", 0)),
+                                   _rows(rope))
     return torch.empty_like(q).copy_(dq), torch.empty_like(k).copy_(dk), torch.empty_like(v).copy_(dv)

@@ -10,9 +10,9 @@ from posattn.kernels.triton.flash_attn_fwd import _attn_fwd_kernel
 from posattn.kernels.triton.flash_attn_tiles import _pow2, default_config, tile_meta
 
 TL_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-_FP32_PTRS = ("LSE", "DELTA", "COS", "SIN")
+_FP32_PTRS = ("LSE", "DELTA", "COS", "SIN", "KCOS", "KSIN")
 _I32_PTRS = ("DOC_START", "ROW_START", "Q_OFF", "Q_NFULL", "KV_IDX", "K_OFF", "K_NFULL", "Q_IDX")
-_I32_ARGS = ("T", "NUM_ANCHORS", "WINDOW")
+_I32_ARGS = ("T", "NUM_ANCHORS", "WINDOW", "QTD", "KTD")
 _FP32_ARGS = ("qk_scale_log2", "sm_scale")
 
 

@@ -63,9 +63,9 @@ def _dq_step(dqa, dqb, dqt, qa, qb_, qt, do, lse2, delta, Kh, Vh, kbi, rows, q_d
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, DQ, LSE, DELTA, COS, SIN, DOC_START, ROW_START, Q_OFF, Q_NFULL, KV_IDX,
-    T, NUM_ANCHORS, WINDOW, qk_scale_log2, sm_scale,
-    s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_dot, s_doh, s_dqt, s_dqh,
+    Q, K, V, DO, DQ, LSE, DELTA, COS, SIN, KCOS, KSIN, DOC_START, ROW_START, Q_OFF, Q_NFULL, KV_IDX,
+    T, NUM_ANCHORS, WINDOW, QTD, KTD, qk_scale_log2, sm_scale,
+    s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_dot, s_doh, s_dqt, s_dqh, s_tab,
     GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ROT: tl.constexpr, BH: tl.constexpr, R_HALF: tl.constexpr, BT: tl.constexpr,
@@ -80,7 +80,11 @@ def _attn_bwd_dq_kernel(
     rmask = rows < T
     Kh = K + hk.to(tl.int64) * s_kh
     Vh = V + hk.to(tl.int64) * s_vh
-    qa, qb_, qt, qcos, qsin, qa_lo, qb_lo = _load_qk_tile(Q + h.to(tl.int64) * s_qh, rows, rmask, s_qt, COS, SIN,
+    QC = COS + (h // QTD).to(tl.int64) * s_tab
+    QS = SIN + (h // QTD).to(tl.int64) * s_tab
+    KC = KCOS + (hk // KTD).to(tl.int64) * s_tab
+    KS = KSIN + (hk // KTD).to(tl.int64) * s_tab
+    qa, qb_, qt, qcos, qsin, qa_lo, qb_lo = _load_qk_tile(Q + h.to(tl.int64) * s_qh, rows, rmask, s_qt, QC, QS,
                                                           BLOCK_M, D, ROT, BH, R_HALF, BT, INTERLEAVED, ROPE,
                                                           HAS_TAIL, True, QKP, UPCAST)
     dcols = tl.arange(0, BD)
@@ -101,7 +105,7 @@ def _attn_bwd_dq_kernel(
     for e in range(start, mid):
         nxt = tl.load(KV_IDX + e + 1, mask=e + 1 < mid, other=0)
         dqa, dqb, dqt = _dq_step(dqa, dqb, dqt, qa, qb_, qt, do, lse2, delta, Kh, Vh, kbi, rows,
-                                 q_doc, q_row, dcols, dmask, COS, SIN, DOC_START, T, NUM_ANCHORS, WINDOW,
+                                 q_doc, q_row, dcols, dmask, KC, KS, DOC_START, T, NUM_ANCHORS, WINDOW,
                                  qk_scale_log2, s_kt, s_vt, D, BD, BLOCK_M, BLOCK_N, ROT, BH, R_HALF,
                                  BT, INTERLEAVED, ROPE, HAS_TAIL, CAUSAL, HAS_WINDOW, PREC, UPCAST, False,
                                  qa_lo, qb_lo, QKP)
@@ -110,7 +114,7 @@ def _attn_bwd_dq_kernel(
     for e in range(mid, end):
         nxt = tl.load(KV_IDX + e + 1, mask=e + 1 < end, other=0)
         dqa, dqb, dqt = _dq_step(dqa, dqb, dqt, qa, qb_, qt, do, lse2, delta, Kh, Vh, kbi, rows,
-                                 q_doc, q_row, dcols, dmask, COS, SIN, DOC_START, T, NUM_ANCHORS, WINDOW,
+                                 q_doc, q_row, dcols, dmask, KC, KS, DOC_START, T, NUM_ANCHORS, WINDOW,
                                  qk_scale_log2, s_kt, s_vt, D, BD, BLOCK_M, BLOCK_N, ROT, BH, R_HALF,
                                  BT, INTERLEAVED, ROPE, HAS_TAIL, CAUSAL, HAS_WINDOW, PREC, UPCAST, True,
                                  qa_lo, qb_lo, QKP)
@@ -165,9 +169,9 @@ def _dkdv_step(dka, dkb, dkt, dv, ka, kb, kt, v, Qh, DOh, LSEh, DELTAh, qbi, col
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, COS, SIN, DOC_START, ROW_START, K_OFF, K_NFULL, Q_IDX,
-    T, NUM_ANCHORS, WINDOW, qk_scale_log2, sm_scale,
-    s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_dot, s_doh, s_dkt, s_dkh, s_dvt, s_dvh,
+    Q, K, V, DO, DK, DV, LSE, DELTA, COS, SIN, KCOS, KSIN, DOC_START, ROW_START, K_OFF, K_NFULL, Q_IDX,
+    T, NUM_ANCHORS, WINDOW, QTD, KTD, qk_scale_log2, sm_scale,
+    s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_dot, s_doh, s_dkt, s_dkh, s_dvt, s_dvh, s_tab,
     GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ROT: tl.constexpr, BH: tl.constexpr, R_HALF: tl.constexpr, BT: tl.constexpr,
@@ -179,7 +183,9 @@ def _attn_bwd_dkdv_kernel(
     hk = tl.program_id(1)
     cols = kbi * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < T
-    ka, kb, kt, kcos, ksin, ka_lo, kb_lo = _load_qk_tile(K + hk.to(tl.int64) * s_kh, cols, cmask, s_kt, COS, SIN,
+    KC = KCOS + (hk // KTD).to(tl.int64) * s_tab
+    KS = KSIN + (hk // KTD).to(tl.int64) * s_tab
+    ka, kb, kt, kcos, ksin, ka_lo, kb_lo = _load_qk_tile(K + hk.to(tl.int64) * s_kh, cols, cmask, s_kt, KC, KS,
                                                          BLOCK_N, D, ROT, BH, R_HALF, BT, INTERLEAVED, ROPE,
                                                          HAS_TAIL, True, QKP, UPCAST)
     dcols = tl.arange(0, BD)
@@ -200,11 +206,13 @@ def _attn_bwd_dkdv_kernel(
         DOh = DO + h.to(tl.int64) * s_doh
         LSEh = LSE + h.to(tl.int64) * T
         DELTAh = DELTA + h.to(tl.int64) * T
+        QC = COS + (h // QTD).to(tl.int64) * s_tab
+        QS = SIN + (h // QTD).to(tl.int64) * s_tab
         qbi = tl.load(Q_IDX + start, mask=start < mid, other=0)
         for e in range(start, mid):
             nxt = tl.load(Q_IDX + e + 1, mask=e + 1 < mid, other=0)
             dka, dkb, dkt, dv = _dkdv_step(dka, dkb, dkt, dv, ka, kb, kt, v, Qh, DOh, LSEh, DELTAh,
-                                           qbi, cols, k_doc, dcols, dmask, COS, SIN, DOC_START,
+                                           qbi, cols, k_doc, dcols, dmask, QC, QS, DOC_START,
                                            ROW_START, T, NUM_ANCHORS, WINDOW, qk_scale_log2, s_qt,
                                            s_dot, D, BD, BLOCK_M, BLOCK_N, ROT, BH, R_HALF, BT, INTERLEAVED, ROPE,
                                            HAS_TAIL, CAUSAL, HAS_WINDOW, PREC, UPCAST, False,
@@ -214,7 +222,7 @@ def _attn_bwd_dkdv_kernel(
         for e in range(mid, end):
             nxt = tl.load(Q_IDX + e + 1, mask=e + 1 < end, other=0)
             dka, dkb, dkt, dv = _dkdv_step(dka, dkb, dkt, dv, ka, kb, kt, v, Qh, DOh, LSEh, DELTAh,
-                                           qbi, cols, k_doc, dcols, dmask, COS, SIN, DOC_START,
+                                           qbi, cols, k_doc, dcols, dmask, QC, QS, DOC_START,
                                            ROW_START, T, NUM_ANCHORS, WINDOW, qk_scale_log2, s_qt,
                                            s_dot, D, BD, BLOCK_M, BLOCK_N, ROT, BH, R_HALF, BT, INTERLEAVED, ROPE,
                                            HAS_TAIL, CAUSAL, HAS_WINDOW, PREC, UPCAST, True,

@@ -38,9 +38,9 @@ def _fwd_step(acc, m_i, l_i, qa, qb_, qt, Kh, Vh, kbi, rows, q_doc, q_row, dcols
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, COS, SIN, DOC_START, ROW_START, Q_OFF, Q_NFULL, KV_IDX,
-    T, NUM_ANCHORS, WINDOW, qk_scale_log2,
-    s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh,
+    Q, K, V, O, LSE, COS, SIN, KCOS, KSIN, DOC_START, ROW_START, Q_OFF, Q_NFULL, KV_IDX,
+    T, NUM_ANCHORS, WINDOW, QTD, KTD, qk_scale_log2,
+    s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh, s_tab,
     GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ROT: tl.constexpr, BH: tl.constexpr, R_HALF: tl.constexpr, BT: tl.constexpr,
@@ -56,7 +56,12 @@ def _attn_fwd_kernel(
     rmask = rows < T
     Kh = K + hk.to(tl.int64) * s_kh
     Vh = V + hk.to(tl.int64) * s_vh
-    qa, qb_, qt, _c, _s, qa_lo, qb_lo = _load_qk_tile(Q + h.to(tl.int64) * s_qh, rows, rmask, s_qt, COS, SIN,
+    # the tables' rows: q head h reads row h // QTD of the q table, k head hk row hk // KTD of the k table
+    QC = COS + (h // QTD).to(tl.int64) * s_tab
+    QS = SIN + (h // QTD).to(tl.int64) * s_tab
+    KC = KCOS + (hk // KTD).to(tl.int64) * s_tab
+    KS = KSIN + (hk // KTD).to(tl.int64) * s_tab
+    qa, qb_, qt, _c, _s, qa_lo, qb_lo = _load_qk_tile(Q + h.to(tl.int64) * s_qh, rows, rmask, s_qt, QC, QS,
                                                       BLOCK_M, D, ROT, BH, R_HALF, BT, INTERLEAVED, ROPE,
                                                       HAS_TAIL, True, QKP, UPCAST)
     q_doc = tl.load(DOC_START + rows, mask=rmask, other=-1)
@@ -78,7 +83,7 @@ def _attn_fwd_kernel(
     for e in range(start, mid):
         nxt = tl.load(KV_IDX + e + 1, mask=e + 1 < mid, other=0)
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, qa, qb_, qt, Kh, Vh, kbi, rows, q_doc, q_row,
-                                  dcols, dmask, COS, SIN, DOC_START, T, NUM_ANCHORS, WINDOW, qk_scale_log2,
+                                  dcols, dmask, KC, KS, DOC_START, T, NUM_ANCHORS, WINDOW, qk_scale_log2,
                                   s_kt, s_vt, D, BD, BLOCK_M, BLOCK_N, ROT, BH, R_HALF, BT,
                                   INTERLEAVED, ROPE, HAS_TAIL, CAUSAL, HAS_WINDOW, PREC, UPCAST, False,
                                   qa_lo, qb_lo, QKP)
@@ -87,7 +92,7 @@ def _attn_fwd_kernel(
     for e in range(mid, end):
         nxt = tl.load(KV_IDX + e + 1, mask=e + 1 < end, other=0)
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, qa, qb_, qt, Kh, Vh, kbi, rows, q_doc, q_row,
-                                  dcols, dmask, COS, SIN, DOC_START, T, NUM_ANCHORS, WINDOW, qk_scale_log2,
+                                  dcols, dmask, KC, KS, DOC_START, T, NUM_ANCHORS, WINDOW, qk_scale_log2,
                                   s_kt, s_vt, D, BD, BLOCK_M, BLOCK_N, ROT, BH, R_HALF, BT,
                                   INTERLEAVED, ROPE, HAS_TAIL, CAUSAL, HAS_WINDOW, PREC, UPCAST, True,
                                   qa_lo, qb_lo, QKP)
