@@ -183,11 +183,13 @@ def anchor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         window: hide keys ``window`` or more positions before the query (also after it when not
             causal); anchors stay visible.
         softmax_scale: default D ** -0.5.
-        rope: a :class:`posattn.RopeSpec`; q and k are rotated by ``positions`` inside the kernel,
-            reading a cos/sin table [T, R/2] built once per call with the rotary kernels' own exact
-            angle reduction: the same as ``apply_rope`` then attention (to fp32 rounding), without
-            the extra pass over memory.
-        positions: [T] int or float positions (integers exact below 2^31), required with ``rope``.
+        rope: a :class:`posattn.RopeSpec` (any: scalings, per-head frequency rows, mrope sections
+            including Qwen3-VL's interleaved ones, DPE); q and k are rotated by ``positions`` inside
+            the kernel, reading cos/sin tables built once per call with the exact angle reduction
+            (posattn.rope.table.attention_tables): the same as ``apply_rope`` then attention (to fp32
+            rounding), without the extra pass over memory.
+        positions: [T] int or float positions ([n_axes, T] with mrope sections; integers exact
+            below 2^31), required with ``rope``.
         qk_precision: how the rotated q and k (16-bit inputs with ``rope``) are multiplied:
             "bf16" (default) rounds them to the input dtype first, as ``apply_rope`` then
             attention does; "bf16x3" splits each fp32-rotated value into bf16 hi + lo and sums
