@@ -137,3 +137,26 @@ def test_planned_path_carries_qk_precision(backend):
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     with pytest.raises(ValueError, match="qk_precision"):
         posattn.anchor_attention(q, k, v, cu, rope=spec, positions=pos, plan=p, qk_precision="bf16")
+
+
+def _grads_at(offset, backend, mode, D=64, T=16, H=2):
+    g = torch.Generator().manual_seed(9)
+    q, k, v, do = (torch.randn(T, H, D, generator=g).to(torch.bfloat16).to(DEVICE) for _ in range(4))
+    q, k, v = (x.requires_grad_(True) for x in (q, k, v))
+    cu = torch.tensor([0, T], dtype=torch.int32, device=DEVICE)
+    pos = torch.arange(T, dtype=torch.int64, device=DEVICE) + offset
+    out = posattn.anchor_attention(q, k, v, cu, num_anchors=0, rope=posattn.RopeSpec(D, base=5e5), positions=pos,
+                                   backend=backend, qk_precision=mode)
+    return [x.double().cpu() for x in torch.autograd.grad(out, (q, k), do)]
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_gradients_keep_the_relative_position_property_with_bf16x3(backend):
+    """dq and dk (w.r.t. the unrotated inputs) are the same at p and p + 2^20 in exact arithmetic.
+    With "bf16x3" the backward's dS.k and dS^T.q products use the split too: one product of a
+    rotated k rounded once to bf16 would move them by ~2^-9 relative (as "bf16" does)."""
+    drift = {}
+    for mode in ("bf16", "bf16x3"):
+        a, b = _grads_at(16, backend, mode), _grads_at(16 + (1 << 20), backend, mode)
+        drift[mode] = max(float((x - y).norm() / x.norm()) for x, y in zip(a, b))
+    assert drift["bf16x3"] < 1e-3 and drift["bf16"] > 5 * drift["bf16x3"], drift
