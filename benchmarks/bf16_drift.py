@@ -147,9 +147,10 @@ def main(argv=None) -> int:
             rows.append(f"| {name} | n/a | n/a ({e.__class__.__name__}: {e}) |")
             continue
         rows.append(f"| {name} | {float(s.max() - s.min()):.2g} | {float((s - exact).abs().max()):.2g} |")
+    interp = ", Triton interpreter" if os.environ.get("TRITON_INTERPRET") else ""
     print(f"Score of one q/k pair at distance {DIST} over {starts.numel()} absolute positions "
           f"{int(starts[0])}..{int(starts[-1])} (D {D}, base {BASE:g}, exact score {exact:.4f}; "
-          f"attention backend {backend} on {device}{', Triton interpreter' if os.environ.get('TRITON_INTERPRET') else ''})")
+          f"attention backend {backend} on {device}{interp})")
     print()
     print("| pipeline | spread over positions | max deviation from exact |")
     print("|---|---|---|")

@@ -2,7 +2,7 @@
 
 ``posattn::anchor_attention`` takes the mask's lowered visit lists as tensors when the caller has
 them (a plan, or the eager path that lowers once), else lowers inside (torch.compile without a
-plan). It returns ``(out, lse, table)``: ``table`` is the call's fp32 cos/sin [2, T, R/2]
+plan). It returns ``(out, lse, table)``: ``table`` is the call's fp32 cos/sin [n, 2, rows, T, R/2]
 (posattn.rope.table; shape [0] without rope), built once in the forward and kept for the
 backward. The autograd context keeps the lists: the backward reuses the forward's when they
 carry the transpose for the backward's block sizes, and lowers only otherwise.

@@ -7,7 +7,7 @@ softmax_scale, rope, config)``, where
     lists: BlockLists for (BLOCK_M, BLOCK_N) (forward) or (BWD_BLOCK_M, BWD_BLOCK_N) with the
            transpose (backward); None for a backend with ``uses_lists = False``
     rope:  None or Rope(positions, inv_freq, rotary_dim, interleaved, scaling, table, qk_precision),
-           table the call's fp32 [2, T, R/2] cos/sin built once by posattn.rope.table with the
+           table the call's fp32 [n, 2, rows, T, R/2] cos/sin built once by attention_tables with the
            backend's ``table_backend`` (the values that backend's apply_rope multiplies by),
            qk_precision how rotated 16-bit q/k are multiplied ("bf16", "bf16x3", "fp32")
 """

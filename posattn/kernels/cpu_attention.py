@@ -57,7 +57,8 @@ def _scalars(q, k, lists, num_anchors, causal, window, softmax_scale, rope):
 
 def attn_forward(q, k, v, lists, num_anchors, causal, window, softmax_scale, rope, config):
     """Same contract as posattn.kernels.triton.flash_attn.attn_forward (rope: None or
-    (table fp32 [2, T, R/2] from posattn.rope.table with backend "cpu", rotary_dim, interleaved))."""
+    (table fp32 [n, 2, rows, T, R/2] from posattn.rope.table.attention_tables with backend "cpu",
+    rotary_dim, interleaved, qk_precision))."""
     qf, kf, vf = _f32(q), _f32(k), _f32(v)
     T, HQ, _ = q.shape
     out = torch.empty(qf.shape, dtype=torch.float32)
