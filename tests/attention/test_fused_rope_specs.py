@@ -106,3 +106,33 @@ def test_dpe_query_offset_gives_q_its_own_table():
     t = attention_tables(torch.arange(9), spec.tables("cpu"))
     assert t.shape == (2, 2, 1, 9, 8) and not torch.equal(t[0], t[1])
     assert math.isclose(float(t[1, 0, 0, 0, 0]), 1.0)          # key at position 0: angle 0
+
+
+@pytest.mark.parametrize("kind", ["mrope_interleaved", "dpe"])
+def test_compiles_fullgraph_with_inductor(kind):
+    """torch.compile (inductor, fullgraph) of fused attention with a fresh non-plain spec in
+    "bf16x3", against eager: the extra tables (pair axes, DPE scales and offsets) enter the op."""
+    backend = "triton" if "triton" in BACKENDS else "reference"
+    spec = _spec(kind, 32, 2)
+    spec = posattn.RopeSpec(32, rotary_dim=spec.rotary_dim, base=7777.0, mrope_section=spec.mrope_section,
+                            mrope_interleaved=spec.mrope_interleaved, dpe=spec.dpe)    # fresh: no cached tables
+    T = 12
+    pos = _positions(kind, spec, T).to(DEVICE)
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(T, 2, 32, generator=g).bfloat16().to(DEVICE).requires_grad_(True) for _ in range(3))
+    cu = torch.tensor([0, 5, T], dtype=torch.int32, device=DEVICE)
+
+    def step(q, k, v, cu, pos):
+        out, lse = posattn.anchor_attention(q, k, v, cu, rope=spec, positions=pos, return_lse=True, backend=backend,
+                                            qk_precision="bf16x3")
+        return out.float().square().sum() + lse.sum()
+
+    torch._dynamo.reset()
+    loss = torch.compile(step, fullgraph=True)(q, k, v, cu, pos)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    loss2 = step(q, k, v, cu, pos)
+    grads2 = torch.autograd.grad(loss2, (q, k, v))
+    # the same kernels on the same inputs; inductor may reassociate the fp32 sums around them
+    torch.testing.assert_close(loss, loss2, atol=0, rtol=1e-6)
+    for a, b in zip(grads, grads2):
+        assert torch.equal(a, b)
