@@ -195,12 +195,16 @@ def _flat(names, args):
     return fn, fa
 
 
-def _attention_rule(op, names, args, heads, outs_heads, n_out):
-    names, args = _flat(names, args)
+def _attention_rule(op, names, args, rest, heads, outs_heads, n_out):
+    """``rest``: the op's trailing arguments (scalars, and tensors such as per-pair rope tables,
+    which are replicated)."""
+    names, args = _flat(names + tuple(f"table {i}" for i in range(len(rest))), args + tuple(rest))
     specs = {n: a for n, a in zip(names, args) if isinstance(a, DTensorSpec)}
     rep = {n: R for n in specs}
-    head = dict(rep, **{n: p for n, p in heads.items() if n in specs})
-    cands = [("replicated", rep, [R] * n_out), ("heads", head, outs_heads)]
+    cands = [("replicated", rep, [R] * n_out)]
+    inv = specs.get("inv_freq")
+    if inv is None or _shape(inv) is None or len(_shape(inv)) == 1:      # per-head frequencies: not head-sharded
+        cands.append(("heads", dict(rep, **{n: p for n, p in heads.items() if n in specs}), outs_heads))
     out = _strategies(op, names, args, cands, _SEQ_HINT)
     _check_heads(op, specs, next(iter(specs.values())).mesh)
     return out
@@ -211,7 +215,7 @@ def _anchor_rule(q, k, v, cu_seqlens, cu_rows, lists, blocks, num_anchors, causa
                  positions, inv_freq, *rest):
     names = ("q", "k", "v", "cu_seqlens", "cu_rows", "lists", "positions", "inv_freq")
     args = (q, k, v, cu_seqlens, cu_rows, lists, positions, inv_freq)
-    return _attention_rule("posattn::anchor_attention", names, args, dict(q=Shard(1), k=Shard(1), v=Shard(1)),
+    return _attention_rule("posattn::anchor_attention", names, args, rest, dict(q=Shard(1), k=Shard(1), v=Shard(1)),
                            [Shard(1), Shard(0), R], 3)
 
 
@@ -222,4 +226,4 @@ def _anchor_bwd_rule(dout, dlse, q, k, v, out, lse, table, cu_seqlens, cu_rows, 
              "inv_freq")
     args = (dout, dlse, q, k, v, out, lse, table, cu_seqlens, cu_rows, lists, positions, inv_freq)
     heads = dict(dout=Shard(1), dlse=Shard(0), q=Shard(1), k=Shard(1), v=Shard(1), out=Shard(1), lse=Shard(0))
-    return _attention_rule("posattn::anchor_attention_backward", names, args, heads, [Shard(1)] * 3, 3)
+    return _attention_rule("posattn::anchor_attention_backward", names, args, rest, heads, [Shard(1)] * 3, 3)
