@@ -139,8 +139,8 @@ def model(world: int, link_gbs: float, shard: str = "zigzag") -> list[dict]:
                 est[f"{kind}_exposed_transfer_us_max"] = round(max(exposed), 1)
                 est[f"{kind}_step_us_est"] = round(max(c + e for c, e in zip(per_rank, exposed)), 1)
                 est[f"{kind}_single_gpu_us"] = round(pairs_all * per, 1)
-        rows_out = rows_out
-        out.append({"bench": "distributed_model", "layout": {"row_len": row_len, "rows": n_rows, "docs_per_row": n_docs},
+        layout = {"row_len": row_len, "rows": n_rows, "docs_per_row": n_docs}
+        out.append({"bench": "distributed_model", "layout": layout,
                     "world": world, "shard": shard, "tokens": T, "kv_block_MB": round(max(kv_bytes) / 1e6, 2),
                     "fwd_transfer_us": round(t_fwd, 1), "bwd_transfer_us": round(t_bwd, 1),
                     "fwd_us_per_Mpair": round(fwd_pair_us * 1e6, 3) if fwd_pair_us else None,
