@@ -50,7 +50,7 @@ def _info(args) -> int:
 
     con = Console()
     for k, v in info.items():
-        if k != "backends":
+        if k not in ("backends", "devices"):
             con.print(f"[bold]{k}[/bold]: {v}")
     t = Table(title="backends")
     t.add_column("backend")
@@ -65,7 +65,7 @@ def _info(args) -> int:
     for d in info["devices"]:
         for name, b in d["backends"].items():
             v.add_row(f"{d['device']} ({d['name']})", name, "yes" if b["verified"] else "no",
-                      ", ".join(b["ops"]) if b["verified"] else b["note"])
+                      ", ".join(b["ops"]) if b["ops"] else b["note"])
     con.print(v)
     return 0
 

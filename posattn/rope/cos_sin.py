@@ -363,7 +363,7 @@ def _launch(q, k, qo_t, ko_t, tab_a, tab_b, positions, R, form, layout, interlea
         if check_bounds:
             _check_positions_in_range(pos2, c1.shape[1])
     key = _key_for(q, q4, k4, c1, c2, pos2, R, interleaved)
-    kernel, config = dispatch.select("rope_cos_sin", key, backend=backend)
+    kernel, config = dispatch.select("rope_cos_sin", key, backend=backend, device_index=q.device.index)
 
     qi, qo, qback = _io(q4, q4 if qo_t is q else _as_bshd(qo_t, layout))
     ki = ko = kback = None
@@ -419,7 +419,7 @@ class _CosSinPlan:
         c1, s1, c2, s2 = _table_views(tab_a, tab_b, R, form, interleaved, False)
         pos2 = None if positions is None else _positions_2d(positions, q4.shape[0], q4.shape[1], layout)
         self.kernel, self.config = dispatch.select("rope_cos_sin", _key_for(q, q4, k4, c1, c2, pos2, R, interleaved),
-                                                   backend=backend)
+                                                   backend=backend, device_index=q.device.index)
         self.fn = self.kernel.fn
         self.R, self.form, self.layout, self.interleaved = R, form, layout, interleaved
         self.inplace, self.check_bounds = inplace, check_bounds
@@ -643,9 +643,7 @@ def _triton_supports(key: CosSinKey, explicit: bool = False):
     why = tk.device_refusal(key.device_type, explicit)
     if why:
         return False, why
-    if key.dtype == "float64":
-        return False, "float64 q/k are not compiled for Triton"
-    return True, ""
+    return (True, "") if key.dtype in _DTYPES else (False, f"dtype {key.dtype}")
 
 
 def _triton_fn(*args):
@@ -668,6 +666,6 @@ dispatch.register("rope_cos_sin", "cpu", supports=_cpu_supports,
 dispatch.register("rope_cos_sin", "cuda", supports=_cuda_supports, default_config=lambda key: {"threads": 256},
                   dtypes=_DTYPES, search_space=native_kernels.cuda_search_space)(native_kernels.cuda_forward)
 dispatch.register("rope_cos_sin", "triton", supports=_triton_supports, default_config=_triton_default,
-                  search_space=lambda key: __import__(  # lazy: importing triton waits for a Triton launch
+                  dtypes=_DTYPES, search_space=lambda key: __import__(  # lazy: importing triton waits for a Triton launch
                       "posattn.kernels.triton.rope_cos_sin", fromlist=["_"]).rope_cos_sin_search_space(key)
                   )(_triton_fn)
