@@ -1,8 +1,7 @@
 // CUDA rotary kernel (positions x RopeTables, or explicit angles; sign +-1).
 //
 // Block (x, y) handles token x and heads [y*hpb, (y+1)*hpb) of q then k (y > 0
-// only when a token's heads make more work than one block, or the grid would
-// otherwise have fewer blocks than SMs: decode-size calls; split_heads in
+// only for decode-size calls, fewer tokens than SMs: split_heads in
 // posattn/cuda_launch.h). The token's cos/sin table ([rows, R/2], and a
 // second one for keys when the DPE query offset makes them differ) is computed
 // once into shared memory: exact fp64 range reduction (rope_math.h), then
@@ -194,10 +193,16 @@ static void launch_typed(const RopeProblem& p, int threads, cudaStream_t st) {
   const int vec = smem_table ? pick_vec<T>(p) : 1;
   const int ppc = p.interleaved ? (vec > 1 ? vec / 2 : 1) : vec;
   const int64_t heads = (p.q.in ? p.q.heads : 0) + (p.k.in ? p.k.heads : 0);
-  const HeadSplit hs = split_heads(ntok, heads, (p.rotary_dim / 2) / ppc, threads, sm_count());
-  const int hpb = int(hs.hpb);
+  // every block computes its token's whole table: split a token's heads over blocks only
+  // when there are fewer tokens than SMs (decode), never for prefill
+  int hpb = int(std::max<int64_t>(heads, 1));
+  const int sms = sm_count();
+  if (ntok < sms) {
+    const HeadSplit hs = split_heads(ntok, heads, (p.rotary_dim / 2) / ppc, threads, sms);
+    hpb = int(hs.hpb);
+    threads = hs.threads;
+  }
   dim3 grid(static_cast<unsigned>(ntok), static_cast<unsigned>((heads + hpb - 1) / hpb));
-  threads = hs.threads;
   if (!smem_table) {  // huge per-head tables: angles per element, unvectorised (rare)
     rope_kernel_bshd<T, 1, false><<<grid, threads, 0, st>>>(p, hpb);
     return;
