@@ -208,3 +208,29 @@ def test_verified_backends_reads_shipped_and_tuned_entries(cache_dirs, monkeypat
     got = dispatch.verified_backends("cuda", 0)
     assert list(got) == ["triton", "cuda"]
     assert got["triton"] == {"ops": ["rope_cos_sin"], "layers": ["POSATTN_TUNE_DIR"]}
+
+
+def test_two_gpu_kinds_read_their_own_tuned_configs(fake_gpu, cache_dirs, monkeypatch):
+    """End to end through the autotuner's lookups: device 0 (an H200 with a shipped entry that
+    verified cuda) and device 1 (an A100 with none) in one process get different decisions."""
+    import torch
+
+    from posattn import autotune
+    from posattn.autotune import fingerprint
+    from posattn.device import Device
+
+    state = fake_gpu
+    _, shipped = cache_dirs
+    devs = {0: _fake_h200(), 1: Device("cuda", "NVIDIA A100", "nvidia-a100", "nvidia-a100-cc80-sm108",
+                                       capability="8.0", sm_count=108)}
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: state["current"])
+    monkeypatch.setattr(fingerprint, "device_for", lambda t, i=None: devs[state["current"] if i is None else i])
+    _write(shipped / "nvidia-h200.json", devs[0].fingerprint, [_entry(OP, "cuda", DKey())])
+    autotune.reload()  # installs the real lookups (the fixture had removed them)
+    assert dispatch.select(OP, DKey(), device_index=0)[0].backend == "cuda"
+    assert dispatch.select(OP, DKey(), device_index=1)[0].backend == "triton"
+    assert dispatch.select(OP, DKey(), device_index=0)[0].backend == "cuda"
+    # and with the memo forgotten, in the other order
+    dispatch.clear_memo()
+    assert dispatch.select(OP, DKey(), device_index=1)[0].backend == "triton"
+    assert dispatch.select(OP, DKey(), device_index=0)[0].backend == "cuda"
