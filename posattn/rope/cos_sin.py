@@ -74,7 +74,8 @@ def apply_rope_cos_sin(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tenso
     Args:
         q: [B, S, Hq, D] (layout "bshd"), [B, Hq, S, D] ("bhsd") or packed [T, Hq, D] ("thd").
         k: the same layout with Hk heads, or None.
-        cos, sin: the tables, same shape and dtype (any float dtype; the math is fp32):
+        cos, sin: the tables, same shape and dtype (any float dtype; the math is fp32, or fp64 on
+            every backend when q/k are fp64):
 
             * per token (``positions=None``): ``[S, W]`` or ``[B or 1, S, W]`` (``[T, W]`` for "thd");
             * a cache indexed by ``positions``: ``[N, W]`` or ``[B or 1, N, W]``.
