@@ -234,6 +234,13 @@ PYBIND11_MODULE(_C, m) {
         return py::make_tuple(hs.hpb, hs.threads);
       },
       py::arg("tokens"), py::arg("heads"), py::arg("chunks_per_head"), py::arg("threads"), py::arg("sm_count"));
+  m.def(
+      "cuda_cos_sin_item",
+      [](int e, int per_tok, int cph, int ppc, int h0) {
+        const auto it = posattn::cos_sin_item(e, per_tok, cph, ppc, h0);
+        return py::make_tuple(it.t, it.h, it.i0);
+      },
+      py::arg("e"), py::arg("per_tok"), py::arg("cph"), py::arg("ppc"), py::arg("h0"));
   m.def("bf16_round", [](float f) { return posattn::to_float(posattn::bf16_from_float(f)); });
   m.def("fp16_round", [](float f) { return posattn::to_float(posattn::half_from_float(f)); });
 }

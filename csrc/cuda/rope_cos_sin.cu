@@ -55,11 +55,9 @@ __global__ void rope_cos_sin_kernel(CosSinProblem p, int tpb, int hpb, int64_t t
     }
     __syncthreads();
     for (int e = threadIdx.x; e < ntb * per_tok; e += blockDim.x) {
-      const int t = e / per_tok;
-      const int r = e - t * per_tok;
-      int h = r / cph;
-      const int i0 = (r - h * cph) * ppc;
-      h += h0;
+      const CosSinItem it = cos_sin_item(e, per_tok, cph, ppc, h0);
+      const int t = it.t, i0 = it.i0;
+      int h = it.h;
       const int64_t b = sm_b[t], s = sm_s[t];
       const CosSinTensor& ten = h < qh ? p.q : p.k;
       if (h >= qh) h -= qh;

@@ -114,3 +114,36 @@ def test_shared_memory_budget(C, acc_bytes, half):
         assert pl["smem_attr"] == (pl["smem"] > 48 * 1024)
         if pl["tpb"] > 1:
             assert not pl["smem_attr"]
+
+
+@pytest.mark.parametrize("tokens, heads, half, ppc, threads", [
+    (1, 40, 64, 8, 256),      # decode, one token: heads split over blocks
+    (8, 12, 48, 4, 128),      # decode-size batch
+    (37, 5, 40, 2, 256),      # several tokens per block, a partial last block
+    (300, 3, 24, 8, 64),      # interleaved-like chunks of 8 pairs, odd heads
+    (64, 9, 10, 1, 1024),     # scalar, wide block
+])
+def test_every_pair_is_rotated_exactly_once(C, tokens, heads, half, ppc, threads):
+    """Walk the CUDA cos/sin kernel's grid as it does (token blocks, head groups, work items
+    e = threadIdx.x, += blockDim.x) with its own item decomposition (cos_sin_item, the
+    function the kernel calls): every (token, head, pair) is covered exactly once."""
+    pl = C.cuda_cos_sin_plan(tokens, heads, half, 4, ppc, threads, 16)
+    _check_covers(pl, tokens, heads)
+    cph = half // ppc
+    seen = {}
+    for y in range(pl["grid_y"]):
+        h0 = y * pl["hpb"]
+        nh = min(pl["hpb"], heads - h0)
+        per_tok = nh * cph
+        for x in range(pl["grid_x"]):
+            for blk in range(x, pl["token_blocks"], pl["grid_x"]):
+                tok0 = blk * pl["tpb"]
+                ntb = min(pl["tpb"], tokens - tok0)
+                for e in range(ntb * per_tok):
+                    t, h, i0 = C.cuda_cos_sin_item(e, per_tok, cph, ppc, h0)
+                    assert 0 <= t < ntb and h0 <= h < h0 + nh and i0 % ppc == 0
+                    for i in range(i0, i0 + ppc):
+                        k = (tok0 + t, h, i)
+                        seen[k] = seen.get(k, 0) + 1
+    assert len(seen) == tokens * heads * half
+    assert set(seen.values()) == {1}

@@ -81,6 +81,20 @@ POSATTN_HD void cos_sin_load(const CosSinProblem& p, int64_t b, int64_t row, int
   s2 = sign * acc_load<A>(static_cast<const U*>(p.sin2)[so]);
 }
 
+// Work item e of a CUDA block (rope_cos_sin.cu): the block's tokens x its heads [h0, h0 + nh)
+// x chunks of ppc pairs (cph = half / ppc chunks per head, per_tok = nh * cph).
+struct CosSinItem {
+  int t;    // token within the block
+  int h;    // head, q's then k's, counted together
+  int i0;   // first pair of the chunk
+};
+POSATTN_HD CosSinItem cos_sin_item(int e, int per_tok, int cph, int ppc, int h0) {
+  const int t = e / per_tok;
+  const int r = e - t * per_tok;
+  const int hl = r / cph;
+  return CosSinItem{t, h0 + hl, (r - hl * cph) * ppc};
+}
+
 POSATTN_HD void cos_sin_pair_index(int i, int rotary_dim, bool interleaved, int& i1, int& i2) {
   if (interleaved) { i1 = 2 * i; i2 = 2 * i + 1; }
   else { i1 = i; i2 = i + rotary_dim / 2; }
