@@ -24,7 +24,9 @@ inline std::string device_problem() {
   cudaDriverGetVersion(&drv);
   cudaRuntimeGetVersion(&rt);
   if (drv == 0) return "no CUDA device is available: no CUDA driver is installed (cudaDriverGetVersion: 0)";
-  if (err == cudaErrorInsufficientDriver || drv < rt)
+  // a newer runtime of the same major version runs on an older driver (minor version
+  // compatibility); a newer major, or the runtime's own verdict, means the driver is too old
+  if (err == cudaErrorInsufficientDriver || drv / 1000 < rt / 1000)
     return "the CUDA driver supports CUDA " + cuda_version_text(drv) + " but posattn._cuda was built with CUDA " +
            cuda_version_text(rt) + " (runtime " + std::to_string(rt) + ", driver " + std::to_string(drv) +
            "): update the driver, or rebuild with a toolkit the driver supports";

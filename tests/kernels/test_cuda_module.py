@@ -82,6 +82,13 @@ def test_driver_older_than_the_runtime_is_named(monkeypatch):
     monkeypatch.setattr(ck, "probe", lambda: {"count": 0, "driver": 13000, "runtime": 13000, "problem": "",
                                                "torch": False})
     assert "no CUDA device is visible" in ck.status()[1]
+    # same major version, older minor: compatible, so not blamed on the driver without the runtime's verdict
+    monkeypatch.setattr(ck, "probe", lambda: {"count": 0, "driver": 13000, "runtime": 13010, "problem": "",
+                                               "torch": False})
+    assert "no CUDA device is visible" in ck.status()[1] and "13.0" in ck.status()[1]
+    monkeypatch.setattr(ck, "probe", lambda: {"count": 0, "driver": 13000, "runtime": 13010, "torch": False,
+                                               "problem": "CUDA driver version is insufficient for CUDA runtime version"})
+    assert "update the driver" in ck.status()[1]
     monkeypatch.setattr(ck, "probe", lambda: {"count": 0, "driver": 0, "runtime": 13000, "problem": "",
                                                "torch": False})
     assert "no CUDA driver is installed" in ck.status()[1]
