@@ -667,6 +667,7 @@ dispatch.register("rope_cos_sin", "cpu", supports=_cpu_supports,
 dispatch.register("rope_cos_sin", "cuda", supports=_cuda_supports, default_config=lambda key: {"threads": 256},
                   dtypes=_DTYPES, search_space=native_kernels.cuda_search_space)(native_kernels.cuda_forward)
 dispatch.register("rope_cos_sin", "triton", supports=_triton_supports, default_config=_triton_default,
-                  dtypes=_DTYPES, search_space=lambda key: __import__(  # lazy: importing triton waits for a Triton launch
+                  dtypes=_DTYPES,
+                  search_space=lambda key: __import__(  # lazy: importing triton waits for a Triton launch
                       "posattn.kernels.triton.rope_cos_sin", fromlist=["_"]).rope_cos_sin_search_space(key)
                   )(_triton_fn)

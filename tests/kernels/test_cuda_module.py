@@ -86,8 +86,9 @@ def test_driver_older_than_the_runtime_is_named(monkeypatch):
     monkeypatch.setattr(ck, "probe", lambda: {"count": 0, "driver": 13000, "runtime": 13010, "problem": "",
                                                "torch": False})
     assert "no CUDA device is visible" in ck.status()[1] and "13.0" in ck.status()[1]
+    insufficient = "CUDA driver version is insufficient for CUDA runtime version"
     monkeypatch.setattr(ck, "probe", lambda: {"count": 0, "driver": 13000, "runtime": 13010, "torch": False,
-                                               "problem": "CUDA driver version is insufficient for CUDA runtime version"})
+                                               "problem": insufficient})
     assert "update the driver" in ck.status()[1]
     monkeypatch.setattr(ck, "probe", lambda: {"count": 0, "driver": 0, "runtime": 13000, "problem": "",
                                                "torch": False})
