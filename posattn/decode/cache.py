@@ -1,0 +1,431 @@
+"""Cache writes of the decode engine: rope_and_cache (fused RoPE + paged append) and
+kv_compact (move accepted tokens down after speculative verification).
+
+Cache layouts: paged ``[num_blocks, page_size, Hk, D]`` ("NHD", vLLM / FlashInfer) or
+``[num_blocks, Hk, page_size, D]`` ("HND"); a contiguous cache ``[B, S_cap, Hk, D]`` is
+NHD with one block per request and page_size = S_cap. Kernels see NHD-ordered views
+(any strides, last dimension contiguous). Both ops are torch.library custom ops with
+fake implementations (torch.compile traces them) that mutate the caches in place; the
+eager path keeps a per-signature plan (checks, tables, kernel choice) as apply_rope does.
+
+Value checks (slot range, kv_compact's sources and counts, block table entries) read
+the index tensors' values: ``check=None`` runs them only for CPU tensors (no device sync
+there); ``check=True`` runs them on any device (one device-to-host copy), ``False`` never.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from posattn import _plans, dispatch
+from posattn import _validate as V
+from posattn.kernels import cpu_cache
+from posattn.kernels.reference import cache as ref_cache
+from posattn.lowered import RopeTables, token_bucket
+from posattn.rope.ops import _check_rows, _pos_tensor, _positions_3d, _tables_for
+from posattn.rope.spec import RopeSpec
+
+KV_LAYOUTS = ("NHD", "HND")
+_ALL = ("float32", "float16", "bfloat16", "float64")
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """rope_and_cache's kernel key."""
+
+    device_type: str
+    dtype: str
+    head_dim: int
+    rotary_dim: int
+    heads_q: int
+    heads_k: int
+    rows: int
+    n_axes: int
+    dpe: bool
+    rotate_k: bool
+    tokens_bucket: int
+
+
+@dataclass(frozen=True)
+class CompactKey:
+    """kv_compact's kernel key."""
+
+    device_type: str
+    dtype: str
+    head_dim: int
+    heads_k: int
+    paged: bool
+    width_bucket: int     # src.shape[1], bucketed
+
+
+def _dname(dt) -> str:
+    return str(dt).removeprefix("torch.")
+
+
+def _nhd(cache: torch.Tensor, kv_layout: str) -> torch.Tensor:
+    return cache if kv_layout == "NHD" else cache.transpose(1, 2)
+
+
+def _want_values(check, device) -> bool:
+    if check is None:
+        return device.type == "cpu"
+    V.boolean(check, "check")
+    return check
+
+
+def _check_cache_pair(k_cache, v_cache, kv_layout, Hk, D, Dv, dtype, device):
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        V.float_tensor(c, name)
+        if c.dim() != 4:
+            raise ValueError(f"{name} must be 4-D ([num_blocks, page_size, Hk, D] for kv_layout='NHD', "
+                             f"[num_blocks, Hk, page_size, D] for 'HND'); got shape {tuple(c.shape)}")
+        if c.dtype != dtype:
+            raise TypeError(f"{name} must have the new keys' dtype {dtype}; got {c.dtype}")
+        if c.device != device:
+            raise ValueError(f"{name} is on {c.device} but k is on {device}; all tensors must be on one device")
+        if c.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last dimension; got strides {c.stride()}")
+    kc, vc = _nhd(k_cache, kv_layout), _nhd(v_cache, kv_layout)
+    if kc.shape[:2] != vc.shape[:2]:
+        raise ValueError(f"k_cache and v_cache must have the same blocks and page size; got {tuple(k_cache.shape)} "
+                         f"and {tuple(v_cache.shape)} (kv_layout={kv_layout!r})")
+    if Hk is not None:
+        for name, c, d in (("k_cache", kc, D), ("v_cache", vc, Dv)):
+            if c.shape[2] != Hk or c.shape[3] != d:
+                raise ValueError(f"{name} must hold Hk = {Hk} heads of size {d} (the new tokens'); got shape "
+                                 f"{tuple(c.shape if kv_layout == 'NHD' else c.transpose(1, 2).shape)} "
+                                 f"(kv_layout={kv_layout!r})")
+    if kc.shape[2] != vc.shape[2]:
+        raise ValueError(f"k_cache and v_cache must have the same number of heads; got {kc.shape[2]} and {vc.shape[2]}")
+    return kc, vc
+
+
+# ---------------------------------------------------------------------------
+# rope_and_cache
+
+def _run_rope_cache(q, qo, k, v, kc, vc, slots, pos3, tables, rotary_dim, interleaved, rotate_k, key, backend):
+    kernel, config = dispatch.select("rope_and_cache", key, backend=backend or None)
+    kernel.fn(q, qo, k, v, kc, vc, slots, pos3, tables, rotary_dim, interleaved, rotate_k, config)
+
+
+@torch.library.custom_op("posattn::rope_and_cache", mutates_args=("k_cache", "v_cache"))
+def _rope_cache_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, slots: torch.Tensor, pos3: torch.Tensor, inv_freq: torch.Tensor,
+                   pair_axis: Optional[torch.Tensor], pair_pos_scale: Optional[torch.Tensor],
+                   pair_q_offset: Optional[torch.Tensor], attention_scaling: float, rotary_dim: int,
+                   interleaved: bool, rotate_k: bool, hnd: bool, backend: str) -> torch.Tensor:
+    """q: [T, Hq, D], k: [T, Hk, D], v: [T, Hk, Dv], caches in their layout -> rotated q."""
+    tables = RopeTables(inv_freq, attention_scaling, pair_axis, pos3.shape[0], pair_pos_scale, pair_q_offset)
+    kc, vc = _nhd(k_cache, "HND" if hnd else "NHD"), _nhd(v_cache, "HND" if hnd else "NHD")
+    qo = torch.empty_like(q)
+    rows = 1 if inv_freq.dim() == 1 else inv_freq.shape[0]
+    key = _cache_key(q, k, rotary_dim, rows, pos3.shape[0], pair_pos_scale is not None, rotate_k)
+    _run_rope_cache(q[None], qo[None], k[None], v[None], kc, vc, slots, pos3, tables, rotary_dim, interleaved,
+                    rotate_k, key, backend)
+    return qo
+
+
+@_rope_cache_op.register_fake
+def _rope_cache_fake(q, k, v, k_cache, v_cache, slots, pos3, inv_freq, pair_axis, pair_pos_scale,
+                     pair_q_offset, attention_scaling, rotary_dim, interleaved, rotate_k, hnd, backend):
+    return torch.empty_like(q)
+
+
+def _cache_key(q, k, rotary_dim, rows, n_axes, dpe, rotate_k) -> CacheKey:
+    return CacheKey(k.device.type, _dname(k.dtype), k.shape[2], rotary_dim, q.shape[1], k.shape[1], rows,
+                    n_axes, dpe, rotate_k, token_bucket(k.shape[0]))
+
+
+_PLANS: dict = _plans.new_table()
+PLAN_CACHE_SIZE = 256
+
+
+class _CachePlan:
+    __slots__ = ("fn", "config", "tables", "n_axes", "rotary_dim", "interleaved", "rotate_k", "hnd")
+
+    def __init__(self, kernel, config, tables, n_axes, rotary_dim, interleaved, rotate_k, hnd):
+        self.fn, self.config, self.tables, self.n_axes = kernel.fn, config, tables, n_axes
+        self.rotary_dim, self.interleaved, self.rotate_k, self.hnd = rotary_dim, interleaved, rotate_k, hnd
+
+    def run(self, q, k, v, positions, k_cache, v_cache, slot_mapping):
+        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+        pos3 = positions.view(self.n_axes, 1, -1)
+        kc, vc = (k_cache.transpose(1, 2), v_cache.transpose(1, 2)) if self.hnd else (k_cache, v_cache)
+        qo = torch.empty_like(q)
+        self.fn(q[None], qo[None], k[None], v[None], kc, vc, slot_mapping, pos3, self.tables, self.rotary_dim,
+                self.interleaved, self.rotate_k, self.config)
+        return qo
+
+
+def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, spec: RopeSpec,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, *,
+                   kv_layout: str = "NHD", rotate_k: bool = True, check: bool | None = None,
+                   backend: str | None = None, seq_len: int | None = None) -> torch.Tensor:
+    """Rotate q and k by their positions, write the rotated k and v into a paged cache, return the rotated q.
+
+    Args:
+        q: [T, Hq, D] new queries; k: [T, Hk, D] new keys; v: [T, Hk, Dv] new values.
+        positions: [T] (int32/int64/fp32/fp64), or [n_axes, T] for multi-axis specs.
+        spec: the :class:`posattn.RopeSpec` (head_dim = D); every scaling, per-head rows and DPE work.
+        k_cache, v_cache: [num_blocks, page_size, Hk, D] ("NHD") or [num_blocks, Hk, page_size, D]
+            ("HND"), the new tokens' dtype, last dimension contiguous; written in place.
+        slot_mapping: int64 [T]: token t goes to block slot // page_size, offset slot % page_size;
+            -1 skips the token (vLLM's padding slots).
+        rotate_k: False writes the keys as given (pre-RoPE caches); q is rotated either way.
+        check: value checks of slot_mapping (None: only for CPU tensors, which costs no sync).
+        backend: "triton", "cpu" or "reference" (default: the dispatch order).
+
+    Returns:
+        rotated q [T, Hq, D] in q's dtype. One kernel launch (no host sync when check is off).
+    """
+    if not torch.compiler.is_compiling():
+        pk = (q.shape, q.dtype, q.device, k.shape, v.shape, positions.shape, positions.dtype, spec,
+              k_cache.shape, k_cache.stride(), v_cache.shape, v_cache.stride(), k_cache.dtype,
+              slot_mapping.shape, slot_mapping.dtype, kv_layout, rotate_k, backend, seq_len,
+              dispatch.context_backend(), dispatch.env_backend_raw()) if _plain(q, k, v, positions, spec,
+                                                                               k_cache, v_cache, slot_mapping) else None
+        plan = _PLANS.get(pk) if pk is not None else None
+        if plan is not None and not _grad(q, k, v):
+            if _want_values(check, q.device):
+                _check_slots(slot_mapping, k_cache.shape[0] * k_cache.shape[2 if kv_layout == "HND" else 1])
+            return plan.run(q, k, v, positions, k_cache, v_cache, slot_mapping)
+    else:
+        pk = None
+    tables, pos3, key = _check_rope_cache(q, k, v, positions, spec, k_cache, v_cache, slot_mapping, kv_layout,
+                                          rotate_k, check, backend, seq_len)
+    hnd = kv_layout == "HND"
+    if torch.compiler.is_compiling() or _grad(q, k, v):
+        return _rope_cache_op(q, k, v, k_cache, v_cache, slot_mapping, pos3, tables.inv_freq, tables.pair_axis,
+                              tables.pair_pos_scale, tables.pair_q_offset, float(tables.attention_scaling),
+                              spec.rotary_dim, spec.interleaved, rotate_k, hnd, backend or "")
+    kernel, config = dispatch.select("rope_and_cache", key, backend=backend)
+    plan = _CachePlan(kernel, config, tables, pos3.shape[0], spec.rotary_dim, spec.interleaved, rotate_k, hnd)
+    if pk is not None and not (seq_len is None and spec.depends_on_seq_len):
+        _plans.store(_PLANS, pk, plan, PLAN_CACHE_SIZE)
+    return plan.run(q, k, v, positions, k_cache, v_cache, slot_mapping)
+
+
+def _plain(*xs) -> bool:
+    return all(x.__class__ is torch.Tensor or x.__class__ is RopeSpec for x in xs)
+
+
+def _grad(*xs) -> bool:
+    return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
+
+
+def _check_slots(slot_mapping, n: int):
+    """Slots in [-1, n), n = num_blocks * page_size."""
+    if slot_mapping.numel() == 0:
+        return
+    lo, hi = (int(x) for x in torch.aminmax(slot_mapping))
+    if lo < -1 or hi >= n:
+        bad = lo if lo < -1 else hi
+        raise ValueError(f"slot_mapping values must be -1 or in [0, num_blocks * page_size) = [0, {n}); got {bad}")
+
+
+def _check_rope_cache(q, k, v, positions, spec, k_cache, v_cache, slot_mapping, kv_layout, rotate_k, check,
+                      backend, seq_len):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        V.float_tensor(x, name)
+        if x.dim() != 3:
+            raise ValueError(f"{name} must be 3-D [T, heads, head_dim]; got shape {tuple(x.shape)}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k and v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    _pos_tensor(positions)
+    if not isinstance(spec, RopeSpec):
+        raise TypeError(f"spec must be a posattn.RopeSpec, got {type(spec).__name__}")
+    V.tensor(slot_mapping, "slot_mapping")
+    if slot_mapping.dtype != torch.int64:
+        raise TypeError(f"slot_mapping must be int64 (block * page_size + offset, -1 to skip); got {slot_mapping.dtype}")
+    V.choice(kv_layout, "kv_layout", KV_LAYOUTS)
+    V.boolean(rotate_k, "rotate_k")
+    V.same_device(q, "q", k=k, v=v, positions=positions, slot_mapping=slot_mapping)
+    T, HQ, D = q.shape
+    if k.shape[0] != T or v.shape[0] != T or slot_mapping.shape != (T,):
+        raise ValueError(f"q, k, v and slot_mapping must have the same token count T = {T}; got k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}, slot_mapping {tuple(slot_mapping.shape)}")
+    if k.shape[1] != v.shape[1]:
+        raise ValueError(f"k and v must have the same number of heads; got {k.shape[1]} and {v.shape[1]}")
+    if k.shape[2] != D:
+        raise ValueError(f"k's head_dim ({k.shape[2]}) must equal q's ({D})")
+    if D != spec.head_dim:
+        raise ValueError(f"q's head_dim ({D}) must equal spec.head_dim ({spec.head_dim})")
+    if HQ % k.shape[1]:
+        raise ValueError(f"q's heads ({HQ}) must be a multiple of k's ({k.shape[1]}) (grouped-query attention)")
+    kc, _ = _check_cache_pair(k_cache, v_cache, kv_layout, k.shape[1], D, v.shape[2], k.dtype, k.device)
+    if _want_values(check, q.device):
+        _check_slots(slot_mapping, kc.shape[0] * kc.shape[1])
+    tables = _tables_for(spec, q.device, positions, seq_len)
+    pos3 = _positions_3d(positions, 1, T, "thd", tables.n_axes)
+    rows = _check_rows(tables, HQ, k.shape[1])
+    key = _cache_key(q, k, spec.rotary_dim, rows, tables.n_axes, tables.pair_pos_scale is not None, rotate_k)
+    dispatch.select("rope_and_cache", key, backend=backend)  # a backend that refuses raises here
+    return tables, pos3, key
+
+
+# ---------------------------------------------------------------------------
+# kv_compact
+
+@torch.library.custom_op("posattn::kv_compact", mutates_args=("k_cache", "v_cache", "cache_seqlens"))
+def _kv_compact_op(k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor, src: torch.Tensor,
+                   counts: torch.Tensor, block_table: Optional[torch.Tensor], hnd: bool, backend: str) -> None:
+    kc, vc = _nhd(k_cache, "HND" if hnd else "NHD"), _nhd(v_cache, "HND" if hnd else "NHD")
+    key = _compact_key(kc, src, block_table)
+    kernel, config = dispatch.select("kv_compact", key, backend=backend or None)
+    kernel.fn(kc, vc, cache_seqlens, src, counts, block_table, config)
+
+
+@_kv_compact_op.register_fake
+def _kv_compact_fake(k_cache, v_cache, cache_seqlens, src, counts, block_table, hnd, backend):
+    return None
+
+
+def _compact_key(kc, src, block_table) -> CompactKey:
+    return CompactKey(kc.device.type, _dname(kc.dtype), kc.shape[3], kc.shape[2], block_table is not None,
+                      token_bucket(src.shape[1]))
+
+
+def kv_compact(k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor, src: torch.Tensor,
+               counts: torch.Tensor, *, block_table: torch.Tensor | None = None, kv_layout: str = "NHD",
+               check: bool | None = None, backend: str | None = None) -> None:
+    """Move each request's accepted tokens to the end of its cached prefix, in one launch.
+
+    For request b with L = cache_seqlens[b]: the tokens at logical slots src[b, :counts[b]]
+    (strictly ascending, each >= L) move to logical slots L, L + 1, ..., L + counts[b] - 1
+    (correct when the ranges overlap), then cache_seqlens[b] += counts[b] in place.
+
+    Args:
+        k_cache, v_cache: paged [num_blocks, page_size, Hk, D] with ``block_table`` (int32
+            [B, max_blocks]; logical slot l is (block_table[b, l // page_size], l % page_size)),
+            or contiguous [B, S_cap, Hk, D] without it ("HND" swaps the page and head axes).
+        cache_seqlens: int32 or int64 [B], contiguous; advanced in place.
+        src: int32/int64 [B, N] logical slots; only the first counts[b] of row b are read.
+        counts: int32/int64 [B], each in [0, N].
+        check: value checks (sources ascending and >= cache_seqlens, counts in range, capacity,
+            block table entries): None runs them for CPU tensors only, True always (one sync).
+    """
+    if kv_layout not in KV_LAYOUTS:
+        V.choice(kv_layout, "kv_layout", KV_LAYOUTS)
+    V.float_tensor(k_cache, "k_cache")
+    kc, vc = _check_cache_pair(k_cache, v_cache, kv_layout, None, None, None, k_cache.dtype, k_cache.device)
+    dev = k_cache.device
+    for name, x in (("cache_seqlens", cache_seqlens), ("src", src), ("counts", counts)):
+        V.int_tensor(x, name)
+    V.same_device(k_cache, "k_cache", cache_seqlens=cache_seqlens, src=src, counts=counts, block_table=block_table)
+    if cache_seqlens.dim() != 1 or not cache_seqlens.is_contiguous():
+        raise ValueError(f"cache_seqlens must be a contiguous 1-D [B] tensor; got shape {tuple(cache_seqlens.shape)}")
+    B = cache_seqlens.shape[0]
+    if src.dim() != 2 or src.shape[0] != B:
+        raise ValueError(f"src must be [B, N] with B = {B} (cache_seqlens' length); got shape {tuple(src.shape)}")
+    if counts.shape != (B,):
+        raise ValueError(f"counts must be [B] = [{B}]; got shape {tuple(counts.shape)}")
+    if block_table is not None:
+        V.tensor(block_table, "block_table")
+        if block_table.dtype != torch.int32:
+            raise TypeError(f"block_table must be int32; got {block_table.dtype}")
+        if block_table.dim() != 2 or block_table.shape[0] != B:
+            raise ValueError(f"block_table must be [B, max_blocks] with B = {B}; got shape {tuple(block_table.shape)}")
+        capacity = block_table.shape[1] * kc.shape[1]
+    else:
+        if kc.shape[0] != B:
+            raise ValueError(f"a contiguous cache (block_table=None) must be [B, S_cap, Hk, D] with B = {B}; "
+                             f"got {kc.shape[0]} rows in k_cache")
+        capacity = kc.shape[1]
+    if src.stride(-1) != 1:
+        src = src.contiguous()
+    if _want_values(check, dev):
+        _check_compact_values(cache_seqlens, src, counts, block_table, capacity, kc.shape[0])
+    hnd = kv_layout == "HND"
+    if torch.compiler.is_compiling():
+        _kv_compact_op(k_cache, v_cache, cache_seqlens, src, counts, block_table, hnd, backend or "")
+        return
+    key = _compact_key(kc, src, block_table)
+    kernel, config = dispatch.select("kv_compact", key, backend=backend)
+    kernel.fn(kc, vc, cache_seqlens, src, counts, block_table, config)
+
+
+def _check_compact_values(cache_seqlens, src, counts, block_table, capacity, num_blocks):
+    L, S, C = cache_seqlens.tolist(), src.tolist(), counts.tolist()
+    for b, (l, row, n) in enumerate(zip(L, S, C)):
+        if not 0 <= n <= len(row):
+            raise ValueError(f"counts[{b}] = {n} must be in [0, N] = [0, {len(row)}] (src's width)")
+        if l < 0 or l + n > capacity:
+            raise ValueError(f"cache_seqlens[{b}] + counts[{b}] = {l} + {n} exceeds the request's capacity {capacity}")
+        for i in range(n):
+            if row[i] < l:
+                raise ValueError(f"kv_compact sources must be >= the cached length: src[{b}, {i}] = {row[i]} < "
+                                 f"cache_seqlens[{b}] = {l}")
+            if i and row[i] <= row[i - 1]:
+                raise ValueError(f"kv_compact sources must be strictly ascending: src[{b}, {i}] = {row[i]} <= "
+                                 f"src[{b}, {i - 1}] = {row[i - 1]}")
+            if row[i] >= capacity:
+                raise ValueError(f"src[{b}, {i}] = {row[i]} is beyond the request's capacity {capacity}")
+    if block_table is not None and block_table.numel():
+        lo, hi = (int(x) for x in torch.aminmax(block_table))
+        if lo < 0 or hi >= num_blocks:
+            raise ValueError(f"block_table entries must be in [0, num_blocks) = [0, {num_blocks}); got "
+                             f"{lo if lo < 0 else hi}")
+
+
+# ---------------------------------------------------------------------------
+# kernels
+
+def _cpu_supports(key):
+    if key.device_type != "cpu":
+        return False, f"needs CPU tensors, got {key.device_type}"
+    return True, ""
+
+
+@dispatch.explicit_aware
+def _triton_supports(key, explicit: bool = False):
+    from posattn.kernels import triton as tk
+
+    why = tk.device_refusal(key.device_type, explicit)
+    if why:
+        return False, why
+    if key.dtype == "float64":
+        return False, "float64 is not compiled for Triton"
+    return True, ""
+
+
+def _triton_rope_cache(*args):
+    from posattn.kernels.triton import cache as tc
+
+    return tc.rope_cache_forward(*args)
+
+
+def _triton_compact(*args):
+    from posattn.kernels.triton import cache as tc
+
+    return tc.kv_compact_forward(*args)
+
+
+def _triton_rope_cache_default(key):
+    from posattn.kernels.triton import cache as tc
+
+    return tc.default_config(key.head_dim, max(key.heads_q, key.heads_k))
+
+
+def _triton_rope_cache_space(key):
+    from posattn.kernels.triton import cache as tc
+
+    return tc.search_space(key)
+
+
+def _cpu_compact(kc, vc, cache_seqlens, src, counts, block_table, config):
+    cpu_cache.kv_compact_forward(kc, vc, cache_seqlens, src.to(torch.int64).contiguous(),
+                                 counts.to(torch.int64).contiguous(), block_table, config)
+
+
+dispatch.register("rope_and_cache", "reference", dtypes=_ALL)(ref_cache.rope_cache_forward)
+dispatch.register("rope_and_cache", "cpu", supports=_cpu_supports, dtypes=_ALL,
+                  default_config=lambda key: {"threads": 0})(cpu_cache.rope_cache_forward)
+dispatch.register("rope_and_cache", "triton", supports=_triton_supports, default_config=_triton_rope_cache_default,
+                  search_space=_triton_rope_cache_space)(_triton_rope_cache)
+dispatch.register("kv_compact", "reference", dtypes=_ALL)(ref_cache.kv_compact_forward)
+dispatch.register("kv_compact", "cpu", supports=_cpu_supports, dtypes=_ALL,
+                  default_config=lambda key: {"threads": 0})(_cpu_compact)
+dispatch.register("kv_compact", "triton", supports=_triton_supports,
+                  default_config=lambda key: {"num_warps": 4})(_triton_compact)
