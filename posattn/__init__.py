@@ -19,3 +19,6 @@ __all__ += ["MaskSpec", "anchor_attention"]
 from posattn.rope import apply_rope_angles, rope_shift  # noqa: E402
 
 __all__ += ["apply_rope_angles", "rope_shift"]
+from posattn.decode import decode_attention  # noqa: E402
+
+__all__ += ["decode_attention"]
