@@ -294,4 +294,9 @@ def aot_specializations(cases):
         sig = {k: ("constexpr" if k in const else v) for k, v in
                [(a, sig.get(a, "constexpr")) for a in _decode_fwd.arg_names]}
         out.append((f"decode_fwd_d{D}_{dt}_g{G}_q{bq}_n{bn}_t{int(tree)}_s{splits}", _decode_fwd, sig, const, 4, 2))
+        if splits > 1:
+            msig = {"OP": "*fp32", "LP": "*fp32", "O": "*" + dt, "LSE": "*fp32", "HQ": "i32", "s_ot": "i32",
+                    "s_oh": "i32", "D": "constexpr", "BD": "constexpr", "SPLITS": "constexpr", "BS": "constexpr"}
+            mconst = dict(D=D, BD=max(16, _pow2(D)), SPLITS=splits, BS=max(2, _pow2(splits)))
+            out.append((f"decode_merge_d{D}_{dt}_s{splits}", _decode_merge, msig, mconst, 4, 1))
     return out
