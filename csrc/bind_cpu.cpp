@@ -9,6 +9,7 @@
 #include "posattn/rope_cos_sin_args.h"
 #include "cpu/attention_cpu.h"
 #include "cpu/cache_cpu.h"
+#include "cpu/decode_cpu.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -196,6 +197,16 @@ PYBIND11_MODULE(_C, m) {
                                          reinterpret_cast<const float*>(lse), reinterpret_cast<float*>(dq),
                                          reinterpret_cast<float*>(dk), reinterpret_cast<float*>(dv), num_threads);
       });
+  m.def(
+      "decode_forward",
+      [](const std::vector<int64_t>& dims, const std::vector<int64_t>& ptrs, const std::vector<int64_t>& strides,
+         bool causal, int64_t window, float scale, int dtype, int num_splits, int block_n, int num_threads) {
+        auto p = posattn::cpu::decode_problem_from(dims, ptrs, strides, causal, window, scale, dtype);
+        py::gil_scoped_release release;
+        posattn::cpu::decode_forward(p, num_splits, block_n, num_threads);
+      },
+      py::arg("dims"), py::arg("ptrs"), py::arg("strides"), py::arg("causal"), py::arg("window"), py::arg("scale"),
+      py::arg("dtype"), py::arg("num_splits"), py::arg("block_n"), py::arg("num_threads"));
   // Exposed for tests of the shared header math.
   m.def("rope_angle", [](double pos, float inv_freq) { return posattn::rope_angle(pos, inv_freq); });
   m.def("rope_reduce", [](double pos, float inv_freq) { return posattn::rope_reduce(pos, inv_freq); });

@@ -19,6 +19,9 @@ __all__ += ["MaskSpec", "anchor_attention"]
 from posattn.rope import apply_rope_angles, rope_shift  # noqa: E402
 
 __all__ += ["apply_rope_angles", "rope_shift"]
+from posattn.decode import decode_attention  # noqa: E402
+
+__all__ += ["decode_attention"]
 from posattn.decode.cache import kv_compact, rope_and_cache  # noqa: E402
 
 __all__ += ["rope_and_cache", "kv_compact"]

@@ -1,2 +1,6 @@
-"""The decode engine: decode_attention over a paged KV cache, and its cache writes."""
-from posattn.decode.cache import kv_compact, rope_and_cache  # noqa: F401
+"""The decode engine: attention of a step's new tokens over a (paged) KV cache, and its cache writes."""
+from posattn.decode.attention import DecodeKey, decode_attention
+from posattn.decode import backends as _backends  # noqa: F401  registers the kernels
+from posattn.decode.cache import kv_compact, rope_and_cache
+
+__all__ = ["DecodeKey", "decode_attention", "rope_and_cache", "kv_compact"]

@@ -1,0 +1,101 @@
+"""decode_attention on every backend against the independent fp64 oracle (tests/decode/_oracle.py).
+
+Shapes stay tiny: the Triton backend runs in the interpreter on machines without a GPU.
+"""
+import pytest
+import torch
+
+import posattn
+from tests._tol import assert_close
+from tests.conftest import DEVICE, usable_backends
+from tests.decode._oracle import Case
+
+BACKENDS = usable_backends("decode_attention")
+ROPE = posattn.RopeSpec(16, rotary_dim=12)
+
+
+def run_case(case: Case, backend: str, num_splits=None, kind="attention"):
+    args, kw = case.args()
+    out, lse = posattn.decode_attention(*args, **kw, return_lse=True, num_splits=num_splits, backend=backend)
+    ref_out, ref_lse, ref_kc, ref_vc = case.oracle()
+    T = sum(case.q_lens)
+    out = out.reshape(T, case.HQ, case.D)
+    lse = lse.reshape(T, case.HQ)
+    assert out.dtype == case.dtype and lse.dtype == torch.float32
+    assert_close(out, ref_out, case.dtype, kind, msg=f"out ({backend})")
+    fin = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse.cpu()), fin), "lse: -inf exactly where no key is visible"
+    lse_dtype = torch.float32 if case.dtype == torch.float64 else case.dtype     # lse is fp32 on every backend
+    assert_close(lse.cpu()[fin], ref_lse[fin], lse_dtype, kind, msg=f"lse ({backend})")
+    if case.k is not None:   # the new tokens were written where the oracle wrote them, nothing else changed
+        # (rotated k may differ from the oracle's fp64 rotation by one rounding)
+        assert_close(args[1].cpu(), ref_kc, case.dtype, "elementwise", msg="k_cache after the append")
+        assert torch.equal(args[2].cpu(), ref_vc), "v_cache after the append"
+    return out, lse
+
+
+CASES = {
+    # name: Case kwargs
+    "decode_contig": dict(q_lens=[1, 1, 1], cached=[5, 0, 12]),
+    "decode_paged_ps1": dict(q_lens=[1, 1], cached=[6, 3], page_size=1),
+    "decode_paged_ps3_shared": dict(q_lens=[1, 1], cached=[9, 7], page_size=3, shared=True),
+    "gqa3_hd80": dict(q_lens=[2, 1], cached=[5, 4], HQ=6, HK=2, D=80, page_size=4),
+    "mha3_hd96": dict(q_lens=[3], cached=[4], HQ=3, HK=3, D=96, page_size=5),
+    "ragged_empty": dict(q_lens=[3, 0, 7, 1], cached=[2, 5, 0, 9], page_size=4),
+    "padded_chunk": dict(q_lens=[3, 3], cached=[4, 0], padded=True, page_size=2),
+    "non_causal": dict(q_lens=[4, 2], cached=[3, 1], causal=False, page_size=4),
+    "tree": dict(q_lens=[7, 5], cached=[6, 3], tree=True, page_size=4),
+    "tree_wide": dict(q_lens=[40, 3], cached=[2, 1], tree=True, page_size=8, HQ=2, HK=1, D=8),
+    "window": dict(q_lens=[3, 1], cached=[9, 4], window=4, page_size=2),
+    "window_tree": dict(q_lens=[5, 2], cached=[7, 3], window=3, tree=True),
+    "append": dict(q_lens=[2, 1, 0], cached=[3, 6, 2], append=True, page_size=3),
+    "append_contig_padded": dict(q_lens=[2, 2], cached=[3, 0], append=True, padded=True),
+    "rope_append": dict(q_lens=[3, 1], cached=[4, 2], append=True, rope=ROPE, page_size=4),
+    "rope_append_tree": dict(q_lens=[5, 3], cached=[4, 2], append=True, rope=ROPE, tree=True, page_size=2),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_matches_oracle(name, backend):
+    run_case(Case(**CASES[name], device=DEVICE, seed=hash(name) % 1000), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_dtypes(dtype, backend):
+    run_case(Case(q_lens=[2, 1], cached=[7, 3], page_size=4, dtype=dtype, append=True, device=DEVICE), backend)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+@pytest.mark.parametrize("splits", [1, 2, 3, 5])
+def test_num_splits(splits, backend):
+    """Split-KV merges: any split count gives the same result (empty splits included)."""
+    run_case(Case(q_lens=[1, 2, 1], cached=[13, 2, 0], page_size=4, tree=True, device=DEVICE), backend,
+             num_splits=splits)
+
+
+def test_float64_reference():
+    case = Case(q_lens=[2, 1], cached=[3, 4], page_size=2, dtype=torch.float64, tree=True, device=DEVICE)
+    run_case(case, "reference")
+
+
+def test_output_shapes_padded_and_ragged():
+    case = Case(q_lens=[2, 2], cached=[1, 3], padded=True, device=DEVICE)
+    args, kw = case.args()
+    out = posattn.decode_attention(*args, **kw, backend="reference")
+    assert out.shape == (2, 2, 4, 16)
+    out, lse = posattn.decode_attention(*args, **kw, backend="reference", return_lse=True)
+    assert lse.shape == (2, 2, 4)
+    case = Case(q_lens=[2, 0, 1], cached=[1, 3, 0], device=DEVICE)
+    args, kw = case.args()
+    out, lse = posattn.decode_attention(*args, **kw, backend="reference", return_lse=True)
+    assert out.shape == (3, 4, 16) and lse.shape == (3, 4)
+
+
+def test_cache_seqlens_not_changed():
+    case = Case(q_lens=[1, 1], cached=[2, 3], append=True, device=DEVICE)
+    args, kw = case.args()
+    before = case.cache_seqlens.clone()
+    posattn.decode_attention(*args, **kw)
+    assert torch.equal(case.cache_seqlens, before)

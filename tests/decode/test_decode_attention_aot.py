@@ -1,0 +1,44 @@
+"""Ahead-of-time compiles of the decode kernels for sm_90a (works without a GPU).
+
+The interpreter runs the kernels' arithmetic; this checks that they lower through Triton's
+NVIDIA pipeline (constexpr globals, dot shapes, 64-bit offsets) to Hopper code that fits in
+shared memory, for the benchmark's decode and tree-verify cases, odd head dims, fp32, and the
+split merge. Runs in a subprocess: the kernels must be decorated without TRITON_INTERPRET.
+"""
+import pytest
+
+from tests.attention.test_flash_attn_aot import _compile_in_child
+
+pytest.importorskip("triton")
+
+SCRIPT = r"""
+import json, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from posattn.kernels.triton import decode as dk
+cases = [(128, torch.bfloat16, 4, 1, 64, False, 1),     # decode, 32/8 heads
+         (128, torch.bfloat16, 4, 1, 64, False, 8),     # decode, split-KV + merge
+         (128, torch.bfloat16, 4, 16, 64, True, 1),     # tree verify, 64 rows
+         (80, torch.float32, 2, 1, 64, False, 1),       # odd head dim, exact fp32 products
+         (96, torch.float16, 3, 4, 64, True, 2),
+         (256, torch.bfloat16, 1, 1, 32, False, 4),
+         (192, torch.float16, 8, 8, 32, True, 1)]
+out = []
+for name, fn, sig, const, nw, ns in dk.aot_specializations(cases):
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": nw, "num_stages": ns})
+    ptx = k.asm["ptx"]
+    out.append(dict(name=name, sm90a=".target sm_90a" in ptx, mma=("mma" in ptx), shared=k.metadata.shared,
+                    cubin=len(k.asm["cubin"])))
+print(json.dumps(out))
+"""
+
+
+def test_decode_kernels_compile_for_sm90a():
+    kernels = _compile_in_child(SCRIPT)
+    assert len(kernels) == 7 + 3          # three cases split: their merge kernels too
+    for k in kernels:
+        assert k["sm90a"] and k["cubin"] > 0, k
+        if k["name"].startswith("decode_fwd") and "_fp32_" not in k["name"]:
+            assert k["mma"], f"{k['name']}: no tensor-core product"
+        assert k["shared"] <= 227 * 1024, k
