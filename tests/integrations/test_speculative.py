@@ -1,0 +1,73 @@
+"""speculative_generate gives exactly model.generate(do_sample=False)'s tokens (fp32, small
+random-weight Llama / Mistral / Qwen2 models, batch 4, left-padded prompts of different lengths)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from posattn.integrations.transformers import speculative_generate  # noqa: E402
+from posattn.tree import TokenRecycling  # noqa: E402
+
+V = 320
+LENS = (9, 4, 7, 2)
+
+
+def _model(family):
+    common = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256)
+    if family == "llama":
+        cfg = transformers.LlamaConfig(**common)
+        m = transformers.LlamaForCausalLM(cfg)
+    elif family == "mistral":
+        cfg = transformers.MistralConfig(**common, sliding_window=None)
+        m = transformers.MistralForCausalLM(cfg)
+    else:
+        cfg = transformers.Qwen2Config(**common)
+        m = transformers.Qwen2ForCausalLM(cfg)
+    return m.eval()
+
+
+def _prompts(seed):
+    g = torch.Generator().manual_seed(seed)
+    S = max(LENS)
+    ids = torch.randint(3, V, (len(LENS), S), generator=g)
+    mask = torch.ones_like(ids)
+    for b, n in enumerate(LENS):       # left padding, as transformers expects for generation
+        ids[b, :S - n] = 0
+        mask[b, :S - n] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_matches_generate(family):
+    torch.manual_seed(0)
+    model = _model(family)
+    ids, mask = _prompts(1)
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, eos_token_id=None,
+                         pad_token_id=0)
+    out = speculative_generate(model, ids, mask, max_new_tokens=16, drafter=TokenRecycling(V),
+                               eos_token_id=None, pad_token_id=0, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ref), f"\n{out.sequences[:, ids.shape[1]:]}\n{ref[:, ids.shape[1]:]}"
+    assert out.new_tokens == [16] * 4
+    assert 1 <= out.target_forwards <= 16
+    if family == "llama":
+        # the same stopping rule for an end-of-sequence token: a token the second request
+        # emits midway ends it there, the others keep going (and stop at max_new_tokens)
+        eos = int(ref[1, ids.shape[1] + 5])
+        ref2 = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, eos_token_id=eos,
+                              pad_token_id=1)
+        out2 = speculative_generate(model, ids, mask, max_new_tokens=16, eos_token_id=eos, pad_token_id=1)
+        assert torch.equal(out2, ref2), f"\n{out2[:, ids.shape[1]:]}\n{ref2[:, ids.shape[1]:]}"
+
+
+def test_plain_tensor_result_and_zero_tokens():
+    model = _model("llama")
+    ids, mask = _prompts(2)
+    out = speculative_generate(model, ids, mask, max_new_tokens=0)
+    assert torch.equal(out, ids)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        speculative_generate(model, ids, mask, max_new_tokens=-1)
+    with pytest.raises(ValueError, match="attention_mask"):
+        speculative_generate(model, ids, mask[:, 1:], max_new_tokens=2)
