@@ -215,6 +215,18 @@ def _grad(*xs) -> bool:
     return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
 
 
+def _tables(spec, device, positions, seq_len):
+    if torch.compiler.is_compiling() and type(spec) is RopeSpec:
+        # spec.tables() fills its cache under a lock Dynamo cannot trace: build the same
+        # tables uncached (constants of the graph)
+        if spec.depends_on_seq_len and seq_len is None:
+            raise ValueError("this spec's tables depend on the sequence length: pass seq_len= under torch.compile")
+        scale, offset = spec.dpe.pair_tables() if spec.dpe is not None else (None, None)
+        return RopeTables(spec.inv_freq(seq_len), spec.attention_scaling, spec.pair_axis(), spec.n_axes, scale,
+                          offset).to(device)
+    return _tables_for(spec, device, positions, seq_len)
+
+
 def _check_slots(slot_mapping, n: int):
     """Slots in [-1, n), n = num_blocks * page_size."""
     if slot_mapping.numel() == 0:
@@ -257,11 +269,12 @@ def _check_rope_cache(q, k, v, positions, spec, k_cache, v_cache, slot_mapping, 
     kc, _ = _check_cache_pair(k_cache, v_cache, kv_layout, k.shape[1], D, v.shape[2], k.dtype, k.device)
     if _want_values(check, q.device):
         _check_slots(slot_mapping, kc.shape[0] * kc.shape[1])
-    tables = _tables_for(spec, q.device, positions, seq_len)
+    tables = _tables(spec, q.device, positions, seq_len)
     pos3 = _positions_3d(positions, 1, T, "thd", tables.n_axes)
     rows = _check_rows(tables, HQ, k.shape[1])
     key = _cache_key(q, k, spec.rotary_dim, rows, tables.n_axes, tables.pair_pos_scale is not None, rotate_k)
-    dispatch.select("rope_and_cache", key, backend=backend)  # a backend that refuses raises here
+    if not torch.compiler.is_compiling():   # (the custom op selects when compiled)
+        dispatch.select("rope_and_cache", key, backend=backend)  # a backend that refuses raises here
     return tables, pos3, key
 
 

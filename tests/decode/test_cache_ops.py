@@ -266,3 +266,49 @@ def test_kv_compact_bad_input():
         call(vc=vc.half())
     with pytest.raises(ValueError, match="src must be"):
         call(src=((2, 3),), counts=(2, 2))
+
+
+# ---------------------------------------------------------------------------
+# no host sync on the planned path; torch.compile(fullgraph=True)
+
+def test_no_host_sync():
+    from tests.tree.test_verify import _NoSync
+
+    spec = posattn.RopeSpec(64)
+    kc, vc = torch.zeros(3, 4, 1, 64, device=DEVICE), torch.zeros(3, 4, 1, 64, device=DEVICE)
+    args = lambda: (torch.randn(3, 2, 64, device=DEVICE), torch.randn(3, 1, 64, device=DEVICE),  # noqa: E731
+                    torch.randn(3, 1, 64, device=DEVICE), torch.arange(3, device=DEVICE), spec, kc, vc,
+                    torch.tensor([5, -1, 2], device=DEVICE))
+    posattn.rope_and_cache(*args(), check=False)              # plans the signature
+    lens = torch.tensor([1, 0], dtype=torch.int32, device=DEVICE)
+    src, counts = torch.tensor([[2, 3], [1, 2]], device=DEVICE), torch.tensor([2, 1], device=DEVICE)
+    with _NoSync():
+        posattn.rope_and_cache(*args(), check=False)
+        posattn.kv_compact(kc, vc, lens, src, counts, block_table=torch.tensor([[0], [1]], dtype=torch.int32,
+                                                                                device=DEVICE), check=False)
+    assert lens.tolist() == [3, 1]
+
+
+def test_torch_compile_fullgraph():
+    spec = posattn.RopeSpec(64, scaling=YaRN(factor=2.0, original_max_position=64))   # first use under compile
+    q, k, v = torch.randn(3, 2, 64), torch.randn(3, 1, 64), torch.randn(3, 1, 64)
+    pos, slots = torch.arange(3), torch.tensor([5, -1, 2])
+
+    def f(kc, vc, lens, src, counts):
+        qo = posattn.rope_and_cache(q, k, v, pos, spec, kc, vc, slots, check=False)
+        posattn.kv_compact(kc, vc, lens, src, counts, check=False)
+        return qo * 2, lens + 0
+
+    def state():
+        kc = torch.randn(2, 8, 1, 64)
+        return kc, kc.clone() + 1, torch.tensor([1, 0], dtype=torch.int32), torch.tensor([[5, 6], [1, 2]]), \
+            torch.tensor([2, 1])
+
+    torch.manual_seed(3)
+    a = state()
+    out_c = torch.compile(f, fullgraph=True)(*a)
+    torch.manual_seed(3)
+    b = state()
+    out_e = f(*b)
+    assert torch.equal(out_c[0], out_e[0]) and torch.equal(out_c[1], out_e[1])
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
