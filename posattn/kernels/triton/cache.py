@@ -221,3 +221,47 @@ def kv_compact_forward(k_cache, v_cache, cache_seqlens, src, counts, block_table
         D=D, DV=DV, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(D), BLOCK_DV=triton.next_power_of_2(DV),
         PAGED=paged, num_warps=int(config.get("num_warps", 4)),
     )
+
+
+# ---------------------------------------------------------------------------
+# ahead-of-time compilation (tests compile these for sm_90a without a GPU)
+
+def _sig(fn, types: dict, const: dict) -> dict:
+    return {a: ("constexpr" if a in const else types[a]) for a in fn.arg_names}
+
+
+def aot_specializations(cases=None):
+    """(name, fn, signature, constexprs, num_warps) of both kernels.
+
+    cases: (head_dim, rotary_dim, dtype, heads_q, heads_k, variant) with variant in
+    "plain", "mrope", "perhead", "dpe", "raw" (rotate_k=False)."""
+    cases = cases or [(128, 128, torch.bfloat16, 32, 8, "plain"), (128, 128, torch.float16, 32, 8, "mrope"),
+                      (80, 80, torch.float32, 3, 1, "perhead"), (96, 48, torch.bfloat16, 4, 2, "dpe"),
+                      (256, 256, torch.bfloat16, 8, 8, "raw"), (64, 64, torch.float32, 4, 4, "plain")]
+    out = []
+    for D, R, dtype, HQ, HK, var in cases:
+        ty = TL_DTYPE[dtype]
+        cfg = default_config(D, max(HQ, HK))
+        half = R // 2
+        const = dict(HALF=half, D=D, DV=D, BLOCK_P=triton.next_power_of_2(half), BLOCK_H=cfg["BLOCK_H"],
+                     BLOCK_T=(triton.next_power_of_2(max(D - R, 1)) if var != "raw"
+                              else min(128, triton.next_power_of_2(D))),
+                     BLOCK_DV=triton.next_power_of_2(D), INTERLEAVED=False, COPY_TAIL=R < D, ROTATE_K=var != "raw",
+                     PER_ROW=var == "perhead", MULTI_AXIS=var in ("mrope", "dpe"), DPE=var == "dpe",
+                     Q_OFFSET=var == "dpe")
+        types = {n: f"*{ty}" for n in ("q_ptr", "qo_ptr", "k_ptr", "v_ptr", "kc_ptr", "vc_ptr")}
+        types.update(slot_ptr="*i64", pos_ptr="*i64", inv_freq_ptr="*fp32", pair_axis_ptr="*i32",
+                     pos_scale_ptr="*fp32", q_offset_ptr="*fp32", attention_scaling="fp32")
+        for n in _rope_cache_kernel.arg_names:
+            types.setdefault(n, "i64" if n.endswith(("_st", "_sh", "_sb", "_sp", "_sa")) else "i32")
+        out.append((f"rope_cache_{var}_d{D}_r{R}_{ty}", _rope_cache_kernel, _sig(_rope_cache_kernel, types, const),
+                    const, cfg["num_warps"]))
+        ctypes = {"kc_ptr": f"*{ty}", "vc_ptr": f"*{ty}", "seqlens_ptr": "*i32", "src_ptr": "*i64",
+                  "counts_ptr": "*i32", "bt_ptr": "*i32"}
+        for n in _kv_compact_kernel.arg_names:
+            ctypes.setdefault(n, "i64" if n.endswith(("_sb", "_sp", "_sh")) else "i32")
+        cconst = dict(D=D, DV=D, BLOCK_N=16, BLOCK_D=triton.next_power_of_2(D), BLOCK_DV=triton.next_power_of_2(D),
+                      PAGED=var != "raw")
+        out.append((f"kv_compact_d{D}_{ty}_paged{int(var != 'raw')}", _kv_compact_kernel,
+                     _sig(_kv_compact_kernel, ctypes, cconst), cconst, 4))
+    return out
