@@ -93,6 +93,8 @@ step "posattn info" 60 "$PY" -m posattn info
 # GPU_CHECK_TESTS: the test paths (default: the kernel tests, where device=cuda matters);
 # pytest-xdist spreads Triton's JIT compiles over the cores when it is installed
 TESTS=${GPU_CHECK_TESTS:-tests/rope tests/kernels tests/attention tests/compat}
+# the decode engine's cache writes (rope_and_cache, kv_compact: Triton on the GPU) and the trees (issue 12)
+[[ -z ${GPU_CHECK_TESTS:-} ]] && TESTS+=" tests/decode/test_cache_ops.py tests/tree"
 XDIST=()
 "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n "${GPU_CHECK_WORKERS:-8}")
 # shellcheck disable=SC2086

@@ -41,7 +41,8 @@ class SpeculativeOutput:
 
     @property
     def tokens_per_forward(self) -> float:
-        return sum(self.new_tokens) / max(1, self.target_forwards)
+        """New tokens per request per target forward (plain greedy decoding: 1.0)."""
+        return sum(self.new_tokens) / max(1, len(self.new_tokens) * self.target_forwards)
 
 
 class _Target:
