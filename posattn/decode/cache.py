@@ -151,7 +151,10 @@ class _CachePlan:
 
     def run(self, q, k, v, positions, k_cache, v_cache, slot_mapping):
         q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-        pos3 = positions.view(self.n_axes, 1, -1)
+        # the kernels read token t's position and slot at t (unit stride)
+        pos3 = (positions if positions.is_contiguous() else positions.contiguous()).view(self.n_axes, 1, -1)
+        if not slot_mapping.is_contiguous():
+            slot_mapping = slot_mapping.contiguous()
         kc, vc = (k_cache.transpose(1, 2), v_cache.transpose(1, 2)) if self.hnd else (k_cache, v_cache)
         qo = torch.empty_like(q)
         self.fn(q[None], qo[None], k[None], v[None], kc, vc, slot_mapping, pos3, self.tables, self.rotary_dim,
@@ -197,7 +200,8 @@ def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions:
                                           rotate_k, check, backend, seq_len)
     hnd = kv_layout == "HND"
     if torch.compiler.is_compiling() or _grad(q, k, v):
-        return _rope_cache_op(q, k, v, k_cache, v_cache, slot_mapping, pos3, tables.inv_freq, tables.pair_axis,
+        return _rope_cache_op(q.contiguous(), k.contiguous(), v.contiguous(), k_cache, v_cache, slot_mapping.contiguous(), pos3.contiguous(),
+                              tables.inv_freq, tables.pair_axis,
                               tables.pair_pos_scale, tables.pair_q_offset, float(tables.attention_scaling),
                               spec.rotary_dim, spec.interleaved, rotate_k, hnd, backend or "")
     kernel, config = dispatch.select("rope_and_cache", key, backend=backend)
@@ -346,8 +350,10 @@ def kv_compact(k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torc
             raise ValueError(f"a contiguous cache (block_table=None) must be [B, S_cap, Hk, D] with B = {B}; "
                              f"got {kc.shape[0]} rows in k_cache")
         capacity = kc.shape[1]
-    if src.stride(-1) != 1:
-        src = src.contiguous()
+    # the kernels read src rows, counts and block-table rows with unit stride
+    src, counts = src.contiguous(), counts.contiguous()
+    if block_table is not None:
+        block_table = block_table.contiguous()
     if _want_values(check, dev):
         _check_compact_values(cache_seqlens, src, counts, block_table, capacity, kc.shape[0])
     hnd = kv_layout == "HND"

@@ -312,3 +312,37 @@ def test_torch_compile_fullgraph():
     out_e = f(*b)
     assert torch.equal(out_c[0], out_e[0]) and torch.equal(out_c[1], out_e[1])
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rope_and_cache_strided_positions_and_slots(backend):
+    """positions and slot_mapping that are strided views (a column of a [T, 2] tensor)."""
+    spec = posattn.RopeSpec(64)
+    T = 5
+    q, k, v = torch.randn(T, 2, 64, device=DEVICE), torch.randn(T, 1, 64, device=DEVICE), torch.randn(T, 1, 64, device=DEVICE)
+    pos = torch.randint(0, 3000, (T, 2), device=DEVICE)[:, 1]
+    slots = torch.stack((torch.arange(T), torch.randperm(12)[:T]), 1).to(DEVICE)[:, 1]
+    assert pos.stride(0) == 2 and slots.stride(0) == 2
+    for _ in range(2):       # checked path, then the plan
+        kc, vc = torch.zeros(3, 4, 1, 64, device=DEVICE), torch.zeros(3, 4, 1, 64, device=DEVICE)
+        eq, ekc, evc = _expected(q, k, v, pos, spec, kc, vc, slots, "NHD", True)
+        qo = posattn.rope_and_cache(q, k, v, pos, spec, kc, vc, slots, backend=backend)
+        assert_close(qo, eq, torch.float32)
+        assert_close(kc, ekc, torch.float32)
+        assert torch.equal(vc.double().cpu(), evc)
+
+
+@pytest.mark.parametrize("backend", CBACKENDS)
+def test_kv_compact_strided_index_tensors(backend):
+    """counts and block_table given as strided views (columns of wider tensors)."""
+    gen = torch.Generator().manual_seed(5)
+    kc, vc, lens, src, counts, bt = _compact_case(3, 4, 2, 2, 64, 64, True, torch.float32, gen)
+    ekc, evc, elens = _compact_oracle(kc, vc, lens, src, counts, bt)
+    counts_s = torch.stack((counts, counts + 7), 1)[:, 0]
+    bt_s = torch.stack((bt, bt), 2)[:, :, 0]
+    src_s = torch.stack((src, src), 2)[:, :, 1]
+    assert counts_s.stride(0) == 2 and bt_s.stride(1) == 2 and src_s.stride(1) == 2
+    kc, vc, lens = kc.to(DEVICE), vc.to(DEVICE), lens.to(DEVICE)
+    posattn.kv_compact(kc, vc, lens, src_s.to(DEVICE), counts_s.to(DEVICE), block_table=bt_s.to(DEVICE),
+                       backend=backend)
+    assert torch.equal(kc.cpu(), ekc) and torch.equal(vc.cpu(), evc) and torch.equal(lens.cpu(), elens.int())
