@@ -36,6 +36,7 @@ log = logging.getLogger("posattn.autotune")
 
 _ADAPTERS: dict[str, Any] = {}
 _BUILTIN_ADAPTERS = {"rope": "posattn.autotune.ops_rope", "rope_cos_sin": "posattn.autotune.ops_rope_cos_sin"}
+_BUILTIN_ADAPTERS["decode_attention"] = "posattn.autotune.ops_decode"
 _BUILTIN_ADAPTERS["rope_and_cache"] = "posattn.autotune.ops_cache"
 
 

@@ -74,7 +74,17 @@ def _triton_space(key) -> list[dict]:
 
 dispatch.register("decode_attention", "reference",
                   dtypes=("float32", "float16", "bfloat16", "float64"))(_reference_fn)
-dispatch.register("decode_attention", "cpu", supports=_cpu_supports,
-                  default_config=lambda key: {"threads": 0, "block_n": 64})(_cpu_fn)
+def _cpu_default(key) -> dict:
+    # num_splits 0: the kernel splits the keys only when there are fewer requests than 2 x threads
+    return {"threads": 0, "block_n": 64, "num_splits": 0}
+
+
+def _cpu_space(key) -> list[dict]:
+    return [{"threads": t, "block_n": bn, "num_splits": s} for t in (0, 1) for bn in (32, 64, 128)
+            for s in (0, 1, 2, 4)]
+
+
+dispatch.register("decode_attention", "cpu", supports=_cpu_supports, default_config=_cpu_default,
+                  search_space=_cpu_space)(_cpu_fn)
 dispatch.register("decode_attention", "triton", supports=_triton_supports, default_config=_triton_default,
                   search_space=_triton_space)(_triton_fn)

@@ -99,3 +99,66 @@ def test_cache_seqlens_not_changed():
     before = case.cache_seqlens.clone()
     posattn.decode_attention(*args, **kw)
     assert torch.equal(case.cache_seqlens, before)
+
+
+def _random_case(seed: int) -> Case:
+    import random
+
+    rng = random.Random(seed)
+    HK = rng.choice([1, 2, 3])
+    G = rng.choice([1, 2, 4])
+    B = rng.randint(1, 4)
+    q_lens = [rng.choice([0, 1, 1, 2, 3, 7]) for _ in range(B)]
+    if not sum(q_lens):
+        q_lens[0] = 1
+    tree = rng.random() < 0.4
+    return Case(q_lens=q_lens, cached=[rng.randint(0, 40) for _ in range(B)], HQ=HK * G, HK=HK,
+                D=rng.choice([8, 16, 80, 96]), page_size=rng.choice([None, 1, 3, 4, 16]), tree=tree,
+                causal=rng.random() < 0.8, window=rng.choice([None, None, 5, 17]), append=rng.random() < 0.5,
+                shared=rng.random() < 0.5, seed=seed, device=DEVICE,
+                dtype=rng.choice([torch.float32, torch.float16, torch.bfloat16]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("seed", range(10))
+def test_random_shapes(seed, backend):
+    """Random batches: GQA groups, head dims 8-96, page sizes 1-16 or contiguous, ragged q with
+    empty requests, trees, windows, appends, shared pages, all three dtypes; random split counts."""
+    case = _random_case(seed)
+    splits = None if backend == "reference" or seed % 2 else 1 + seed % 4
+    run_case(case, backend, num_splits=splits)
+
+
+def test_default_backend_choice():
+    """CPU tensors: the C++ kernel (the interpreter only when asked by name); CUDA tensors: Triton."""
+    from posattn import dispatch
+    from posattn.decode.attention import DecodeKey
+
+    key = DecodeKey("cpu", "bfloat16", 128, 32, 8, 16, True, False, True, False, 1, 4096, 4)
+    assert dispatch.select("decode_attention", key)[0].backend == "cpu"
+    assert dispatch.select("decode_attention", DecodeKey(**dict(key.__dict__, dtype="float64")))[0].backend == \
+        "reference"
+    from posattn.kernels import triton as tk
+
+    if torch.cuda.is_available() and tk.device_ok("cuda"):
+        gkey = DecodeKey(**dict(key.__dict__, device_type="cuda"))
+        assert dispatch.select("decode_attention", gkey)[0].backend == "triton"
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="a cache beyond 2^31 elements needs a GPU's memory")
+def test_offsets_beyond_int32():
+    """Pages past element 2^31 of the cache (a review finding: 32-bit head offsets overflow)."""
+    HK, D, ps = 8, 128, 16
+    nb = (1 << 31) // (ps * HK * D) + 8
+    kc = torch.zeros(nb, ps, HK, D, dtype=torch.bfloat16, device="cuda")
+    vc = torch.zeros_like(kc)
+    pages = torch.arange(nb - 4, nb, dtype=torch.int32, device="cuda")
+    kc[pages.long()] = torch.randn(4, ps, HK, D, device="cuda").to(torch.bfloat16)
+    vc[pages.long()] = torch.randn(4, ps, HK, D, device="cuda").to(torch.bfloat16)
+    bt = pages[None].flip(1).contiguous()
+    q = torch.randn(1, 1, 32, D, device="cuda").to(torch.bfloat16)
+    cs = torch.tensor([4 * ps - 1], dtype=torch.int32, device="cuda")
+    out = posattn.decode_attention(q, kc, vc, cs, block_table=bt, backend="triton")
+    ref = posattn.decode_attention(q, kc[bt[0].long()].reshape(1, 4 * ps, HK, D).clone(),
+                                   vc[bt[0].long()].reshape(1, 4 * ps, HK, D).clone(), cs, backend="reference")
+    assert_close(out, ref, torch.bfloat16, "attention")
