@@ -346,3 +346,20 @@ def test_kv_compact_strided_index_tensors(backend):
     posattn.kv_compact(kc, vc, lens, src_s.to(DEVICE), counts_s.to(DEVICE), block_table=bt_s.to(DEVICE),
                        backend=backend)
     assert torch.equal(kc.cpu(), ekc) and torch.equal(vc.cpu(), evc) and torch.equal(lens.cpu(), elens.int())
+
+
+def test_tuner_adapter_checks_candidates():
+    """posattn/autotune/ops_cache.py: the reference check accepts the CPU kernel and rejects a
+    kernel that writes nothing (its outputs stay NaN) or writes the keys unrotated."""
+    from posattn import dispatch
+    from posattn.autotune import ops_cache
+    from posattn.decode.cache import CacheKey
+
+    key = CacheKey("cpu", "float32", 64, 64, 4, 2, 1, 1, False, True, 32)
+    kernel = dispatch.kernels("rope_and_cache")["cpu"]
+    x = ops_cache.make_inputs(key, "cpu", 1)
+    assert ops_cache.reference_check(key, x, lambda: ops_cache.run(kernel, {}, x)) is None
+    assert "non-finite" in ops_cache.reference_check(key, x, lambda: None)
+    raw = lambda: kernel.fn(x["q"], x["qo"], x["k"], x["v"], x["kc"], x["vc"], x["slots"], x["pos3"],  # noqa: E731
+                            x["tables"], 64, False, False, {})
+    assert "k output differs" in ops_cache.reference_check(key, x, raw)
