@@ -33,11 +33,13 @@ from posattn.tree import TokenRecycling, verify_greedy
 @dataclass
 class SpeculativeOutput:
     """``sequences``: [B, S + new] like generate's; ``target_forwards``: target-model forward
-    passes (the prefill counts as one); ``new_tokens``: tokens generated per request (before padding)."""
+    passes (the prefill counts as one); ``new_tokens``: tokens generated per request (before padding);
+    ``accepted``: per verification step, the tokens each request took from it (None once finished)."""
 
     sequences: torch.Tensor
     target_forwards: int
     new_tokens: list
+    accepted: list = None
 
     @property
     def tokens_per_forward(self) -> float:
@@ -153,7 +155,7 @@ def speculative_generate(model, input_ids: torch.Tensor, attention_mask: torch.T
         drafter = TokenRecycling(model.config.vocab_size, device=dev)
     if max_new_tokens == 0:
         seq = input_ids.clone()
-        return SpeculativeOutput(seq, 0, [0] * B) if return_dict_in_generate else seq
+        return SpeculativeOutput(seq, 0, [0] * B, []) if return_dict_in_generate else seq
 
     mask = attention_mask.bool()
     lens = mask.sum(1).tolist()
@@ -182,6 +184,7 @@ def speculative_generate(model, input_ids: torch.Tensor, attention_mask: torch.T
     root = logits[cu[1:].long() - 1].argmax(-1)
     out = [[int(t)] for t in root.tolist()]
     done = [(bool(eos) and o[-1] in eos) or len(o) >= max_new_tokens for o in out]
+    accepted = []
     while not all(done):
         draft, tb = drafter.draft(root)
         local = torch.arange(tb.total_nodes, device=dev) - tb.cu_seqlens_q[:-1].long()[tb.batch_index]
@@ -202,6 +205,7 @@ def speculative_generate(model, input_ids: torch.Tensor, attention_mask: torch.T
         # new tokens: the accepted drafts after the root, then the bonus (one host sync a step)
         idx_h, n_h, bonus_h, draft_h = idx.tolist(), n.tolist(), bonus.tolist(), draft.tolist()
         starts = tb.cu_seqlens_q.tolist()
+        accepted.append([None if done[b] else n_h[b] for b in range(B)])
         for b in range(B):
             if done[b]:
                 continue
@@ -217,5 +221,5 @@ def speculative_generate(model, input_ids: torch.Tensor, attention_mask: torch.T
     for b, o in enumerate(out):
         seq[b, S:S + len(o)] = torch.tensor(o, dtype=input_ids.dtype, device=dev)
     if return_dict_in_generate:
-        return SpeculativeOutput(seq, forwards, [len(o) for o in out])
+        return SpeculativeOutput(seq, forwards, [len(o) for o in out], accepted)
     return seq

@@ -52,6 +52,9 @@ def test_matches_generate(family):
     assert torch.equal(out.sequences, ref), f"\n{out.sequences[:, ids.shape[1]:]}\n{ref[:, ids.shape[1]:]}"
     assert out.new_tokens == [16] * 4
     assert 1 <= out.target_forwards <= 16
+    assert len(out.accepted) == out.target_forwards - 1
+    # requests accept different lengths in the same step (the ragged case kv_compact realigns)
+    assert any(len({n for n in step if n is not None}) > 1 for step in out.accepted), out.accepted
     if family == "llama":
         # the same stopping rule for an end-of-sequence token: a token the second request
         # emits midway ends it there, the others keep going (and stop at max_new_tokens)
@@ -71,3 +74,20 @@ def test_plain_tensor_result_and_zero_tokens():
         speculative_generate(model, ids, mask, max_new_tokens=-1)
     with pytest.raises(ValueError, match="attention_mask"):
         speculative_generate(model, ids, mask[:, 1:], max_new_tokens=2)
+
+
+def test_matches_generate_on_the_triton_kernels():
+    """rope_and_cache, tree decode_attention and kv_compact on the Triton backend (the
+    interpreter on a CPU): a short run, batch 2, a 6-node template."""
+    from tests.conftest import DEVICE
+
+    torch.manual_seed(0)
+    model = _model("qwen2").to(DEVICE)
+    ids, mask = _prompts(3)
+    ids, mask = ids[:2].to(DEVICE), mask[:2].to(DEVICE)
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, eos_token_id=None,
+                         pad_token_id=0)
+    drafter = TokenRecycling(V, template=([-1, 0, 0, 1, 2, 3], [0, 0, 1, 0, 0, 0]), device=DEVICE)
+    out = speculative_generate(model, ids, mask, max_new_tokens=5, drafter=drafter, eos_token_id=None,
+                               pad_token_id=0, backend="triton")
+    assert torch.equal(out, ref)
