@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 
 import posattn
-from posattn.decode.cache import kv_compact, rope_and_cache
+from posattn.decode.cache import rope_and_cache
+from posattn.decode.compact import kv_compact
 from posattn.tree import TokenRecycling, verify_greedy
 
 

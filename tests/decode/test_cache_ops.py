@@ -81,7 +81,10 @@ def test_rope_and_cache_matches_oracle(backend, case, dtype):
         slots[T // 2] = -1                                   # a padding token: nothing written
         n_axes = 3 if kind == "mrope" else 1
         shape = (n_axes, T) if n_axes > 1 else (T,)
-        positions = (torch.rand(shape) * 5000).to(pdt) if pdt.is_floating_point else torch.randint(0, 5000, shape, dtype=pdt)
+        if pdt.is_floating_point:
+            positions = (torch.rand(shape) * 5000).to(pdt)
+        else:
+            positions = torch.randint(0, 5000, shape, dtype=pdt)
         positions = positions.to(DEVICE)
         eq, ekc, evc = _expected(q, k, v, positions, spec, k_cache, v_cache, slots, layout, rotate_k)
         qo = posattn.rope_and_cache(q, k, v, positions, spec, k_cache, v_cache, slots, kv_layout=layout,
@@ -203,7 +206,8 @@ def _compact_oracle(kc, vc, lens, src, counts, bt):
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
 def test_kv_compact_matches_oracle(backend, paged, layout):
     gen = torch.Generator().manual_seed(1)
-    for dtype, (B, N, page, HK, D, DV) in ((torch.float32, (3, 5, 4, 3, 80, 64)), (torch.bfloat16, (2, 21, 1, 1, 64, 96))):
+    cases = ((torch.float32, (3, 5, 4, 3, 80, 64)), (torch.bfloat16, (2, 21, 1, 1, 64, 96)))
+    for dtype, (B, N, page, HK, D, DV) in cases:
         kc, vc, lens, src, counts, bt = _compact_case(B, N, page, HK, D, DV, paged, dtype, gen)
         ekc, evc, elens = _compact_oracle(kc, vc, lens, src, counts, bt)
         if layout == "HND":   # the same logical cache stored [blocks, Hk, page, D]
@@ -319,7 +323,8 @@ def test_rope_and_cache_strided_positions_and_slots(backend):
     """positions and slot_mapping that are strided views (a column of a [T, 2] tensor)."""
     spec = posattn.RopeSpec(64)
     T = 5
-    q, k, v = torch.randn(T, 2, 64, device=DEVICE), torch.randn(T, 1, 64, device=DEVICE), torch.randn(T, 1, 64, device=DEVICE)
+    q = torch.randn(T, 2, 64, device=DEVICE)
+    k, v = torch.randn(T, 1, 64, device=DEVICE), torch.randn(T, 1, 64, device=DEVICE)
     pos = torch.randint(0, 3000, (T, 2), device=DEVICE)[:, 1]
     slots = torch.stack((torch.arange(T), torch.randperm(12)[:T]), 1).to(DEVICE)[:, 1]
     assert pos.stride(0) == 2 and slots.stride(0) == 2
