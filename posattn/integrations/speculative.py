@@ -65,10 +65,26 @@ class _Target:
         use_sw = getattr(cfg, "use_sliding_window", True)
         self.window = int(sw) if sw and use_sw else None
         p = next(model.parameters())
-        shape = (num_pages, page_size, self.HK, self.D)
-        self.k_cache = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in self.layers]
-        self.v_cache = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in self.layers]
-        self.page_size, self.backend = page_size, backend
+        # every layer's pages in one tensor: layer l owns pages [l * num_pages, (l + 1) * num_pages),
+        # so one kv_compact launch moves the accepted tokens of every layer (block_table_all)
+        L = len(self.layers)
+        shape = (L * num_pages, page_size, self.HK, self.D)
+        self.k_all = torch.zeros(shape, dtype=p.dtype, device=p.device)
+        self.v_all = torch.zeros(shape, dtype=p.dtype, device=p.device)
+        self.k_cache = list(self.k_all.view(L, num_pages, page_size, self.HK, self.D).unbind(0))
+        self.v_cache = list(self.v_all.view(L, num_pages, page_size, self.HK, self.D).unbind(0))
+        self.num_pages, self.page_size, self.backend = num_pages, page_size, backend
+
+    def compact(self, cache_seqlens, block_table, src, counts):
+        """kv_compact of every layer in one launch: (layer, request) pairs are the requests of a
+        paged cache made of all layers' pages; then cache_seqlens += counts."""
+        L, B = len(self.layers), block_table.shape[0]
+        offs = (torch.arange(L, device=block_table.device, dtype=torch.int32) * self.num_pages)[:, None, None]
+        bt_all = (block_table[None] + offs).reshape(L * B, -1)
+        lens_all = cache_seqlens.repeat(L)
+        kv_compact(self.k_all, self.v_all, lens_all, src.repeat(L, 1), counts.repeat(L), block_table=bt_all,
+                   backend=self.backend)
+        cache_seqlens += counts.to(cache_seqlens.dtype)
 
     def forward(self, tokens, positions, slots, cache_seqlens, block_table, cu_seqlens_q, tree_mask):
         """tokens int64 [N] (packed new tokens), positions [N], slots int64 [N] -> logits [N, V]."""
@@ -198,11 +214,7 @@ def speculative_generate(model, input_ids: torch.Tensor, attention_mask: torch.T
         # the accepted path (root first) moves to the end of the cached prefix; finished requests stay
         counts = torch.where(torch.tensor(done, device=dev), 0, n)
         src = cache_seqlens.long()[:, None] + idx.long().clamp(min=0)
-        for i in range(len(tgt.layers)):
-            # every layer starts from the same lengths; the last call advances cache_seqlens itself
-            lens_i = cache_seqlens if i == len(tgt.layers) - 1 else cache_seqlens.clone()
-            kv_compact(tgt.k_cache[i], tgt.v_cache[i], lens_i, src, counts, block_table=block_table,
-                       backend=backend)
+        tgt.compact(cache_seqlens, block_table, src, counts)
         # new tokens: the accepted drafts after the root, then the bonus (one host sync a step)
         idx_h, n_h, bonus_h, draft_h = idx.tolist(), n.tolist(), bonus.tolist(), draft.tolist()
         starts = tb.cu_seqlens_q.tolist()
