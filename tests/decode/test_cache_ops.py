@@ -368,3 +368,19 @@ def test_tuner_adapter_checks_candidates():
     raw = lambda: kernel.fn(x["q"], x["qo"], x["k"], x["v"], x["kc"], x["vc"], x["slots"], x["pos3"],  # noqa: E731
                             x["tables"], 64, False, False, {})
     assert "k output differs" in ops_cache.reference_check(key, x, raw)
+
+
+def test_custom_ops_opcheck():
+    """The torch.library ops: schema (mutated caches and lengths declared), fake impls, AOT dispatch."""
+    spec = posattn.RopeSpec(64)
+    t = spec.tables("cpu")
+    q, k, v = torch.randn(3, 2, 64), torch.randn(3, 1, 64), torch.randn(3, 1, 64)
+    kc, vc = torch.zeros(2, 4, 1, 64), torch.zeros(2, 4, 1, 64)
+    args = (q, k, v, kc, vc, torch.tensor([5, -1, 2]), torch.arange(3).view(1, 1, 3), t.inv_freq, None, None, None,
+            1.0, 64, False, True, False, "cpu")
+    torch.library.opcheck(torch.ops.posattn.rope_and_cache.default, args)
+    kc2 = torch.randn(2, 6, 1, 8)
+    args = (kc2, kc2.clone(), torch.tensor([1, 0], dtype=torch.int32), torch.tensor([[2, 4], [1, 2]]),
+            torch.tensor([2, 1]), None, False, "cpu")
+    torch.library.opcheck(torch.ops.posattn.kv_compact.default, args)
+

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from posattn.tree import Tree, TokenRecycling, default_template
+from tests.conftest import DEVICE
 
 
 def test_default_template_is_an_80_node_tree():
@@ -48,3 +49,16 @@ def test_bad_arguments():
     tr = TokenRecycling(10, k=2)
     with pytest.raises(ValueError, match="target_logits"):
         tr.update(torch.zeros(80, dtype=torch.int64), torch.zeros(80, 9), tr.batch(1))
+
+
+def test_token_recycling_no_host_sync():
+    from tests.tree.test_verify import _NoSync
+
+    tr = TokenRecycling(50, device=DEVICE)
+    tr.batch(3)                                   # packed once per batch size (host -> device)
+    last = torch.tensor([1, 2, 3], device=DEVICE)
+    with _NoSync():
+        tok, b = tr.draft(last)
+        tr.update(tok, torch.randn(tok.shape[0], 50, device=DEVICE), b)
+        tok2, _ = tr.draft(last)
+    assert tok2.shape == (3 * 80,)
