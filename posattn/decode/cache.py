@@ -130,23 +130,44 @@ _PLANS: dict = _plans.new_table()
 PLAN_CACHE_SIZE = 256
 
 
+_is_compiling = torch.compiler.is_compiling
+_grad_enabled = torch.is_grad_enabled
+_ctx_backend = dispatch.context_backend
+_env_backend = dispatch.env_backend_raw
+_Tensor = torch.Tensor
+
+
+def _sig(t):
+    return (t.shape, t.stride(), t.dtype, t.device)
+
+
 class _CachePlan:
-    __slots__ = ("fn", "config", "tables", "n_axes", "rotary_dim", "interleaved", "rotate_k", "hnd")
+    """What rope_and_cache decided for one checked signature (eager, no grad): the kernel, its
+    config and tables; run() reshapes (views; copies only where the signature needs them) and launches."""
+
+    __slots__ = ("fn", "config", "tables", "n_axes", "rotary_dim", "interleaved", "rotate_k", "hnd", "values",
+                 "n_slots")
 
     def __init__(self, kernel, config, tables, n_axes, rotary_dim, interleaved, rotate_k, hnd):
         self.fn, self.config, self.tables, self.n_axes = kernel.fn, config, tables, n_axes
         self.rotary_dim, self.interleaved, self.rotate_k, self.hnd = rotary_dim, interleaved, rotate_k, hnd
+        self.values, self.n_slots = False, 0
 
     def run(self, q, k, v, positions, k_cache, v_cache, slot_mapping):
-        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+        if q.stride(-1) != 1:
+            q = q.contiguous()
+        if k.stride(-1) != 1:
+            k = k.contiguous()
+        if v.stride(-1) != 1:
+            v = v.contiguous()
         # the kernels read token t's position and slot at t (unit stride)
         pos3 = (positions if positions.is_contiguous() else positions.contiguous()).view(self.n_axes, 1, -1)
         if not slot_mapping.is_contiguous():
             slot_mapping = slot_mapping.contiguous()
         kc, vc = (k_cache.transpose(1, 2), v_cache.transpose(1, 2)) if self.hnd else (k_cache, v_cache)
         qo = torch.empty_like(q)
-        self.fn(q[None], qo[None], k[None], v[None], kc, vc, slot_mapping, pos3, self.tables, self.rotary_dim,
-                self.interleaved, self.rotate_k, self.config)
+        self.fn(q.unsqueeze(0), qo.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), kc, vc, slot_mapping, pos3,
+                self.tables, self.rotary_dim, self.interleaved, self.rotate_k, self.config)
         return qo
 
 
@@ -171,19 +192,20 @@ def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions:
     Returns:
         rotated q [T, Hq, D] in q's dtype. One kernel launch (no host sync when check is off).
     """
-    if not torch.compiler.is_compiling():
-        pk = (q.shape, q.dtype, q.device, k.shape, v.shape, positions.shape, positions.dtype, spec,
-              k_cache.shape, k_cache.stride(), v_cache.shape, v_cache.stride(), k_cache.dtype,
-              slot_mapping.shape, slot_mapping.dtype, kv_layout, rotate_k, backend, seq_len,
-              dispatch.context_backend(), dispatch.env_backend_raw()) if _plain(q, k, v, positions, spec,
-                                                                               k_cache, v_cache, slot_mapping) else None
-        plan = _PLANS.get(pk) if pk is not None else None
-        if plan is not None and not _grad(q, k, v):
-            if _want_values(check, q.device):
-                _check_slots(slot_mapping, k_cache.shape[0] * k_cache.shape[2 if kv_layout == "HND" else 1])
+    pk = None
+    if not _is_compiling() and q.__class__ is _Tensor and spec.__class__ is RopeSpec:
+        try:
+            # everything the checks read: shapes, strides, dtypes, devices of every tensor, the
+            # arguments and the backend request (so a bad call never finds a good call's plan)
+            pk = (_sig(q), _sig(k), _sig(v), _sig(positions), spec, _sig(k_cache), _sig(v_cache),
+                  _sig(slot_mapping), kv_layout, rotate_k, check, backend, seq_len, _ctx_backend(), _env_backend())
+            plan = _PLANS.get(pk)
+        except (AttributeError, TypeError):      # not tensors, or unhashable: the checks name them
+            plan, pk = None, None
+        if plan is not None and not (_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+            if plan.values:
+                _check_slots(slot_mapping, plan.n_slots)
             return plan.run(q, k, v, positions, k_cache, v_cache, slot_mapping)
-    else:
-        pk = None
     tables, pos3, key = _check_rope_cache(q, k, v, positions, spec, k_cache, v_cache, slot_mapping, kv_layout,
                                           rotate_k, check, backend, seq_len)
     hnd = kv_layout == "HND"
@@ -195,13 +217,11 @@ def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions:
                               spec.rotary_dim, spec.interleaved, rotate_k, hnd, backend or "")
     kernel, config = dispatch.select("rope_and_cache", key, backend=backend)
     plan = _CachePlan(kernel, config, tables, pos3.shape[0], spec.rotary_dim, spec.interleaved, rotate_k, hnd)
+    plan.values = _want_values(check, q.device)     # (checked above on this call)
+    plan.n_slots = _nhd(k_cache, kv_layout).shape[0] * _nhd(k_cache, kv_layout).shape[1]
     if pk is not None and not (seq_len is None and spec.depends_on_seq_len):
         _plans.store(_PLANS, pk, plan, PLAN_CACHE_SIZE)
     return plan.run(q, k, v, positions, k_cache, v_cache, slot_mapping)
-
-
-def _plain(*xs) -> bool:
-    return all(x.__class__ is torch.Tensor or x.__class__ is RopeSpec for x in xs)
 
 
 def _grad(*xs) -> bool:

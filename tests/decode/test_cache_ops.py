@@ -384,3 +384,19 @@ def test_custom_ops_opcheck():
             torch.tensor([2, 1]), None, False, "cpu")
     torch.library.opcheck(torch.ops.posattn.kv_compact.default, args)
 
+
+
+@pytest.mark.parametrize("i", range(len(_bad_inputs()[1])))
+def test_rope_and_cache_bad_input_after_a_plan(i):
+    """A bad call whose shapes match a planned signature is still refused (the plan's key
+    covers every input's dtype, device and layout, not only the shapes)."""
+    base, cases = _bad_inputs()
+    posattn.rope_and_cache(**base)                      # plans the good signature
+    change, exc, msg = cases[i]
+    args = {**base, **change}
+    if args["k_cache"].device.type == "meta":
+        pytest.skip("the meta-device case has no planned twin")
+    before = args["k_cache"].clone()
+    with pytest.raises(exc, match=msg):
+        posattn.rope_and_cache(**args)
+    assert torch.equal(args["k_cache"], before)
