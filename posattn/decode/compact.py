@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from posattn import _validate as V
-from posattn import dispatch
+from posattn import _plans, dispatch
 from posattn.decode.cache import (_ALL, KV_LAYOUTS, _check_cache_pair, _cpu_supports, _dname, _nhd,
                                   _triton_supports, _want_values)
 from posattn.kernels import cpu_cache
@@ -65,8 +65,20 @@ def kv_compact(k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torc
         src: int32/int64 [B, N] logical slots; only the first counts[b] of row b are read.
         counts: int32/int64 [B], each in [0, N].
         check: value checks (sources ascending and >= cache_seqlens, counts in range, capacity,
-            block table entries): None runs them for CPU tensors only, True always (one sync).
+            block table entries): None runs them for CPU tensors only (never under
+            torch.compile), True always (one sync), False never.
     """
+    pk = None
+    if not torch.compiler.is_compiling():
+        try:
+            pk = (_sig(k_cache), _sig(v_cache), _sig(cache_seqlens), _sig(src), _sig(counts), _sig(block_table),
+                  kv_layout, check, backend, dispatch.context_backend(), dispatch.env_backend_raw())
+            plan = _PLANS.get(pk)
+        except (AttributeError, TypeError):   # not tensors, or unhashable: the checks below name them
+            plan, pk = None, None
+        if plan is not None:
+            plan.run(k_cache, v_cache, cache_seqlens, src, counts, block_table)
+            return
     if kv_layout not in KV_LAYOUTS:
         V.choice(kv_layout, "kv_layout", KV_LAYOUTS)
     V.float_tensor(k_cache, "k_cache")
@@ -94,19 +106,47 @@ def kv_compact(k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torc
             raise ValueError(f"a contiguous cache (block_table=None) must be [B, S_cap, Hk, D] with B = {B}; "
                              f"got {kc.shape[0]} rows in k_cache")
         capacity = kc.shape[1]
-    # the kernels read src rows, counts and block-table rows with unit stride
-    src, counts = src.contiguous(), counts.contiguous()
-    if block_table is not None:
-        block_table = block_table.contiguous()
-    if _want_values(check, dev):
-        _check_compact_values(cache_seqlens, src, counts, block_table, capacity, kc.shape[0])
     hnd = kv_layout == "HND"
     if torch.compiler.is_compiling():
-        _kv_compact_op(k_cache, v_cache, cache_seqlens, src, counts, block_table, hnd, backend or "")
+        if check is True:       # asked for: a host read (a graph break); by default none when compiling
+            _check_compact_values(cache_seqlens, src, counts, block_table, capacity, kc.shape[0])
+        if block_table is not None:
+            block_table = block_table.contiguous()
+        _kv_compact_op(k_cache, v_cache, cache_seqlens, src.contiguous(), counts.contiguous(), block_table, hnd,
+                       backend or "")
         return
-    key = _compact_key(kc, src, block_table)
-    kernel, config = dispatch.select("kv_compact", key, backend=backend)
-    kernel.fn(kc, vc, cache_seqlens, src, counts, block_table, config)
+    kernel, config = dispatch.select("kv_compact", _compact_key(kc, src, block_table), backend=backend)
+    plan = _CompactPlan(kernel.fn, config, hnd, _want_values(check, dev), capacity, kc.shape[0])
+    if pk is not None:
+        _plans.store(_PLANS, pk, plan, 256)
+    plan.run(k_cache, v_cache, cache_seqlens, src, counts, block_table)
+
+
+def _sig(t):
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
+
+
+_PLANS: dict = _plans.new_table()
+
+
+class _CompactPlan:
+    """kv_compact for one checked signature: the kernel, its config, and the value checks to run."""
+
+    __slots__ = ("fn", "config", "hnd", "values", "capacity", "num_blocks")
+
+    def __init__(self, fn, config, hnd, values, capacity, num_blocks):
+        self.fn, self.config, self.hnd = fn, config, hnd
+        self.values, self.capacity, self.num_blocks = values, capacity, num_blocks
+
+    def run(self, k_cache, v_cache, cache_seqlens, src, counts, block_table):
+        # the kernels read src rows, counts and block-table rows with unit stride
+        src, counts = src.contiguous(), counts.contiguous()
+        if block_table is not None:
+            block_table = block_table.contiguous()
+        if self.values:
+            _check_compact_values(cache_seqlens, src, counts, block_table, self.capacity, self.num_blocks)
+        kc, vc = (k_cache.transpose(1, 2), v_cache.transpose(1, 2)) if self.hnd else (k_cache, v_cache)
+        self.fn(kc, vc, cache_seqlens, src, counts, block_table, self.config)
 
 
 def _check_compact_values(cache_seqlens, src, counts, block_table, capacity, num_blocks):

@@ -400,3 +400,14 @@ def test_rope_and_cache_bad_input_after_a_plan(i):
     with pytest.raises(exc, match=msg):
         posattn.rope_and_cache(**args)
     assert torch.equal(args["k_cache"], before)
+
+
+def test_kv_compact_bad_values_after_a_plan():
+    """The value checks still run on a planned signature (CPU tensors, check=None)."""
+    kc, vc = torch.zeros(4, 4, 1, 8), torch.zeros(4, 4, 1, 8)
+    bt = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+    posattn.kv_compact(kc, vc, torch.tensor([2, 1], dtype=torch.int32), torch.tensor([[2, 3], [1, 4]]),
+                       torch.tensor([2, 2]), block_table=bt)
+    with pytest.raises(ValueError, match="strictly ascending"):
+        posattn.kv_compact(kc, vc, torch.tensor([2, 1], dtype=torch.int32), torch.tensor([[3, 2], [1, 4]]),
+                           torch.tensor([2, 2]), block_table=bt)
