@@ -10,7 +10,8 @@ eager path keeps a per-signature plan (checks, tables, kernel choice) as apply_r
 
 Value checks (slot range, kv_compact's sources and counts, block table entries) read
 the index tensors' values: ``check=None`` runs them only for CPU tensors (no device sync
-there); ``check=True`` runs them on any device (one device-to-host copy), ``False`` never.
+there) outside torch.compile; ``check=True`` runs them on any device (one device-to-host
+copy), ``False`` never.
 """
 from __future__ import annotations
 
@@ -57,8 +58,8 @@ def _nhd(cache: torch.Tensor, kv_layout: str) -> torch.Tensor:
 
 
 def _want_values(check, device) -> bool:
-    if check is None:
-        return device.type == "cpu"
+    if check is None:   # CPU tensors: reading values costs no device sync (nor a graph break when not compiling)
+        return device.type == "cpu" and not torch.compiler.is_compiling()
     V.boolean(check, "check")
     return check
 
