@@ -1,5 +1,7 @@
-"""Tuner adapter for rope_and_cache: inputs from a CacheKey, one launch, a reference check.
+"""Tuner adapter for the cache writes: rope_and_cache (a CacheKey) and kv_compact (a
+CompactKey, told apart by its ``width_bucket``): inputs from the key, one launch, a reference check.
 
+rope_and_cache:
 Builds T = key.tokens_bucket new tokens ([1, T, H, D] views, as the kernels take them),
 a paged cache of page size 16 with room for 2T slots, and a slot mapping that scatters the
 tokens over it (a random permutation: decode steps write one slot per request, anywhere).
@@ -17,13 +19,21 @@ from posattn.lowered import RopeTables
 PAGE = 16
 
 
+def _compact(key) -> bool:
+    return hasattr(key, "width_bucket")
+
+
 def input_bytes(key) -> int:
+    if _compact(key):
+        return _c_bytes(key)
     elt = torch.empty((), dtype=_DTYPES[key.dtype]).element_size()
     T = key.tokens_bucket
     return 2 * T * (key.heads_q + 2 * key.heads_k) * key.head_dim * elt + 16 * T
 
 
 def make_inputs(key, device, index: int = 0) -> dict:
+    if _compact(key):
+        return _c_inputs(key, device, index)
     dt, T, D = _DTYPES[key.dtype], key.tokens_bucket, key.head_dim
     g = torch.Generator().manual_seed(index)
     q = torch.empty(1, T, key.heads_q, D, dtype=dt, device=device).uniform_(-1, 1)
@@ -41,12 +51,18 @@ def make_inputs(key, device, index: int = 0) -> dict:
 
 
 def run(kernel, config: dict, x: dict) -> None:
+    if "src" in x:
+        x["lens"].copy_(x["lens0"])        # every run moves the same tokens
+        kernel.fn(x["kc"], x["vc"], x["lens"], x["src"], x["counts"], x["bt"], config)
+        return
     kernel.fn(x["q"], x["qo"], x["k"], x["v"], x["kc"], x["vc"], x["slots"], x["pos3"], x["tables"],
               x["rotary_dim"], False, x["rotate_k"], config)
 
 
 def reference_check(key, x: dict, run_once) -> str | None:
     """Run the candidate once on NaN-filled outputs; compare sampled tokens with fp64."""
+    if _compact(key):
+        return _c_check(key, x, run_once)
     for name in ("qo", "kc", "vc"):
         x[name].fill_(float("nan"))
     run_once()
@@ -71,4 +87,46 @@ def reference_check(key, x: dict, run_once) -> str | None:
         err = ((got[name] - want).abs() - tol * want.abs()).max().item()
         if err > tol:
             return f"{name} output differs from the reference by {err + tol:.3g} (bound {tol:g})"
+    return None
+
+
+# ---------------------------------------------------------------------------
+# kv_compact: B = 8 requests of CTX cached tokens (page 16, pages shuffled), each moving
+# counts = N / 2 of the N = key.width_bucket tokens after its prefix
+
+CTX = 256
+
+
+def _c_bytes(key) -> int:
+    elt = torch.empty((), dtype=_DTYPES[key.dtype]).element_size()
+    return 2 * 8 * (CTX + key.width_bucket) * key.heads_k * key.head_dim * elt
+
+
+def _c_inputs(key, device, index: int) -> dict:
+    dt, N, B = _DTYPES[key.dtype], key.width_bucket, 8
+    g = torch.Generator().manual_seed(index)
+    per = -(-(CTX + N) // PAGE)
+    shape = (B * per, PAGE, key.heads_k, key.head_dim) if key.paged else (B, per * PAGE, key.heads_k, key.head_dim)
+    kc = torch.empty(shape, dtype=dt, device=device).uniform_(-1, 1)
+    src = torch.stack([torch.randperm(N, generator=g).sort().values for _ in range(B)]) + CTX
+    bt = torch.randperm(B * per, generator=g).view(B, per).int().to(device) if key.paged else None
+    lens0 = torch.full((B,), CTX, dtype=torch.int32, device=device)
+    return {"kc": kc, "vc": torch.empty_like(kc).uniform_(-1, 1), "lens0": lens0, "lens": lens0.clone(),
+            "src": src.to(device), "counts": torch.full((B,), max(1, N // 2), dtype=torch.int64, device=device),
+            "bt": bt}
+
+
+def _c_check(key, x: dict, run_once) -> str | None:
+    from posattn.kernels.reference.cache import kv_compact_forward
+
+    want = {n: x[n].cpu().double() for n in ("kc", "vc")}
+    lens = x["lens0"].cpu().clone()
+    bt = x["bt"].cpu() if x["bt"] is not None else None
+    kv_compact_forward(want["kc"], want["vc"], lens, x["src"].cpu(), x["counts"].cpu(), bt, {})
+    run_once()
+    for n in ("kc", "vc"):
+        if not torch.equal(x[n].cpu().double(), want[n]):
+            return f"{n}: the cache after the move differs from the reference's"
+    if not torch.equal(x["lens"].cpu(), lens):
+        return "cache_seqlens: not advanced by counts"
     return None

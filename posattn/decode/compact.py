@@ -190,5 +190,11 @@ def _cpu_compact(kc, vc, cache_seqlens, src, counts, block_table, config):
 dispatch.register("kv_compact", "reference", dtypes=_ALL)(ref_cache.kv_compact_forward)
 dispatch.register("kv_compact", "cpu", supports=_cpu_supports, dtypes=_ALL,
                   default_config=lambda key: {"threads": 0})(_cpu_compact)
+def _triton_compact_space(key):
+    from posattn.kernels.triton import cache as tc
+
+    return tc.compact_search_space(key)
+
+
 dispatch.register("kv_compact", "triton", supports=_triton_supports,
-                  default_config=lambda key: {"num_warps": 4})(_triton_compact)
+                  default_config=lambda key: {"num_warps": 4}, search_space=_triton_compact_space)(_triton_compact)

@@ -411,3 +411,17 @@ def test_kv_compact_bad_values_after_a_plan():
     with pytest.raises(ValueError, match="strictly ascending"):
         posattn.kv_compact(kc, vc, torch.tensor([2, 1], dtype=torch.int32), torch.tensor([[3, 2], [1, 4]]),
                            torch.tensor([2, 2]), block_table=bt)
+
+
+def test_tuner_adapter_kv_compact():
+    from posattn import dispatch
+    from posattn.autotune import ops_cache
+    from posattn.decode.compact import CompactKey
+
+    for paged in (True, False):
+        key = CompactKey("cpu", "bfloat16", 64, 2, paged, 8)
+        kernel = dispatch.kernels("kv_compact")["cpu"]
+        x = ops_cache.make_inputs(key, "cpu", 2)
+        assert ops_cache.reference_check(key, x, lambda: ops_cache.run(kernel, {}, x)) is None
+        x = ops_cache.make_inputs(key, "cpu", 2)
+        assert "differs" in ops_cache.reference_check(key, x, lambda: None)

@@ -131,6 +131,13 @@ def search_space(key) -> list[dict]:
     return out
 
 
+def compact_search_space(key) -> list[dict]:
+    """Candidate {BLOCK_N, num_warps} for kv_compact: chunks up to the source width, 1-8 warps."""
+    width = max(1, int(key.width_bucket))
+    return [{"BLOCK_N": n, "num_warps": w} for n in (4, 8, 16, 32, 64) for w in (1, 2, 4, 8)
+            if n <= max(4, triton.next_power_of_2(width)) and n * int(key.head_dim) <= 16384]
+
+
 def rope_cache_forward(q, qo, k, v, k_cache, v_cache, slots, pos3, tables, rotary_dim: int,
                        interleaved: bool, rotate_k: bool, config: dict):
     """Same contract as posattn.kernels.reference.cache.rope_cache_forward."""
