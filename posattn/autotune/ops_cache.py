@@ -91,24 +91,25 @@ def reference_check(key, x: dict, run_once) -> str | None:
 
 
 # ---------------------------------------------------------------------------
-# kv_compact: B = 8 requests of CTX cached tokens (page 16, pages shuffled), each moving
-# counts = N / 2 of the N = key.width_bucket tokens after its prefix
+# kv_compact: B = 8 requests of CTX cached tokens (page 16, pages shuffled), each moving the
+# first N / 2 of N = key.width_bucket sources chosen among the 2N slots after its prefix
 
 CTX = 256
 
 
 def _c_bytes(key) -> int:
     elt = torch.empty((), dtype=_DTYPES[key.dtype]).element_size()
-    return 2 * 8 * (CTX + key.width_bucket) * key.heads_k * key.head_dim * elt
+    return 2 * 8 * (CTX + 2 * key.width_bucket) * key.heads_k * key.head_dim * elt
 
 
 def _c_inputs(key, device, index: int) -> dict:
     dt, N, B = _DTYPES[key.dtype], key.width_bucket, 8
     g = torch.Generator().manual_seed(index)
-    per = -(-(CTX + N) // PAGE)
+    per = -(-(CTX + 2 * N) // PAGE)
     shape = (B * per, PAGE, key.heads_k, key.head_dim) if key.paged else (B, per * PAGE, key.heads_k, key.head_dim)
     kc = torch.empty(shape, dtype=dt, device=device).uniform_(-1, 1)
-    src = torch.stack([torch.randperm(N, generator=g).sort().values for _ in range(B)]) + CTX
+    # N sources out of the 2N slots after the prefix: real moves, overlapping their destinations
+    src = torch.stack([torch.randperm(2 * N, generator=g)[:N].sort().values for _ in range(B)]) + CTX
     bt = torch.randperm(B * per, generator=g).view(B, per).int().to(device) if key.paged else None
     lens0 = torch.full((B,), CTX, dtype=torch.int32, device=device)
     return {"kc": kc, "vc": torch.empty_like(kc).uniform_(-1, 1), "lens0": lens0, "lens": lens0.clone(),
