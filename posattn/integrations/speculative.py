@@ -141,7 +141,8 @@ def speculative_generate(model, input_ids: torch.Tensor, attention_mask: torch.T
             token, 0 = padding), default all ones.
         max_new_tokens: at most this many new tokens per request.
         drafter: an object with ``draft(last_tokens [B]) -> (draft_tokens [ΣT], TreeBatch)`` and
-            ``update(draft_tokens, target_logits, batch)``; default TokenRecycling(vocab_size).
+            ``update(draft_tokens, target_logits, batch)``, whose trees never exceed its first
+            draft's size; default TokenRecycling(vocab_size).
         page_size: tokens per cache page.
         eos_token_id, pad_token_id: as generate: not given, the model's generation_config; None,
             no end-of-sequence token (pad_token_id None: eos_token_id's first, else 0).
@@ -179,7 +180,8 @@ def speculative_generate(model, input_ids: torch.Tensor, attention_mask: torch.T
     if min(lens) < 1:
         raise ValueError("every request needs at least one prompt token (a row of attention_mask is all 0)")
     _, tb0 = drafter.draft(input_ids[:, -1])            # drafting reads the drafter only: learn the tree size
-    cap = max(lens) + max_new_tokens + max(tb0.num_nodes) + 1
+    max_nodes = max(tb0.num_nodes)
+    cap = max(lens) + max_new_tokens + max_nodes + 1
     pages_per = -(-cap // page_size)
     # pages in reverse order: the engine follows the block table, it never assumes identity
     block_table = torch.arange(B * pages_per, device=dev, dtype=torch.int32).flip(0).view(B, pages_per).contiguous()
@@ -204,6 +206,9 @@ def speculative_generate(model, input_ids: torch.Tensor, attention_mask: torch.T
     accepted = []
     while not all(done):
         draft, tb = drafter.draft(root)
+        if max(tb.num_nodes) > max_nodes:
+            raise ValueError(f"the drafter's trees grew from {max_nodes} to {max(tb.num_nodes)} nodes; the cache "
+                             f"was sized for the first draft's (a drafter must keep its tree size bound)")
         local = torch.arange(tb.total_nodes, device=dev) - tb.cu_seqlens_q[:-1].long()[tb.batch_index]
         slots = tgt.slots(block_table, tb.batch_index, cache_seqlens.long()[tb.batch_index] + local)
         logits = tgt.forward(draft, tb.positions(cache_seqlens), slots, cache_seqlens, block_table,

@@ -91,3 +91,36 @@ def test_matches_generate_on_the_triton_kernels():
     out = speculative_generate(model, ids, mask, max_new_tokens=5, drafter=drafter, eos_token_id=None,
                                pad_token_id=0, backend="triton")
     assert torch.equal(out, ref)
+
+
+def test_any_drafter_with_per_request_trees():
+    """A drafter proposing a different tree shape per request (chains of different lengths,
+    a bushy tree) still gives generate's tokens; a drafter whose trees grow is refused."""
+    from posattn.tree import Tree, pack
+
+    class Shapes:
+        def __init__(self, trees, grow=False):
+            self.trees, self.grow, self.calls = trees, grow, 0
+
+        def draft(self, last):
+            self.calls += 1
+            trees = self.trees if not (self.grow and self.calls > 2) else [Tree.from_parents([-1, 0, 1, 2, 3, 4, 5, 6])] * 4
+            b = pack(trees, last.device)
+            tok = torch.randint(3, V, (b.total_nodes,), generator=torch.Generator().manual_seed(self.calls))
+            tok[b.cu_seqlens_q[:-1].long()] = last
+            return tok, b
+
+        def update(self, draft, logits, batch):
+            pass
+
+    model = _model("llama")
+    ids, mask = _prompts(4)
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=None,
+                         pad_token_id=0)
+    trees = [Tree.from_parents(p) for p in ([-1], [-1, 0, 1], [-1, 0, 0, 1, 1, 2], [-1, 0])]
+    out = speculative_generate(model, ids, mask, max_new_tokens=6, drafter=Shapes(trees), eos_token_id=None,
+                               pad_token_id=0)
+    assert torch.equal(out, ref)
+    with pytest.raises(ValueError, match="trees grew"):
+        speculative_generate(model, ids, mask, max_new_tokens=6, drafter=Shapes(trees, grow=True),
+                             eos_token_id=None, pad_token_id=0)
