@@ -162,3 +162,53 @@ def test_offsets_beyond_int32():
     ref = posattn.decode_attention(q, kc[bt[0].long()].reshape(1, 4 * ps, HK, D).clone(),
                                    vc[bt[0].long()].reshape(1, 4 * ps, HK, D).clone(), cs, backend="reference")
     assert_close(out, ref, torch.bfloat16, "attention")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_inputs(backend):
+    """Caches stored head-major ([blocks, Hk, page, D] viewed as [blocks, page, Hk, D]) and q a
+    strided view: read in place, written in place by the append."""
+    case = Case(q_lens=[2, 1, 3], cached=[5, 0, 9], page_size=4, append=True, tree=True, device=DEVICE)
+    case.k_cache = case.k_cache.transpose(1, 2).contiguous().transpose(1, 2)
+    case.v_cache = case.v_cache.transpose(1, 2).contiguous().transpose(1, 2)
+    big = torch.randn(case.q.shape[0], case.HQ, 2 * case.D, device=DEVICE).to(case.dtype)
+    big[..., :case.D] = case.q
+    case.q = big[..., :case.D]
+    assert not case.q.is_contiguous() and not case.k_cache.is_contiguous()
+    run_case(case, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_padded_rope_with_positions(backend):
+    case = Case(q_lens=[3, 3], cached=[4, 1], padded=True, append=True, rope=ROPE, page_size=2, device=DEVICE,
+                seed=3)
+    case.positions = torch.tensor([[4, 5, 5], [1, 2, 3]], device=DEVICE).reshape(-1)
+    run_case(case, backend)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("tree", [False, True])
+def test_cuda_graph_replay_follows_new_lengths(tree):
+    """A planned decode step captured in a CUDA graph replays with new cache lengths and queries
+    written into the captured tensors (the launch depends on shapes only)."""
+    case = Case(q_lens=[2, 1, 2], cached=[5, 9, 2], page_size=4, tree=tree, device="cuda", dtype=torch.bfloat16,
+                extra_pages=8)
+    args, kw = case.args()
+    posattn.decode_attention(*args, **kw, backend="triton")          # the checked call keeps the plan
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        posattn.decode_attention(*args, **kw, backend="triton")
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = posattn.decode_attention(*args, **kw, backend="triton")
+    case.cached = [7, 3, 6]
+    case.cache_seqlens.copy_(torch.tensor(case.cached, dtype=torch.int32))
+    case.q.copy_(torch.randn_like(case.q, dtype=torch.float32).to(case.q.dtype))
+    args[1].copy_(case.k_cache)   # the captured caches hold the data the oracle reads
+    args[2].copy_(case.v_cache)
+    graph.replay()
+    torch.cuda.synchronize()
+    ref_out = case.oracle()[0]
+    assert_close(out, ref_out, case.dtype, "attention")
