@@ -216,3 +216,14 @@ def test_cuda_graph_replay_follows_new_lengths(tree):
     torch.cuda.synchronize()
     ref_out = case.oracle()[0]
     assert_close(out, ref_out, case.dtype, "attention")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("splits", [None, 3])
+def test_query_that_sees_nothing(backend, splits):
+    """A tree row with no bit over an empty cache: out = 0 and lse = -inf, also through the split merge."""
+    case = Case(q_lens=[3, 2], cached=[0, 4], page_size=2, tree=True, device=DEVICE)
+    case.tree_mask[1] = 0
+    case.tree_rows[1] = [False] * len(case.tree_rows[1])
+    out, lse = run_case(case, backend, num_splits=None if backend == "reference" else splits)
+    assert torch.equal(out[1].cpu(), torch.zeros_like(out[1].cpu())) and bool(torch.isinf(lse[1]).all())
