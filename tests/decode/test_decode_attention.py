@@ -227,3 +227,40 @@ def test_query_that_sees_nothing(backend, splits):
     case.tree_rows[1] = [False] * len(case.tree_rows[1])
     out, lse = run_case(case, backend, num_splits=None if backend == "reference" else splits)
     assert torch.equal(out[1].cpu(), torch.zeros_like(out[1].cpu())) and bool(torch.isinf(lse[1]).all())
+
+
+SPARSE = {
+    "kv_lists_decode": dict(q_lens=[1, 1, 1], cached=[20, 7, 0], page_size=4, indexed="kv", HQ=4, HK=2),
+    "q_lists_decode": dict(q_lens=[1, 1], cached=[13, 30], page_size=3, indexed="q", HQ=6, HK=2, budget=9),
+    "kv_lists_tree_window": dict(q_lens=[5, 2], cached=[17, 9], tree=True, window=12, indexed="kv", page_size=2),
+    "q_lists_chunk_append": dict(q_lens=[3, 0, 2], cached=[8, 3, 11], append=True, indexed="q", HQ=4, HK=1),
+    "kv_lists_budget_beyond": dict(q_lens=[1, 2], cached=[5, 6], indexed="kv", budget=16, page_size=1),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", sorted(SPARSE))
+def test_sparse_kv_indices(name, backend):
+    """kv_indices (token selection's sparse decode): each head sees only its listed cached slots
+    (any order, -1 anywhere) plus the step's new tokens; per KV head or per query head lists."""
+    run_case(Case(**SPARSE[name], device=DEVICE, seed=len(name)), backend)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+@pytest.mark.parametrize("splits", [2, 5])
+def test_sparse_kv_indices_split(backend, splits):
+    run_case(Case(q_lens=[1, 2], cached=[25, 14], indexed="q", HQ=4, HK=2, page_size=4, tree=True,
+                  device=DEVICE), backend, num_splits=splits)
+
+
+def test_all_slots_listed_equals_dense():
+    """Listing every cached slot is dense attention (issue 13's budget >= context)."""
+    case = Case(q_lens=[1, 1], cached=[9, 4], page_size=4, device=DEVICE)
+    args, kw = case.args()
+    dense = posattn.decode_attention(*args, **kw)
+    idx = torch.full((2, case.HK, 12), -1, dtype=torch.int32)
+    for b, L in enumerate(case.cached):
+        idx[b, :, :L] = torch.randperm(L, dtype=torch.int32)
+    for backend in BACKENDS:
+        out = posattn.decode_attention(*args, **kw, kv_indices=idx.to(DEVICE), backend=backend)
+        assert_close(out, dense, case.dtype, "attention", msg=backend)

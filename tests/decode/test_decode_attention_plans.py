@@ -51,11 +51,11 @@ def test_plan_cache_is_bounded(monkeypatch):
 
 
 @pytest.mark.parametrize("backend", NATIVE)
-@pytest.mark.parametrize("padded", [False, True])
-def test_planned_path_reads_no_value_on_the_host(backend, padded, monkeypatch):
+@pytest.mark.parametrize("padded, indexed", [(False, ""), (True, ""), (False, "kv")])
+def test_planned_path_reads_no_value_on_the_host(backend, padded, indexed, monkeypatch):
     """After the first (checked) call, a decode step does device work only: no .item(), .tolist()
     or .cpu(), so it can be captured in a CUDA graph."""
-    case = _case(q_lens=[2, 2], cached=[3, 5], padded=padded) if padded else _case()
+    case = _case(q_lens=[2, 2], cached=[3, 5], padded=padded) if padded else _case(indexed=indexed)
     args, kw = case.args()
     first = posattn.decode_attention(*args, **kw, backend=backend)
 
@@ -89,9 +89,12 @@ def _lowered(case):
             True, -1, case.D ** -0.5, 0, max(case.q_lens), "cpu" if DEVICE == "cpu" else "triton"), T
 
 
-def test_custom_op_opcheck():
-    case = _case(rope=None, append=False)
+@pytest.mark.parametrize("indexed", ["", "q"])
+def test_custom_op_opcheck(indexed):
+    case = _case(rope=None, append=False, indexed=indexed)
     args, _ = _lowered(case)
+    if indexed:
+        args = args + (case.kv_indices,)
     torch.library.opcheck(torch.ops.posattn.decode_attention.default, args,
                           test_utils=("test_schema", "test_faketensor"))
 
