@@ -101,6 +101,13 @@ XDIST=()
 step "tests (GPU)" "$(limit 150 140)" "$PY" -m pytest -q --maxfail=25 -p no:cacheprovider "${XDIST[@]}" \
   --junitxml="$OUT/pytest.xml" $TESTS
 
+# 4b. the decode engine on the GPU: its kernel tests (the Triton kernel compiled, a cache past
+#     2^31 elements, host-sync freedom), then decode / tree-verify timings beside FlashInfer,
+#     FlexAttention and SDPA (rows upserted into $OUT/results.jsonl; no new file in $OUT)
+step "decode tests (GPU)" "$(limit 90 200)" "$PY" -m pytest -q -x -p no:cacheprovider "${XDIST[@]}" tests/decode
+step "decode bench" "$(limit 60 150)" "$PY" -m posattn bench --quick --op decode_attention,tree_attention \
+  -o "$OUT" --no-dashboard --time-budget 40
+
 # 5+6. benchmark sweep, results and dashboard -------------------------------
 WITH=() COMMITTED=()
 if [ -d "$ROOT/benchmarks/results" ]; then

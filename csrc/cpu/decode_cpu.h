@@ -21,6 +21,8 @@ struct DecodeProblem {
   const int32_t* tree_mask; int64_t s_tm;
   bool causal; int64_t window; float scale; int dtype;
   void* out; int64_t s_ot, s_oh; float* lse;
+  // sparse decode: int32 [B, idx_heads, budget] cached slots per head (idx_heads = HK or HQ), or nullptr
+  const int32_t* kv_indices; int64_t s_ib, s_ih, budget, idx_heads;
 };
 
 // num_splits <= 0: one split unless there are fewer (request, KV head) tasks than 2 * threads.
@@ -30,11 +32,11 @@ void decode_forward(const DecodeProblem& p, int num_splits, int block_n, int num
 inline DecodeProblem decode_problem_from(const std::vector<int64_t>& dims, const std::vector<int64_t>& ptrs,
                                          const std::vector<int64_t>& strides, bool causal, int64_t window,
                                          float scale, int dtype) {
-  if (dims.size() != 7 || ptrs.size() != 10 || strides.size() != 12)
-    throw std::invalid_argument("decode: expected 7 dims, 10 pointers, 12 strides");
+  if (dims.size() != 9 || ptrs.size() != 10 || strides.size() != 14)
+    throw std::invalid_argument("decode: expected 9 dims, 10 pointers, 14 strides");
   DecodeProblem p{};
   p.T = dims[0]; p.B = dims[1]; p.HQ = dims[2]; p.HK = dims[3]; p.D = dims[4]; p.page_size = dims[5];
-  p.max_blocks = dims[6];
+  p.max_blocks = dims[6]; p.budget = dims[7]; p.idx_heads = dims[8];
   if (p.HK <= 0 || p.HQ % p.HK) throw std::invalid_argument("decode: HQ must be a multiple of HK");
   if (p.page_size <= 0 || p.max_blocks <= 0) throw std::invalid_argument("decode: empty cache geometry");
   if (dtype < 0 || dtype > 2) throw std::invalid_argument("decode: dtype code must be 0, 1 or 2");
@@ -47,11 +49,14 @@ inline DecodeProblem decode_problem_from(const std::vector<int64_t>& dims, const
   p.tree_mask = reinterpret_cast<const int32_t*>(ptrs[6]);
   p.out = reinterpret_cast<void*>(ptrs[7]);
   p.lse = reinterpret_cast<float*>(ptrs[8]);
-  (void)ptrs[9];
+  p.kv_indices = reinterpret_cast<const int32_t*>(ptrs[9]);
+  if (p.kv_indices != nullptr && p.idx_heads != p.HK && p.idx_heads != p.HQ)
+    throw std::invalid_argument("decode: kv_indices must have HK or HQ heads");
   p.s_qt = strides[0]; p.s_qh = strides[1];
   p.s_kb = strides[2]; p.s_kt = strides[3]; p.s_kh = strides[4];
   p.s_vb = strides[5]; p.s_vt = strides[6]; p.s_vh = strides[7];
   p.s_bt = strides[8]; p.s_tm = strides[9]; p.s_ot = strides[10]; p.s_oh = strides[11];
+  p.s_ib = strides[12]; p.s_ih = strides[13];
   p.causal = causal; p.window = window; p.scale = scale; p.dtype = dtype;
   return p;
 }

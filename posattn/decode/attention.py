@@ -40,6 +40,8 @@ class DecodeKey:
     q_bucket: int          # new tokens per request (Tq, or the mean for ragged q), power-of-two bucket
     kv_bucket: int         # slots per request (capacity), power-of-two bucket
     batch_bucket: int
+    kv_lists: str = ""     # per-head key lists (kv_indices): "" none, "kv" one per KV head, "q" one per query head
+    budget_bucket: int = 1   # power-of-two bucket of the lists' length (1 without lists)
 
 
 def _dname(dt: torch.dtype) -> str:
@@ -78,7 +80,8 @@ class _Plan:
         req = torch.searchsorted(cu[1:], self.arange_t, right=True).to(torch.int64)
         return req, self.arange_t.to(torch.int64) - cu[req].to(torch.int64)
 
-    def run(self, q, k_cache, v_cache, cache_seqlens, block_table, cu_seqlens_q, k, v, positions, tree_mask):
+    def run(self, q, k_cache, v_cache, cache_seqlens, block_table, cu_seqlens_q, k, v, positions, tree_mask,
+            kv_indices=None):
         T, HQ, HK, D = self.T, self.HQ, self.HK, self.D
         cu = cu_seqlens_q if cu_seqlens_q is not None else self.cu
         bt = block_table if block_table is not None else self.block_table
@@ -104,10 +107,10 @@ class _Plan:
         if _compiling():
             out, lse = torch.ops.posattn.decode_attention(
                 q3, k_cache, v_cache, bt, cache_seqlens, cu, tm, self.causal, self.window, self.scale,
-                self.num_splits or 0, self.max_q, self.kernel.backend)
+                self.num_splits or 0, self.max_q, self.kernel.backend, kv_indices)
         else:
             out, lse = self.kernel.fn(q3, k_cache, v_cache, bt, cache_seqlens, cu, tm, self.causal, self.window,
-                                      self.scale, self.num_splits, self.max_q, self.config)
+                                      self.scale, self.num_splits, self.max_q, self.config, kv_indices)
         if self.Tq is not None:
             out = out.reshape(q.shape)
             lse = lse.reshape(self.B, self.Tq, HQ)
@@ -118,10 +121,17 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-def _key(q, k_cache, B, Tq, T, HQ, HK, D, capacity, paged, tree, causal, window) -> DecodeKey:
+def _lists(kv_indices, HQ, HK) -> tuple[str, int]:
+    if kv_indices is None:
+        return "", 1
+    return ("kv" if kv_indices.shape[1] == HK else "q"), token_bucket(kv_indices.shape[2])
+
+
+def _key(q, k_cache, B, Tq, T, HQ, HK, D, capacity, paged, tree, causal, window, kv_indices=None) -> DecodeKey:
     mean_q = Tq if Tq is not None else -(-T // B)
     return DecodeKey(q.device.type, _dname(q.dtype), D, HQ, HK, int(k_cache.shape[1]) if paged else 0, paged,
-                     tree, causal, window is not None, token_bucket(mean_q), token_bucket(capacity), token_bucket(B))
+                     tree, causal, window is not None, token_bucket(mean_q), token_bucket(capacity), token_bucket(B),
+                     *_lists(kv_indices, HQ, HK))
 
 
 def _sig(t):
@@ -133,8 +143,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      k: torch.Tensor | None = None, v: torch.Tensor | None = None, rope=None,
                      positions: torch.Tensor | None = None, tree_mask: torch.Tensor | None = None,
                      causal: bool = True, window: int | None = None, softmax_scale: float | None = None,
-                     return_lse: bool = False, num_splits: int | None = None, backend: str | None = None):
-    """Attention of a step's new tokens over a (paged) KV cache: decode, chunked prefill and tree verify.
+                     return_lse: bool = False, num_splits: int | None = None, backend: str | None = None,
+                     kv_indices: torch.Tensor | None = None):
+    """Attention of a step's new tokens over a (paged) KV cache: decode, chunked prefill, tree verify
+    and sparse decode over selected tokens.
 
     Args:
         q: [B, Tq, Hq, D] (Tq new tokens per request), or packed [sum(q_lens), Hq, D] with
@@ -160,6 +172,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         num_splits: split the keys into this many chunks merged by their LSE (flash-decoding);
             None: the backend's tuned or shape-derived choice.
         backend: force "triton", "cpu" (C++) or "reference".
+        kv_indices: int32 [B, Hk, budget] (one list per KV head) or [B, Hq, budget] (per query
+            head) of cached slots, -1 padded: each head sees only its listed cached tokens (each
+            listed once), plus this step's new tokens by the rules above. Read through the block
+            table inside the kernel (no gathered copy).
 
     Returns:
         out like q; with ``return_lse``, (out, lse) with lse fp32 [sum(q_lens), Hq] (or [B, Tq, Hq]).
@@ -173,22 +189,22 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if not _compiling() and q.__class__ is torch.Tensor:
         pk = (_sig(q), _sig(k_cache), _sig(v_cache), _sig(cache_seqlens), _sig(block_table), _sig(cu_seqlens_q),
               _sig(k), _sig(v), rope, _sig(positions), _sig(tree_mask), causal, window, softmax_scale, return_lse,
-              num_splits, backend, dispatch.context_backend(), dispatch.env_backend_raw())
+              num_splits, backend, dispatch.context_backend(), dispatch.env_backend_raw(), _sig(kv_indices))
         try:
             plan = _PLANS.get(pk)
         except TypeError:       # an unhashable argument: the checks below name it
             plan, pk = None, None
         if plan is not None:
             return plan.run(q, k_cache, v_cache, cache_seqlens, block_table, cu_seqlens_q, k, v, positions,
-                            tree_mask)
+                            tree_mask, kv_indices)
     B, Tq, T, HQ, HK, D, capacity = C.check_shapes(q, k_cache, v_cache, cache_seqlens, block_table, cu_seqlens_q,
                                                    k, v, rope, positions, tree_mask, causal, window, softmax_scale,
-                                                   return_lse, num_splits)
+                                                   return_lse, num_splits, kv_indices)
     paged = block_table is not None
     if not _compiling():
         C.check_values(cache_seqlens, cu_seqlens_q, block_table, tree_mask, T, capacity, k_cache.shape[0],
-                       k_cache.shape[1], Tq)
-    key = _key(q, k_cache, B, Tq, T, HQ, HK, D, capacity, paged, tree_mask is not None, causal, window)
+                       k_cache.shape[1], Tq, kv_indices)
+    key = _key(q, k_cache, B, Tq, T, HQ, HK, D, capacity, paged, tree_mask is not None, causal, window, kv_indices)
     if _compiling():
         # dispatch's memo takes a lock Dynamo cannot trace: the custom op resolves the backend
         kernel, config = _NamedOnly(backend or ""), {}
@@ -199,7 +215,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                  num_splits, q.device)
     if pk is not None:
         _plans.store(_PLANS, pk, plan, PLAN_CACHE_SIZE)
-    return plan.run(q, k_cache, v_cache, cache_seqlens, block_table, cu_seqlens_q, k, v, positions, tree_mask)
+    return plan.run(q, k_cache, v_cache, cache_seqlens, block_table, cu_seqlens_q, k, v, positions, tree_mask,
+                    kv_indices)
 
 
 @dataclass(frozen=True)
@@ -207,7 +224,7 @@ class _NamedOnly:
     backend: str
 
 
-def lowered_key(q, k_cache, block_table, cu_seqlens_q, tree_mask, causal, window, max_q) -> DecodeKey:
+def lowered_key(q, k_cache, block_table, cu_seqlens_q, tree_mask, causal, window, max_q, kv_indices=None) -> DecodeKey:
     """The kernel key of a lowered problem (q packed, cache paged; what the custom op sees)."""
     T, HQ, D = q.shape
     B = cu_seqlens_q.shape[0] - 1
@@ -215,21 +232,21 @@ def lowered_key(q, k_cache, block_table, cu_seqlens_q, tree_mask, causal, window
     paged = not (block_table.shape[1] == 1 and k_cache.shape[0] == B)
     return DecodeKey(q.device.type, _dname(q.dtype), D, HQ, k_cache.shape[2], ps if paged else 0, paged,
                      tree_mask is not None, causal, window > 0, token_bucket(max_q),
-                     token_bucket(block_table.shape[1] * ps), token_bucket(B))
+                     token_bucket(block_table.shape[1] * ps), token_bucket(B), *_lists(kv_indices, HQ, k_cache.shape[2]))
 
 
 @torch.library.custom_op("posattn::decode_attention", mutates_args=())
 def _decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                          cache_seqlens: torch.Tensor, cu_seqlens_q: torch.Tensor, tree_mask: torch.Tensor | None,
                          causal: bool, window: int, softmax_scale: float, num_splits: int, max_q: int,
-                         backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    key = lowered_key(q, k_cache, block_table, cu_seqlens_q, tree_mask, causal, window, max_q)
+                         backend: str, kv_indices: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    key = lowered_key(q, k_cache, block_table, cu_seqlens_q, tree_mask, causal, window, max_q, kv_indices)
     kernel, config = dispatch.select("decode_attention", key, backend=backend or None)
     return kernel.fn(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, tree_mask, causal, window,
-                     softmax_scale, num_splits or None, max_q, config)
+                     softmax_scale, num_splits or None, max_q, config, kv_indices)
 
 
 @_decode_attention_op.register_fake
 def _(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, tree_mask, causal, window, softmax_scale,
-      num_splits, max_q, backend):
+      num_splits, max_q, backend, kv_indices=None):
     return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)

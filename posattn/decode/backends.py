@@ -1,7 +1,7 @@
 """decode_attention's kernel registrations: one line per backend, plus their supports rules.
 
 Kernel contract (every backend): ``fn(q, k_cache, v_cache, block_table, cache_seqlens,
-cu_seqlens_q, tree_mask, causal, window, softmax_scale, num_splits, max_q, config)`` ->
+cu_seqlens_q, tree_mask, causal, window, softmax_scale, num_splits, max_q, config, kv_indices=None)`` ->
 (out [T, Hq, D] in q's dtype, lse fp32 [T, Hq]) for the lowered problem described in
 posattn/kernels/reference/decode.py; ``window`` <= 0 is none; ``num_splits`` None lets the
 backend choose; ``max_q`` is a shape-derived hint of new tokens per request (never a value read
@@ -18,26 +18,26 @@ _NATIVE = ("float16", "bfloat16", "float32")
 
 
 def _reference_fn(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, tree_mask, causal, window,
-                  softmax_scale, num_splits, max_q, config):
+                  softmax_scale, num_splits, max_q, config, kv_indices=None):
     out, lse = ref_decode.decode_attention(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q,
-                                           tree_mask, causal, window, softmax_scale)
+                                           tree_mask, causal, window, softmax_scale, kv_indices)
     return out.to(q.dtype), lse.to(torch.float32)
 
 
 def _cpu_fn(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, tree_mask, causal, window,
-            softmax_scale, num_splits, max_q, config):
+            softmax_scale, num_splits, max_q, config, kv_indices=None):
     from posattn.kernels import cpu_decode
 
     return cpu_decode.decode_forward(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, tree_mask,
-                                     causal, window, softmax_scale, num_splits, max_q, config)
+                                     causal, window, softmax_scale, num_splits, max_q, config, kv_indices)
 
 
 def _triton_fn(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, tree_mask, causal, window,
-               softmax_scale, num_splits, max_q, config):
+               softmax_scale, num_splits, max_q, config, kv_indices=None):
     from posattn.kernels.triton import decode as td
 
     return td.decode_forward(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, tree_mask, causal,
-                             window, softmax_scale, num_splits, max_q, config)
+                             window, softmax_scale, num_splits, max_q, config, kv_indices)
 
 
 def _cpu_supports(key):

@@ -21,7 +21,7 @@ def _int32(x, name: str, device, dim: int, what: str) -> None:
 
 
 def check_shapes(q, k_cache, v_cache, cache_seqlens, block_table, cu_seqlens_q, k, v, rope, positions,
-                 tree_mask, causal, window, softmax_scale, return_lse, num_splits):
+                 tree_mask, causal, window, softmax_scale, return_lse, num_splits, kv_indices=None):
     """Every check that reads no tensor values. Returns (B, Tq or None, T, HQ, HK, D, capacity)."""
     V.float_tensor(q, "q")
     V.float_tensor(k_cache, "k_cache")
@@ -118,6 +118,12 @@ def check_shapes(q, k_cache, v_cache, cache_seqlens, block_table, cu_seqlens_q, 
         if Tq is not None and tree_mask.shape[-1] * 32 < Tq:
             raise ValueError(f"tree_mask is {tree_mask.shape[-1]} words wide ({tree_mask.shape[-1] * 32} tokens) "
                              f"but requests have {Tq} new tokens: it needs ceil({Tq}/32) = {-(-Tq // 32)} words")
+    if kv_indices is not None:
+        _int32(kv_indices, "kv_indices", dev, 3, f"[B, Hk or Hq, budget] of cached slots (-1 pads)")
+        if kv_indices.shape[0] != B or kv_indices.shape[1] not in (HK, HQ):
+            raise ValueError(f"kv_indices must be [{B}, {HK} (Hk) or {HQ} (Hq), budget]; got {list(kv_indices.shape)}")
+        if kv_indices.stride(-1) != 1:
+            raise ValueError("kv_indices must be contiguous in its last (budget) dimension")
     V.boolean(causal, "causal")
     V.boolean(return_lse, "return_lse")
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
@@ -131,7 +137,7 @@ def check_shapes(q, k_cache, v_cache, cache_seqlens, block_table, cu_seqlens_q, 
 
 
 def check_values(cache_seqlens, cu_seqlens_q, block_table, tree_mask, T: int, capacity: int, num_blocks: int,
-                 page_size: int, Tq) -> None:
+                 page_size: int, Tq, kv_indices=None) -> None:
     """The checks that read values (the checked path: one device-to-host copy)."""
     parts = [cache_seqlens.reshape(-1)]
     if cu_seqlens_q is not None:
@@ -163,6 +169,14 @@ def check_values(cache_seqlens, cu_seqlens_q, block_table, tree_mask, T: int, ca
             raise ValueError(f"tree_mask is {tree_mask.shape[-1]} words wide ({tree_mask.shape[-1] * 32} tokens) "
                              f"but the longest request has {tmax} new tokens: it needs ceil({tmax}/32) = "
                              f"{-(-tmax // 32)} words")
+    if kv_indices is not None and kv_indices.numel():
+        idx = kv_indices.to("cpu", torch.int64)
+        lim = torch.tensor(cs, dtype=torch.int64)[:, None, None]
+        bad = (idx < -1) | (idx >= lim)
+        if bool(bad.any()):
+            b, h, i = (int(x) for x in bad.nonzero()[0])
+            raise ValueError(f"kv_indices[{b}, {h}, {i}] = {int(idx[b, h, i])}: entries must be -1 (padding) or a "
+                             f"cached slot of request {b}, 0..{cs[b] - 1} (cache_seqlens[{b}] = {cs[b]})")
     if block_table is not None:
         used = [-(-(cs[b] + n[b]) // page_size) for b in range(B)]
         mb = max(used) if used else 0

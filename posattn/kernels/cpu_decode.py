@@ -14,7 +14,7 @@ _CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 def decode_forward(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, tree_mask, causal, window,
-                   softmax_scale, num_splits, max_q, config):
+                   softmax_scale, num_splits, max_q, config, kv_indices=None):
     """(out [T, Hq, D] in q's dtype, lse fp32 [T, Hq]); see the module docstring."""
     T, HQ, D = q.shape
     out = torch.empty(q.shape, dtype=q.dtype)
@@ -26,12 +26,16 @@ def decode_forward(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q
     tm = None
     if tree_mask is not None:
         tm = tree_mask if tree_mask.stride(-1) == 1 else tree_mask.contiguous()
-    dims = [T, cs.shape[0], HQ, k_cache.shape[2], D, k_cache.shape[1], bt.shape[1]]
+    idx = kv_indices if kv_indices is None or kv_indices.stride(-1) == 1 else kv_indices.contiguous()
+    dims = [T, cs.shape[0], HQ, k_cache.shape[2], D, k_cache.shape[1], bt.shape[1],
+            idx.shape[2] if idx is not None else 0, idx.shape[1] if idx is not None else 0]
     ptrs = [q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), bt.data_ptr(), cs.data_ptr(), cu.data_ptr(),
-            tm.data_ptr() if tm is not None else 0, out.data_ptr(), lse.data_ptr(), 0]
+            tm.data_ptr() if tm is not None else 0, out.data_ptr(), lse.data_ptr(),
+            idx.data_ptr() if idx is not None else 0]
     strides = [q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), bt.stride(0),
-               tm.stride(0) if tm is not None else 0, out.stride(0), out.stride(1)]
+               tm.stride(0) if tm is not None else 0, out.stride(0), out.stride(1),
+               idx.stride(0) if idx is not None else 0, idx.stride(1) if idx is not None else 0]
     _cpu._C.decode_forward(dims, ptrs, strides, bool(causal), int(window), float(softmax_scale), _CODES[q.dtype],
                            int(num_splits or config.get("num_splits", 0) or 0), int(config.get("block_n", 64)),
                            _cpu._threads(config))

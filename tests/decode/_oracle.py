@@ -44,7 +44,7 @@ class Case:
 
     def __init__(self, q_lens, cached, HQ=4, HK=2, D=16, page_size=None, dtype=torch.float32, tree=False,
                  append=False, rope=None, window=None, causal=True, padded=False, shared=False, seed=0,
-                 extra_pages=3, device="cpu"):
+                 extra_pages=3, device="cpu", indexed="", budget=None):
         rng = random.Random(seed)
         g = torch.Generator().manual_seed(seed)
         B = len(q_lens)
@@ -92,12 +92,28 @@ class Case:
             self.tree_mask = pack_bits(rows, W)
         else:
             self.tree_mask = None
+        self.kv_indices, self.lists = None, None
+        if indexed:   # per-head lists of cached slots: random subsets in random order, -1 padding spread in
+            H = HK if indexed == "kv" else HQ
+            budget = budget if budget is not None else max(1, max(cached) // 2 + 1)
+            idx = torch.full((B, H, budget), -1, dtype=torch.int32)
+            self.lists = [[set() for _ in range(H)] for _ in range(B)]
+            for b in range(B):
+                for h in range(H):
+                    take = rng.randint(0, min(budget, cached[b]))
+                    chosen = rng.sample(range(cached[b]), take)
+                    slots = rng.sample(range(budget), take)
+                    for sl, j in zip(slots, chosen):
+                        idx[b, h, sl] = j
+                    self.lists[b][h] = set(chosen)
+            self.kv_indices = idx
+            self.indexed = indexed
         if rope is not None and rng.random() < 0.5:   # explicit positions (a tree's depths, say)
             self.positions = torch.tensor([cached[b] + rng.randrange(0, n) for b, n in enumerate(q_lens)
                                            for _ in range(n)], dtype=torch.int64)
         if device != "cpu":
             for name in ("k_cache", "v_cache", "block_table", "cache_seqlens", "cu", "q", "k", "v", "tree_mask",
-                         "positions"):
+                         "positions", "kv_indices"):
                 t = getattr(self, name)
                 if t is not None:
                     setattr(self, name, t.to(device))
@@ -113,6 +129,8 @@ class Case:
         kw = dict(block_table=self.block_table, k=self._shape(self.k), v=self._shape(self.v), rope=self.rope,
                   positions=self._shape(self.positions), tree_mask=self.tree_mask, causal=self.causal,
                   window=self.window)
+        if self.kv_indices is not None:
+            kw["kv_indices"] = self.kv_indices
         if not self.padded:
             kw["cu_seqlens_q"] = self.cu
         return (self._shape(self.q), kc, vc, self.cache_seqlens), kw
@@ -170,12 +188,16 @@ class Case:
                     if self.window is not None and abs(L + i - j) >= self.window:
                         continue
                     keys.append(j)
-                if not keys:
-                    continue
                 for h in range(self.HQ):
                     hk = h // G
-                    K = torch.stack([kc[where(b, j)][hk] for j in keys]).double()
-                    V = torch.stack([vc[where(b, j)][hk] for j in keys]).double()
+                    hkeys = keys
+                    if self.lists is not None:
+                        allowed = self.lists[b][hk if self.indexed == "kv" else h]
+                        hkeys = [j for j in keys if j >= L or j in allowed]
+                    if not hkeys:
+                        continue
+                    K = torch.stack([kc[where(b, j)][hk] for j in hkeys]).double()
+                    V = torch.stack([vc[where(b, j)][hk] for j in hkeys]).double()
                     s = (K @ q[t + i, h].double()) * scale
                     m = s.max()
                     p = torch.exp(s - m)

@@ -41,6 +41,10 @@ CASES = {
     "decode_paged_ps3_shared": dict(q_lens=[1, 1], cached=[9, 7], page_size=3, shared=True),
     "gqa3_hd80": dict(q_lens=[2, 1], cached=[5, 4], HQ=6, HK=2, D=80, page_size=4),
     "mha3_hd96": dict(q_lens=[3], cached=[4], HQ=3, HK=3, D=96, page_size=5),
+    "hd64_ps256": dict(q_lens=[1, 2], cached=[300, 20], HQ=4, HK=1, D=64, page_size=256),
+    "hd128": dict(q_lens=[2, 1], cached=[9, 33], HQ=8, HK=2, D=128, page_size=16),
+    "hd192": dict(q_lens=[1, 3], cached=[6, 2], HQ=2, HK=1, D=192, page_size=8, tree=True),
+    "hd256": dict(q_lens=[2, 1], cached=[3, 7], HQ=2, HK=2, D=256, page_size=4),
     "ragged_empty": dict(q_lens=[3, 0, 7, 1], cached=[2, 5, 0, 9], page_size=4),
     "padded_chunk": dict(q_lens=[3, 3], cached=[4, 0], padded=True, page_size=2),
     "non_causal": dict(q_lens=[4, 2], cached=[3, 1], causal=False, page_size=4),
@@ -162,3 +166,101 @@ def test_offsets_beyond_int32():
     ref = posattn.decode_attention(q, kc[bt[0].long()].reshape(1, 4 * ps, HK, D).clone(),
                                    vc[bt[0].long()].reshape(1, 4 * ps, HK, D).clone(), cs, backend="reference")
     assert_close(out, ref, torch.bfloat16, "attention")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_inputs(backend):
+    """Caches stored head-major ([blocks, Hk, page, D] viewed as [blocks, page, Hk, D]) and q a
+    strided view: read in place, written in place by the append."""
+    case = Case(q_lens=[2, 1, 3], cached=[5, 0, 9], page_size=4, append=True, tree=True, device=DEVICE)
+    case.k_cache = case.k_cache.transpose(1, 2).contiguous().transpose(1, 2)
+    case.v_cache = case.v_cache.transpose(1, 2).contiguous().transpose(1, 2)
+    big = torch.randn(case.q.shape[0], case.HQ, 2 * case.D, device=DEVICE).to(case.dtype)
+    big[..., :case.D] = case.q
+    case.q = big[..., :case.D]
+    assert not case.q.is_contiguous() and not case.k_cache.is_contiguous()
+    run_case(case, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_padded_rope_with_positions(backend):
+    case = Case(q_lens=[3, 3], cached=[4, 1], padded=True, append=True, rope=ROPE, page_size=2, device=DEVICE,
+                seed=3)
+    case.positions = torch.tensor([[4, 5, 5], [1, 2, 3]], device=DEVICE).reshape(-1)
+    run_case(case, backend)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("tree", [False, True])
+def test_cuda_graph_replay_follows_new_lengths(tree):
+    """A planned decode step captured in a CUDA graph replays with new cache lengths and queries
+    written into the captured tensors (the launch depends on shapes only)."""
+    case = Case(q_lens=[2, 1, 2], cached=[5, 9, 2], page_size=4, tree=tree, device="cuda", dtype=torch.bfloat16,
+                extra_pages=8)
+    args, kw = case.args()
+    posattn.decode_attention(*args, **kw, backend="triton")          # the checked call keeps the plan
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        posattn.decode_attention(*args, **kw, backend="triton")
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = posattn.decode_attention(*args, **kw, backend="triton")
+    case.cached = [7, 3, 6]
+    case.cache_seqlens.copy_(torch.tensor(case.cached, dtype=torch.int32))
+    case.q.copy_(torch.randn_like(case.q, dtype=torch.float32).to(case.q.dtype))
+    args[1].copy_(case.k_cache)   # the captured caches hold the data the oracle reads
+    args[2].copy_(case.v_cache)
+    graph.replay()
+    torch.cuda.synchronize()
+    ref_out = case.oracle()[0]
+    assert_close(out, ref_out, case.dtype, "attention")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("splits", [None, 3])
+def test_query_that_sees_nothing(backend, splits):
+    """A tree row with no bit over an empty cache: out = 0 and lse = -inf, also through the split merge."""
+    case = Case(q_lens=[3, 2], cached=[0, 4], page_size=2, tree=True, device=DEVICE)
+    case.tree_mask[1] = 0
+    case.tree_rows[1] = [False] * len(case.tree_rows[1])
+    out, lse = run_case(case, backend, num_splits=None if backend == "reference" else splits)
+    assert torch.equal(out[1].cpu(), torch.zeros_like(out[1].cpu())) and bool(torch.isinf(lse[1]).all())
+
+
+SPARSE = {
+    "kv_lists_decode": dict(q_lens=[1, 1, 1], cached=[20, 7, 0], page_size=4, indexed="kv", HQ=4, HK=2),
+    "q_lists_decode": dict(q_lens=[1, 1], cached=[13, 30], page_size=3, indexed="q", HQ=6, HK=2, budget=9),
+    "kv_lists_tree_window": dict(q_lens=[5, 2], cached=[17, 9], tree=True, window=12, indexed="kv", page_size=2),
+    "q_lists_chunk_append": dict(q_lens=[3, 0, 2], cached=[8, 3, 11], append=True, indexed="q", HQ=4, HK=1),
+    "kv_lists_budget_beyond": dict(q_lens=[1, 2], cached=[5, 6], indexed="kv", budget=16, page_size=1),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", sorted(SPARSE))
+def test_sparse_kv_indices(name, backend):
+    """kv_indices (token selection's sparse decode): each head sees only its listed cached slots
+    (any order, -1 anywhere) plus the step's new tokens; per KV head or per query head lists."""
+    run_case(Case(**SPARSE[name], device=DEVICE, seed=len(name)), backend)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+@pytest.mark.parametrize("splits", [2, 5])
+def test_sparse_kv_indices_split(backend, splits):
+    run_case(Case(q_lens=[1, 2], cached=[25, 14], indexed="q", HQ=4, HK=2, page_size=4, tree=True,
+                  device=DEVICE), backend, num_splits=splits)
+
+
+def test_all_slots_listed_equals_dense():
+    """Listing every cached slot is dense attention (issue 13's budget >= context)."""
+    case = Case(q_lens=[1, 1], cached=[9, 4], page_size=4, device=DEVICE)
+    args, kw = case.args()
+    dense = posattn.decode_attention(*args, **kw)
+    idx = torch.full((2, case.HK, 12), -1, dtype=torch.int32)
+    for b, L in enumerate(case.cached):
+        idx[b, :, :L] = torch.randperm(L, dtype=torch.int32)
+    for backend in BACKENDS:
+        out = posattn.decode_attention(*args, **kw, kv_indices=idx.to(DEVICE), backend=backend)
+        assert_close(out, dense, case.dtype, "attention", msg=backend)

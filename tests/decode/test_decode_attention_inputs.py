@@ -55,6 +55,9 @@ def _call(case=None, **over):
     (dict(rope=posattn.RopeSpec(16), positions=torch.arange(4)), ValueError, "positions must be [3]"),
     (dict(rope="llama"), TypeError, "rope must be a posattn.RopeSpec"),
     (dict(backend="cuda"), ValueError, "backend='cuda'"),
+    (dict(kv_indices=torch.zeros(2, 2, 4, dtype=torch.int64)), TypeError, "kv_indices must be an int32"),
+    (dict(kv_indices=torch.zeros(2, 3, 4, dtype=torch.int32)), ValueError, "kv_indices must be [2, 2 (Hk) or 4 (Hq)"),
+    (dict(kv_indices=torch.zeros(2, 2, dtype=torch.int32)), ValueError, "kv_indices must be 3-D"),
 ])
 def test_bad_arguments(over, exc, words):
     with pytest.raises(exc, match=None) as ei:
@@ -112,3 +115,14 @@ def test_cu_seqlens_q_values():
         _call(cu_seqlens_q=torch.tensor([0, 2, 4], dtype=torch.int32, device=DEVICE))
     with pytest.raises(ValueError, match="non-decreasing"):
         _call(cu_seqlens_q=torch.tensor([0, 4, 3], dtype=torch.int32, device=DEVICE))
+
+
+def test_kv_indices_values():
+    idx = torch.full((2, 2, 4), -1, dtype=torch.int32, device=DEVICE)
+    idx[1, 0, 2] = 4                      # request 1 caches 4 tokens: slots 0..3
+    with pytest.raises(ValueError, match=r"kv_indices\[1, 0, 2\] = 4: entries must be -1 \(padding\) or a cached "
+                                         r"slot of request 1, 0..3"):
+        _call(kv_indices=idx)
+    idx[1, 0, 2] = -2
+    with pytest.raises(ValueError, match=r"kv_indices\[1, 0, 2\] = -2"):
+        _call(kv_indices=idx)

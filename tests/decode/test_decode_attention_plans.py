@@ -51,11 +51,11 @@ def test_plan_cache_is_bounded(monkeypatch):
 
 
 @pytest.mark.parametrize("backend", NATIVE)
-@pytest.mark.parametrize("padded", [False, True])
-def test_planned_path_reads_no_value_on_the_host(backend, padded, monkeypatch):
+@pytest.mark.parametrize("padded, indexed", [(False, ""), (True, ""), (False, "kv")])
+def test_planned_path_reads_no_value_on_the_host(backend, padded, indexed, monkeypatch):
     """After the first (checked) call, a decode step does device work only: no .item(), .tolist()
     or .cpu(), so it can be captured in a CUDA graph."""
-    case = _case(q_lens=[2, 2], cached=[3, 5], padded=padded) if padded else _case()
+    case = _case(q_lens=[2, 2], cached=[3, 5], padded=padded) if padded else _case(indexed=indexed)
     args, kw = case.args()
     first = posattn.decode_attention(*args, **kw, backend=backend)
 
@@ -89,9 +89,12 @@ def _lowered(case):
             True, -1, case.D ** -0.5, 0, max(case.q_lens), "cpu" if DEVICE == "cpu" else "triton"), T
 
 
-def test_custom_op_opcheck():
-    case = _case(rope=None, append=False)
+@pytest.mark.parametrize("indexed", ["", "q"])
+def test_custom_op_opcheck(indexed):
+    case = _case(rope=None, append=False, indexed=indexed)
     args, _ = _lowered(case)
+    if indexed:
+        args = args + (case.kv_indices,)
     torch.library.opcheck(torch.ops.posattn.decode_attention.default, args,
                           test_utils=("test_schema", "test_faketensor"))
 
@@ -100,8 +103,11 @@ def test_custom_op_opcheck():
 def test_torch_compile_fullgraph(backend):
     if backend is None:
         pytest.skip("no native backend for these tensors")
-    case = _case()
+    case = _case(rope=posattn.RopeSpec(16, base=12347.0, interleaved=True))
     torch._dynamo.reset()
+    # warm the spec's table cache eagerly (RopeSpec.tables takes a lock Dynamo cannot trace on
+    # this branch's base; see the closing note)
+    case.rope.tables(torch.device(DEVICE), None)
 
     def step(q, kc, vc, cs, bt, cu, k, v, tm):
         return posattn.decode_attention(q, kc, vc, cs, block_table=bt, cu_seqlens_q=cu, k=k, v=v, tree_mask=tm,

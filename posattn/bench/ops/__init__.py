@@ -33,6 +33,7 @@ from __future__ import annotations
 import importlib
 
 OP_MODULES = ("rope", "rope_cos_sin", "attention")
+OP_MODULES += ("decode",)
 
 _loaded = False
 

@@ -12,11 +12,14 @@ paged one with one page per request)::
     cache_seqlens int32 [B]              L_b: tokens cached before this step's n_b new ones,
                                          which sit at logical slots L_b .. L_b + n_b - 1
     tree_mask    int32 [T, W] or None    bit jj of row t: new token jj of t's request is visible
+    kv_indices   int32 [B, Hk or Hq, budget] or None: the cached slots each head sees (-1 pads;
+                                         entries outside [0, L_b) are ignored)
 
 Query i of request b (row t = cu_seqlens_q[b] + i, logical slot L_b + i) sees key slot j when
 
     j < L_b + n_b
-    and (j < L_b                                       every cached token
+    and (j < L_b                                       every cached token (with kv_indices:
+                                                       only the slots listed for the head)
          or tree bit (j - L_b) of tree_mask[t]         with a tree mask
          or j - L_b <= i  (causal) / True (not causal) without one)
     and (window <= 0 or |L_b + i - j| < window)
@@ -61,8 +64,18 @@ def gather_request(cache: torch.Tensor, block_table: torch.Tensor, b: int, N: in
     return cache[pages, j % ps]
 
 
+def listed(kv_indices, b: int, L: int, N: int, heads: int) -> torch.Tensor:
+    """bool [heads, N] on the CPU: the cached slots (< L) each head's index list names."""
+    rows = kv_indices[b].to("cpu", torch.int64)                              # [H_idx, budget]
+    ok = torch.zeros(rows.shape[0], N + 1, dtype=torch.bool)
+    idx = torch.where((rows >= 0) & (rows < L), rows, torch.full_like(rows, N))
+    ok.scatter_(1, idx, True)
+    ok = ok[:, :N]
+    return ok.repeat_interleave(heads // rows.shape[0], dim=0)
+
+
 def decode_attention(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, tree_mask, causal: bool,
-                     window: int, softmax_scale: float):
+                     window: int, softmax_scale: float, kv_indices=None):
     """fp64 (out [T, Hq, D], lse [T, Hq]) on q's device, per the module docstring."""
     T, HQ, D = q.shape
     HK = k_cache.shape[2]
@@ -79,9 +92,12 @@ def decode_attention(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens
         N = L + n
         K = gather_request(k_cache, block_table, b, N).to(torch.float64).repeat_interleave(G, dim=1)
         V = gather_request(v_cache, block_table, b, N).to(torch.float64).repeat_interleave(G, dim=1)
-        ok = visible_keys(b, L, n, t0, tree_mask, causal, window).to(q.device)        # [n, N]
+        ok = visible_keys(b, L, n, t0, tree_mask, causal, window)[None]            # [1, n, N]
+        if kv_indices is not None:   # cached slots: only the listed ones, per head
+            cached = torch.arange(N) < L
+            ok = ok & (~cached | listed(kv_indices, b, L, N, HQ))[:, None, :]       # [Hq, n, N]
         s = torch.einsum("ihd,jhd->hij", q[t0:t1].to(torch.float64), K) * softmax_scale
-        s = s.masked_fill(~ok[None], float("-inf"))
+        s = s.masked_fill(~ok.to(q.device), float("-inf"))
         m = s.amax(-1, keepdim=True)
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         p = torch.exp(s - m)

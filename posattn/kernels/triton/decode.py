@@ -17,8 +17,12 @@ With one split the program stores out = acc / l and lse = (m + log2 l) ln 2; wit
 stores fp32 partials that ``_decode_merge`` combines by their LSE. Which request and token
 range a program owns is derived in the kernel from cu_seqlens_q (a prefix sum of per-request
 block counts), so the launch depends on shapes only: no host sync, CUDA-graph capturable.
-Every pointer offset is computed in 64 bits. Future programs (token selection's per-head
-index lists, position maps) replace the slot walk / the visibility test, not the engine.
+Every pointer offset is computed in 64 bits.
+
+Sparse decode (``kv_indices``, token selection): the walk visits the head's listed cached slots
+(``IDX[b, head, p]``, -1 or out-of-range entries skipped) and then the step's new tokens; with
+one list per query head a program holds one query head (ROWH = 1) instead of the GQA group.
+Position maps (windowed rotary) are to change the score of a (query, key) pair on this walk.
 """
 from __future__ import annotations
 
@@ -45,15 +49,17 @@ def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _decode_fwd(Q, K, V, BT, CS, CU, TREE, O, LSE, OP, LP,
-                T, B, HQ, PAGE, MAXB, WINDOW, CHUNK, scale,
-                s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt, s_tm, s_ot, s_oh,
-                G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BLOCK_Q: tl.constexpr, BM: tl.constexpr,
-                BLOCK_N: tl.constexpr, BB: tl.constexpr, TREE_MASK: tl.constexpr, CAUSAL: tl.constexpr,
-                HAS_WINDOW: tl.constexpr, SPLITS: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+def _decode_fwd(Q, K, V, BT, CS, CU, TREE, IDX, O, LSE, OP, LP,
+                T, B, HQ, PAGE, MAXB, WINDOW, CHUNK, BUDGET, scale,
+                s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt, s_tm, s_ib, s_ih, s_ot, s_oh,
+                G: tl.constexpr, ROWH: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BLOCK_Q: tl.constexpr,
+                BM: tl.constexpr, BLOCK_N: tl.constexpr, BB: tl.constexpr, TREE_MASK: tl.constexpr,
+                CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_IDX: tl.constexpr, SPLITS: tl.constexpr,
+                PREC: tl.constexpr, UPCAST: tl.constexpr):
     g = tl.program_id(0)
-    hk = tl.program_id(1)
+    hg = tl.program_id(1)                                # head group: ROWH query heads (G, or 1 with per-q lists)
     split = tl.program_id(2)
+    hk = (hg * ROWH) // G
     # which request and which of its tokens: prefix sum of per-request block counts
     bidx = tl.arange(0, BB)
     c0 = tl.load(CU + bidx, mask=bidx < B, other=0)
@@ -71,24 +77,30 @@ def _decode_fwd(Q, K, V, BT, CS, CU, TREE, O, LSE, OP, LP,
     L = tl.load(CS + b)
 
     r = tl.arange(0, BM)
-    qi = start + r // G                                  # token index within the request
-    h = hk * G + r % G
-    rvalid = (r < BLOCK_Q * G) & (qi < n)
+    qi = start + r // ROWH                               # token index within the request
+    h = hg * ROWH + r % ROWH
+    rvalid = (r < BLOCK_Q * ROWH) & (qi < n)
     t = (t0 + qi).to(tl.int64)
     d = tl.arange(0, BD)
     dmask = d < D
     q = tl.load(Q + t[:, None] * s_qt + h[:, None].to(tl.int64) * s_qh + d[None, :],
                 mask=rvalid[:, None] & dmask[None, :], other=0.0)
 
-    # the slots this block can see: [lo, hi), then this split's share
+    # the walk: positions p in [lo, hi), then this split's share. Without index lists p is the
+    # logical slot; with them p < BUDGET reads slot IDX[b, hg, p] and p >= BUDGET is new token
+    # p - BUDGET (slot L + p - BUDGET)
     last = tl.minimum(start + BLOCK_Q, n)                # one past the block's last token
-    if CAUSAL and not TREE_MASK:
-        hi = L + last
+    if HAS_IDX:
+        base = BUDGET
     else:
-        hi = L + n
+        base = L
+    if CAUSAL and not TREE_MASK:
+        hi = base + last
+    else:
+        hi = base + n
     hi = tl.where(last > start, hi, 0)
     lo = 0
-    if HAS_WINDOW:
+    if HAS_WINDOW and not HAS_IDX:
         lo = tl.maximum(L + start - WINDOW + 1, 0)
     lo = tl.maximum(lo, split * CHUNK)
     hi = tl.minimum(hi, (split + 1) * CHUNK)
@@ -98,9 +110,18 @@ def _decode_fwd(Q, K, V, BT, CS, CU, TREE, O, LSE, OP, LP,
     acc = tl.zeros([BM, BD], tl.float32)
     qk_scale = scale * _LOG2E
     bt_row = BT + b.to(tl.int64) * s_bt
-    for j0 in range(lo, hi, BLOCK_N):
-        j = j0 + tl.arange(0, BLOCK_N)
-        kvalid = j < hi
+    idx_row = IDX + b.to(tl.int64) * s_ib + hg.to(tl.int64) * s_ih
+    for p0 in range(lo, hi, BLOCK_N):
+        pv = p0 + tl.arange(0, BLOCK_N)
+        kvalid = pv < hi
+        if HAS_IDX:
+            listed = pv < BUDGET
+            jl = tl.load(idx_row + pv, mask=kvalid & listed, other=-1)
+            j = tl.where(listed, jl, L + pv - BUDGET)
+            kvalid = kvalid & (~listed | ((jl >= 0) & (jl < L)))
+            j = tl.where(kvalid, j, 0)
+        else:
+            j = pv
         page = tl.load(bt_row + tl.minimum(j // PAGE, MAXB - 1), mask=kvalid, other=0).to(tl.int64)
         off = (j % PAGE).to(tl.int64)
         kp = K + page * s_kb + off * s_kt + hk.to(tl.int64) * s_kh
@@ -227,7 +248,7 @@ def _pow2(n: int) -> int:
 
 
 def decode_forward(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, tree_mask, causal, window,
-                   softmax_scale, num_splits, max_q, config):
+                   softmax_scale, num_splits, max_q, config, kv_indices=None):
     """The lowered problem of posattn/kernels/reference/decode.py -> (out [T, Hq, D], lse fp32 [T, Hq])."""
     T, HQ, D = q.shape
     HK = k_cache.shape[2]
@@ -239,15 +260,19 @@ def decode_forward(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q
     if T == 0:
         return out, lse
     interp = _interpreting()
+    # rows of a program: its tokens x ROWH query heads (the GQA group; one head with per-query-head lists)
+    rowh = 1 if (kv_indices is not None and kv_indices.shape[1] == HQ and G > 1) else G
     bq = min(int(config.get("BLOCK_Q", 1)), _pow2(max(1, max_q)))
     bn = int(config["BLOCK_N"])
     nqb = min(-(-T // bq) + B, T)
-    cap = MAXB * PS
-    splits = num_splits or int(config.get("num_splits", 0)) or heuristic_splits(nqb * HK, cap, q.device, bn)
+    budget = kv_indices.shape[2] if kv_indices is not None else 0
+    cap = budget + T if kv_indices is not None else MAXB * PS      # the walk's length bound (shapes only)
+    groups = HQ // rowh
+    splits = num_splits or int(config.get("num_splits", 0)) or heuristic_splits(nqb * groups, cap, q.device, bn)
     splits = max(1, min(splits, -(-cap // bn)))
     chunk = -(-(-(-cap // splits)) // bn) * bn
     splits = -(-cap // chunk)                         # no split left without slots
-    bm = max(16, _pow2(bq * G))
+    bm = max(16, _pow2(bq * rowh))
     bd = max(16, _pow2(D))
     if splits > 1:
         op = torch.empty(T, HQ, splits, D, dtype=torch.float32, device=q.device)
@@ -257,14 +282,17 @@ def decode_forward(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q
     tm = tree_mask if tree_mask is not None else cu_seqlens_q
     upcast = interp and q.dtype == torch.bfloat16
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    _decode_fwd[(nqb, HK, splits)](
-        q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, tm, out, lse, op, lp,
-        T, B, HQ, PS, MAXB, window if window > 0 else 0, chunk, float(softmax_scale),
+    idx = kv_indices if kv_indices is not None else cu_seqlens_q
+    s_ib, s_ih = (idx.stride(0), idx.stride(1)) if kv_indices is not None else (0, 0)
+    _decode_fwd[(nqb, groups, splits)](
+        q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, tm, idx, out, lse, op, lp,
+        T, B, HQ, PS, MAXB, window if window > 0 else 0, chunk, budget, float(softmax_scale),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_table.stride(0),
-        tm.stride(0), out.stride(0), out.stride(1),
-        G=G, D=D, BD=bd, BLOCK_Q=bq, BM=bm, BLOCK_N=bn, BB=max(2, _pow2(B)), TREE_MASK=tree_mask is not None,
-        CAUSAL=bool(causal), HAS_WINDOW=window > 0, SPLITS=splits, PREC=prec, UPCAST=upcast,
+        tm.stride(0), s_ib, s_ih, out.stride(0), out.stride(1),
+        G=G, ROWH=rowh, D=D, BD=bd, BLOCK_Q=bq, BM=bm, BLOCK_N=bn, BB=max(2, _pow2(B)),
+        TREE_MASK=tree_mask is not None, CAUSAL=bool(causal), HAS_WINDOW=window > 0,
+        HAS_IDX=kv_indices is not None, SPLITS=splits, PREC=prec, UPCAST=upcast,
         num_warps=int(config.get("num_warps", 4)), num_stages=int(config.get("num_stages", 2)))
     if splits > 1:
         _decode_merge[(T, HQ)](op, lp, out, lse, HQ, out.stride(0), out.stride(1), D=D, BD=bd, SPLITS=splits,
@@ -275,25 +303,31 @@ def decode_forward(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q
 def aot_specializations(cases):
     """(name, fn, signature, constexprs, num_warps, num_stages) for ahead-of-time compiles.
 
-    cases: (head_dim, dtype, G, BLOCK_Q, BLOCK_N, tree, splits) tuples."""
+    cases: (head_dim, dtype, G, BLOCK_Q, BLOCK_N, tree, splits[, idx]) tuples; idx "" (no index
+    lists), "kv" (one list per KV head) or "q" (one per query head)."""
     names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
     out = []
-    for D, dtype, G, bq, bn, tree, splits in cases:
+    for case in cases:
+        D, dtype, G, bq, bn, tree, splits = case[:7]
+        idx = case[7] if len(case) > 7 else ""
         dt = names[dtype]
         sig = {n: "*" + dt for n in ("Q", "K", "V", "O")}
-        sig.update({"BT": "*i32", "CS": "*i32", "CU": "*i32", "TREE": "*i32", "LSE": "*fp32", "OP": "*fp32",
-                    "LP": "*fp32"})
-        for n in ("T", "B", "HQ", "PAGE", "MAXB", "WINDOW", "CHUNK"):
+        sig.update({"BT": "*i32", "CS": "*i32", "CU": "*i32", "TREE": "*i32", "IDX": "*i32", "LSE": "*fp32",
+                    "OP": "*fp32", "LP": "*fp32"})
+        for n in ("T", "B", "HQ", "PAGE", "MAXB", "WINDOW", "CHUNK", "BUDGET"):
             sig[n] = "i32"
         sig["scale"] = "fp32"
-        for n in ("s_qt", "s_qh", "s_kb", "s_kt", "s_kh", "s_vb", "s_vt", "s_vh", "s_bt", "s_tm", "s_ot", "s_oh"):
+        for n in ("s_qt", "s_qh", "s_kb", "s_kt", "s_kh", "s_vb", "s_vt", "s_vh", "s_bt", "s_tm", "s_ib", "s_ih",
+                  "s_ot", "s_oh"):
             sig[n] = "i64" if n in ("s_kb", "s_vb") else "i32"
-        const = dict(G=G, D=D, BD=max(16, _pow2(D)), BLOCK_Q=bq, BM=max(16, _pow2(bq * G)), BLOCK_N=bn, BB=64,
-                     TREE_MASK=tree, CAUSAL=True, HAS_WINDOW=False, SPLITS=splits,
-                     PREC="ieee" if dtype == torch.float32 else "tf32", UPCAST=False)
+        rowh = 1 if idx == "q" else G
+        const = dict(G=G, ROWH=rowh, D=D, BD=max(16, _pow2(D)), BLOCK_Q=bq, BM=max(16, _pow2(bq * rowh)),
+                     BLOCK_N=bn, BB=64, TREE_MASK=tree, CAUSAL=True, HAS_WINDOW=False, HAS_IDX=bool(idx),
+                     SPLITS=splits, PREC="ieee" if dtype == torch.float32 else "tf32", UPCAST=False)
         sig = {k: ("constexpr" if k in const else v) for k, v in
                [(a, sig.get(a, "constexpr")) for a in _decode_fwd.arg_names]}
-        out.append((f"decode_fwd_d{D}_{dt}_g{G}_q{bq}_n{bn}_t{int(tree)}_s{splits}", _decode_fwd, sig, const, 4, 2))
+        out.append((f"decode_fwd_d{D}_{dt}_g{G}_q{bq}_n{bn}_t{int(tree)}_s{splits}{'_i' + idx if idx else ''}",
+                    _decode_fwd, sig, const, 4, 2))
         if splits > 1:
             msig = {"OP": "*fp32", "LP": "*fp32", "O": "*" + dt, "LSE": "*fp32", "HQ": "i32", "s_ot": "i32",
                     "s_oh": "i32", "D": "constexpr", "BD": "constexpr", "SPLITS": "constexpr", "BS": "constexpr"}
