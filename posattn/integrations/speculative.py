@@ -86,8 +86,9 @@ class _Target:
                    backend=self.backend)
         cache_seqlens += counts.to(cache_seqlens.dtype)
 
-    def forward(self, tokens, positions, slots, cache_seqlens, block_table, cu_seqlens_q, tree_mask):
-        """tokens int64 [N] (packed new tokens), positions [N], slots int64 [N] -> logits [N, V]."""
+    def forward(self, tokens, positions, slots, cache_seqlens, block_table, cu_seqlens_q, tree_mask, rows=None):
+        """tokens int64 [N] (packed new tokens), positions [N], slots int64 [N] -> logits [N, V]
+        (or of ``rows`` only: the prefill needs each prompt's last token's)."""
         N = tokens.shape[0]
         h = self.inner.embed_tokens(tokens)
         for i, layer in enumerate(self.layers):
@@ -103,6 +104,8 @@ class _Target:
                                          window=self.window, softmax_scale=self.scale, backend=self.backend)
             h = h + a.o_proj(o.reshape(N, self.HQ * self.D))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
+        if rows is not None:
+            h = h[rows]
         return self.model.lm_head(self.inner.norm(h))
 
     def slots(self, block_table, req, logical):
@@ -195,12 +198,13 @@ def speculative_generate(model, input_ids: torch.Tensor, attention_mask: torch.T
     req = torch.repeat_interleave(torch.arange(B, device=dev), lens_t)
     pos = torch.arange(tokens.shape[0], device=dev) - cu[:-1].long()[req]
     cache_seqlens = torch.zeros(B, dtype=torch.int32, device=dev)
-    logits = tgt.forward(tokens, pos, tgt.slots(block_table, req, pos), cache_seqlens, block_table, cu, None)
+    logits = tgt.forward(tokens, pos, tgt.slots(block_table, req, pos), cache_seqlens, block_table, cu, None,
+                         rows=cu[1:].long() - 1)
     forwards = 1
     cache_seqlens += lens_t.to(torch.int32)
     # invariant of every step: the cache holds all tokens before the root; the root (the last
     # generated token) is node 0 of the request's tree, written with the drafts
-    root = logits[cu[1:].long() - 1].argmax(-1)
+    root = logits.argmax(-1)
     out = [[int(t)] for t in root.tolist()]
     done = [(bool(eos) and o[-1] in eos) or len(o) >= max_new_tokens for o in out]
     accepted = []
