@@ -61,9 +61,14 @@ class _Target:
         self.spec = posattn.RopeSpec.from_hf_config(cfg)
         attn = self.layers[0].self_attn
         self.scale = float(getattr(attn, "scaling", self.D ** -0.5))
-        sw = getattr(cfg, "sliding_window", None)
-        use_sw = getattr(cfg, "use_sliding_window", True)
-        self.window = int(sw) if sw and use_sw else None
+        # per-layer sliding windows: Qwen2 sets self_attn.sliding_window on its sliding layers only;
+        # Mistral reads config.sliding_window in every layer
+        def window(layer):
+            a = layer.self_attn
+            w = a.sliding_window if hasattr(a, "sliding_window") else getattr(cfg, "sliding_window", None)
+            return int(w) if w else None
+
+        self.windows = [window(layer) for layer in self.layers]
         p = next(model.parameters())
         # every layer's pages in one tensor: layer l owns pages [l * num_pages, (l + 1) * num_pages),
         # so one kv_compact launch moves the accepted tokens of every layer (block_table_all)
@@ -101,7 +106,7 @@ class _Target:
                                backend=self.backend)
             o = posattn.decode_attention(q, self.k_cache[i], self.v_cache[i], cache_seqlens, block_table=block_table,
                                          cu_seqlens_q=cu_seqlens_q, tree_mask=tree_mask, causal=True,
-                                         window=self.window, softmax_scale=self.scale, backend=self.backend)
+                                         window=self.windows[i], softmax_scale=self.scale, backend=self.backend)
             h = h + a.o_proj(o.reshape(N, self.HQ * self.D))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         if rows is not None:
@@ -128,6 +133,24 @@ def _eos_list(eos_token_id, model):
     if eos_token_id is None:
         return []
     return [int(e) for e in (eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id])]
+
+
+def _check_windows(tgt, tb, cap: int) -> None:
+    """Sliding windows are exact here only for chain drafts, or when no sequence outgrows them.
+
+    decode_attention measures a window in logical cache slots; a tree node's slot (cached
+    length + node index) is its position (cached length + depth) only when every tree is a
+    chain. Windows no sequence can reach are dropped; others with branching trees are refused."""
+    reach = [w for w in tgt.windows if w is not None and w < cap]
+    tgt.windows = [w if (w is not None and w < cap) else None for w in tgt.windows]
+    if not reach:
+        return
+    local = torch.arange(tb.total_nodes, device=tb.depth.device) - tb.cu_seqlens_q[:-1].long()[tb.batch_index]
+    if not bool((tb.depth.long() == local).all()):
+        raise ValueError(f"this model attends within a sliding window of {min(reach)} tokens, which these sequences "
+                         f"(up to {cap} tokens) outgrow: decode_attention's window counts cache slots, which equal "
+                         f"positions only for chain drafts; use a chain template (each node the child of the "
+                         f"previous one) or a shorter max_new_tokens")
 
 
 @torch.no_grad()
@@ -189,6 +212,7 @@ def speculative_generate(model, input_ids: torch.Tensor, attention_mask: torch.T
     # pages in reverse order: the engine follows the block table, it never assumes identity
     block_table = torch.arange(B * pages_per, device=dev, dtype=torch.int32).flip(0).view(B, pages_per).contiguous()
     tgt = _Target(model, B * pages_per, page_size, backend)
+    _check_windows(tgt, tb0, cap)
 
     # prefill: each request's real prompt tokens (left padding dropped) at positions 0..len-1, causal
     tokens = input_ids[mask]

@@ -124,3 +124,23 @@ def test_any_drafter_with_per_request_trees():
     with pytest.raises(ValueError, match="trees grew"):
         speculative_generate(model, ids, mask, max_new_tokens=6, drafter=Shapes(trees, grow=True),
                              eos_token_id=None, pad_token_id=0)
+
+
+def test_sliding_window_models():
+    """A window the sequences outgrow: exact with a chain template; refused with a branching
+    tree (decode_attention's window counts cache slots, a tree node's slot is not its position)."""
+    torch.manual_seed(0)
+    cfg = transformers.MistralConfig(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                     sliding_window=8)
+    model = transformers.MistralForCausalLM(cfg).eval()
+    ids, mask = _prompts(5)
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=None,
+                         pad_token_id=0)
+    chain = TokenRecycling(V, template=([-1, 0, 1, 2], [0, 0, 0, 0]))
+    out = speculative_generate(model, ids, mask, max_new_tokens=10, drafter=chain, eos_token_id=None,
+                               pad_token_id=0)
+    assert torch.equal(out, ref)
+    with pytest.raises(ValueError, match="sliding window of 8"):
+        speculative_generate(model, ids, mask, max_new_tokens=10, drafter=TokenRecycling(V), eos_token_id=None,
+                             pad_token_id=0)
