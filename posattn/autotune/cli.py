@@ -19,7 +19,7 @@ log = logging.getLogger("posattn.autotune")
 
 DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16", "half": "float16",
           "fp32": "float32", "float32": "float32", "float": "float32", "fp64": "float64", "float64": "float64"}
-OPS = ("rope", "rope_cos_sin")
+OPS = ("rope", "rope_cos_sin", "decode_attention")
 
 
 def add_parsers(sub) -> None:
@@ -303,6 +303,9 @@ def jobs_for(ops, shape, dtype, tokens, device: str) -> list[Job]:
             out += [Job(op, k) for k in rope_keys(shape, dtype, tokens, dt)]
         elif op == "rope_cos_sin":
             out += [Job(op, k) for k in cos_sin_keys(shape, dtype, tokens, dt)]
+        elif op == "decode_attention":   # decode steps over caches of `tokens` slots
+            from posattn.autotune import ops_decode
+            out += [Job(op, k) for k in ops_decode.keys(shape, dtype, tokens, dt)]
     return out
 
 
