@@ -14,6 +14,7 @@ KEY_BUILDERS = {
     "rope": "posattn.autotune.keys_rope",
     "rope_cos_sin": "posattn.autotune.keys_rope_cos_sin",
 }
+KEY_BUILDERS["decode_attention"] = "posattn.autotune.ops_decode"   # decode steps over caches of `tokens` slots
 
 
 def ops() -> tuple[str, ...]:

@@ -25,7 +25,7 @@ from posattn import _validate as V
 from posattn.kernels import cpu_cache
 from posattn.kernels.reference import cache as ref_cache
 from posattn.lowered import RopeTables, token_bucket
-from posattn.rope.ops import _check_rows, _pos_tensor, _positions_3d, _tables_for
+from posattn.rope.layout import check_rows, pos_tensor, positions_3d, tables_for
 from posattn.rope.spec import RopeSpec
 
 KV_LAYOUTS = ("NHD", "HND")
@@ -229,18 +229,6 @@ def _grad(*xs) -> bool:
     return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
 
 
-def _tables(spec, device, positions, seq_len):
-    if torch.compiler.is_compiling() and type(spec) is RopeSpec:
-        # spec.tables() fills its cache under a lock Dynamo cannot trace: build the same
-        # tables uncached (constants of the graph)
-        if spec.depends_on_seq_len and seq_len is None:
-            raise ValueError("this spec's tables depend on the sequence length: pass seq_len= under torch.compile")
-        scale, offset = spec.dpe.pair_tables() if spec.dpe is not None else (None, None)
-        return RopeTables(spec.inv_freq(seq_len), spec.attention_scaling, spec.pair_axis(), spec.n_axes, scale,
-                          offset).to(device)
-    return _tables_for(spec, device, positions, seq_len)
-
-
 def _check_slots(slot_mapping, n: int):
     """Slots in [-1, n), n = num_blocks * page_size."""
     if slot_mapping.numel() == 0:
@@ -259,7 +247,7 @@ def _check_rope_cache(q, k, v, positions, spec, k_cache, v_cache, slot_mapping, 
             raise ValueError(f"{name} must be 3-D [T, heads, head_dim]; got shape {tuple(x.shape)}")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k and v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
-    _pos_tensor(positions)
+    pos_tensor(positions)
     if not isinstance(spec, RopeSpec):
         raise TypeError(f"spec must be a posattn.RopeSpec, got {type(spec).__name__}")
     V.tensor(slot_mapping, "slot_mapping")
@@ -284,9 +272,9 @@ def _check_rope_cache(q, k, v, positions, spec, k_cache, v_cache, slot_mapping, 
     kc, _ = _check_cache_pair(k_cache, v_cache, kv_layout, k.shape[1], D, v.shape[2], k.dtype, k.device)
     if _want_values(check, q.device):
         _check_slots(slot_mapping, kc.shape[0] * kc.shape[1])
-    tables = _tables(spec, q.device, positions, seq_len)
-    pos3 = _positions_3d(positions, 1, T, "thd", tables.n_axes)
-    rows = _check_rows(tables, HQ, k.shape[1])
+    tables = tables_for(spec, q.device, positions, seq_len)
+    pos3 = positions_3d(positions, 1, T, "thd", tables.n_axes)
+    rows = check_rows(tables, HQ, k.shape[1])
     key = _cache_key(q, k, spec.rotary_dim, rows, tables.n_axes, tables.pair_pos_scale is not None, rotate_k)
     if not torch.compiler.is_compiling():   # (the custom op selects when compiled)
         dispatch.select("rope_and_cache", key, backend=backend)  # a backend that refuses raises here

@@ -5,11 +5,25 @@ NVIDIA pipeline (constexpr globals, dot shapes, 64-bit offsets) to Hopper code t
 shared memory, for the benchmark's decode and tree-verify cases, odd head dims, fp32, and the
 split merge. Runs in a subprocess: the kernels must be decorated without TRITON_INTERPRET.
 """
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
-from tests.attention.test_flash_attn_aot import _compile_in_child
-
 pytest.importorskip("triton")
+
+
+def _compile_in_child(script: str) -> list[dict]:
+    """Run ``script`` (which prints one JSON line) in a child without TRITON_INTERPRET."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[2]
+    env["PYTHONPATH"] = os.pathsep.join([str(root)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 SCRIPT = r"""
 import json, torch, triton

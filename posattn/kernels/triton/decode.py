@@ -215,16 +215,22 @@ def default_config(key) -> dict:
 
 
 def search_space(key) -> list[dict]:
-    """Tuner candidates: splits, key block, warps and stages (BLOCK_Q follows the key)."""
+    """Tuner candidates: split count, key block, warps and stages; for several new tokens per
+    request (trees, chunks) also twice the default query block (128 rows)."""
     base = default_config(key)
+    G = key.heads_q // key.heads_k
+    bqs = [base["BLOCK_Q"]]
+    if key.q_bucket > base["BLOCK_Q"] and 2 * base["BLOCK_Q"] * G <= 128:
+        bqs.append(2 * base["BLOCK_Q"])
     out = []
-    for splits in (0, 1, 2, 4, 8, 16, 32):
-        for bn in (32, 64, 128):
-            if key.head_dim > 128 and bn > 64:
-                continue
-            for nw in (2, 4, 8):
-                for ns in (1, 2, 3):
-                    out.append(dict(base, num_splits=splits, BLOCK_N=bn, num_warps=nw, num_stages=ns))
+    for bq in bqs:
+        for splits in (0, 1, 4, 16):
+            for bn in (32, 64, 128):
+                if key.head_dim > 128 and bn > 64:
+                    continue
+                for nw in (4, 8):
+                    for ns in (2, 3):
+                        out.append(dict(base, BLOCK_Q=bq, num_splits=splits, BLOCK_N=bn, num_warps=nw, num_stages=ns))
     return out
 
 
