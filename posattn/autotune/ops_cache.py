@@ -131,3 +131,18 @@ def _c_check(key, x: dict, run_once) -> str | None:
     if not torch.equal(x["lens"].cpu(), lens):
         return "cache_seqlens: not advanced by counts"
     return None
+
+
+# ---------------------------------------------------------------------------
+# posattn tune's key builders (the command layer: may import the ops' key classes)
+
+def keys(shape, dtype: str, tokens: list[int], device_type: str) -> list:
+    """rope_and_cache keys for a model shape: one per token bucket (the new tokens of a step)."""
+    from posattn.autotune.keys import make_key
+    from posattn.decode.cache import CacheKey
+    from posattn.lowered import token_bucket
+
+    return [make_key(CacheKey, device_type=device_type, dtype=dtype, head_dim=shape.head_dim,
+                     rotary_dim=shape.rotary_dim, heads_q=shape.heads_q, heads_k=shape.heads_k, rows=1, n_axes=1,
+                     dpe=False, rotate_k=True, tokens_bucket=b)
+            for b in sorted({token_bucket(t) for t in tokens})]

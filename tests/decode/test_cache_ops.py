@@ -271,3 +271,16 @@ def test_rope_and_cache_bad_input_after_a_plan(i):
     with pytest.raises(exc, match=msg):
         posattn.rope_and_cache(**args)
     assert torch.equal(args["k_cache"], before)
+
+
+def test_posattn_tune_builds_rope_and_cache_keys():
+    """`posattn tune --ops rope_and_cache` builds one key per token bucket of a preset's shape."""
+    from posattn.autotune import keys, shapes
+
+    assert "rope_and_cache" in keys.ops()
+    from posattn.autotune import presets
+
+    shape = shapes.model_shape(presets.get("llama3-8b"), "preset llama3-8b")
+    ks = keys.keys_for("rope_and_cache", shape, "bfloat16", [1, 60, 64], "cuda")
+    assert [k.tokens_bucket for k in ks] == [1, 64]
+    assert all(k.heads_q == 32 and k.heads_k == 8 and k.head_dim == 128 and k.rotate_k for k in ks)
