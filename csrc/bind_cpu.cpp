@@ -9,6 +9,7 @@
 #include "posattn/rope_cos_sin_args.h"
 #include "cpu/attention_cpu.h"
 #include "cpu/cache_cpu.h"
+#include "cache_args.h"
 #include "cpu/decode_cpu.h"
 #ifdef _OPENMP
 #include <omp.h>
@@ -213,35 +214,19 @@ PYBIND11_MODULE(_C, m) {
   m.def("rope_sincos", [](double r) { double s, c; posattn::rope_sincos_poly(r, s, c); return py::make_tuple(s, c); });
   m.def("bf16_round", [](float f) { return posattn::to_float(posattn::bf16_from_float(f)); });
   m.def("fp16_round", [](float f) { return posattn::to_float(posattn::half_from_float(f)); });
-  // rope_and_cache / kv_compact (posattn/kernels/cpu_cache.py packs the integers)
+  // rope_and_cache / kv_compact (posattn/kernels/cpu_cache.py packs the integers; csrc/cache_args.h reads them)
   m.def(
       "rope_cache_forward",
       [](const std::vector<int64_t>& q, const std::vector<int64_t>& k, const std::vector<int64_t>& dims,
          const std::vector<int64_t>& pos, const std::vector<int64_t>& freqs, double attention_scaling,
          const std::vector<int64_t>& cache, int dtype, int num_threads) {
-        if (cache.size() != 15) throw std::invalid_argument("cache: expected 15 integers");
-        posattn::cpu::CacheProblem c{};
-        c.r = posattn::rope_problem_from(q, k, dims, pos, freqs, attention_scaling, {}, 1.0);
-        c.rotate_k = cache[0] != 0;
-        c.v = reinterpret_cast<const void*>(cache[1]); c.v_st = cache[2]; c.v_sh = cache[3]; c.dv = cache[4];
-        c.kc = reinterpret_cast<void*>(cache[5]); c.kc_sb = cache[6]; c.kc_sp = cache[7]; c.kc_sh = cache[8];
-        c.vc = reinterpret_cast<void*>(cache[9]); c.vc_sb = cache[10]; c.vc_sp = cache[11]; c.vc_sh = cache[12];
-        c.slots = reinterpret_cast<const int64_t*>(cache[13]); c.page = cache[14];
-        if (c.page <= 0) throw std::invalid_argument("cache: page size must be positive");
+        auto c = posattn::cache_problem_from(q, k, dims, pos, freqs, attention_scaling, cache);
         py::gil_scoped_release release;
         return std::string(posattn::cpu::rope_cache_forward(c, dtype, num_threads));
       });
-  m.def(
-      "kv_compact_forward",
-      [](const std::vector<int64_t>& a, int num_threads) {
-        if (a.size() != 21) throw std::invalid_argument("kv_compact: expected 21 integers");
-        posattn::cpu::CompactProblem p{reinterpret_cast<char*>(a[0]), a[1], a[2], a[3],
-                                       reinterpret_cast<char*>(a[4]), a[5], a[6], a[7], a[8], a[9], a[10],
-                                       a[11], a[12], a[13], reinterpret_cast<void*>(a[14]), a[15] != 0,
-                                       reinterpret_cast<const int64_t*>(a[16]), a[17],
-                                       reinterpret_cast<const int64_t*>(a[18]),
-                                       reinterpret_cast<const int32_t*>(a[19]), a[20]};
-        py::gil_scoped_release release;
-        posattn::cpu::kv_compact_forward(p, num_threads);
-      });
+  m.def("kv_compact_forward", [](const std::vector<int64_t>& a, int num_threads) {
+    auto p = posattn::compact_problem_from(a);
+    py::gil_scoped_release release;
+    posattn::cpu::kv_compact_forward(p, num_threads);
+  });
 }
