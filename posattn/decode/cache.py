@@ -302,6 +302,26 @@ def _triton_supports(key, explicit: bool = False):
     return True, ""
 
 
+@dispatch.explicit_aware
+def _cuda_supports(key, explicit: bool = False):
+    if key.device_type != "cuda":
+        return False, f"needs CUDA tensors, got {key.device_type}"
+    if not explicit:
+        # DESIGN: a CUDA C++ kernel that never ran on a GPU is never a dispatch default
+        return False, "the CUDA C++ cache kernels are not verified on a GPU yet: used only as backend='cuda'"
+    from posattn.kernels import cuda as ck
+
+    if not hasattr(ck.module(), "rope_cache_forward"):
+        return False, "posattn._cuda was built without the cache kernels (rebuild with POSATTN_CUDA=1)"
+    return True, ""
+
+
+def _cuda_rope_cache(*args):
+    from posattn.kernels import cuda_cache
+
+    return cuda_cache.rope_cache_forward(*args)
+
+
 def _triton_rope_cache(*args):
     from posattn.kernels.triton import cache as tc
 
@@ -323,5 +343,7 @@ def _triton_rope_cache_space(key):
 dispatch.register("rope_and_cache", "reference", dtypes=_ALL)(ref_cache.rope_cache_forward)
 dispatch.register("rope_and_cache", "cpu", supports=_cpu_supports, dtypes=_ALL,
                   default_config=lambda key: {"threads": 0})(cpu_cache.rope_cache_forward)
+dispatch.register("rope_and_cache", "cuda", supports=_cuda_supports, dtypes=_ALL,
+                  default_config=lambda key: {"threads": 128})(_cuda_rope_cache)
 dispatch.register("rope_and_cache", "triton", supports=_triton_supports, default_config=_triton_rope_cache_default,
                   search_space=_triton_rope_cache_space)(_triton_rope_cache)

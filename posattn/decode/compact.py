@@ -10,8 +10,8 @@ import torch
 
 from posattn import _validate as V
 from posattn import _plans, dispatch
-from posattn.decode.cache import (_ALL, KV_LAYOUTS, _check_cache_pair, _cpu_supports, _dname, _nhd,
-                                  _triton_supports, _want_values)
+from posattn.decode.cache import (_ALL, KV_LAYOUTS, _check_cache_pair, _cpu_supports, _cuda_supports, _dname,
+                                  _nhd, _triton_supports, _want_values)
 from posattn.kernels import cpu_cache
 from posattn.kernels.reference import cache as ref_cache
 from posattn.lowered import token_bucket
@@ -190,11 +190,19 @@ def _cpu_compact(kc, vc, cache_seqlens, src, counts, block_table, config):
 dispatch.register("kv_compact", "reference", dtypes=_ALL)(ref_cache.kv_compact_forward)
 dispatch.register("kv_compact", "cpu", supports=_cpu_supports, dtypes=_ALL,
                   default_config=lambda key: {"threads": 0})(_cpu_compact)
+def _cuda_compact(*args):
+    from posattn.kernels import cuda_cache
+
+    return cuda_cache.kv_compact_forward(*args)
+
+
 def _triton_compact_space(key):
     from posattn.kernels.triton import cache as tc
 
     return tc.compact_search_space(key)
 
 
+dispatch.register("kv_compact", "cuda", supports=_cuda_supports, dtypes=_ALL,
+                  default_config=lambda key: {"threads": 128})(_cuda_compact)
 dispatch.register("kv_compact", "triton", supports=_triton_supports,
                   default_config=lambda key: {"num_warps": 4}, search_space=_triton_compact_space)(_triton_compact)

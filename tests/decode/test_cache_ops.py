@@ -54,7 +54,7 @@ def _params():
         for case in CASES:
             for dtype in dtypes:
                 marks = ()
-                if backend == "cpu" and dtype == torch.float64 and case[0] == "yarn":
+                if backend in ("cpu", "cuda") and dtype == torch.float64 and case[0] == "yarn":
                     # the shared rotary C++ path keeps attention_scaling as a float
                     # (RopeFreqs::attention_scaling in rope_math.h): fp64 outputs with a
                     # scaling != 1 are off by ~1e-9, so apply_rope(backend="cpu") is too
@@ -284,3 +284,35 @@ def test_posattn_tune_builds_rope_and_cache_keys():
     ks = keys.keys_for("rope_and_cache", shape, "bfloat16", [1, 60, 64], "cuda")
     assert [k.tokens_bucket for k in ks] == [1, 64]
     assert all(k.heads_q == 32 and k.heads_k == 8 and k.head_dim == 128 and k.rotate_k for k in ks)
+
+
+def test_cuda_kernels_bind_and_refuse_without_a_device():
+    """posattn._cuda's cache kernels (never a default: not verified on a GPU) parse their
+    arguments and raise the documented RuntimeError when no device is visible; the "cuda"
+    backend is chosen only by name."""
+    from posattn import dispatch
+    from posattn.decode.cache import CacheKey, _cuda_supports
+    from posattn.kernels import cpu_cache
+    from posattn.kernels import cuda as ck
+
+    key = CacheKey("cuda", "bfloat16", 128, 128, 32, 8, 1, 1, False, True, 64)
+    assert not _cuda_supports(key, explicit=False)[0] and "backend='cuda'" in _cuda_supports(key, False)[1]
+    if not ck.built():
+        pytest.skip("posattn._cuda is not built here")
+    m = ck.module()
+    if not hasattr(m, "rope_cache_forward"):
+        pytest.skip("posattn._cuda was built before the cache kernels")
+    if m.device_count() > 0:
+        assert dispatch.kernels("rope_and_cache")["cuda"].supports(key, explicit=True)[0]
+        pytest.skip("a CUDA device is visible: the kernels run in the oracle tests")
+    spec = posattn.RopeSpec(64)
+    q, k, v = torch.zeros(1, 3, 2, 64), torch.zeros(1, 3, 1, 64), torch.zeros(1, 3, 1, 64)
+    kc = torch.zeros(2, 4, 1, 64)
+    args = cpu_cache.cache_args(q, q, k, v, kc, kc, torch.arange(3), torch.arange(3).view(1, 1, 3),
+                                spec.tables("cpu"), 64, False, True)
+    with pytest.raises(RuntimeError, match="no CUDA device is available"):
+        m.rope_cache_forward(*args, 0, 128, 0)
+    lens, src = torch.zeros(1, dtype=torch.int32), torch.zeros(1, 1, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match="no CUDA device is available"):
+        m.kv_compact_forward(cpu_cache.compact_args(kc, kc, lens, src, torch.ones(1, dtype=torch.int64), None),
+                             128, 0)
