@@ -93,7 +93,8 @@ def _gpu_inputs(row_len, n_rows, n_docs, hq, hk, d, dtype, grad: bool):
 def bench_gpu(row_len: int, n_rows: int, n_docs: int, hq=32, hk=8, d=128, dtype=torch.bfloat16) -> dict:
     import posattn
     from posattn import dispatch
-    from posattn.attention.anchor import AttnKey, _bucket
+    from posattn.attention.anchor import AttnKey
+    from posattn.lowered import token_bucket as _bucket
     from posattn.attention.masks import MaskSpec, lower
     from posattn.kernels.triton import flash_attn as fa
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -140,7 +141,7 @@ def bench_gpu(row_len: int, n_rows: int, n_docs: int, hq=32, hk=8, d=128, dtype=
     step_ours = _time_ms(lambda: (zero_grads(), ours_step()), dev)
     step_flex = _time_ms(lambda: (zero_grads(), flex_step()), dev)
 
-    key = AttnKey("cuda", "bfloat16", d, hq, hk, 0, False, True, False, True, _bucket(T))
+    key = AttnKey("cuda", "bfloat16", d, hq, hk, 0, False, True, False, True, _bucket(T), q.device.index or 0)
     _, cfg = dispatch.select("anchor_attention", key, backend="triton")
     spec = MaskSpec(causal=True, num_anchors=1)
     lists = lower(spec, cu_d, rows_d, T, cfg["BLOCK_M"], cfg["BLOCK_N"], transpose=False)
@@ -190,7 +191,38 @@ def bench_cpu_tiny() -> list[dict]:
         out.append(dict(bench="anchor_attention", device="cpu", backend=backend, tokens=T, fwd_ms=ms,
                         note="CPU smoke run; the speed targets are GPU-only"))
     out.append(bench_cpu_step())
+    out.append(bench_cpu_plan_overhead())
     return out
+
+
+def bench_cpu_plan_overhead(T: int = 64, reps: int = 2000) -> dict:
+    """Per-call time of a small rotary forward on the C++ kernel, checked (boundary check and
+    lowering every call) against planned (posattn.attention.plan: both done once): the host
+    overhead a plan removes. Best of 5 runs of ``reps`` calls, microseconds."""
+    import posattn
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(T, h, 16, generator=g) for h in (2, 1, 1))
+    cu = torch.tensor([0, 10, 30, T], dtype=torch.int32)
+    rows = torch.tensor([0, 30, T], dtype=torch.int32)
+    spec, pos = posattn.RopeSpec(16), torch.arange(T)
+    p = posattn.attention.plan(q, k, cu, cu_rows=rows, rope=spec, backend="cpu")
+    kw = dict(cu_rows=rows, rope=spec, positions=pos, backend="cpu")
+    res = {}
+    for name, plan in (("checked_us", None), ("planned_us", p)):
+        def call():
+            posattn.anchor_attention(q, k, v, cu, plan=plan, **kw)
+        for _ in range(50):
+            call()
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                call()
+            best = min(best, (time.perf_counter() - t0) / reps * 1e6)
+        res[name] = best
+    return dict(bench="anchor_attention_plan_overhead", device="cpu", backend="cpu", tokens=T, heads_q=2, heads_k=1,
+                head_dim=16, threads=torch.get_num_threads(), **res)
 
 
 def bench_cpu_step(T: int = 1024, hq: int = 8, hk: int = 2, d: int = 128, reps: int = 5) -> dict:

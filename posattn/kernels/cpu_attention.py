@@ -2,7 +2,9 @@
 FlashAttention-2 backward over the same block visit lists as the Triton engine.
 
 The kernel computes in fp32: q, k, v (and dout) are handed over as contiguous fp32 copies,
-and the outputs are rounded to the input dtype once, here.
+and the outputs are rounded to the input dtype once, here. With rotary embedding it reads the
+call's cos/sin table (posattn.rope.table, backend "cpu": the C++ rotary kernel's own values)
+and rounds the rotated q and k to the input dtype, as apply_rope's output is.
 """
 from __future__ import annotations
 
@@ -15,34 +17,36 @@ def _f32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32).contiguous()
 
 
+_ROUND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
 def _ptrs(q, k, v, lists, rope):
-    pos = inv = 0
+    cos = sin = 0
     keep = []
     if rope is not None:
-        positions, inv_freq = rope[0], rope[1]
-        pos_t = positions.to(torch.float64).contiguous()
-        inv_t = inv_freq.to(torch.float32).contiguous()
-        keep += [pos_t, inv_t]
-        pos, inv = pos_t.data_ptr(), inv_t.data_ptr()
+        table = rope[0].to(torch.float32).contiguous()     # [2, T, R/2]
+        keep.append(table)
+        cos, sin = table[0].data_ptr(), table[1].data_ptr()
     kq = lists.k_offsets
     ptrs = [q.data_ptr(), k.data_ptr(), v.data_ptr(), lists.doc_start.data_ptr(), lists.row_start.data_ptr(),
             lists.q_offsets.data_ptr(), lists.q_kv_idx.data_ptr(), lists.q_kv_masked.data_ptr(),
             kq.data_ptr() if kq is not None else 0,
             lists.k_q_idx.data_ptr() if kq is not None else 0,
-            lists.k_q_masked.data_ptr() if kq is not None else 0, pos, inv]
+            lists.k_q_masked.data_ptr() if kq is not None else 0, cos, sin]
     return ptrs, keep
 
 
 def _scalars(q, k, lists, num_anchors, causal, window, softmax_scale, rope):
     T, HQ, D = q.shape
-    rot, inter, scaling = (rope[2], rope[3], rope[4]) if rope is not None else (0, False, 1.0)
+    rot, inter = (rope[1], rope[2]) if rope is not None else (0, False)
     return (T, HQ, k.shape[1], D), (float(softmax_scale), int(num_anchors), bool(causal),
                                     int(window) if window is not None else 0, lists.block_m, lists.block_n,
-                                    int(rot), bool(inter), float(scaling))
+                                    int(rot), bool(inter), _ROUND[q.dtype])
 
 
 def attn_forward(q, k, v, lists, num_anchors, causal, window, softmax_scale, rope, config):
-    """Same contract as posattn.kernels.triton.flash_attn.attn_forward."""
+    """Same contract as posattn.kernels.triton.flash_attn.attn_forward (rope: None or
+    (table fp32 [2, T, R/2] from posattn.rope.table with backend "cpu", rotary_dim, interleaved))."""
     qf, kf, vf = _f32(q), _f32(k), _f32(v)
     T, HQ, _ = q.shape
     out = torch.empty(qf.shape, dtype=torch.float32)

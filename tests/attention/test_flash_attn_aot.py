@@ -23,16 +23,18 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from posattn.kernels.triton import flash_attn as fa
 cases = [(128, 0, False, torch.bfloat16, True, False, 4),      # the benchmark's case: fwd, dq, dkdv, delta
-         (128, 128, False, torch.bfloat16, True, False, 4)]    # in-kernel RoPE: the forward
+         (128, 128, False, torch.bfloat16, True, False, 4)]    # in-kernel RoPE (table reads): the forward
+from posattn.kernels.triton import rope_table as rt
 out = []
-for name, fn, sig, const, nw, ns in fa.aot_specializations(cases):
-    if not (name.startswith(("attn_fwd", "attn_delta")) or "_r0" in name):
-        continue
+specs = [s for s in fa.aot_specializations(cases) if s[0].startswith(("attn_fwd", "attn_delta")) or "_r0" in s[0]]
+specs += [s for s in rt.aot_specializations() if s[0] == "rope_table_i64_h64"]
+for name, fn, sig, const, nw, ns in specs:
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": nw, "num_stages": ns})
     ptx = k.asm["ptx"]
+    strides = sorted({t for n, t in sig.items() if n.startswith("s_")})
     out.append(dict(name=name, sm90a=".target sm_90a" in ptx, wgmma="wgmma" in ptx, shared=k.metadata.shared,
-                    cubin=len(k.asm["cubin"])))
+                    cubin=len(k.asm["cubin"]), strides=strides))
 print(json.dumps(out))
 """
 
@@ -48,11 +50,15 @@ def _compile_in_child(script: str) -> list[dict]:
 
 
 def test_kernels_compile_for_sm90a():
+    """With i64 strides (the signature a head-major tensor past 2^31 elements gets), and the
+    per-call cos/sin table kernel that the rotary forward reads."""
     kernels = _compile_in_child(SCRIPT)
-    assert len(kernels) == 5
+    assert len(kernels) == 6
     for k in kernels:
         assert k["sm90a"] and k["cubin"] > 0, k
-        if not k["name"].startswith("attn_delta"):  # a row sum: no product
+        if k["name"].startswith("attn_"):
+            assert k["strides"] == ["i64"], k
+        if k["name"].startswith(("attn_fwd", "attn_dq", "attn_dkdv")):  # delta and the table: no product
             assert k["wgmma"], f"{k['name']}: no Hopper tensor-core (wgmma) product"
         assert k["shared"] <= 227 * 1024, k
 
@@ -69,7 +75,7 @@ CLASSES = [(90, 232448, [(256, 256, torch.float32), (192, 192, torch.bfloat16)])
 out = []
 for arch, limit, cases in CLASSES:
     for D, rot, dtype in cases:
-        cfg = fa.default_config(D, dtype, interpret=False, smem_per_block=limit)
+        cfg = fa.default_config(D, dtype, interpret=False, smem_per_block=limit, rope=rot > 0)
         for name, fn, sig, const, nw, ns in fa.aot_specializations([(D, rot, False, dtype, True, False, 4)]):
             if name.startswith("attn_delta"):
                 continue
@@ -80,7 +86,7 @@ for arch, limit, cases in CLASSES:
                     "num_stages": cfg["num_stages" if fwd else "bwd_num_stages"]}
             # the JIT's specialisation for aligned pointers and strides (what pipelining sizes)
             attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items()
-                     if t.startswith("*") or (t == "i32" and (n.startswith("s_") or n == "T"))}
+                     if t.startswith("*") or (t in ("i32", "i64") and (n.startswith("s_") or n == "T"))}
             k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
                                target=GPUTarget("cuda", arch, 32), options=opts)
             out.append(dict(name=f"sm{arch}:{name}", shared=k.metadata.shared, limit=limit))

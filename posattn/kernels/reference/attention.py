@@ -78,16 +78,25 @@ def rotate_thd(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
     return out
 
 
+def _rotated(x, rope_args):
+    """x rotated in fp64 and, for 16-bit inputs, rounded to their dtype: what apply_rope
+    returns, and what attention then multiplies (fp32 and fp64 inputs stay fp64)."""
+    positions, inv_freq, rotary_dim, interleaved, scaling = rope_args
+    r = rotate_thd(x, positions, inv_freq, rotary_dim, interleaved, scaling)
+    if x.dtype in (torch.float16, torch.bfloat16):
+        r = r.to(x.dtype).to(torch.float64)
+    return r
+
+
 def anchor_attention(q, k, v, cu_seqlens, cu_rows=None, num_anchors=1, causal=True, window=None,
                      softmax_scale=None, rope_args=None):
     """fp64 anchor attention. ``rope_args``: None or (positions, inv_freq, rotary_dim, interleaved,
-    attention_scaling); q and k are rotated in fp64 first. Returns fp64 (out, lse)."""
+    attention_scaling); q and k are rotated in fp64 first (and rounded to a 16-bit input dtype,
+    as apply_rope's output is). Returns fp64 (out, lse)."""
     T = q.shape[0]
     mask = build_mask(T, cu_seqlens, cu_rows, num_anchors, causal, window)
     if rope_args is not None:
-        positions, inv_freq, rotary_dim, interleaved, scaling = rope_args
-        q = rotate_thd(q, positions, inv_freq, rotary_dim, interleaved, scaling)
-        k = rotate_thd(k, positions, inv_freq, rotary_dim, interleaved, scaling)
+        q, k = _rotated(q, rope_args), _rotated(k, rope_args)
     return masked_attention(q, k, v, mask, softmax_scale)
 
 
@@ -106,8 +115,7 @@ def anchor_attention_backward(dout, dlse, q, k, v, cu_seqlens, cu_rows=None, num
     mask = build_mask(T, cu_seqlens, cu_rows, num_anchors, causal, window)
     if rope_args is not None:
         positions, inv_freq, rotary_dim, interleaved, scaling = rope_args
-        q = rotate_thd(q, positions, inv_freq, rotary_dim, interleaved, scaling)
-        k = rotate_thd(k, positions, inv_freq, rotary_dim, interleaved, scaling)
+        q, k = _rotated(q, rope_args), _rotated(k, rope_args)     # gradients pass the rounding straight
     q64, k64, v64 = (x.to(torch.float64) for x in (q, k, v))
     kr, vr = k64.repeat_interleave(g, dim=1), v64.repeat_interleave(g, dim=1)
     m = mask.to(q64.device)[None]
