@@ -264,3 +264,22 @@ def test_all_slots_listed_equals_dense():
     for backend in BACKENDS:
         out = posattn.decode_attention(*args, **kw, kv_indices=idx.to(DEVICE), backend=backend)
         assert_close(out, dense, case.dtype, "attention", msg=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("seed", range(4))
+def test_random_long_contexts(seed, backend):
+    """Contexts of up to 300 slots (many key blocks per split: the online-softmax rescaling), page
+    sizes 7-64, sparse lists, windows past a block, all split counts."""
+    import random
+
+    rng = random.Random(1000 + seed)
+    HK, G = rng.choice([1, 2]), rng.choice([1, 4])
+    B = rng.randint(1, 3)
+    q_lens = [rng.choice([0, 1, 3, 9]) for _ in range(B)]
+    q_lens[0] = max(q_lens[0], 1)
+    case = Case(q_lens=q_lens, cached=[rng.randint(100, 300) for _ in range(B)], HQ=HK * G, HK=HK, D=64,
+                page_size=rng.choice([None, 7, 16, 64]), tree=rng.random() < 0.5, window=rng.choice([None, 130]),
+                append=rng.random() < 0.5, dtype=rng.choice([torch.float32, torch.bfloat16]), seed=seed,
+                indexed=rng.choice(["", "kv", "q"]), device=DEVICE)
+    run_case(case, backend, num_splits=None if backend == "reference" else rng.choice([None, 1, 2, 7]))

@@ -58,3 +58,38 @@ def test_decode_kernels_compile_for_sm90a():
         if k["name"].startswith("decode_fwd") and "_fp32_" not in k["name"]:
             assert k["mma"], f"{k['name']}: no tensor-core product"
         assert k["shared"] <= 227 * 1024, k
+
+
+SMEM_SCRIPT = r"""
+import json, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from posattn.decode.attention import DecodeKey
+from posattn.kernels.triton import decode as dk
+# (arch, opt-in shared memory per block, the widest keys whose default config must fit)
+dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+keys = [DecodeKey("cuda", "float32", 256, 8, 8, 16, True, False, True, False, 1, 8192, 8),
+        DecodeKey("cuda", "float32", 128, 32, 8, 16, True, True, True, False, 64, 8192, 8),
+        DecodeKey("cuda", "bfloat16", 256, 32, 8, 16, True, True, True, False, 64, 8192, 8),
+        DecodeKey("cuda", "bfloat16", 128, 32, 8, 16, True, False, True, False, 1, 131072, 1)]
+out = []
+for arch, limit in ((90, 232448), (80, 166912), (89, 101376)):
+    for key in keys:
+        cfg = dk.default_config(key, smem_per_block=limit)
+        G = key.heads_q // key.heads_k
+        case = (key.head_dim, dt[key.dtype], G, cfg["BLOCK_Q"], cfg["BLOCK_N"], key.tree, 1)
+        [(name, fn, sig, const, _, _)] = dk.aot_specializations([case])
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", arch, 32),
+                           options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
+        out.append(dict(name=f"sm{arch}:{name}", shared=k.metadata.shared, limit=limit))
+print(json.dumps(out))
+"""
+
+
+def test_default_configs_fit_each_gpu_class():
+    """The default launch configs of the widest keys (fp32 or head_dim 256, tree blocks) fit the
+    shared memory of an H100/H200, an A100 and an sm_86/sm_89 GPU."""
+    kernels = _compile_in_child(SMEM_SCRIPT)
+    assert len(kernels) == 12
+    over = [k for k in kernels if k["shared"] > k["limit"]]
+    assert not over, over

@@ -205,13 +205,36 @@ def block_q(max_q: int, group: int, cap: int = 64) -> int:
     return bq
 
 
-def default_config(key) -> dict:
-    """Launch config from the kernel key (shapes only)."""
+def _smem_optin() -> int | None:
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return getattr(props, "shared_memory_per_block_optin", None)
+
+
+def smem_estimate(cfg: dict, head_dim: int, dtype: str) -> int:
+    """An upper bound of the forward's shared memory: K and V tiles in every pipeline stage."""
+    esize = {"float32": 4, "float16": 2, "bfloat16": 2}[dtype]
+    return cfg["num_stages"] * cfg["BLOCK_N"] * max(16, _pow2(head_dim)) * esize * 2
+
+
+def default_config(key, smem_per_block: int | None = None) -> dict:
+    """Launch config from the kernel key (shapes only); on a GPU sized to its shared memory per
+    block (``smem_per_block``, default: the current device's opt-in limit; sm_86/sm_89 have 99 KB)."""
     G = key.heads_q // key.heads_k
     interp = key.device_type == "cpu"
     bn = 16 if interp else (64 if key.head_dim <= 128 else 32)
-    return {"BLOCK_Q": block_q(key.q_bucket, G, 16 if interp else 64), "BLOCK_N": bn, "num_splits": 0,
-            "num_warps": 4, "num_stages": 1 if interp else 2}
+    cfg = {"BLOCK_Q": block_q(key.q_bucket, G, 16 if interp else 64), "BLOCK_N": bn, "num_splits": 0,
+           "num_warps": 4, "num_stages": 1 if interp else 2}
+    if key.device_type == "cuda":
+        limit = smem_per_block if smem_per_block is not None else _smem_optin()
+        while limit and smem_estimate(cfg, key.head_dim, key.dtype) > limit and (cfg["num_stages"] > 1
+                                                                                or cfg["BLOCK_N"] > 16):
+            if cfg["num_stages"] > 1:
+                cfg["num_stages"] -= 1
+            else:
+                cfg["BLOCK_N"] //= 2
+    return cfg
 
 
 def search_space(key) -> list[dict]:
