@@ -41,7 +41,7 @@ def main():
         out = speculative_generate(model, x, m, max_new_tokens=args.new, drafter=TokenRecycling(V), eos_token_id=None,
                                    pad_token_id=0, return_dict_in_generate=True)
         t2 = time.perf_counter()
-        print(f"{name}: {sum(out.new_tokens)} tokens in {out.target_forwards} target forwards : "
+        print(f"{name}: {sum(out.new_tokens)} tokens in {out.target_forwards} target forwards: "
               f"{out.tokens_per_forward:.2f} tokens per request per forward (plain greedy: 1.00); equal to generate: "
               f"{torch.equal(out.sequences, ref)}; wall {t2 - t1:.2f} s vs generate {t1 - t0:.2f} s")
 
