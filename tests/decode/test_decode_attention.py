@@ -235,6 +235,9 @@ SPARSE = {
     "kv_lists_tree_window": dict(q_lens=[5, 2], cached=[17, 9], tree=True, window=12, indexed="kv", page_size=2),
     "q_lists_chunk_append": dict(q_lens=[3, 0, 2], cached=[8, 3, 11], append=True, indexed="q", HQ=4, HK=1),
     "kv_lists_budget_beyond": dict(q_lens=[1, 2], cached=[5, 6], indexed="kv", budget=16, page_size=1),
+    # odd sizes (issue 13): 3 query heads on one KV head, head_dim 80 / 96, 7 cached tokens
+    "q_lists_hq3_hd80": dict(q_lens=[1, 1], cached=[7, 13], indexed="q", HQ=3, HK=1, D=80, page_size=5),
+    "kv_lists_hq3_hd96": dict(q_lens=[1], cached=[7], indexed="kv", HQ=3, HK=3, D=96, budget=5, page_size=7),
 }
 
 
