@@ -11,6 +11,7 @@
 #include "cpu/cache_cpu.h"
 #include "cache_args.h"
 #include "cpu/decode_cpu.h"
+#include "cpu/select_cpu.h"
 #include "cpu/rope_table.h"
 #include "posattn/cuda_launch.h"
 #ifdef _OPENMP
@@ -210,6 +211,17 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("dims"), py::arg("ptrs"), py::arg("strides"), py::arg("causal"), py::arg("window"), py::arg("scale"),
       py::arg("dtype"), py::arg("num_splits"), py::arg("block_n"), py::arg("num_threads"));
+  m.def(
+      "topk_forward",
+      [](int64_t scores, int64_t R, int64_t N, int64_t s_row, int64_t lengths, int64_t k, int64_t sinks,
+         int64_t window, int64_t out, int num_threads) {
+        py::gil_scoped_release release;
+        posattn::cpu::topk_forward(reinterpret_cast<const float*>(scores), R, N, s_row,
+                                   reinterpret_cast<const int32_t*>(lengths), k, sinks, window,
+                                   reinterpret_cast<int32_t*>(out), num_threads);
+      },
+      py::arg("scores"), py::arg("R"), py::arg("N"), py::arg("s_row"), py::arg("lengths"), py::arg("k"),
+      py::arg("sinks"), py::arg("window"), py::arg("out"), py::arg("num_threads"));
   m.def(
       "rope_table",
       [](int64_t positions, int pos_dtype, int64_t T, int64_t inv_freq, int half, double attention_scaling,

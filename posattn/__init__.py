@@ -26,3 +26,6 @@ from posattn.decode.cache import rope_and_cache  # noqa: E402
 from posattn.decode.compact import kv_compact  # noqa: E402
 
 __all__ += ["rope_and_cache", "kv_compact"]
+from posattn import select  # noqa: E402  token selection (posattn.select.topk, ...)
+
+__all__ += ["select"]

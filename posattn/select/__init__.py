@@ -1,0 +1,5 @@
+"""Token selection for sparse decode: scores, top-k, Quest pages, policies (issue 13)."""
+from posattn.select.topk import MAX_K, TopkKey, topk
+from posattn.select import backends as _backends  # noqa: F401  registers the kernels
+
+__all__ = ["MAX_K", "TopkKey", "topk"]
