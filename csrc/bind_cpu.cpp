@@ -223,6 +223,28 @@ PYBIND11_MODULE(_C, m) {
       py::arg("scores"), py::arg("R"), py::arg("N"), py::arg("s_row"), py::arg("lengths"), py::arg("k"),
       py::arg("sinks"), py::arg("window"), py::arg("out"), py::arg("num_threads"));
   m.def(
+      "scores_forward",
+      [](const std::vector<int64_t>& dims, const std::vector<int64_t>& ptrs, const std::vector<int64_t>& strides,
+         bool interleaved, int dtype, float scale, int64_t block_s, int num_threads) {
+        if (dims.size() != 7 || ptrs.size() != 6 || strides.size() != 11)
+          throw std::invalid_argument("scores: expected 7 dims, 6 pointers, 11 strides");
+        posattn::cpu::ScoresProblem p{};
+        p.B = dims[0]; p.HQ = dims[1]; p.HK = dims[2]; p.D = dims[3]; p.PS = dims[4]; p.MB = dims[5]; p.R = dims[6];
+        p.interleaved = interleaved; p.dtype = dtype; p.scale = scale;
+        p.q = reinterpret_cast<const float*>(ptrs[0]); p.k_cache = reinterpret_cast<const void*>(ptrs[1]);
+        p.block_table = reinterpret_cast<const int32_t*>(ptrs[2]);
+        p.cache_seqlens = reinterpret_cast<const int32_t*>(ptrs[3]);
+        p.ktab = reinterpret_cast<const float*>(ptrs[4]); p.out = reinterpret_cast<float*>(ptrs[5]);
+        p.s_qb = strides[0]; p.s_qh = strides[1]; p.s_kb = strides[2]; p.s_kt = strides[3]; p.s_kh = strides[4];
+        p.s_bt = strides[5]; p.s_tc = strides[6]; p.s_tb = strides[7]; p.s_tt = strides[8];
+        p.s_ob = strides[9]; p.s_oh = strides[10];
+        if (p.HK <= 0 || p.HQ % p.HK) throw std::invalid_argument("scores: HQ must be a multiple of HK");
+        py::gil_scoped_release release;
+        posattn::cpu::scores_forward(p, block_s, num_threads);
+      },
+      py::arg("dims"), py::arg("ptrs"), py::arg("strides"), py::arg("interleaved"), py::arg("dtype"),
+      py::arg("scale"), py::arg("block_s"), py::arg("num_threads"));
+  m.def(
       "rope_table",
       [](int64_t positions, int pos_dtype, int64_t T, int64_t inv_freq, int half, double attention_scaling,
          int64_t out, int num_threads) {

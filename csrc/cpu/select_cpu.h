@@ -11,3 +11,27 @@ void topk_forward(const float* scores, int64_t R, int64_t N, int64_t s_row, cons
 
 }  // namespace cpu
 }  // namespace posattn
+
+namespace posattn { namespace cpu {
+
+// Token scores (posattn/kernels/reference/select_scores.py is the contract): q fp32 [B, HQ, D]
+// (already rotated, strides s_qb, s_qh), k_cache [NB, PS, HK, D] of dtype (0 fp32, 1 fp16, 2 bf16)
+// with strides s_kb, s_kt, s_kh, block_table int32 [B, MB] (row stride s_bt), cache_seqlens int32 [B],
+// ktab fp32 (cos at ktab, sin at ktab + s_tc; entry (b, s, p) at b * s_tb + s * s_tt + p) or nullptr,
+// out fp32 [B, HQ, S_max = MB * PS] with strides s_ob, s_oh.
+struct ScoresProblem {
+  int64_t B, HQ, HK, D, PS, MB, R;
+  bool interleaved;
+  const float* q; int64_t s_qb, s_qh;
+  const void* k_cache; int dtype; int64_t s_kb, s_kt, s_kh;
+  const int32_t* block_table; int64_t s_bt;
+  const int32_t* cache_seqlens;
+  const float* ktab; int64_t s_tc, s_tb, s_tt;
+  float* out; int64_t s_ob, s_oh;
+  float scale;
+};
+
+void scores_forward(const ScoresProblem& p, int64_t block_s, int num_threads);
+
+}  // namespace cpu
+}  // namespace posattn

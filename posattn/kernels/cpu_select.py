@@ -16,3 +16,33 @@ def topk(scores: torch.Tensor, lengths: torch.Tensor, k: int, sinks: int, window
         _cpu._C.topk_forward(scores.data_ptr(), R, N, scores.stride(0), ln.data_ptr(), k, sinks, window,
                              out.data_ptr(), _cpu._threads(config))
     return out
+
+
+_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def scores(q, k_cache, block_table, cache_seqlens, scale, ktab, rotary_dim, interleaved, config) -> torch.Tensor:
+    """fp32 [B, Hq, S_max]; see posattn/kernels/reference/select_scores.py."""
+    B, HQ, D = q.shape
+    NB, PS, HK, _ = k_cache.shape
+    MB = block_table.shape[1]
+    out = torch.empty(B, HQ, MB * PS, dtype=torch.float32)
+    if out.numel() == 0:
+        return out
+    q32 = q.to(torch.float32).contiguous()
+    bt, cs = block_table.contiguous(), cache_seqlens.contiguous()
+    if k_cache.stride(-1) != 1:
+        k_cache = k_cache.contiguous()
+    if ktab is not None:
+        kt = ktab if ktab.stride(-1) == 1 else ktab.contiguous()
+        tstr = [kt.stride(0), kt.stride(1) if kt.shape[1] > 1 else 0, kt.stride(2)]
+    else:
+        kt, tstr = None, [0, 0, 0]
+    _cpu._C.scores_forward([B, HQ, HK, D, PS, MB, int(rotary_dim)],
+                           [q32.data_ptr(), k_cache.data_ptr(), bt.data_ptr(), cs.data_ptr(),
+                            kt.data_ptr() if kt is not None else 0, out.data_ptr()],
+                           [q32.stride(0), q32.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+                            bt.stride(0), *tstr, out.stride(0), out.stride(1)],
+                           bool(interleaved), _CODES[k_cache.dtype], float(scale), int(config.get("block_s", 64)),
+                           _cpu._threads(config))
+    return out

@@ -1,5 +1,6 @@
 """Token selection for sparse decode: scores, top-k, Quest pages, policies (issue 13)."""
+from posattn.select.scores import ScoresKey, scores
 from posattn.select.topk import MAX_K, TopkKey, topk
 from posattn.select import backends as _backends  # noqa: F401  registers the kernels
 
-__all__ = ["MAX_K", "TopkKey", "topk"]
+__all__ = ["MAX_K", "ScoresKey", "TopkKey", "scores", "topk"]

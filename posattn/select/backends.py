@@ -64,3 +64,67 @@ dispatch.register("topk", "cpu", supports=_cpu_supports, dtypes=("float32",),
                   search_space=lambda key: [{"threads": t} for t in (0, 1)])(_topk_cpu)
 dispatch.register("topk", "triton", supports=_triton_supports, dtypes=("float32",), default_config=_triton_default,
                   search_space=_triton_space)(_topk_triton)
+
+
+# ---- scores: fn(q [B, Hq, D] rotated, fp32 (fp64 on the reference), k_cache, block_table, cache_seqlens,
+# scale, ktab, rotary_dim, interleaved, config) -> fp32 [B, Hq, S_max] (posattn/kernels/reference/select_scores.py)
+
+def _scores_reference(q, k_cache, bt, cs, scale, ktab, R, inter, config):
+    from posattn.kernels.reference import select_scores as ref
+
+    return ref.scores(q, k_cache, bt, cs, scale, ktab, R, inter)
+
+
+def _scores_cpu(q, k_cache, bt, cs, scale, ktab, R, inter, config):
+    from posattn.kernels import cpu_select
+
+    return cpu_select.scores(q, k_cache, bt, cs, scale, ktab, R, inter, config)
+
+
+def _scores_triton(q, k_cache, bt, cs, scale, ktab, R, inter, config):
+    from posattn.kernels.triton import select_scores
+
+    return select_scores.scores(q, k_cache, bt, cs, scale, ktab, R, inter, config)
+
+
+_NATIVE = ("float32", "float16", "bfloat16")
+
+
+def _scores_cpu_supports(key):
+    if key.device_type != "cpu":
+        return False, f"needs CPU tensors, got {key.device_type}"
+    if key.dtype not in _NATIVE:
+        return False, f"dtype {key.dtype}: the C++ kernel computes in fp32 (float64 runs on the reference)"
+    return True, ""
+
+
+@dispatch.explicit_aware
+def _scores_triton_supports(key, explicit: bool = False):
+    from posattn.kernels import triton as tk
+
+    why = tk.device_refusal(key.device_type, explicit)
+    if why:
+        return False, why
+    if key.dtype not in _NATIVE:
+        return False, f"dtype {key.dtype} is not compiled for Triton (float16, bfloat16, float32)"
+    return True, ""
+
+
+def _scores_triton_default(key) -> dict:
+    from posattn.kernels.triton import select_scores
+
+    return select_scores.default_config(key)
+
+
+def _scores_triton_space(key) -> list[dict]:
+    from posattn.kernels.triton import select_scores
+
+    return select_scores.search_space(key)
+
+
+dispatch.register("scores", "reference", dtypes=("float32", "float16", "bfloat16", "float64"))(_scores_reference)
+dispatch.register("scores", "cpu", supports=_scores_cpu_supports, default_config=lambda key: {"threads": 0,
+                  "block_s": 64}, search_space=lambda key: [{"threads": t, "block_s": b} for t in (0, 1)
+                                                             for b in (16, 64, 256)])(_scores_cpu)
+dispatch.register("scores", "triton", supports=_scores_triton_supports, default_config=_scores_triton_default,
+                  search_space=_scores_triton_space)(_scores_triton)

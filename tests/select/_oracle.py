@@ -24,3 +24,73 @@ def topk_rows(scores, lengths, k, sinks=0, window=0, ordered=False):
             chosen = sorted(chosen)
         out.append(chosen + [-1] * (k - len(chosen)))
     return out
+
+
+def scores_oracle(q, k_cache, cache_seqlens, block_table=None, scale=None, rope=None, positions=None,
+                  key_positions=None):
+    """fp64 (want [B, Hq, S_max], magnitude [B, Hq, S_max]) by plain loops over slots: keys read
+    page by page, rotated with fp64 angles position * inv_freq (exact enough for test positions).
+    magnitude = scale * sum_d |rot q_d| (|k_d| + |k_partner(d)|), the size rounding errors scale with."""
+    import torch
+
+    B, HQ, D = q.shape
+    PS, HK = k_cache.shape[1], k_cache.shape[2]
+    G = HQ // HK
+    S = k_cache.shape[1] if block_table is None else block_table.shape[1] * PS
+    scale = D ** -0.5 if scale is None else scale
+    qd, kd = q.double().cpu(), k_cache.double().cpu()
+    want = torch.full((B, HQ, S), -math.inf, dtype=torch.float64)
+    mag = torch.zeros(B, HQ, S, dtype=torch.float64)
+    if rope is not None:
+        R = rope.rotary_dim or D
+        inv = rope.tables("cpu").inv_freq.double().tolist()      # the spec's own inv_freq (fp32 values)
+
+    def pairs(R):
+        if rope.interleaved:
+            return [(2 * p, 2 * p + 1, p) for p in range(R // 2)]
+        return [(p, p + R // 2, p) for p in range(R // 2)]
+
+    def rot(x, pos):
+        y = x.clone()
+        for i, j, p in pairs(R):
+            c, s = math.cos(pos * inv[p]), math.sin(pos * inv[p])
+            y[i], y[j] = x[i] * c - x[j] * s, x[j] * c + x[i] * s
+        return y
+
+    def partner(d):
+        if rope is None or d >= R:
+            return None
+        for i, j, _ in pairs(R):
+            if d in (i, j):
+                return j if d == i else i
+
+    for b in range(B):
+        L = max(0, min(int(cache_seqlens[b]), S))
+        for s in range(L):
+            page = b if block_table is None else int(block_table[b, s // PS])
+            row = s if block_table is None else s % PS
+            for hk in range(HK):
+                k = kd[page, row, hk]
+                if rope is not None:
+                    if isinstance(key_positions, str):
+                        kp = s
+                    elif key_positions.dim() == 1:
+                        kp = int(key_positions[s])
+                    else:
+                        kp = int(key_positions[b, s])
+                    kr = rot(k, kp)
+                else:
+                    kr = k
+                for g in range(G):
+                    h = hk * G + g
+                    qv = qd[b, h]
+                    if rope is not None:
+                        qp = int(cache_seqlens[b]) if positions is None else int(positions[b])
+                        qv = rot(qv, qp)
+                    want[b, h, s] = scale * float((qv * kr).sum())
+                    m = 0.0
+                    for d in range(D):
+                        pd = partner(d)
+                        m += abs(float(qv[d])) * (abs(float(k[d])) + (abs(float(k[pd])) if pd is not None else 0))
+                    mag[b, h, s] = scale * m
+    return want, mag

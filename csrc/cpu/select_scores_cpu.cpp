@@ -1,0 +1,91 @@
+// Token scores q . k over a (paged) KV cache on the CPU (OpenMP over request x KV head x slot
+// block): each key row is read through the block table and widened to fp32 once, rotated by the
+// per-call fp32 table when the cache holds pre-RoPE keys, and dotted with the GQA group's queries.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#include "posattn/common.h"
+#include "select_cpu.h"
+
+namespace posattn { namespace cpu {
+
+namespace {
+
+inline float widen1(const float* s, int64_t i) { return s[i]; }
+inline float widen1(const half_t* s, int64_t i) { return to_float(s[i]); }
+inline float widen1(const bf16_t* s, int64_t i) { return to_float(s[i]); }
+
+template <typename T>
+void scores_block(const ScoresProblem& p, int64_t b, int64_t hk, int64_t s0, int64_t s1, std::vector<float>& k,
+                  std::vector<float>& kr) {
+  const int64_t D = p.D, G = p.HQ / p.HK, R = p.R, H2 = R / 2, S = p.MB * p.PS;
+  const int64_t L = std::clamp<int64_t>(p.cache_seqlens[b], 0, S);
+  const float ninf = -std::numeric_limits<float>::infinity();
+  const T* kc = static_cast<const T*>(p.k_cache);
+  for (int64_t s = s0; s < s1; ++s) {
+    if (s >= L) {
+      for (int64_t g = 0; g < G; ++g) p.out[b * p.s_ob + (hk * G + g) * p.s_oh + s] = ninf;
+      continue;
+    }
+    const T* row = kc + int64_t(p.block_table[b * p.s_bt + s / p.PS]) * p.s_kb + (s % p.PS) * p.s_kt + hk * p.s_kh;
+    for (int64_t d = 0; d < D; ++d) k[d] = widen1(row, d);
+    const float* kv = k.data();
+    if (p.ktab) {
+      const float* c = p.ktab + b * p.s_tb + s * p.s_tt;
+      const float* sn = c + p.s_tc;
+      for (int64_t d = 0; d < D; ++d) {
+        if (d >= R) { kr[d] = k[d]; continue; }
+        int64_t pi, partner; float sign;
+        if (p.interleaved) { pi = d / 2; partner = d ^ 1; sign = (d % 2 == 0) ? -1.f : 1.f; }
+        else if (d < H2) { pi = d; partner = d + H2; sign = -1.f; }
+        else { pi = d - H2; partner = d - H2; sign = 1.f; }
+        kr[d] = k[d] * c[pi] + sign * k[partner] * sn[pi];
+      }
+      kv = kr.data();
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t h = hk * G + g;
+      const float* q = p.q + b * p.s_qb + h * p.s_qh;
+      float acc = 0.f;
+      for (int64_t d = 0; d < D; ++d) acc += q[d] * kv[d];
+      p.out[b * p.s_ob + h * p.s_oh + s] = acc * p.scale;
+    }
+  }
+}
+
+int thread_count(int n) {
+#ifdef _OPENMP
+  return n > 0 ? n : omp_get_max_threads();
+#else
+  (void)n;
+  return 1;
+#endif
+}
+
+}  // namespace
+
+void scores_forward(const ScoresProblem& p, int64_t block_s, int num_threads) {
+  const int64_t S = p.MB * p.PS;
+  if (p.B == 0 || S == 0 || p.HQ == 0) return;
+  block_s = std::max<int64_t>(1, block_s);
+  const int64_t nblk = (S + block_s - 1) / block_s, tasks = p.B * p.HK * nblk;
+#pragma omp parallel num_threads(thread_count(num_threads))
+  {
+    std::vector<float> k(static_cast<size_t>(p.D)), kr(static_cast<size_t>(p.D));
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t b = t / (p.HK * nblk), hk = (t / nblk) % p.HK, s0 = (t % nblk) * block_s;
+      const int64_t s1 = std::min(S, s0 + block_s);
+      if (p.dtype == 1) scores_block<half_t>(p, b, hk, s0, s1, k, kr);
+      else if (p.dtype == 2) scores_block<bf16_t>(p, b, hk, s0, s1, k, kr);
+      else scores_block<float>(p, b, hk, s0, s1, k, kr);
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace posattn

@@ -1,0 +1,85 @@
+"""Token scores q . k over a (paged) KV cache (Triton): posattn.select.scores' GPU kernel.
+
+Program (b, KV head, block of slots): the keys of BLOCK_S logical slots are read through the
+block table once, optionally rotated by the per-call fp32 table (pre-RoPE caches: keys rotated
+while scoring, exact angles from posattn/rope/table.py), and dotted with each of the GQA group's
+G (already rotated) queries. Contract: posattn/kernels/reference/select_scores.py.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _scores_fwd(Q, K, BT, CS, KT, OUT, S_MAX, PS, HK, G, s_qb, s_qh, s_kb, s_kt, s_kh, s_bt, s_tc, s_tb, s_tt,
+                s_ob, s_oh, scale, D: tl.constexpr, DP: tl.constexpr, R: tl.constexpr,
+                INTERLEAVED: tl.constexpr, ROPE: tl.constexpr, BLOCK_S: tl.constexpr):
+    pid = tl.program_id(0)
+    b = pid // HK
+    hk = pid % HK
+    s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    L = tl.minimum(tl.maximum(tl.load(CS + b), 0), S_MAX)
+    valid = s < L
+    page = tl.load(BT + b.to(tl.int64) * s_bt + s // PS, mask=valid, other=0).to(tl.int64)
+    row = page * s_kb + (s % PS).to(tl.int64) * s_kt + hk.to(tl.int64) * s_kh            # [BLOCK_S]
+    d = tl.arange(0, DP)
+    dm = d < D
+    m2 = valid[:, None] & dm[None, :]
+    k = tl.load(K + row[:, None] + d[None, :], mask=m2, other=0.0).to(tl.float32)
+    if ROPE:
+        # rot(k)[d] = k[d] * cos[p] + sign * k[partner] * sin[p] for d < R; k[d] beyond
+        if INTERLEAVED:
+            p = d // 2
+            partner = d ^ 1
+            sign = tl.where(d % 2 == 0, -1.0, 1.0)
+        else:
+            H2: tl.constexpr = R // 2
+            p = tl.where(d < H2, d, d - H2)
+            partner = tl.where(d < H2, d + H2, d - H2)
+            sign = tl.where(d < H2, -1.0, 1.0)
+        inr = d < R
+        kp = tl.load(K + row[:, None] + partner[None, :], mask=m2 & inr[None, :], other=0.0).to(tl.float32)
+        trow = KT + b.to(tl.int64) * s_tb + s.to(tl.int64) * s_tt                           # [BLOCK_S]
+        tm = valid[:, None] & inr[None, :]
+        c = tl.load(trow[:, None] + p[None, :], mask=tm, other=1.0)
+        sn = tl.load(trow[:, None] + s_tc + p[None, :], mask=tm, other=0.0)
+        k = tl.where(inr[None, :], k * c + sign[None, :] * kp * sn, k)
+    for g in range(G):
+        h = hk * G + g
+        q = tl.load(Q + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh + d, mask=dm, other=0.0).to(tl.float32)
+        sc = tl.sum(k * q[None, :], axis=1) * scale
+        sc = tl.where(valid, sc, -float("inf"))
+        tl.store(OUT + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh + s, sc, mask=s < S_MAX)
+
+
+def default_config(key) -> dict:
+    return {"block_s": 64, "num_warps": 4}
+
+
+def search_space(key) -> list[dict]:
+    return [{"block_s": bs, "num_warps": w} for bs in (32, 64, 128) for w in (2, 4, 8)]
+
+
+def scores(q, k_cache, block_table, cache_seqlens, scale, ktab, rotary_dim, interleaved, config) -> torch.Tensor:
+    """fp32 [B, Hq, S_max]; see posattn/kernels/reference/select_scores.py."""
+    B, HQ, D = q.shape
+    NB, PS, HK, _ = k_cache.shape
+    S = block_table.shape[1] * PS
+    out = torch.empty(B, HQ, S, dtype=torch.float32, device=q.device)
+    if B == 0 or S == 0 or HQ == 0:
+        return out
+    bs = int(config.get("block_s", 64))
+    if ktab is not None:
+        s_tc, s_tb, s_tt = ktab.stride(0), (ktab.stride(1) if ktab.shape[1] > 1 else 0), ktab.stride(2)
+        kt = ktab
+    else:
+        s_tc = s_tb = s_tt = 0
+        kt = q
+    _scores_fwd[(B * HK, triton.cdiv(S, bs))](
+        q, k_cache, block_table, cache_seqlens, kt, out, S, PS, HK, HQ // HK, q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0), s_tc, s_tb, s_tt,
+        out.stride(0), out.stride(1), float(scale), D=D, DP=triton.next_power_of_2(D), R=int(rotary_dim),
+        INTERLEAVED=bool(interleaved), ROPE=ktab is not None, BLOCK_S=bs, num_warps=int(config.get("num_warps", 4)))
+    return out
