@@ -245,6 +245,18 @@ PYBIND11_MODULE(_C, m) {
       py::arg("dims"), py::arg("ptrs"), py::arg("strides"), py::arg("interleaved"), py::arg("dtype"),
       py::arg("scale"), py::arg("block_s"), py::arg("num_threads"));
   m.def(
+      "page_scores_forward",
+      [](int64_t q, int64_t kmin, int64_t kmax, int dtype, int64_t page_ids, int64_t cache_seqlens, int64_t out,
+         int64_t B, int64_t HQ, int64_t HK, int64_t D, int64_t MP, int64_t page_size, int num_threads) {
+        if (HK <= 0 || HQ % HK) throw std::invalid_argument("page_scores: HQ must be a multiple of HK");
+        py::gil_scoped_release release;
+        posattn::cpu::page_scores_forward(reinterpret_cast<const float*>(q), reinterpret_cast<const void*>(kmin),
+                                          reinterpret_cast<const void*>(kmax), dtype,
+                                          reinterpret_cast<const int32_t*>(page_ids),
+                                          reinterpret_cast<const int32_t*>(cache_seqlens), reinterpret_cast<float*>(out),
+                                          B, HQ, HK, D, MP, page_size, num_threads);
+      });
+  m.def(
       "rope_table",
       [](int64_t positions, int pos_dtype, int64_t T, int64_t inv_freq, int half, double attention_scaling,
          int64_t out, int num_threads) {

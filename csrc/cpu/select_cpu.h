@@ -35,3 +35,15 @@ void scores_forward(const ScoresProblem& p, int64_t block_s, int num_threads);
 
 }  // namespace cpu
 }  // namespace posattn
+
+namespace posattn { namespace cpu {
+
+// Quest page scores (posattn/kernels/reference/select_pages.py is the contract): q fp32 [B, HQ, D]
+// contiguous, kmin/kmax [NP, HK, D] contiguous of dtype (0 fp32, 1 fp16, 2 bf16), page_ids int32
+// [B, MP] contiguous, cache_seqlens int32 [B], out fp32 [B, HQ, MP] contiguous.
+void page_scores_forward(const float* q, const void* kmin, const void* kmax, int dtype, const int32_t* page_ids,
+                         const int32_t* cache_seqlens, float* out, int64_t B, int64_t HQ, int64_t HK, int64_t D,
+                         int64_t MP, int64_t page_size, int num_threads);
+
+}  // namespace cpu
+}  // namespace posattn

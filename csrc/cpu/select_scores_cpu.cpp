@@ -87,5 +87,49 @@ void scores_forward(const ScoresProblem& p, int64_t block_s, int num_threads) {
   }
 }
 
+namespace {
+
+template <typename T>
+void page_scores_task(const float* q, const T* kmin, const T* kmax, const int32_t* page_ids, int64_t L, float* out,
+                      int64_t b, int64_t hk, int64_t HQ, int64_t HK, int64_t D, int64_t MP, int64_t PS) {
+  const int64_t G = HQ / HK;
+  const float ninf = -std::numeric_limits<float>::infinity();
+  for (int64_t p = 0; p < MP; ++p) {
+    const bool valid = p * PS < L;
+    const int64_t page = valid ? page_ids[b * MP + p] : 0;
+    const T* mn = kmin + (page * HK + hk) * D;
+    const T* mx = kmax + (page * HK + hk) * D;
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t h = hk * G + g;
+      float acc = 0.f;
+      if (valid) {
+        const float* qh = q + (b * HQ + h) * D;
+        for (int64_t d = 0; d < D; ++d) acc += std::max(qh[d] * widen1(mn, d), qh[d] * widen1(mx, d));
+      }
+      out[(b * HQ + h) * MP + p] = valid ? acc : ninf;
+    }
+  }
+}
+
+}  // namespace
+
+void page_scores_forward(const float* q, const void* kmin, const void* kmax, int dtype, const int32_t* page_ids,
+                         const int32_t* cache_seqlens, float* out, int64_t B, int64_t HQ, int64_t HK, int64_t D,
+                         int64_t MP, int64_t page_size, int num_threads) {
+#pragma omp parallel for num_threads(thread_count(num_threads)) schedule(static)
+  for (int64_t t = 0; t < B * HK; ++t) {
+    const int64_t b = t / HK, hk = t % HK, L = cache_seqlens[b];
+    if (dtype == 1)
+      page_scores_task(q, static_cast<const half_t*>(kmin), static_cast<const half_t*>(kmax), page_ids, L, out, b, hk,
+                       HQ, HK, D, MP, page_size);
+    else if (dtype == 2)
+      page_scores_task(q, static_cast<const bf16_t*>(kmin), static_cast<const bf16_t*>(kmax), page_ids, L, out, b,
+                       hk, HQ, HK, D, MP, page_size);
+    else
+      page_scores_task(q, static_cast<const float*>(kmin), static_cast<const float*>(kmax), page_ids, L, out, b, hk,
+                       HQ, HK, D, MP, page_size);
+  }
+}
+
 }  // namespace cpu
 }  // namespace posattn

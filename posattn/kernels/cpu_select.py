@@ -46,3 +46,18 @@ def scores(q, k_cache, block_table, cache_seqlens, scale, ktab, rotary_dim, inte
                            bool(interleaved), _CODES[k_cache.dtype], float(scale), int(config.get("block_s", 64)),
                            _cpu._threads(config))
     return out
+
+
+def page_scores(q, kmin, kmax, page_ids, cache_seqlens, page_size, config) -> torch.Tensor:
+    """fp32 [B, Hq, max_pages]; see posattn/kernels/reference/select_pages.py."""
+    B, HQ, D = q.shape
+    HK = kmin.shape[1]
+    MP = page_ids.shape[1]
+    out = torch.empty(B, HQ, MP, dtype=torch.float32)
+    if out.numel() == 0:
+        return out
+    q32 = q.to(torch.float32).contiguous()
+    mn, mx, pid, cs = kmin.contiguous(), kmax.contiguous(), page_ids.contiguous(), cache_seqlens.contiguous()
+    _cpu._C.page_scores_forward(q32.data_ptr(), mn.data_ptr(), mx.data_ptr(), _CODES[mn.dtype], pid.data_ptr(),
+                                cs.data_ptr(), out.data_ptr(), B, HQ, HK, D, MP, int(page_size), _cpu._threads(config))
+    return out

@@ -128,3 +128,44 @@ dispatch.register("scores", "cpu", supports=_scores_cpu_supports, default_config
                                                              for b in (16, 64, 256)])(_scores_cpu)
 dispatch.register("scores", "triton", supports=_scores_triton_supports, default_config=_scores_triton_default,
                   search_space=_scores_triton_space)(_scores_triton)
+
+
+# ---- page_scores: fn(q [B, Hq, D] fp32 (fp64 on the reference), kmin, kmax [NP, Hk, D], page_ids int32
+# [B, MP], cache_seqlens, page_size, config) -> fp32 [B, Hq, MP] (posattn/kernels/reference/select_pages.py)
+
+def _pages_reference(q, kmin, kmax, ids, cs, ps, config):
+    from posattn.kernels.reference import select_pages as ref
+
+    return ref.page_scores(q, kmin, kmax, ids, cs, ps)
+
+
+def _pages_cpu(q, kmin, kmax, ids, cs, ps, config):
+    from posattn.kernels import cpu_select
+
+    return cpu_select.page_scores(q, kmin, kmax, ids, cs, ps, config)
+
+
+def _pages_triton(q, kmin, kmax, ids, cs, ps, config):
+    from posattn.kernels.triton import select_pages
+
+    return select_pages.page_scores(q, kmin, kmax, ids, cs, ps, config)
+
+
+def _pages_triton_default(key) -> dict:
+    from posattn.kernels.triton import select_pages
+
+    return select_pages.default_config(key)
+
+
+def _pages_triton_space(key) -> list[dict]:
+    from posattn.kernels.triton import select_pages
+
+    return select_pages.search_space(key)
+
+
+dispatch.register("page_scores", "reference",
+                  dtypes=("float32", "float16", "bfloat16", "float64"))(_pages_reference)
+dispatch.register("page_scores", "cpu", supports=_scores_cpu_supports, default_config=lambda key: {"threads": 0},
+                  search_space=lambda key: [{"threads": t} for t in (0, 1)])(_pages_cpu)
+dispatch.register("page_scores", "triton", supports=_scores_triton_supports, default_config=_pages_triton_default,
+                  search_space=_pages_triton_space)(_pages_triton)
