@@ -110,3 +110,4 @@ def remove_posattn(model_or_handle) -> None:
         raise ValueError("this model was not patched by apply_posattn")
     handle.remove()
 from posattn.integrations.speculative import SpeculativeOutput, speculative_generate  # noqa: E402,F401
+from posattn.integrations.sparse import SparseDecodeHandle, apply_sparse_decode  # noqa: E402,F401
