@@ -17,6 +17,9 @@ KEY_BUILDERS = {
 }
 KEY_BUILDERS["decode_attention"] = "posattn.autotune.ops_decode"   # decode steps over caches of `tokens` slots
 KEY_BUILDERS["rope_and_cache"] = "posattn.autotune.ops_cache"
+KEY_BUILDERS["topk"] = "posattn.autotune.keys_topk"
+KEY_BUILDERS["scores"] = "posattn.autotune.keys_scores"
+KEY_BUILDERS["page_scores"] = "posattn.autotune.keys_page_scores"
 
 
 def ops() -> tuple[str, ...]:

@@ -39,6 +39,7 @@ _BUILTIN_ADAPTERS = {"rope": "posattn.autotune.ops_rope", "rope_cos_sin": "posat
 _BUILTIN_ADAPTERS["decode_attention"] = "posattn.autotune.ops_decode"
 _BUILTIN_ADAPTERS["rope_and_cache"] = "posattn.autotune.ops_cache"
 _BUILTIN_ADAPTERS["kv_compact"] = "posattn.autotune.ops_cache"
+_BUILTIN_ADAPTERS.update(dict.fromkeys(("topk", "scores", "page_scores"), "posattn.autotune.ops_select"))
 
 
 def register_adapter(op: str, adapter) -> None:
