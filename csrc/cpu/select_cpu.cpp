@@ -33,24 +33,38 @@ inline uint32_t order_key(float x) {
 }
 
 void topk_row(const float* s, int64_t N, int64_t L, int64_t k, int64_t sinks, int64_t window, int32_t* out,
-              std::vector<uint32_t>& key) {
+              std::vector<uint32_t>& key, std::vector<uint32_t>& cand) {
   L = std::clamp<int64_t>(L, 0, N);
   const int64_t m = std::min(k, L);
   for (int64_t j = 0; j < L; ++j)
     key[j] = (j < sinks || j >= L - window) ? 0xFFFFFFFFu : order_key(s[j]);
-  uint32_t prefix = 0, fixed = 0;   // the digits of the m-th largest key found so far, and their mask
-  int64_t need = m;                 // how many of the entries matching prefix are still to take
+  uint32_t prefix = 0;   // the digits of the m-th largest key found so far
+  int64_t need = m;      // how many of the entries matching prefix are still to take
   if (m > 0 && m < L) {
-    for (int shift = 24; shift >= 0; shift -= 8) {
-      int64_t hist[256] = {0};
-      for (int64_t j = 0; j < L; ++j)
-        if ((key[j] & fixed) == prefix) ++hist[(key[j] >> shift) & 255u];
+    // first digit over the whole row; then only the entries sharing the digits found so far
+    // (compacted into cand), so the later passes touch a small fraction of the row
+    int64_t hist[256] = {0};
+    for (int64_t j = 0; j < L; ++j) ++hist[key[j] >> 24];
+    for (int shift = 24;; shift -= 8) {
       int64_t above = 0;
       int d = 255;
       for (; d > 0 && above + hist[d] < need; --d) above += hist[d];
       need -= above;
       prefix |= uint32_t(d) << shift;
-      fixed |= 255u << shift;
+      if (shift == 0) break;
+      const uint32_t fixed = 0xFFFFFFFFu << shift;
+      if (shift == 24) {
+        cand.clear();
+        for (int64_t j = 0; j < L; ++j)
+          if ((key[j] & fixed) == prefix) cand.push_back(key[j]);
+      } else {
+        size_t w = 0;
+        for (size_t i = 0; i < cand.size(); ++i)
+          if ((cand[i] & fixed) == prefix) cand[w++] = cand[i];
+        cand.resize(w);
+      }
+      std::fill(hist, hist + 256, 0);
+      for (uint32_t c : cand) ++hist[(c >> (shift - 8)) & 255u];
     }
   }
   int64_t pos = 0;
@@ -76,10 +90,11 @@ void topk_forward(const float* scores, int64_t R, int64_t N, int64_t s_row, cons
   const int nt = thread_count(num_threads);
 #pragma omp parallel num_threads(nt)
   {
-    std::vector<uint32_t> key(static_cast<size_t>(std::max<int64_t>(N, 1)));
+    std::vector<uint32_t> key(static_cast<size_t>(std::max<int64_t>(N, 1))), cand;
+    cand.reserve(static_cast<size_t>(std::max<int64_t>(N, 1)));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t r = 0; r < R; ++r)
-      topk_row(scores + r * s_row, N, lengths[r], k, sinks, window, out + r * k, key);
+      topk_row(scores + r * s_row, N, lengths[r], k, sinks, window, out + r * k, key, cand);
   }
 }
 

@@ -51,3 +51,4 @@ def load_all() -> None:
         except ImportError as e:  # an op module whose dependencies are missing
             registry.skip_op(mod, f"import failed: {e}")
 OP_MODULES += ("cache",)  # rope_and_cache, kv_compact (the decode engine's cache writes)
+OP_MODULES += ("select",)  # select (topk) and sparse_decode (issue 13)
