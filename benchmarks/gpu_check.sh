@@ -108,6 +108,12 @@ step "tests (GPU)" "$(limit 150 140)" "$PY" -m pytest -q --maxfail=25 -p no:cach
 step "decode tests (GPU)" "$(limit 90 200)" "$PY" -m pytest -q -x -p no:cacheprovider "${XDIST[@]}" tests/decode
 step "decode bench" "$(limit 60 150)" "$PY" -m posattn bench --quick --op decode_attention,tree_attention \
   -o "$OUT" --no-dashboard --time-budget 40
+# 4c. token selection (issue 13): its kernel tests compiled on the GPU (topk, scores, page scores,
+#     the transformers policies), then topk vs torch.topk / FlashInfer top_k at [256, 131072] k 2048
+#     and the sparse pipeline vs dense decode at 128k, batch 8, budget 2048 (the issue's targets)
+step "select tests (GPU)" "$(limit 60 200)" "$PY" -m pytest -q -x -p no:cacheprovider "${XDIST[@]}" tests/select
+step "select bench" "$(limit 60 150)" "$PY" -m posattn bench --quick --op select,sparse_decode \
+  -o "$OUT" --no-dashboard --time-budget 60
 
 # 5+6. benchmark sweep, results and dashboard -------------------------------
 WITH=() COMMITTED=()

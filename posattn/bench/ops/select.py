@@ -23,11 +23,14 @@ _TOPK_SWEEPS = {
     ("quick", "cuda"): [(256, 131072, 2048)],
     ("full", "cuda"): [(256, 131072, 2048), (64, 131072, 256), (256, 32768, 2048), (1024, 8192, 8192)],
 }
+# (B, ctx, budget, quest): quest 0 scores every token (scores + topk); 1 scores Quest's pages (page_scores
+# summed per KV group + topk of budget / 16 pages + expand_pages; the summary is kept by update_page_summary
+# in a serving loop, so it is built outside the timed region)
 _SPARSE_SWEEPS = {
-    ("quick", "cpu"): [(1, 32768, 2048)],
-    ("full", "cpu"): [(1, 32768, 2048), (4, 32768, 2048)],
-    ("quick", "cuda"): [(8, 131072, 2048)],
-    ("full", "cuda"): [(8, 131072, 2048), (8, 32768, 2048), (32, 32768, 1024)],
+    ("quick", "cpu"): [(1, 32768, 2048, 0), (1, 32768, 2048, 1)],
+    ("full", "cpu"): [(1, 32768, 2048, 0), (1, 32768, 2048, 1), (4, 32768, 2048, 0), (4, 32768, 2048, 1)],
+    ("quick", "cuda"): [(8, 131072, 2048, 0), (8, 131072, 2048, 1)],
+    ("full", "cuda"): [(8, 131072, 2048, 0), (8, 131072, 2048, 1), (8, 32768, 2048, 0), (32, 32768, 1024, 0)],
 }
 
 
@@ -35,8 +38,9 @@ def _topk_shape(R, N, k) -> Shape:
     return Shape({"R": R, "N": N, "k": k}, size=R * N)
 
 
-def _sparse_shape(B, ctx, budget, Hq=HQ, Hk=HK, D_=D, page=PAGE) -> Shape:
-    return Shape({"B": B, "ctx": ctx, "budget": budget, "Hq": Hq, "Hk": Hk, "D": D_, "page": page}, size=B * ctx)
+def _sparse_shape(B, ctx, budget, quest=0, Hq=HQ, Hk=HK, D_=D, page=PAGE) -> Shape:
+    return Shape({"B": B, "ctx": ctx, "budget": budget, "quest": quest, "Hq": Hq, "Hk": Hk, "D": D_, "page": page},
+                 size=B * ctx)
 
 
 def topk_inputs(shape: Shape, dtype, device) -> dict:
@@ -71,7 +75,13 @@ def sparse_inputs(shape: Shape, dtype, device) -> dict:
     bt = torch.randperm(pool, generator=g).to(torch.int32).reshape(B, per).to(device)
     cs = torch.full((B,), ctx - 1, dtype=torch.int32, device=device)   # + the step's token, already cached
     q = torch.randn(B, d["Hq"], d["D"], generator=g).to(dtype).to(device)
-    return {"q": q, "k_cache": kc, "v_cache": vc, "block_table": bt, "cache_seqlens": cs, "budget": d["budget"]}
+    inp = {"q": q, "k_cache": kc, "v_cache": vc, "block_table": bt, "cache_seqlens": cs, "budget": d["budget"],
+           "summary": None}
+    if d.get("quest"):
+        import posattn
+
+        inp["summary"] = posattn.select.page_summary(kc, cs + 1, block_table=bt)
+    return inp
 
 
 def sparse_step(inp, backend=None):
@@ -80,8 +90,17 @@ def sparse_step(inp, backend=None):
     import posattn
 
     q, kc, vc, cs, bt = inp["q"], inp["k_cache"], inp["v_cache"], inp["cache_seqlens"], inp["block_table"]
-    s = posattn.select.scores(q, kc, cs, block_table=bt, reduce="kv_group", backend=backend)
-    idx = posattn.select.topk(s, inp["budget"], lengths=cs, backend=backend)
+    if inp["summary"] is None:
+        s = posattn.select.scores(q, kc, cs, block_table=bt, reduce="kv_group", backend=backend)
+        idx = posattn.select.topk(s, inp["budget"], lengths=cs, backend=backend)
+    else:
+        sm = inp["summary"]
+        ps = sm.page_size
+        ub = posattn.select.page_scores(q, sm.kmin, sm.kmax, cs, page_size=ps, block_table=bt, backend=backend)
+        B, HQ_, P = ub.shape
+        ub = ub.view(B, sm.kmin.shape[1], HQ_ // sm.kmin.shape[1], P).sum(2)        # per KV group
+        pages = posattn.select.topk(ub, max(1, inp["budget"] // ps), lengths=(cs + ps - 1) // ps, backend=backend)
+        idx = posattn.select.expand_pages(pages, ps, cs)
     return posattn.decode_attention(q[:, None], kc, vc, cs, block_table=bt, kv_indices=idx, backend=backend)
 
 
@@ -144,7 +163,8 @@ def _register():
         dtypes=dtypes_from({(m, dt): ("bfloat16",) for m in ("quick", "full") for dt in ("cpu", "cuda")}),
         bytes=lambda sh, dt: _sparse_bytes(sh, dt), flops=lambda sh, dt: 0,
         parse_shape=lambda t: _sparse_shape(**{"B": 8, "ctx": 131072, "budget": 2048, **parse_dims(
-            t, "sparse_decode", ("B", "ctx", "budget", "Hq", "Hk", "D", "page"), "B=8,ctx=131072,budget=2048")}),
+            t, "sparse_decode", ("B", "ctx", "budget", "quest", "Hq", "Hk", "D", "page"),
+            "B=8,ctx=131072,budget=2048,quest=1")}),
         size_name="cached tokens", baseline=("dense",)))
 
     def _sparse_factory(backend):
