@@ -177,9 +177,9 @@ PYBIND11_MODULE(_C, m) {
       "attention_forward",
       [](int64_t T, int64_t HQ, int64_t HK, int64_t D, const std::vector<int64_t>& ptrs, float scale,
          int num_anchors, bool causal, int window, int block_m, int block_n, int rotary_dim, bool interleaved,
-         int qk_round, int64_t out, int64_t lse, int num_threads) {
+         int qk_round, int64_t out, int64_t lse, int num_threads, int rope_rows) {
         auto p = posattn::cpu::attn_problem_from(T, HQ, HK, D, ptrs, scale, num_anchors, causal, window, block_m,
-                                                 block_n, rotary_dim, interleaved, qk_round);
+                                                 block_n, rotary_dim, interleaved, qk_round, rope_rows);
         py::gil_scoped_release release;
         posattn::cpu::attention_forward(p, reinterpret_cast<float*>(out), reinterpret_cast<float*>(lse),
                                         num_threads);
@@ -189,9 +189,9 @@ PYBIND11_MODULE(_C, m) {
       [](int64_t T, int64_t HQ, int64_t HK, int64_t D, const std::vector<int64_t>& ptrs, float scale,
          int num_anchors, bool causal, int window, int block_m, int block_n, int rotary_dim, bool interleaved,
          int qk_round, int64_t dout, int64_t delta, int64_t lse, int64_t dq, int64_t dk, int64_t dv,
-         int num_threads) {
+         int num_threads, int rope_rows) {
         auto p = posattn::cpu::attn_problem_from(T, HQ, HK, D, ptrs, scale, num_anchors, causal, window, block_m,
-                                                 block_n, rotary_dim, interleaved, qk_round);
+                                                 block_n, rotary_dim, interleaved, qk_round, rope_rows);
         py::gil_scoped_release release;
         posattn::cpu::attention_backward(p, reinterpret_cast<const float*>(dout), reinterpret_cast<const float*>(delta),
                                          reinterpret_cast<const float*>(lse), reinterpret_cast<float*>(dq),

@@ -70,7 +70,7 @@ def check_rope_spec(rope, D: int) -> None:
 
 
 def check_rope(rope, positions, T: int, D: int, device) -> None:
-    """Argument checks of ``rope`` and ``positions`` [T] (no host sync)."""
+    """Argument checks of ``rope`` and ``positions`` [T] ([n_axes, T] with mrope sections; no host sync)."""
     if rope is None:
         if positions is not None:
             raise ValueError("positions were given without rope: pass rope=RopeSpec(...) to rotate q and k, "
@@ -82,26 +82,40 @@ def check_rope(rope, positions, T: int, D: int, device) -> None:
     V.tensor(positions, "positions")
     if positions.dtype not in _POS_DTYPES:
         raise TypeError(f"positions must be int32, int64, float32 or float64; got {positions.dtype}")
-    if positions.dim() != 1 or positions.shape[0] != T:
-        raise ValueError(f"positions must be [T] = [{T}] (one per packed token); got shape {tuple(positions.shape)}")
+    A = rope.n_axes
+    want = (T,) if A == 1 else (A, T)
+    if tuple(positions.shape) != want:
+        what = "[T] = " if A == 1 else "[n_axes, T] = "
+        why = "one per packed token" if A == 1 else f"one per packed token on each of the spec's {A} mrope axes"
+        raise ValueError(f"positions must be {what}{list(want)} ({why}); got shape {tuple(positions.shape)}")
     if positions.device != device:
         raise ValueError(f"positions is on {positions.device} but q is on {device}; "
                          f"all tensors must be on one device")
 
 
 def rope_tables(rope, device, seq_len: int | None):
-    """(inv_freq fp32 [R/2] on ``device``, rotary_dim, interleaved, attention_scaling) of ``rope``;
-    ``seq_len`` matters only for scalings that depend on it (DynamicNTK, LongRoPE)."""
+    """(inv_freq fp32 [R/2] or per head [rows, R/2] on ``device``, rotary_dim, interleaved,
+    attention_scaling, (pair_axis, pair_pos_scale, pair_q_offset)) of ``rope`` (posattn.lowered.RopeTables:
+    mrope sections, DPE; None where the spec has none); ``seq_len`` matters only for scalings
+    that depend on it (DynamicNTK, LongRoPE)."""
     if torch.compiler.is_compiling() and rope.depends_on_seq_len:
         raise ValueError("rope: a scaling whose tables depend on the sequence length (DynamicNTK, LongRoPE) "
                          "cannot be traced by torch.compile without a plan; build "
                          "posattn.attention.plan(..., max_seqlen=...) outside the compiled region")
     tables = rope.tables(device, seq_len)      # traceable: built at trace time under torch.compile
-    if tables.inv_freq.dim() != 1 or tables.pair_axis is not None or tables.pair_pos_scale is not None:
-        raise ValueError("rope: anchor_attention supports one inv_freq table [R/2] (no per-head frequencies, "
-                         "mrope_section or dpe) yet")
+    extras = tuple(None if t is None else t.contiguous()
+                   for t in (tables.pair_axis, tables.pair_pos_scale, tables.pair_q_offset))
     return (tables.inv_freq.to(torch.float32).contiguous(), rope.rotary_dim, rope.interleaved,
-            float(tables.attention_scaling))
+            float(tables.attention_scaling), extras)
+
+
+def check_rope_heads(ra, HQ: int, HK: int) -> None:
+    """Per-head frequency rows must divide both head counts (head h reads row h // (H // rows))."""
+    if ra is not None and ra[0].dim() == 2:
+        rows = ra[0].shape[0]
+        if HQ % rows or HK % rows:
+            raise ValueError(f"rope: the spec's per-head inv_freq has {rows} rows, which must divide q's head "
+                             f"count ({HQ}) and k's ({HK})")
 
 
 def check_qkv(q, k, v) -> None:
@@ -124,6 +138,17 @@ def check_qkv(q, k, v) -> None:
         raise ValueError(f"head_dim must be in 1..{MAX_HEAD_DIM}; got {D}")
 
 
+QK_PRECISIONS = ("bf16", "bf16x3", "fp32")
+
+
+def check_qk_precision(qk_precision) -> str:
+    if not isinstance(qk_precision, str):
+        raise TypeError(f"qk_precision must be a str, one of {QK_PRECISIONS}; got {type(qk_precision).__name__}")
+    if qk_precision not in QK_PRECISIONS:
+        raise ValueError(f"qk_precision must be one of {QK_PRECISIONS}; got {qk_precision!r}")
+    return qk_precision
+
+
 def check_scale(softmax_scale, D: int) -> float:
     if softmax_scale is None:
         return D ** -0.5
@@ -144,7 +169,7 @@ def anchor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                      cu_rows: torch.Tensor | None = None, num_anchors: int = 1, causal: bool = True,
                      window: int | None = None, softmax_scale: float | None = None, rope=None,
                      positions: torch.Tensor | None = None, return_lse: bool = False,
-                     backend: str | None = None, plan=None):
+                     backend: str | None = None, plan=None, qk_precision: str | None = None):
     """Attention over packed documents, each row sharing an anchor prefix (AnchorAttention).
 
     Args:
@@ -158,11 +183,21 @@ def anchor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         window: hide keys ``window`` or more positions before the query (also after it when not
             causal); anchors stay visible.
         softmax_scale: default D ** -0.5.
-        rope: a :class:`posattn.RopeSpec`; q and k are rotated by ``positions`` inside the kernel,
-            reading a cos/sin table [T, R/2] built once per call with the rotary kernels' own exact
-            angle reduction: the same as ``apply_rope`` then attention (to fp32 rounding), without
-            the extra pass over memory.
-        positions: [T] int or float positions (integers exact below 2^31), required with ``rope``.
+        rope: a :class:`posattn.RopeSpec` (any: scalings, per-head frequency rows, mrope sections
+            including Qwen3-VL's interleaved ones, DPE); q and k are rotated by ``positions`` inside
+            the kernel, reading cos/sin tables built once per call with the exact angle reduction
+            (posattn.rope.table.attention_tables): the same as ``apply_rope`` then attention (to fp32
+            rounding), without the extra pass over memory.
+        positions: [T] int or float positions ([n_axes, T] with mrope sections; integers exact
+            below 2^31), required with ``rope``.
+        qk_precision: how the rotated q and k (16-bit inputs with ``rope``) are multiplied:
+            "bf16" (default) rounds them to the input dtype first, as ``apply_rope`` then
+            attention does; "bf16x3" splits each fp32-rotated value into bf16 hi + lo and sums
+            hi.hi + hi.lo + lo.hi with fp32 accumulation (scores to ~2^-16 relative, so that
+            they keep RoPE's relative-position property at large positions; docs/numerics.md);
+            "fp32" multiplies in fp32 (slow; for reference runs). fp32 inputs, and q/k
+            without rope, are multiplied exactly as given whatever the mode. The C++ CPU
+            kernel computes "bf16x3" in fp32. None: "bf16", or the plan's with ``plan``.
         return_lse: also return the log-sum-exp.
         backend: force "triton", "cpu" (C++) or "reference".
         plan: a :func:`posattn.attention.plan` for this batch layout: the call then makes no
@@ -181,7 +216,8 @@ def anchor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
             raise TypeError(f"plan must be a posattn.attention.AttentionPlan, got {type(plan).__name__}")
         return plan.run(q, k, v, cu_seqlens=cu_seqlens, cu_rows=cu_rows, num_anchors=num_anchors, causal=causal,
                         window=window, softmax_scale=softmax_scale, rope=rope, positions=positions,
-                        return_lse=return_lse, backend=backend)
+                        return_lse=return_lse, backend=backend,
+                        **({} if qk_precision is None else {"qk_precision": qk_precision}))
     check_qkv(q, k, v)
     T, _, D = q.shape
     _check_boundaries(cu_seqlens, "cu_seqlens", q.device)
@@ -192,6 +228,7 @@ def anchor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     spec = MaskSpec(causal=causal, num_anchors=num_anchors, window=window)   # validates the three
     softmax_scale = check_scale(softmax_scale, D)
     V.boolean(return_lse, "return_lse")
+    qk_precision = check_qk_precision("bf16" if qk_precision is None else qk_precision)
     check_rope(rope, positions, T, D, q.device)
     ra = None
     if rope is not None:
@@ -200,6 +237,7 @@ def anchor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
             # as transformers does; a plan (max_seqlen=...) avoids this host sync
             seq_len = int(positions.max().item()) + 1 if positions.numel() else 1
         ra = rope_tables(rope, q.device, seq_len)
+    check_rope_heads(ra, q.shape[1], k.shape[1])
     rot, inter = (ra[1], ra[2]) if ra else (0, False)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     lists, blocks = [], []
@@ -208,7 +246,7 @@ def anchor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         # on the host: the op resolves the backend and lowers inside (or pass a plan)
         backend_name = backend or ""
     else:
-        key = _op.key_of(q, k, rot, inter, causal, -1 if window is None else window, num_anchors)
+        key = _op.key_of(q, k, rot, inter, causal, -1 if window is None else window, num_anchors, qk_precision)
         kernel, config = dispatch.select("anchor_attention", key, backend=backend)
         backend_name = kernel.backend
         check_boundary_values(T, cu_seqlens, cu_rows, num_anchors)
@@ -222,5 +260,5 @@ def anchor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     out, lse, _table = _op.anchor_attention_op(
         q, k, v, cu_seqlens, cu_rows, lists, blocks, spec.num_anchors, spec.causal, -1 if window is None else window,
         softmax_scale, positions.contiguous() if ra else None, ra[0] if ra else None, rot, inter,
-        ra[3] if ra else 1.0, backend_name)
+        ra[3] if ra else 1.0, backend_name, qk_precision, *(ra[4] if ra else (None, None, None)))
     return (out, lse) if return_lse else out

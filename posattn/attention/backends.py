@@ -6,9 +6,10 @@ softmax_scale, rope, config)``, where
 
     lists: BlockLists for (BLOCK_M, BLOCK_N) (forward) or (BWD_BLOCK_M, BWD_BLOCK_N) with the
            transpose (backward); None for a backend with ``uses_lists = False``
-    rope:  None or Rope(positions, inv_freq, rotary_dim, interleaved, scaling, table), table the
-           call's fp32 [2, T, R/2] cos/sin built once by posattn.rope.table with the backend's
-           ``table_backend`` (the values that backend's apply_rope multiplies by)
+    rope:  None or Rope(positions, inv_freq, rotary_dim, interleaved, scaling, table, qk_precision),
+           table the call's fp32 [n, 2, rows, T, R/2] cos/sin built once by attention_tables with the
+           backend's ``table_backend`` (the values that backend's apply_rope multiplies by),
+           qk_precision how rotated 16-bit q/k are multiplied ("bf16", "bf16x3", "fp32")
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ class AttnKey:
     anchors: bool
     tokens_bucket: int
     device_index: int = -1         # q's CUDA device (-1: CPU, or unknown): configs are sized for it
+    qk_precision: str = "bf16"     # "bf16" | "bf16x3" | "fp32" (rotated 16-bit q/k products)
 
 
 class Rope(NamedTuple):
@@ -47,11 +49,13 @@ class Rope(NamedTuple):
     rotary_dim: int
     interleaved: bool
     scaling: float
-    table: torch.Tensor | None     # fp32 [2, T, R/2]
+    table: torch.Tensor | None     # fp32 [n, 2, rows, T, R/2] (posattn.rope.table.attention_tables)
+    qk_precision: str = "bf16"
+    tables: object = None          # posattn.lowered.RopeTables (the reference rotates from it in fp64)
 
 
 def _kernel_rope(rope):
-    return None if rope is None else (rope.table, rope.rotary_dim, rope.interleaved)
+    return None if rope is None else (rope.table, rope.rotary_dim, rope.interleaved, rope.qk_precision)
 
 
 # ---------------------------------------------------------------------------
@@ -141,16 +145,19 @@ _cpu_forward.uses_lists = True
 
 
 # ---------------------------------------------------------------------------
-# reference (fp64 oracle: rotates in fp64 from the positions, ignores the fp32 table)
+# reference (fp64 oracle: rotates in fp64 from the positions, ignores the fp32 table; 16-bit
+# rotated q/k are rounded to their dtype with qk_precision "bf16", kept exact otherwise)
 
 
 def _ref_rope(rope):
-    return None if rope is None else tuple(rope[:5])
+    # the full RopeTables stands in for inv_freq (per-head rows, mrope sections, DPE)
+    return None if rope is None else (rope.positions, rope.tables, rope.rotary_dim, rope.interleaved, rope.scaling)
 
 
 def _reference_forward(q, k, v, cu_seqlens, cu_rows, lists, spec, softmax_scale, rope, config):
     out, lse = ref_attn.anchor_attention(q, k, v, cu_seqlens, cu_rows, spec.num_anchors, spec.causal,
-                                         spec.window, softmax_scale, _ref_rope(rope))
+                                         spec.window, softmax_scale, _ref_rope(rope),
+                                         qk_precision=rope.qk_precision if rope is not None else "bf16")
     # outputs take q's strides, as the Triton kernel's and the fake implementation's do
     return torch.empty_like(q).copy_(out), lse.to(torch.float32).contiguous()
 
@@ -158,7 +165,8 @@ def _reference_forward(q, k, v, cu_seqlens, cu_rows, lists, spec, softmax_scale,
 def _reference_backward(dout, dlse, q, k, v, out, lse, cu_seqlens, cu_rows, lists, spec, softmax_scale, rope,
                         config):
     dq, dk, dv = ref_attn.anchor_attention_backward(dout, dlse, q, k, v, cu_seqlens, cu_rows, spec.num_anchors,
-                                                    spec.causal, spec.window, softmax_scale, _ref_rope(rope))
+                                                    spec.causal, spec.window, softmax_scale, _ref_rope(rope),
+                                                    qk_precision=rope.qk_precision if rope is not None else "bf16")
     return torch.empty_like(q).copy_(dq), torch.empty_like(k).copy_(dk), torch.empty_like(v).copy_(dv)
 
 

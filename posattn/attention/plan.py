@@ -43,16 +43,17 @@ class AttentionPlan:
     cu_rows: torch.Tensor
     spec: MaskSpec
     rope: object                   # RopeSpec or None
-    rope_args: tuple | None        # (inv_freq fp32 [R/2], rotary_dim, interleaved, attention_scaling)
+    rope_args: tuple | None        # anchor.rope_tables: (inv_freq, rotary_dim, interleaved, scaling, extras)
     backend: str
     lists: tuple                   # the op's encoding (see _op.py)
     blocks: tuple
+    qk_precision: str = "bf16"
 
     def _mismatch(self, name, got, want):
         return ValueError(f"{name} ({got}) differs from the plan's ({want}); build a new plan for this layout")
 
     def run(self, q, k, v, *, cu_seqlens=None, cu_rows=None, num_anchors=_PLANS, causal=_PLANS, window=_PLANS,
-            softmax_scale=None, rope=_PLANS, positions=None, return_lse=False, backend=None):
+            softmax_scale=None, rope=_PLANS, positions=None, return_lse=False, backend=None, qk_precision=_PLANS):
         """anchor_attention with this plan (see its docstring); no host synchronisation. Mask
         arguments left out are the plan's; given ones must equal the plan's."""
         A.check_qkv(q, k, v)
@@ -74,6 +75,9 @@ class AttentionPlan:
             raise self._mismatch("rope", rope, self.rope)
         if backend is not None and backend != self.backend:
             raise self._mismatch("backend", backend, self.backend)
+        if qk_precision is not _PLANS and qk_precision != self.qk_precision:
+            A.check_qk_precision(qk_precision)
+            raise self._mismatch("qk_precision", qk_precision, self.qk_precision)
         softmax_scale = A.check_scale(softmax_scale, D)
         V.boolean(return_lse, "return_lse")
         A.check_rope(self.rope, positions, T, D, q.device)
@@ -83,7 +87,8 @@ class AttentionPlan:
         out, lse, _table = _op.anchor_attention_op(
             q, k, v, self.cu_seqlens, self.cu_rows, list(self.lists), list(self.blocks), self.spec.num_anchors,
             self.spec.causal, w, softmax_scale, positions.contiguous() if ra else None, ra[0] if ra else None,
-            ra[1] if ra else 0, ra[2] if ra else False, ra[3] if ra else 1.0, self.backend)
+            ra[1] if ra else 0, ra[2] if ra else False, ra[3] if ra else 1.0, self.backend, self.qk_precision,
+            *(ra[4] if ra else (None, None, None)))
         return (out, lse) if return_lse else out
 
     __call__ = run
@@ -91,7 +96,8 @@ class AttentionPlan:
 
 def plan(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, *, cu_rows: torch.Tensor | None = None,
          num_anchors: int = 1, causal: bool = True, window: int | None = None, rope=None,
-         max_seqlen: int | None = None, backend: str | None = None, backward: bool = True) -> AttentionPlan:
+         max_seqlen: int | None = None, backend: str | None = None, backward: bool = True,
+         qk_precision: str = "bf16") -> AttentionPlan:
     """Check, choose and lower once for a batch layout; see the module docstring.
 
     Args:
@@ -101,6 +107,7 @@ def plan(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, *, cu_rows:
         max_seqlen: the largest position + 1 the calls will use; required with a rotary scaling
             whose tables depend on it (DynamicNTK, LongRoPE), ignored otherwise.
         backward: also lower the backward's lists (default), so that gradients make no host sync.
+        qk_precision: as :func:`posattn.anchor_attention` takes it; calls with the plan use it.
     """
     for name, x in (("q", q), ("k", k)):
         V.float_tensor(x, name)
@@ -113,6 +120,7 @@ def plan(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, *, cu_rows:
         A._check_boundaries(cu_rows, "cu_rows", q.device)
     spec = MaskSpec(causal=causal, num_anchors=num_anchors, window=window)
     V.boolean(backward, "backward")
+    A.check_qk_precision(qk_precision)
     ra = None
     if rope is not None:
         A.check_rope_spec(rope, D)
@@ -123,9 +131,10 @@ def plan(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, *, cu_rows:
                                  f"scaling that depends on the sequence length; got {max_seqlen!r}")
             seq_len = max_seqlen
         ra = A.rope_tables(rope, q.device, seq_len)
+        A.check_rope_heads(ra, HQ, k.shape[1])
     A.check_boundary_values(T, cu_seqlens, cu_rows, num_anchors)
     rot, inter = (ra[1], ra[2]) if ra else (0, False)
-    key = _op.key_of(q, k, rot, inter, causal, -1 if window is None else window, num_anchors)
+    key = _op.key_of(q, k, rot, inter, causal, -1 if window is None else window, num_anchors, qk_precision)
     kernel, config = dispatch.select("anchor_attention", key, backend=backend)
     lists, blocks = [], []
     if kernel.fn.uses_lists:
@@ -138,4 +147,4 @@ def plan(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, *, cu_rows:
             lists += _op.pack(lower(spec, cu_seqlens, cu_rows, T, bbm, bbn))
             blocks += [bbm, bbn]
     return AttentionPlan(T, HQ, k.shape[1], D, q.dtype, q.device, cu_seqlens, cu_rows, spec, rope, ra,
-                         kernel.backend, tuple(lists), tuple(blocks))
+                         kernel.backend, tuple(lists), tuple(blocks), qk_precision)

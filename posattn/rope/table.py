@@ -93,3 +93,37 @@ def cos_sin_table(positions: torch.Tensor, inv_freq: torch.Tensor, attention_sca
     out[0].copy_(torch.cos(ang) * a)
     out[1].copy_(torch.sin(ang) * a)
     return out
+
+
+def is_plain(tables) -> bool:
+    """Whether a RopeTables is one inv_freq row [R/2] read at one position per token (no
+    per-head rows, mrope sections or DPE): the case :func:`cos_sin_table` serves."""
+    return (tables.inv_freq.dim() == 1 and tables.pair_axis is None and tables.pair_pos_scale is None)
+
+
+def attention_tables(positions: torch.Tensor, tables, *, backend: str | None = None) -> torch.Tensor:
+    """fp32 [n, 2, rows, T, R/2]: the cos/sin that fused attention reads, for any spec.
+
+    ``positions``: [T], or [n_axes, T] with mrope sections; ``tables``: a RopeTables
+    (posattn.lowered). ``rows`` is inv_freq's per-head row count (1 when shared: head h of a
+    tensor with H heads reads row h // (H // rows)); ``n`` is 2 when DPE gives queries an offset
+    (entry 0 for q, 1 for k), else 1 (both read entry 0). attention_scaling is folded in.
+
+    The plain case (one row, no sections, no DPE) is :func:`cos_sin_table` with the backend's
+    own kernel. The others evaluate the per-pair angles of posattn.kernels.reference.rope
+    (axis selection, DPE floor and offset, the exact mod-2*pi reduction in fp64) on the
+    positions' device and round cos/sin once to fp32: correctly rounded values, O(T * rows * R/2)
+    once per call, no host synchronisation.
+    """
+    a = float(tables.attention_scaling)
+    if is_plain(tables):
+        pos = positions if positions.dim() == 1 else positions[0]
+        return cos_sin_table(pos, tables.inv_freq.to(torch.float32).contiguous(), a, backend=backend)[None, :, None]
+    from posattn.kernels.reference import rope as ref_rope
+
+    pos3 = (positions if positions.dim() == 2 else positions[None])[:, None, :]      # [A, 1, T]
+    outs = []
+    for is_query in ((True, False) if tables.pair_q_offset is not None else (True,)):
+        ang = ref_rope.rope_angles(pos3, tables, is_query)[0].transpose(0, 1)         # [rows, T, R/2]
+        outs.append(torch.stack((torch.cos(ang) * a, torch.sin(ang) * a)).to(torch.float32))
+    return torch.stack(outs).contiguous()

@@ -90,15 +90,26 @@ def attention(q, k, v, mask: torch.Tensor, softmax_scale: float | None = None):
     return torch.einsum("hij,jhd->ihd", p, vv), lse
 
 
+# a bound on |kernel score - exact score| / sigma_ij for the split product of "bf16x3": hi = bf16(r)
+# and lo = bf16(r - hi) leave |r - hi - lo| <= 2^-16 |r| (round to nearest), and the dropped lo.lo
+# is <= 2^-16 (1 + 2^-8)^2 |q_d k_d|: three such terms, plus a margin for the fp32 rotation
+QK_EPS = {"bf16": 0.0, "bf16x3": 4 * 2.0 ** -16, "fp32": 0.0}
+
+
 def run(q, k, v, cu, rows, na, causal, window, scale=None, rope=None, dout=None, dlse=None, with_bounds=False,
-        bf16_truncates=False):
+        bf16_truncates=False, qk_precision="bf16", split_grad_operand=False):
     """fp64 out, lse, gradients w.r.t. q, k, v (with dout; else None) and, with ``with_bounds``,
     the elementwise error bounds of a kernel (see :func:`bounds`; else None).
 
     rope: None or (positions, inv_freq, rotary_dim, interleaved, attention_scaling). With rope
     and 16-bit inputs the rotated q and k are rounded to the input dtype, as apply_rope's
     output is (and as the kernels do before their products); ``bf16_truncates``: the kernel
-    under test casts to bf16 by truncation (the Triton interpreter)."""
+    under test casts to bf16 by truncation (the Triton interpreter).
+
+    qk_precision "bf16x3" / "fp32": the rotated q and k are not rounded (the exact products
+    those modes approximate); the bounds then add QK_EPS[mode] * sigma to each score's error,
+    and with ``split_grad_operand`` (the Triton kernel: its dS.k and dS^T.q products take
+    (hi + lo) rounded to the input dtype) one rounding of that operand to the dq, dk bounds."""
     dtype = q.dtype
     T, _, D = q.shape
     scale = D ** -0.5 if scale is None else scale
@@ -109,7 +120,7 @@ def run(q, k, v, cu, rows, na, causal, window, scale=None, rope=None, dout=None,
         pos, inv_freq, rd, inter, scaling = rope
         c, s = cos_sin(pos.cpu(), inv_freq.cpu(), scaling)
         qq, kk = rotate(qq, c, s, rd, inter), rotate(kk, c, s, rd, inter)
-        if dtype in (torch.float16, torch.bfloat16):
+        if dtype in (torch.float16, torch.bfloat16) and qk_precision == "bf16":
             qq, kk = round_like(qq, dtype, bf16_truncates), round_like(kk, dtype, bf16_truncates)
     out, lse = attention(qq, kk, leaves[2], mask, scale)
     grads = None
@@ -124,7 +135,10 @@ def run(q, k, v, cu, rows, na, causal, window, scale=None, rope=None, dout=None,
         dd = dout if dout is not None else torch.zeros_like(out)
         b_out, b_lse, b_dq, b_dk, b_dv = bounds(qq.detach(), kk.detach(), leaves[2].detach(), mask, scale,
                                                 out.detach(), dd.detach().cpu(),
-                                                None if dlse is None else dlse.detach().cpu(), dtype)
+                                                None if dlse is None else dlse.detach().cpu(), dtype,
+                                                qk_eps=QK_EPS[qk_precision] if rope is not None else 0.0,
+                                                grad_operand=rope is not None and split_grad_operand
+                                                and dtype in (torch.float16, torch.bfloat16))
         if rope is not None:      # the gradients are rotated back by -theta: |R^T| mixes each pair
             b_dq, b_dk = (rotate_bound(b, c, s, rd, inter) for b in (b_dq, b_dk))
         bnd = (b_out, b_lse, b_dq, b_dk, b_dv)
@@ -165,7 +179,8 @@ def round_like(x: torch.Tensor, dtype: torch.dtype, truncate: bool = False) -> t
     return x + (r - xd)
 
 
-def bounds(qr, kr, v, mask, scale, out, dout, dlse, dtype, delta_from_rounded_out: bool = True):
+def bounds(qr, kr, v, mask, scale, out, dout, dlse, dtype, delta_from_rounded_out: bool = True,
+           qk_eps: float = 0.0, grad_operand: bool = False):
     """Elementwise bounds on |kernel - oracle| for (out, lse, dq_rot, dk_rot, dv) of a kernel that
     computes in fp32 from the ``dtype`` inputs, rounds P and dS to ``dtype`` before its products
     and rounds each output once (qr, kr: the rotated, already rounded q/k, fp64):
@@ -178,6 +193,9 @@ def bounds(qr, kr, v, mask, scale, out, dout, dlse, dtype, delta_from_rounded_ou
     truncates), u32 = 2^-24 for the fp32 products and exponentials (D terms per dot),
     sigma_ij = scale sum_d |q_id k_jd| (a score's magnitude), Ds_ij = |ds_ij| + p_ij sum_d |do out|
     (dS and delta = rowsum(out * dout), from the rounded out), E_ij = |do_i||v_j| + |delta_i|.
+    ``qk_eps``: each score's own error is (2 D u32 (1 + sigma) + qk_eps sigma) instead of the
+    first term alone (the split "bf16x3" product); ``grad_operand``: the dq / dk products' k / q
+    operand is rounded to ``dtype`` too (2 u more in their first term).
     Returns fp64 tensors shaped like out [T, Hq, D], lse [Hq, T], dq, dk [T, Hk, D], dv.
     """
     T, HQ, D = qr.shape
@@ -191,7 +209,7 @@ def bounds(qr, kr, v, mask, scale, out, dout, dlse, dtype, delta_from_rounded_ou
         s = s.masked_fill(~mask[None], -math.inf)
         lse = torch.logsumexp(s, -1)
         p = torch.exp(s - lse.masked_fill(torch.isinf(lse), 0.0)[..., None]).masked_fill(~mask[None], 0.0)
-        ps = p * (1 + sigma)
+        ps = p * (1 + sigma + (qk_eps / (n32 * u32)) * sigma)   # n32 u32 ps: the score error's weight
         va, oa = vv.abs(), out.abs()
         A = torch.einsum("hij,jhd->ihd", p, va)
         B = torch.einsum("hij,jhd->ihd", ps, va) + ps.sum(-1).transpose(0, 1)[..., None] * oa
@@ -213,8 +231,9 @@ def bounds(qr, kr, v, mask, scale, out, dout, dlse, dtype, delta_from_rounded_ou
         grp = lambda x: x.reshape(T, HK, g, D).sum(2)  # noqa: E731
         b_dv = 4 * u * (grp(torch.einsum("hij,ihd->jhd", p, doa)) + dv.abs()) \
             + n32 * u32 * grp(torch.einsum("hij,ihd->jhd", ps, doa))
-        b_dq = 4 * u * (torch.einsum("hij,jhd->ihd", dsa, kk.abs()) * scale + dq.abs()) \
+        ug = (6 if grad_operand else 4) * u
+        b_dq = ug * (torch.einsum("hij,jhd->ihd", dsa, kk.abs()) * scale + dq.abs()) \
             + n32 * u32 * torch.einsum("hij,jhd->ihd", pe, kk.abs()) * scale
-        b_dk = 4 * u * (grp(torch.einsum("hij,ihd->jhd", dsa, qr.abs())) * scale + dk.abs()) \
+        b_dk = ug * (grp(torch.einsum("hij,ihd->jhd", dsa, qr.abs())) * scale + dk.abs()) \
             + n32 * u32 * grp(torch.einsum("hij,ihd->jhd", pe, qr.abs())) * scale
     return b_out, b_lse, b_dq, b_dk, b_dv

@@ -217,7 +217,9 @@ BAD = [
     (lambda q, k, v, cu: dict(softmax_scale=-1.0), ValueError, "softmax_scale"),
     (lambda q, k, v, cu: dict(rope="llama"), TypeError, "rope must be a posattn.RopeSpec"),
     (lambda q, k, v, cu: dict(rope=posattn.RopeSpec(16, mrope_section=(4, 4)), positions=torch.arange(10)),
-     ValueError, "rope: anchor_attention supports one inv_freq table"),
+     ValueError, r"positions must be \[n_axes, T\] = \[2, 10\] \(one per packed token on each of the spec's 2"),
+    (lambda q, k, v, cu: dict(rope=posattn.RopeSpec(16), positions=torch.arange(10), qk_precision="bf32"),
+     ValueError, "qk_precision must be one of"),
 ]
 
 
@@ -252,13 +254,22 @@ def test_opcheck():
     lists = _op.pack(lower(MaskSpec(num_anchors=1, window=5), cu, rows, 12, 16, 16))
     op = torch.ops.posattn.anchor_attention.default
     for backend in BACKENDS:
-        torch.library.opcheck(op, (q, k, v, cu, rows, [], [], 1, True, 5, 0.25, pos, inv, 16, False, 1.0, backend))
-        torch.library.opcheck(op, (q, k, v, cu, rows, [], [], 0, False, -1, 0.25, None, None, 0, False, 1.0, backend),
-                              test_utils=("test_schema", "test_faketensor"))
+        torch.library.opcheck(op, (q, k, v, cu, rows, [], [], 1, True, 5, 0.25, pos, inv, 16, False, 1.0, backend,
+                                   "bf16", None, None, None))
+        qb, kb, vb = (x.detach().bfloat16().requires_grad_(True) for x in (q, k, v))
+        torch.library.opcheck(op, (qb, kb, vb, cu, rows, [], [], 1, True, 5, 0.25, pos, inv, 16, False, 1.0, backend,
+                                   "bf16x3", None, None, None))
+        # per-head rows and DPE (q's own table): the table output is [2, 2, rows, T, R/2]
+        dt = posattn.RopeSpec(16, rotary_dim=8, scaling=posattn.Custom([[0.5, 0.25, 0.125, 0.0625]]),
+                              dpe=posattn.DPE((0, 2, 4), (1.0, 2.0), (0.0, 1.0))).tables(DEVICE)
+        torch.library.opcheck(op, (q, k, v, cu, rows, [], [], 1, True, 5, 0.25, pos, dt.inv_freq, 8, False, 1.0,
+                                   backend, "bf16", None, dt.pair_pos_scale, dt.pair_q_offset))
+        torch.library.opcheck(op, (q, k, v, cu, rows, [], [], 0, False, -1, 0.25, None, None, 0, False, 1.0, backend,
+                                   "bf16", None, None, None), test_utils=("test_schema", "test_faketensor"))
         if backend != "reference":
             # lists handed in (a plan's): 16x16 blocks, with the transpose for the backward
             torch.library.opcheck(op, (q, k, v, cu, rows, lists, [16, 16], 1, True, 5, 0.25, pos, inv, 16, False,
-                                       1.0, backend), test_utils=("test_schema", "test_faketensor"))
+                                       1.0, backend, "bf16", None, None, None), test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.parametrize("planned", [False, True])

@@ -63,6 +63,36 @@ def test_kernels_compile_for_sm90a():
         assert k["shared"] <= 227 * 1024, k
 
 
+X3_SCRIPT = r"""
+import json, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from posattn.kernels.triton import flash_attn as fa
+out = []
+for name, fn, sig, const, nw, ns in fa.aot_specializations([(128, 128, False, torch.bfloat16, True, False, 4,
+                                                             "bf16x3")]):
+    if name.startswith("attn_delta"):
+        continue
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": nw, "num_stages": ns})
+    ptx = k.asm["ptx"]
+    out.append(dict(name=name, sm90a=".target sm_90a" in ptx, wgmma="wgmma" in ptx, shared=k.metadata.shared,
+                    bf16_wgmma="wgmma.mma_async.sync.aligned" in ptx and ".bf16.bf16" in ptx))
+print(json.dumps(out))
+"""
+
+
+def test_bf16x3_kernels_compile_for_sm90a_with_bf16_tensor_core_products():
+    """qk_precision="bf16x3" at the default H200 config (bf16, head_dim 128, GQA 4): forward, dq
+    and dk/dv lower to sm_90a with bf16 wgmma products (the split parts are bf16 operands, not an
+    fp32 fallback) and fit Hopper's shared memory."""
+    kernels = _compile_in_child(X3_SCRIPT)
+    assert [k["name"].split("_")[1] for k in kernels] == ["fwd", "dq", "dkdv"]
+    for k in kernels:
+        assert k["name"].endswith("_bf16x3") and k["sm90a"] and k["wgmma"] and k["bf16_wgmma"], k
+        assert k["shared"] <= 227 * 1024, k
+
+
 SMEM_SCRIPT = r"""
 import json, sys, torch, triton
 from triton.backends.compiler import GPUTarget

@@ -26,9 +26,19 @@ rotated in registers by the call's fp32 cos/sin table [T, R/2]
 (posattn.rope.table, built once per call by the rotary kernel's own exact
 angle reduction, attention_scaling folded in); the scores are the sum of three
 dots. The backward rotates dq and dk back by -theta with the same table.
-Inputs are converted to fp32 at load; rotated q/k are rounded to the input
-dtype before the dots (exactly what apply_rope then attention computes);
-outputs are rounded once at the store.
+Inputs are converted to fp32 at load and rotated in fp32. qk_precision says
+how the rotated halves are multiplied (16-bit inputs): "bf16" rounds them to
+the input dtype before the dots (exactly what apply_rope then attention
+computes); "bf16x3" splits each into bf16 hi = bf16(r) and lo = bf16(r - hi)
+and sums hi.hi + hi.lo + lo.hi (fp32 accumulation; 2^-16 relative instead of
+2^-8, so that a score no longer depends on the absolute position through the
+rounding); "fp32" multiplies in fp32. The backward recomputes the scores the
+same way (p = exp2(s - lse) must see the forward's s), and its dS.k and
+dS^T.q products use the split too (dS.hi + dS.lo, bf16 inputs): dS is
+position-invariant once s is, a rotated k rounded once to bf16 is not, and
+with one product the gradients would lose the relative property (see
+_grad_dot, docs/numerics.md). dP = dO.V^T and dV = P^T.dO involve no rotation
+and stay single bf16 products. Outputs are rounded once at the store.
 
 Files: flash_attn_tiles.py (loads, mask, products, launch configs),
 flash_attn_fwd.py, flash_attn_bwd.py (kernels), flash_attn_aot.py (ahead-of-time
@@ -47,20 +57,28 @@ from posattn.kernels.triton.flash_attn_tiles import (LN2, LOG2E, SMEM_HOPPER, SM
 __all__ = ["attn_forward", "attn_backward", "default_config", "tile_meta", "aot_specializations"]
 
 
-def _rope_args(q, rope):
-    """(cos [T, R/2], sin [T, R/2], rotary_dim, interleaved); q itself stands in for the
-    tables (never read) without rope, so that no allocation happens."""
+def _rope_args(q, k, rope):
+    """(q cos, q sin, k cos, k sin, q rows divisor, k rows divisor, row stride, rotary_dim,
+    interleaved, qk_precision) from rope's table fp32 [n, 2, rows, T, R/2] (n = 2: DPE's query
+    offset gives q its own table; rows: per-head frequency rows, head h of H reading row
+    h // (H // rows)). q itself stands in for the tables (never read) without rope, so that no
+    allocation happens."""
     if rope is None:
-        return q, q, 0, False
-    table, rot, inter = rope
-    return table[0], table[1], rot, inter
+        return q, q, q, q, q.shape[1], k.shape[1], 0, 0, False, "bf16"
+    table, rot, inter = rope[:3]
+    if table.dim() == 3:                      # [2, T, R/2]: one table, one row
+        table = table[None, :, None]
+    rows = table.shape[2]
+    return (table[0, 0], table[0, 1], table[-1, 0], table[-1, 1], q.shape[1] // rows, k.shape[1] // rows,
+            table.stride(2), rot, inter, (rope[3] if len(rope) > 3 else "bf16"))
 
 
 def attn_forward(q, k, v, lists, num_anchors: int, causal: bool, window: int | None, softmax_scale: float,
                  rope, config: dict):
     """q: [T, Hq, D]; k, v: [T, Hk, D] (last dim contiguous); lists: BlockLists for
-    (BLOCK_M, BLOCK_N); rope: None or (table fp32 [2, T, R/2] from posattn.rope.table with
-    backend 'triton', rotary_dim R, interleaved).
+    (BLOCK_M, BLOCK_N); rope: None or (table fp32 [n, 2, rows, T, R/2] from
+    posattn.rope.table.attention_tables with backend 'triton' (or [2, T, R/2]), rotary_dim R,
+    interleaved, qk_precision "bf16" | "bf16x3" | "fp32").
     Returns out [T, Hq, D] (q's dtype) and lse fp32 [Hq, T]."""
     T, HQ, D = q.shape
     HK = k.shape[1]
@@ -68,18 +86,18 @@ def attn_forward(q, k, v, lists, num_anchors: int, causal: bool, window: int | N
     lse = torch.empty(HQ, T, dtype=torch.float32, device=q.device)
     if T == 0:
         return out, lse
-    cos, sin, rot, inter = _rope_args(q, rope)
+    cos, sin, kcos, ksin, qtd, ktd, s_tab, rot, inter, qkp = _rope_args(q, k, rope)
     bm, bn = lists.block_m, lists.block_n
     grid = (triton.cdiv(T, bm), HQ)
     _attn_fwd_kernel[grid](
-        q, k, v, out, lse, cos, sin, lists.doc_start, lists.row_start,
+        q, k, v, out, lse, cos, sin, kcos, ksin, lists.doc_start, lists.row_start,
         lists.q_offsets, lists.q_nfull, lists.q_kv_idx,
-        T, num_anchors, window or 0, softmax_scale * LOG2E,
+        T, num_anchors, window or 0, qtd, ktd, softmax_scale * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1),
+        out.stride(0), out.stride(1), s_tab,
         GROUP=HQ // HK, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, HAS_WINDOW=window is not None,
         num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2),
-        **tile_meta(D, rot, inter, q.dtype),
+        **tile_meta(D, rot, inter, q.dtype, qkp),
     )
     return out, lse
 
@@ -105,24 +123,25 @@ def attn_backward(dout, q, k, v, out, lse, lists, num_anchors: int, causal: bool
         D=D, BD=_pow2(D), BLOCK_T=block_t, num_warps=4)
     if dlse is not None:
         delta -= dlse.float()
-    cos, sin, rot, inter = _rope_args(q, rope)
+    cos, sin, kcos, ksin, qtd, ktd, s_tab, rot, inter, qkp = _rope_args(q, k, rope)
     bm, bn = lists.block_m, lists.block_n
-    meta = tile_meta(D, rot, inter, q.dtype)
+    meta = tile_meta(D, rot, inter, q.dtype, qkp)
     common = dict(GROUP=HQ // HK, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, HAS_WINDOW=window is not None,
                   num_warps=config.get("bwd_num_warps", 4), num_stages=config.get("bwd_num_stages", 2), **meta)
     _attn_bwd_dq_kernel[(triton.cdiv(T, bm), HQ)](
-        q, k, v, dout, dq, lse, delta, cos, sin, lists.doc_start, lists.row_start,
+        q, k, v, dout, dq, lse, delta, cos, sin, kcos, ksin, lists.doc_start, lists.row_start,
         lists.q_offsets, lists.q_nfull, lists.q_kv_idx,
-        T, num_anchors, window or 0, softmax_scale * LOG2E, softmax_scale,
+        T, num_anchors, window or 0, qtd, ktd, softmax_scale * LOG2E, softmax_scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), **common,
+        dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), s_tab, **common,
     )
     _attn_bwd_dkdv_kernel[(triton.cdiv(T, bn), HK)](
-        q, k, v, dout, dk, dv, lse, delta, cos, sin, lists.doc_start, lists.row_start,
+        q, k, v, dout, dk, dv, lse, delta, cos, sin, kcos, ksin, lists.doc_start, lists.row_start,
         lists.k_offsets, lists.k_nfull, lists.k_q_idx,
-        T, num_anchors, window or 0, softmax_scale * LOG2E, softmax_scale,
+        T, num_anchors, window or 0, qtd, ktd, softmax_scale * LOG2E, softmax_scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), **common,
+        dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), s_tab,
+        **common,
     )
     return dq, dk, dv
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from posattn.kernels.triton.flash_attn_tiles import (_LOG2E, _allowed, _allowed2, _dot, _ld, _load_qk_tile,
-                                                     _pair_cols, _scores)
+from posattn.kernels.triton.flash_attn_tiles import (_LOG2E, _allowed, _allowed2, _dot, _grad_dot, _ld,
+                                                     _load_qk_tile, _pair_cols, _scores)
 
 
 @triton.jit
@@ -37,14 +37,15 @@ def _dq_step(dqa, dqb, dqt, qa, qb_, qt, do, lse2, delta, Kh, Vh, kbi, rows, q_d
              ROT: tl.constexpr, BH: tl.constexpr, R_HALF: tl.constexpr, BT: tl.constexpr,
              INTERLEAVED: tl.constexpr, ROPE: tl.constexpr, HAS_TAIL: tl.constexpr,
              CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-             MASKED: tl.constexpr):
+             MASKED: tl.constexpr, qa_lo, qb_lo, QKP: tl.constexpr):
     DT = Kh.dtype.element_ty
     cols = kbi * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < T
-    ka, kb, kt, _kc, _ks = _load_qk_tile(Kh, cols, cmask, s_kt, COS, SIN, BLOCK_N, D,
-                                         ROT, BH, R_HALF, BT, INTERLEAVED, ROPE, HAS_TAIL, MASKED)
+    ka, kb, kt, _kc, _ks, ka_lo, kb_lo = _load_qk_tile(Kh, cols, cmask, s_kt, COS, SIN, BLOCK_N, D, ROT, BH, R_HALF,
+                                                       BT, INTERLEAVED, ROPE, HAS_TAIL, MASKED, QKP, UPCAST)
     v = _ld(Vh + cols[:, None].to(tl.int64) * s_vt + dcols[None, :], cmask, dmask, MASKED, D != BD)
-    s = _scores(qa, qb_, qt, ka, kb, kt, BLOCK_M, BLOCK_N, ROPE, HAS_TAIL, PREC, UPCAST) * qk_scale_log2
+    s = _scores(qa, qb_, qt, ka, kb, kt, BLOCK_M, BLOCK_N, ROPE, HAS_TAIL, PREC, UPCAST,
+                qa_lo, qb_lo, ka_lo, kb_lo, QKP) * qk_scale_log2
     p = tl.math.exp2(s - lse2[:, None])
     if MASKED:
         k_doc = tl.load(DOC_START + cols, mask=cmask, other=-2)
@@ -53,8 +54,8 @@ def _dq_step(dqa, dqb, dqt, qa, qb_, qt, do, lse2, delta, Kh, Vh, kbi, rows, q_d
     dp = _dot(do, tl.trans(v), PREC, UPCAST)
     ds = (p * (dp - delta[:, None])).to(DT)
     if ROPE:
-        dqa += _dot(ds, ka, PREC, UPCAST)
-        dqb += _dot(ds, kb, PREC, UPCAST)
+        dqa += _grad_dot(ds, ka, ka_lo, PREC, UPCAST, QKP)
+        dqb += _grad_dot(ds, kb, kb_lo, PREC, UPCAST, QKP)
     if HAS_TAIL:
         dqt += _dot(ds, kt, PREC, UPCAST)
     return dqa, dqb, dqt
@@ -62,14 +63,15 @@ def _dq_step(dqa, dqb, dqt, qa, qb_, qt, do, lse2, delta, Kh, Vh, kbi, rows, q_d
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, DQ, LSE, DELTA, COS, SIN, DOC_START, ROW_START, Q_OFF, Q_NFULL, KV_IDX,
-    T, NUM_ANCHORS, WINDOW, qk_scale_log2, sm_scale,
-    s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_dot, s_doh, s_dqt, s_dqh,
+    Q, K, V, DO, DQ, LSE, DELTA, COS, SIN, KCOS, KSIN, DOC_START, ROW_START, Q_OFF, Q_NFULL, KV_IDX,
+    T, NUM_ANCHORS, WINDOW, QTD, KTD, qk_scale_log2, sm_scale,
+    s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_dot, s_doh, s_dqt, s_dqh, s_tab,
     GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ROT: tl.constexpr, BH: tl.constexpr, R_HALF: tl.constexpr, BT: tl.constexpr,
     INTERLEAVED: tl.constexpr, ROPE: tl.constexpr, HAS_TAIL: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    QKP: tl.constexpr,
 ):
     qb = tl.num_programs(0) - 1 - tl.program_id(0)
     h = tl.program_id(1)
@@ -78,8 +80,13 @@ def _attn_bwd_dq_kernel(
     rmask = rows < T
     Kh = K + hk.to(tl.int64) * s_kh
     Vh = V + hk.to(tl.int64) * s_vh
-    qa, qb_, qt, qcos, qsin = _load_qk_tile(Q + h.to(tl.int64) * s_qh, rows, rmask, s_qt, COS, SIN,
-                                            BLOCK_M, D, ROT, BH, R_HALF, BT, INTERLEAVED, ROPE, HAS_TAIL, True)
+    QC = COS + (h // QTD).to(tl.int64) * s_tab
+    QS = SIN + (h // QTD).to(tl.int64) * s_tab
+    KC = KCOS + (hk // KTD).to(tl.int64) * s_tab
+    KS = KSIN + (hk // KTD).to(tl.int64) * s_tab
+    qa, qb_, qt, qcos, qsin, qa_lo, qb_lo = _load_qk_tile(Q + h.to(tl.int64) * s_qh, rows, rmask, s_qt, QC, QS,
+                                                          BLOCK_M, D, ROT, BH, R_HALF, BT, INTERLEAVED, ROPE,
+                                                          HAS_TAIL, True, QKP, UPCAST)
     dcols = tl.arange(0, BD)
     dmask = dcols < D
     do = tl.load(DO + h.to(tl.int64) * s_doh + rows[:, None].to(tl.int64) * s_dot + dcols[None, :],
@@ -98,17 +105,19 @@ def _attn_bwd_dq_kernel(
     for e in range(start, mid):
         nxt = tl.load(KV_IDX + e + 1, mask=e + 1 < mid, other=0)
         dqa, dqb, dqt = _dq_step(dqa, dqb, dqt, qa, qb_, qt, do, lse2, delta, Kh, Vh, kbi, rows,
-                                 q_doc, q_row, dcols, dmask, COS, SIN, DOC_START, T, NUM_ANCHORS, WINDOW,
+                                 q_doc, q_row, dcols, dmask, KC, KS, DOC_START, T, NUM_ANCHORS, WINDOW,
                                  qk_scale_log2, s_kt, s_vt, D, BD, BLOCK_M, BLOCK_N, ROT, BH, R_HALF,
-                                 BT, INTERLEAVED, ROPE, HAS_TAIL, CAUSAL, HAS_WINDOW, PREC, UPCAST, False)
+                                 BT, INTERLEAVED, ROPE, HAS_TAIL, CAUSAL, HAS_WINDOW, PREC, UPCAST, False,
+                                 qa_lo, qb_lo, QKP)
         kbi = nxt
     kbi = tl.load(KV_IDX + mid, mask=mid < end, other=0)
     for e in range(mid, end):
         nxt = tl.load(KV_IDX + e + 1, mask=e + 1 < end, other=0)
         dqa, dqb, dqt = _dq_step(dqa, dqb, dqt, qa, qb_, qt, do, lse2, delta, Kh, Vh, kbi, rows,
-                                 q_doc, q_row, dcols, dmask, COS, SIN, DOC_START, T, NUM_ANCHORS, WINDOW,
+                                 q_doc, q_row, dcols, dmask, KC, KS, DOC_START, T, NUM_ANCHORS, WINDOW,
                                  qk_scale_log2, s_kt, s_vt, D, BD, BLOCK_M, BLOCK_N, ROT, BH, R_HALF,
-                                 BT, INTERLEAVED, ROPE, HAS_TAIL, CAUSAL, HAS_WINDOW, PREC, UPCAST, True)
+                                 BT, INTERLEAVED, ROPE, HAS_TAIL, CAUSAL, HAS_WINDOW, PREC, UPCAST, True,
+                                 qa_lo, qb_lo, QKP)
         kbi = nxt
     _store_grad(DQ + h.to(tl.int64) * s_dqh, rows, rmask, s_dqt, dqa, dqb, dqt, qcos, qsin, sm_scale,
                 D, ROT, BH, R_HALF, BT, INTERLEAVED, ROPE, HAS_TAIL)
@@ -122,15 +131,15 @@ def _dkdv_step(dka, dkb, dkt, dv, ka, kb, kt, v, Qh, DOh, LSEh, DELTAh, qbi, col
                ROT: tl.constexpr, BH: tl.constexpr, R_HALF: tl.constexpr, BT: tl.constexpr,
                INTERLEAVED: tl.constexpr, ROPE: tl.constexpr, HAS_TAIL: tl.constexpr,
                CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-               MASKED: tl.constexpr):
+               MASKED: tl.constexpr, ka_lo, kb_lo, QKP: tl.constexpr):
     """One query block of the key block's dk, dv, computed key-major ([BLOCK_N, BLOCK_M]
     tiles: s^T = k q^T), so that p^T and ds^T come out of their products in the orientation
     the dv and dk products take, with no transpose of a register tile in between."""
     DT = Qh.dtype.element_ty
     rows = qbi * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < T
-    qa, qb_, qt, _qc, _qs = _load_qk_tile(Qh, rows, rmask, s_qt, COS, SIN, BLOCK_M, D, ROT,
-                                          BH, R_HALF, BT, INTERLEAVED, ROPE, HAS_TAIL, MASKED)
+    qa, qb_, qt, _qc, _qs, qa_lo, qb_lo = _load_qk_tile(Qh, rows, rmask, s_qt, COS, SIN, BLOCK_M, D, ROT, BH,
+                                                        R_HALF, BT, INTERLEAVED, ROPE, HAS_TAIL, MASKED, QKP, UPCAST)
     do = _ld(DOh + rows[:, None].to(tl.int64) * s_dot + dcols[None, :], rmask, dmask, MASKED, D != BD)
     if MASKED:
         lse2 = tl.load(LSEh + rows, mask=rmask, other=float("inf")) * _LOG2E
@@ -138,7 +147,8 @@ def _dkdv_step(dka, dkb, dkt, dv, ka, kb, kt, v, Qh, DOh, LSEh, DELTAh, qbi, col
     else:
         lse2 = tl.load(LSEh + rows) * _LOG2E
         delta = tl.load(DELTAh + rows)
-    s_t = _scores(ka, kb, kt, qa, qb_, qt, BLOCK_N, BLOCK_M, ROPE, HAS_TAIL, PREC, UPCAST) * qk_scale_log2
+    s_t = _scores(ka, kb, kt, qa, qb_, qt, BLOCK_N, BLOCK_M, ROPE, HAS_TAIL, PREC, UPCAST,
+                  ka_lo, kb_lo, qa_lo, qb_lo, QKP) * qk_scale_log2
     p_t = tl.math.exp2(s_t - lse2[None, :])
     if MASKED:
         q_doc = tl.load(DOC_START + rows, mask=rmask, other=-1)
@@ -150,8 +160,8 @@ def _dkdv_step(dka, dkb, dkt, dv, ka, kb, kt, v, Qh, DOh, LSEh, DELTAh, qbi, col
     dp_t = _dot(v, tl.trans(do), PREC, UPCAST)
     ds_t = (p_t * (dp_t - delta[None, :])).to(DT)
     if ROPE:
-        dka += _dot(ds_t, qa, PREC, UPCAST)
-        dkb += _dot(ds_t, qb_, PREC, UPCAST)
+        dka += _grad_dot(ds_t, qa, qa_lo, PREC, UPCAST, QKP)
+        dkb += _grad_dot(ds_t, qb_, qb_lo, PREC, UPCAST, QKP)
     if HAS_TAIL:
         dkt += _dot(ds_t, qt, PREC, UPCAST)
     return dka, dkb, dkt, dv
@@ -159,21 +169,25 @@ def _dkdv_step(dka, dkb, dkt, dv, ka, kb, kt, v, Qh, DOh, LSEh, DELTAh, qbi, col
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, COS, SIN, DOC_START, ROW_START, K_OFF, K_NFULL, Q_IDX,
-    T, NUM_ANCHORS, WINDOW, qk_scale_log2, sm_scale,
-    s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_dot, s_doh, s_dkt, s_dkh, s_dvt, s_dvh,
+    Q, K, V, DO, DK, DV, LSE, DELTA, COS, SIN, KCOS, KSIN, DOC_START, ROW_START, K_OFF, K_NFULL, Q_IDX,
+    T, NUM_ANCHORS, WINDOW, QTD, KTD, qk_scale_log2, sm_scale,
+    s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_dot, s_doh, s_dkt, s_dkh, s_dvt, s_dvh, s_tab,
     GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ROT: tl.constexpr, BH: tl.constexpr, R_HALF: tl.constexpr, BT: tl.constexpr,
     INTERLEAVED: tl.constexpr, ROPE: tl.constexpr, HAS_TAIL: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    QKP: tl.constexpr,
 ):
     kbi = tl.program_id(0)
     hk = tl.program_id(1)
     cols = kbi * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < T
-    ka, kb, kt, kcos, ksin = _load_qk_tile(K + hk.to(tl.int64) * s_kh, cols, cmask, s_kt, COS, SIN,
-                                           BLOCK_N, D, ROT, BH, R_HALF, BT, INTERLEAVED, ROPE, HAS_TAIL, True)
+    KC = KCOS + (hk // KTD).to(tl.int64) * s_tab
+    KS = KSIN + (hk // KTD).to(tl.int64) * s_tab
+    ka, kb, kt, kcos, ksin, ka_lo, kb_lo = _load_qk_tile(K + hk.to(tl.int64) * s_kh, cols, cmask, s_kt, KC, KS,
+                                                         BLOCK_N, D, ROT, BH, R_HALF, BT, INTERLEAVED, ROPE,
+                                                         HAS_TAIL, True, QKP, UPCAST)
     dcols = tl.arange(0, BD)
     dmask = dcols < D
     v = tl.load(V + hk.to(tl.int64) * s_vh + cols[:, None].to(tl.int64) * s_vt + dcols[None, :],
@@ -192,23 +206,27 @@ def _attn_bwd_dkdv_kernel(
         DOh = DO + h.to(tl.int64) * s_doh
         LSEh = LSE + h.to(tl.int64) * T
         DELTAh = DELTA + h.to(tl.int64) * T
+        QC = COS + (h // QTD).to(tl.int64) * s_tab
+        QS = SIN + (h // QTD).to(tl.int64) * s_tab
         qbi = tl.load(Q_IDX + start, mask=start < mid, other=0)
         for e in range(start, mid):
             nxt = tl.load(Q_IDX + e + 1, mask=e + 1 < mid, other=0)
             dka, dkb, dkt, dv = _dkdv_step(dka, dkb, dkt, dv, ka, kb, kt, v, Qh, DOh, LSEh, DELTAh,
-                                           qbi, cols, k_doc, dcols, dmask, COS, SIN, DOC_START,
+                                           qbi, cols, k_doc, dcols, dmask, QC, QS, DOC_START,
                                            ROW_START, T, NUM_ANCHORS, WINDOW, qk_scale_log2, s_qt,
                                            s_dot, D, BD, BLOCK_M, BLOCK_N, ROT, BH, R_HALF, BT, INTERLEAVED, ROPE,
-                                           HAS_TAIL, CAUSAL, HAS_WINDOW, PREC, UPCAST, False)
+                                           HAS_TAIL, CAUSAL, HAS_WINDOW, PREC, UPCAST, False,
+                                           ka_lo, kb_lo, QKP)
             qbi = nxt
         qbi = tl.load(Q_IDX + mid, mask=mid < end, other=0)
         for e in range(mid, end):
             nxt = tl.load(Q_IDX + e + 1, mask=e + 1 < end, other=0)
             dka, dkb, dkt, dv = _dkdv_step(dka, dkb, dkt, dv, ka, kb, kt, v, Qh, DOh, LSEh, DELTAh,
-                                           qbi, cols, k_doc, dcols, dmask, COS, SIN, DOC_START,
+                                           qbi, cols, k_doc, dcols, dmask, QC, QS, DOC_START,
                                            ROW_START, T, NUM_ANCHORS, WINDOW, qk_scale_log2, s_qt,
                                            s_dot, D, BD, BLOCK_M, BLOCK_N, ROT, BH, R_HALF, BT, INTERLEAVED, ROPE,
-                                           HAS_TAIL, CAUSAL, HAS_WINDOW, PREC, UPCAST, True)
+                                           HAS_TAIL, CAUSAL, HAS_WINDOW, PREC, UPCAST, True,
+                                           ka_lo, kb_lo, QKP)
             qbi = nxt
     _store_grad(DK + hk.to(tl.int64) * s_dkh, cols, cmask, s_dkt, dka, dkb, dkt, kcos, ksin, sm_scale,
                 D, ROT, BH, R_HALF, BT, INTERLEAVED, ROPE, HAS_TAIL)

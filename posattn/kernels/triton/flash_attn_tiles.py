@@ -59,15 +59,50 @@ def _ld(ptrs, rmask, cmask, ROWB: tl.constexpr, COLB: tl.constexpr):
 
 
 @triton.jit
+def _bf16_rne(x):
+    """fp32 ``x`` rounded to the nearest bf16 value (ties to even), kept in fp32. The split's
+    rounding in integer arithmetic: the Triton interpreter has no bf16 arithmetic (its casts
+    truncate), and this way the hi/lo parts are the same bits on a GPU and under it."""
+    bits = x.to(tl.int32, bitcast=True)
+    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _qk_operand(r, DT: tl.constexpr, QKP: tl.constexpr, UPCAST: tl.constexpr):
+    """(x, x_lo): the product operands of a rotated fp32 tile ``r``.
+
+    QKP 0 ("bf16"): x = r rounded to the input dtype (what apply_rope stores), x_lo unused.
+    QKP 1 ("bf16x3"): x = hi = bf16(r), x_lo = lo = bf16(r - hi); |r - hi - lo| <= 2^-16 |r|.
+    QKP 2 ("fp32"): x = r, x_lo unused.
+    Under the interpreter (UPCAST) hi and lo are held in fp32 (exactly bf16 values)."""
+    if QKP == 1:
+        if UPCAST:
+            hi = _bf16_rne(r)
+            lo = _bf16_rne(r - hi)
+        else:
+            hi = r.to(tl.bfloat16)
+            lo = (r - hi.to(tl.float32)).to(tl.bfloat16)
+        return hi, lo
+    elif QKP == 2:
+        return r, r
+    else:
+        x = r.to(DT)
+        return x, x
+
+
+@triton.jit
 def _load_qk_tile(X, rows, rmask, stride_t, COS, SIN,
                   BM: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr, BH: tl.constexpr,
                   R_HALF: tl.constexpr, BT: tl.constexpr, INTERLEAVED: tl.constexpr,
-                  ROPE: tl.constexpr, HAS_TAIL: tl.constexpr, ROWB: tl.constexpr):
-    """(a, b, tail, cos, sin) of a q or k tile; a/b rotated, all in the input dtype.
+                  ROPE: tl.constexpr, HAS_TAIL: tl.constexpr, ROWB: tl.constexpr,
+                  QKP: tl.constexpr, UPCAST: tl.constexpr):
+    """(a, b, tail, cos, sin, a_lo, b_lo) of a q or k tile; a/b rotated (see _qk_operand for
+    their dtype and the lo parts, used only by "bf16x3"), the tail in the input dtype.
 
     cos/sin come from the call's fp32 table [T, R/2] (posattn.rope.table, attention_scaling
-    folded in): a = x_a cos - x_b sin, b = x_b cos + x_a sin, exactly as apply_rope's
-    Triton kernel computes and rounds them."""
+    folded in): a = x_a cos - x_b sin, b = x_b cos + x_a sin in fp32, exactly as apply_rope's
+    Triton kernel computes them (and, with QKP 0, rounds them)."""
     DT = X.dtype.element_ty
     rows64 = rows[:, None].to(tl.int64)
     base = X + rows64 * stride_t
@@ -79,19 +114,21 @@ def _load_qk_tile(X, rows, rmask, stride_t, COS, SIN,
         sin = _ld(SIN + cs_off, rmask, pmask, ROWB, R_HALF != BH)
         xa = _ld(base + ca[None, :], rmask, pmask, ROWB, R_HALF != BH).to(tl.float32)
         xb = _ld(base + cb[None, :], rmask, pmask, ROWB, R_HALF != BH).to(tl.float32)
-        a = (xa * cos - xb * sin).to(DT)
-        b = (xb * cos + xa * sin).to(DT)
+        a, a_lo = _qk_operand(xa * cos - xb * sin, DT, QKP, UPCAST)
+        b, b_lo = _qk_operand(xb * cos + xa * sin, DT, QKP, UPCAST)
     else:
         cos = tl.zeros([BM, BH], dtype=tl.float32)
         sin = cos
         a = tl.zeros([BM, BH], dtype=DT)
         b = a
+        a_lo = a
+        b_lo = a
     if HAS_TAIL:
         c = ROT + tl.arange(0, BT)
         t = _ld(base + c[None, :], rmask, c < D, ROWB, D - ROT != BT)
     else:
         t = tl.zeros([BM, BT], dtype=DT)
-    return a, b, t, cos, sin
+    return a, b, t, cos, sin, a_lo, b_lo
 
 
 @triton.jit
@@ -121,15 +158,52 @@ def _allowed(rows, cols, q_doc, q_row, k_doc, T, NUM_ANCHORS, WINDOW,
 
 
 @triton.jit
+def _qk_dot(a, b, a_lo, b_lo, PREC: tl.constexpr, UPCAST: tl.constexpr, QKP: tl.constexpr):
+    """a @ b^T of rotated operands (_qk_operand): "bf16x3" sums hi.hi + hi.lo + lo.hi (lo.lo,
+    2^-16 relative, is dropped), "fp32" multiplies in fp32 (ieee)."""
+    if QKP == 1:
+        s = _dot(a, tl.trans(b_lo), PREC, UPCAST)
+        s += _dot(a_lo, tl.trans(b), PREC, UPCAST)
+        s += _dot(a, tl.trans(b), PREC, UPCAST)
+        return s
+    elif QKP == 2:
+        return tl.dot(a, tl.trans(b), input_precision="ieee")
+    else:
+        return _dot(a, tl.trans(b), PREC, UPCAST)
+
+
+@triton.jit
 def _scores(qa, qb, qt, ka, kb, kt, BM: tl.constexpr, BN: tl.constexpr, ROPE: tl.constexpr,
-            HAS_TAIL: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+            HAS_TAIL: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+            qa_lo, qb_lo, ka_lo, kb_lo, QKP: tl.constexpr):
     s = tl.zeros([BM, BN], dtype=tl.float32)
     if ROPE:
-        s += _dot(qa, tl.trans(ka), PREC, UPCAST)
-        s += _dot(qb, tl.trans(kb), PREC, UPCAST)
+        s += _qk_dot(qa, ka, qa_lo, ka_lo, PREC, UPCAST, QKP)
+        s += _qk_dot(qb, kb, qb_lo, kb_lo, PREC, UPCAST, QKP)
     if HAS_TAIL:
         s += _dot(qt, tl.trans(kt), PREC, UPCAST)
     return s
+
+
+@triton.jit
+def _grad_dot(ds, x, x_lo, PREC: tl.constexpr, UPCAST: tl.constexpr, QKP: tl.constexpr):
+    """ds @ x for dq_rot (x = rotated k) or dk_rot (x = rotated q); ds is rounded to the input
+    dtype. "bf16x3" with bf16 inputs: ds.hi + ds.lo (two products), so that the gradients keep
+    the relative-position property too: ds is position-invariant once the scores are, but a
+    rotated k rounded once to bf16 is not (2^-9 relative, varying with the absolute position).
+    fp16 inputs take (hi + lo) rounded to fp16 (2^-12), one fp16 product. "fp32": fp32 products."""
+    if QKP == 1:
+        if ds.dtype == tl.bfloat16:
+            g = _dot(ds, x, PREC, UPCAST)
+            g += _dot(ds, x_lo, PREC, UPCAST)
+            return g
+        else:
+            xr = (x.to(tl.float32) + x_lo.to(tl.float32)).to(ds.dtype)
+            return _dot(ds, xr, PREC, UPCAST)
+    elif QKP == 2:
+        return tl.dot(ds.to(tl.float32), x, input_precision="ieee")
+    else:
+        return _dot(ds, x, PREC, UPCAST)
 
 
 # ---------------------------------------------------------------------------
@@ -140,16 +214,23 @@ def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(max(int(n), 1)))
 
 
-def tile_meta(D: int, rotary_dim: int, interleaved: bool, dtype: torch.dtype) -> dict:
-    """Constexprs describing the head layout: rotary halves (BH wide) and the tail (BT wide)."""
+QK_PRECISIONS = ("bf16", "bf16x3", "fp32")
+
+
+def tile_meta(D: int, rotary_dim: int, interleaved: bool, dtype: torch.dtype, qk_precision: str = "bf16") -> dict:
+    """Constexprs describing the head layout: rotary halves (BH wide) and the tail (BT wide),
+    and QKP, how the rotated halves are multiplied (0 "bf16": rounded to the input dtype,
+    1 "bf16x3": split into bf16 hi + lo, 2 "fp32"). qk_precision only matters with rotary and
+    16-bit inputs: unrotated 16-bit q/k are exact in their dtype, and fp32 inputs multiply in fp32."""
     rope = rotary_dim > 0
     tail = D - rotary_dim
+    qkp = QK_PRECISIONS.index(qk_precision) if rope and dtype in (torch.float16, torch.bfloat16) else 0
     return dict(
         D=D, BD=_pow2(D), ROT=rotary_dim, BH=_pow2(rotary_dim // 2) if rope else 16,
         R_HALF=max(rotary_dim // 2, 1), BT=_pow2(tail) if tail > 0 else 16,
         INTERLEAVED=bool(interleaved), ROPE=rope, HAS_TAIL=tail > 0,
         PREC="ieee" if dtype == torch.float32 else "tf32",
-        UPCAST=dtype == torch.bfloat16 and interpreting(),
+        UPCAST=(dtype == torch.bfloat16 or qkp == 1) and interpreting(), QKP=qkp,
     )
 
 
