@@ -75,7 +75,9 @@ def _rope_setup(ctx, inputs, output):
 
 
 def _grad_in(g, like):
-    if g is None:
+    if g is None or (g.__class__ is torch.Tensor and not plain(like)):
+        # None, or autograd's materialised zeros for an unused output, which are a plain tensor
+        # even when the output is a DTensor
         return torch.zeros_like(like)
     return last_contig(g)
 
@@ -199,6 +201,28 @@ def compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+def plain(*xs) -> bool:
+    """No input is a tensor subclass: only then may a call hand data pointers to a kernel
+    directly (a DTensor's data pointer is not its data: it must go through the custom op)."""
+    return all(x is None or x.__class__ is torch.Tensor for x in xs)
+
+
+def replicate_like(x, *ts):
+    """Tables (and plain positions) beside DTensor inputs enter the custom op as replicated
+    DTensors on x's mesh, so the op's sharding rule (posattn.distributed.dtensor) sees every
+    placement and the autograd backward gets DTensors too. Other inputs pass unchanged."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    if not isinstance(x, DTensor):
+        return ts
+    import posattn.distributed.dtensor  # noqa: F401  (registers the ops' sharding rules)
+
+    rep = [Replicate()] * x.device_mesh.ndim
+    return tuple(t if t is None or isinstance(t, DTensor) else DTensor.from_local(t, x.device_mesh, rep,
+                                                                                 run_check=False)
+                 for t in ts)
+
+
 def direct(op, q, k, q4, k4, data, rotary_dim, interleaved, sign, layout, inplace, key, backend):
     """Eager, no gradient needed: select and launch without the custom-op machinery
     (which costs ~100 us a call); ``data`` is (pos3, tables) or (angles,)."""
@@ -226,7 +250,7 @@ def run_positions(q, k, q4, k4, pos3, tables, rotary_dim, interleaved, sign, lay
                   key, backend):
     """Run posattn::rope / rope_ on [B, S, H, D] views (or the kernel directly, eagerly and
     without grad); returns outputs in layout."""
-    if not compiling() and not needs_grad(q, k):
+    if not compiling() and not needs_grad(q, k) and plain(q, k, pos3):
         return direct("rope", q, k, q4, k4, (pos3, tables), rotary_dim, interleaved, sign, layout, inplace,
                       key, backend)
     if not compiling():
@@ -234,8 +258,10 @@ def run_positions(q, k, q4, k4, pos3, tables, rotary_dim, interleaved, sign, lay
         backend = kernel.backend
     name = backend or ""
     kk4 = k4 if k4 is not None else q4.new_empty(q4.shape[0], q4.shape[1], 0, q4.shape[3])
-    targs = (pos3, tables.inv_freq, tables.pair_axis, tables.pair_pos_scale, tables.pair_q_offset,
-             float(tables.attention_scaling), rotary_dim, interleaved, float(sign), name)
+    targs = (pos3, tables.inv_freq, tables.pair_axis, tables.pair_pos_scale, tables.pair_q_offset)
+    if not plain(q4, pos3):
+        targs = replicate_like(q4, *targs)
+    targs += (float(tables.attention_scaling), rotary_dim, interleaved, float(sign), name)
     if inplace and not needs_grad(q, k):
         qi, ki = last_contig(q4), last_contig(kk4)
         torch.ops.posattn.rope_(qi, ki, *targs)

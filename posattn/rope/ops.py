@@ -19,7 +19,7 @@ from posattn import _validate as V
 from posattn.lowered import RopeTables
 from posattn.rope import backends as _backends  # noqa: F401  (registers the kernels)
 from posattn.rope import plans as P
-from posattn.rope.custom_ops import compiling, direct, needs_grad, run_positions
+from posattn.rope.custom_ops import compiling, direct, needs_grad, plain, replicate_like, run_positions
 from posattn.rope.layout import (LAYOUTS, RopeKey, as_bshd, check_qk, check_rows, check_x, dname, from_bshd,
                                  last_contig, make_key, pos_tensor, positions_3d, tables_for)
 from posattn.rope.plans import clear_plans
@@ -203,7 +203,9 @@ def _apply_rope_angles_checked(q, k, angles, interleaved, layout, inplace, backe
                          inplace, src_fix=fix)
         _plans.store(_ANGLE_PLANS, pk, plan, P.PLAN_CACHE_SIZE)
         return plan.run(q, k, angles)
-    if not compiling() and not needs_grad(q, k, angles):
+    if not plain(q, k, angles):
+        ang4, = replicate_like(q4, ang4)
+    elif not compiling() and not needs_grad(q, k, angles):
         return direct("rope_angles", q, k, q4, k4, (ang4,), rotary_dim, interleaved, 1.0, layout, inplace,
                       key, backend)
     if not compiling():
