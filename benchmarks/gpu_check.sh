@@ -93,6 +93,9 @@ step "posattn info" 60 "$PY" -m posattn info
 # GPU_CHECK_TESTS: the test paths (default: the kernel tests, where device=cuda matters);
 # pytest-xdist spreads Triton's JIT compiles over the cores when it is installed
 TESTS=${GPU_CHECK_TESTS:-tests/rope tests/kernels tests/attention tests/compat}
+# the trees and speculative generation (its Triton run on the GPU) of issue 12; the cache-write
+# kernels' tests (tests/decode/test_cache_ops.py) run with tests/decode in 4b
+[[ -z ${GPU_CHECK_TESTS:-} ]] && TESTS+=" tests/tree tests/integrations/test_speculative.py"
 XDIST=()
 "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n "${GPU_CHECK_WORKERS:-8}")
 # shellcheck disable=SC2086
