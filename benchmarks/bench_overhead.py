@@ -135,7 +135,7 @@ def setup():
     assert ang_kernel.backend == "cpu", ang_kernel.backend
     ang_fn = ang_kernel.fn
     ang_prep = ang_kernel.prepare(q, qo, None, None, ang4, 16, False, 1.0, ang_cfg)
-    from posattn.rope.lowering import RopeTables
+    from posattn.lowered import RopeTables
 
     unit = RopeTables(tables.inv_freq, 1.0, tables.pair_axis, 1)
     d3 = torch.full((1, 1, 1), 3.0, dtype=torch.float64).expand(1, 1, 1)

@@ -132,6 +132,11 @@ if (( BUDGET - (SECONDS - T0) > 120 )); then
     --out "$OUT/bench_anchor_attention.jsonl"
 fi
 if (( BUDGET - (SECONDS - T0) > 90 )); then
+  # qk_precision="bf16x3" (split QK product, issue 15) against "bf16": target <= 1.6x, forward and step
+  step "bf16x3 vs bf16" "$(limit 60 45)" "$PY" benchmarks/bench_anchor_attention.py --qk-precision-ratio \
+    --out "$OUT/bench_anchor_attention.jsonl"
+fi
+if (( BUDGET - (SECONDS - T0) > 90 )); then
   step "cos/sin vs peers" "$(limit 45 45)" "$PY" benchmarks/bench_cos_sin.py --json "$OUT/bench_cos_sin.jsonl"
 fi
 
@@ -152,6 +157,20 @@ echo "=== steps (total $(elapsed)s of ${BUDGET}s budget)"
 printf '%s\n' "${STEPS[@]}"
 if [ -s "$OUT/results.jsonl" ]; then
   timeout 30 "$PY" -m posattn.bench.summary "$OUT/results.jsonl" || echo "(summary failed)"
+fi
+if [ -s "$OUT/bench_anchor_attention.jsonl" ]; then
+  # anchor attention: speedups over Flex and the bf16x3 / bf16 time ratios (targets in the issue)
+  timeout 30 "$PY" - "$OUT/bench_anchor_attention.jsonl" <<'PYEOF' || echo "(anchor attention summary failed)"
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    lay = f"{r.get('tokens')} tok, {r.get('rows')} rows x {r.get('docs_per_row')} docs"
+    if r.get("bench") == "anchor_attention" and "speedup_step" in r:
+        print(f"anchor vs Flex   {lay:34s} step {r['speedup_step']:.2f}x (>= 1.3)  fwd {r['speedup_fwd']:.2f}x (>= 1.1)"
+              f"  fwd+bwd reused {r.get('speedup_fwd_bwd_reused', float('nan')):.2f}x (>= 1.0)")
+    elif r.get("bench") == "anchor_attention_qk_precision":
+        print(f"bf16x3 / bf16    {lay:34s} fwd {r['ratio_fwd']:.2f}x  step {r['ratio_step']:.2f}x  (<= 1.6)")
+PYEOF
 fi
 [ -s "$OUT/index.html" ] && echo "dashboard: $OUT/index.html"
 echo "log: $LOG"

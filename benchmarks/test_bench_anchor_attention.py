@@ -71,3 +71,12 @@ def test_aot_kernel_stats_runs():
     rows = [line.split() for line in r.stdout.splitlines()[1:]]
     assert [row[0] for row in rows] == ["attn_dkdv_d128_r0h_bf16_causal_g4", "attn_dkdv_d128_r128h_bf16_causal_g4"]
     assert all(int(row[1]) <= 232448 and int(row[-1]) > 0 for row in rows)  # fits an H100/H200 SM; issues wgmma
+
+
+def test_qk_precision_ratio_runs_on_cpu():
+    """The bf16x3-vs-bf16 timing (a GPU target, <= 1.6x) runs end to end on a tiny CPU case."""
+    from benchmarks.bench_anchor_attention import bench_qk_precision
+
+    r = bench_qk_precision(32, 2, 3, hq=4, hk=2, d=32, device="cpu", backend="cpu")
+    assert set(r["fwd_ms"]) == set(r["step_ms"]) == {"bf16", "bf16x3"}
+    assert r["ratio_fwd"] > 0 and r["ratio_step"] > 0 and r["targets_met"] == "not a GPU: no target"

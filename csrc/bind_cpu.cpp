@@ -8,6 +8,7 @@
 #include "cpu/rope_cos_sin_cpu.h"
 #include "posattn/rope_cos_sin_args.h"
 #include "cpu/attention_cpu.h"
+#include "cpu/rope_table.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -175,9 +176,9 @@ PYBIND11_MODULE(_C, m) {
       "attention_forward",
       [](int64_t T, int64_t HQ, int64_t HK, int64_t D, const std::vector<int64_t>& ptrs, float scale,
          int num_anchors, bool causal, int window, int block_m, int block_n, int rotary_dim, bool interleaved,
-         float rope_scaling, int64_t out, int64_t lse, int num_threads) {
+         int qk_round, int64_t out, int64_t lse, int num_threads, int rope_rows) {
         auto p = posattn::cpu::attn_problem_from(T, HQ, HK, D, ptrs, scale, num_anchors, causal, window, block_m,
-                                                 block_n, rotary_dim, interleaved, rope_scaling);
+                                                 block_n, rotary_dim, interleaved, qk_round, rope_rows);
         py::gil_scoped_release release;
         posattn::cpu::attention_forward(p, reinterpret_cast<float*>(out), reinterpret_cast<float*>(lse),
                                         num_threads);
@@ -186,15 +187,29 @@ PYBIND11_MODULE(_C, m) {
       "attention_backward",
       [](int64_t T, int64_t HQ, int64_t HK, int64_t D, const std::vector<int64_t>& ptrs, float scale,
          int num_anchors, bool causal, int window, int block_m, int block_n, int rotary_dim, bool interleaved,
-         float rope_scaling, int64_t dout, int64_t delta, int64_t lse, int64_t dq, int64_t dk, int64_t dv,
-         int num_threads) {
+         int qk_round, int64_t dout, int64_t delta, int64_t lse, int64_t dq, int64_t dk, int64_t dv,
+         int num_threads, int rope_rows) {
         auto p = posattn::cpu::attn_problem_from(T, HQ, HK, D, ptrs, scale, num_anchors, causal, window, block_m,
-                                                 block_n, rotary_dim, interleaved, rope_scaling);
+                                                 block_n, rotary_dim, interleaved, qk_round, rope_rows);
         py::gil_scoped_release release;
         posattn::cpu::attention_backward(p, reinterpret_cast<const float*>(dout), reinterpret_cast<const float*>(delta),
                                          reinterpret_cast<const float*>(lse), reinterpret_cast<float*>(dq),
                                          reinterpret_cast<float*>(dk), reinterpret_cast<float*>(dv), num_threads);
       });
+  m.def(
+      "rope_table",
+      [](int64_t positions, int pos_dtype, int64_t T, int64_t inv_freq, int half, double attention_scaling,
+         int64_t out, int num_threads) {
+        if (T > 0 && half > 0 && (positions == 0 || inv_freq == 0 || out == 0))
+          throw std::invalid_argument("rope_table: null pointer");
+        if (pos_dtype < 0 || pos_dtype > 3) throw std::invalid_argument("rope_table: bad positions dtype code");
+        py::gil_scoped_release release;
+        posattn::cpu::rope_table(reinterpret_cast<const void*>(positions), pos_dtype, T,
+                                 reinterpret_cast<const float*>(inv_freq), half, attention_scaling,
+                                 reinterpret_cast<float*>(out), num_threads);
+      },
+      py::arg("positions"), py::arg("pos_dtype"), py::arg("T"), py::arg("inv_freq"), py::arg("half"),
+      py::arg("attention_scaling"), py::arg("out"), py::arg("num_threads") = 0);
   // Exposed for tests of the shared header math.
   m.def("rope_angle", [](double pos, float inv_freq) { return posattn::rope_angle(pos, inv_freq); });
   m.def("rope_reduce", [](double pos, float inv_freq) { return posattn::rope_reduce(pos, inv_freq); });

@@ -16,8 +16,14 @@ struct AttnProblem {
   int block_m, block_n;
   const int32_t* q_offsets; const int32_t* q_kv_idx; const int32_t* q_kv_masked;   // query-major CSR
   const int32_t* k_offsets; const int32_t* k_q_idx; const int32_t* k_q_masked;     // key-major CSR
-  const double* positions; const float* inv_freq;         // positions == nullptr: no rotary
-  int rotary_dim; bool interleaved; float rope_scaling;
+  // rotary: the call's tables (posattn/rope/table.py attention_tables) [rope_rows, T, R/2] each,
+  // attention_scaling folded in, for q (rope_cos/sin) and k (rope_kcos/ksin, which may alias q's);
+  // head h of a tensor with H heads reads row h / (H / rope_rows) (per-head frequencies).
+  // rope_cos == nullptr: no rotary. The rotated q and k are rounded to the input dtype
+  // (qk_round: 0 fp32, 1 fp16, 2 bf16), as apply_rope's output is, before the products.
+  const float* rope_cos; const float* rope_sin;
+  int rotary_dim; bool interleaved; int qk_round;
+  const float* rope_kcos; const float* rope_ksin; int rope_rows;
 };
 
 // out: [T, HQ, D] fp32, lse: [HQ, T] fp32 (natural log).
@@ -27,20 +33,26 @@ void attention_backward(const AttnProblem& p, const float* dout, const float* de
                         float* dq, float* dk, float* dv, int num_threads);
 
 // From the flat integers the binding takes: ptrs = (q, k, v, doc_start, row_start, q_offsets, q_kv_idx,
-// q_kv_masked, k_offsets, k_q_idx, k_q_masked, positions, inv_freq); 0 for an absent one.
+// q_kv_masked, k_offsets, k_q_idx, k_q_masked, rope_cos, rope_sin[, rope_kcos, rope_ksin]); 0 for an
+// absent one (without the k tables, k reads q's).
 inline AttnProblem attn_problem_from(int64_t T, int64_t HQ, int64_t HK, int64_t D, const std::vector<int64_t>& ptrs,
                                      float scale, int num_anchors, bool causal, int window, int block_m,
-                                     int block_n, int rotary_dim, bool interleaved, float rope_scaling) {
-  if (ptrs.size() != 13) throw std::invalid_argument("attention: expected 13 pointers");
+                                     int block_n, int rotary_dim, bool interleaved, int qk_round,
+                                     int rope_rows = 1) {
+  if (ptrs.size() != 13 && ptrs.size() != 15) throw std::invalid_argument("attention: expected 13 or 15 pointers");
   if (HK <= 0 || HQ % HK) throw std::invalid_argument("attention: HQ must be a multiple of HK");
   if (block_m <= 0 || block_n <= 0) throw std::invalid_argument("attention: block sizes must be positive");
   auto f = [&](int i) { return reinterpret_cast<const float*>(ptrs[i]); };
   auto n = [&](int i) { return reinterpret_cast<const int32_t*>(ptrs[i]); };
   AttnProblem p{T, HQ, HK, D, f(0), f(1), f(2), scale, n(3), n(4), num_anchors, causal, window, block_m, block_n,
-                n(5), n(6), n(7), n(8), n(9), n(10), reinterpret_cast<const double*>(ptrs[11]), f(12),
-                rotary_dim, interleaved, rope_scaling};
-  if (p.positions != nullptr && (rotary_dim <= 0 || rotary_dim % 2 || rotary_dim > D))
-    throw std::invalid_argument("attention: rotary_dim must be even and in (0, head_dim]");
+                n(5), n(6), n(7), n(8), n(9), n(10), f(11), f(12), rotary_dim, interleaved, qk_round,
+                ptrs.size() == 15 && ptrs[13] ? f(13) : f(11), ptrs.size() == 15 && ptrs[14] ? f(14) : f(12),
+                rope_rows};
+  if (p.rope_cos != nullptr && (rotary_dim <= 0 || rotary_dim % 2 || rotary_dim > D || p.rope_sin == nullptr))
+    throw std::invalid_argument("attention: rotary_dim must be even and in (0, head_dim], with a sin table");
+  if (qk_round < 0 || qk_round > 2) throw std::invalid_argument("attention: qk_round must be 0, 1 or 2");
+  if (rope_rows < 1 || HQ % rope_rows || HK % rope_rows)
+    throw std::invalid_argument("attention: rope_rows must divide both head counts");
   return p;
 }
 

@@ -75,7 +75,8 @@ class BlockLists:
     block needs the element mask, 0 where every (q, k) pair in it is allowed (such a block
     also lies wholly inside the T tokens). Within each list the unmasked blocks come first,
     ``q_nfull`` [NQB] / ``k_nfull`` [NKB] of them, each group in ascending order, so that a
-    kernel runs a mask-free loop and then a masked one.
+    kernel runs a mask-free loop and then a masked one. ``nnz``: the entries of each list;
+    ``max_per_q``: the longest query block's list (-1 when rebuilt from tensors without a sync).
     """
 
     block_m: int
@@ -105,6 +106,17 @@ def token_starts(boundaries: torch.Tensor, T: int) -> torch.Tensor:
 
 def _cdiv(a, b):
     return (a + b - 1) // b
+
+
+# the kernels index the lists with int32 offsets
+MAX_LIST_ENTRIES = 2 ** 31 - 1
+
+
+def _segment_sums(x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """int64 [len(offsets) - 1]: sums of x over the CSR segments [offsets[i], offsets[i+1])."""
+    cs = torch.zeros(x.shape[0] + 1, dtype=torch.int64, device=x.device)
+    cs[1:] = torch.cumsum(x, 0)
+    return cs[offsets[1:]] - cs[offsets[:-1]]
 
 
 def lower(spec: MaskSpec, cu_seqlens: torch.Tensor, cu_rows: torch.Tensor, T: int, block_m: int,
@@ -172,6 +184,10 @@ def lower(spec: MaskSpec, cu_seqlens: torch.Tensor, cu_rows: torch.Tensor, T: in
     q_offsets[1:] = torch.cumsum(counts, 0)
     stats = torch.stack((q_offsets[-1], counts.max())).tolist()   # the one host sync of the lowering
     nnz, max_per_q = int(stats[0]), int(stats[1])
+    if nnz > MAX_LIST_ENTRIES:
+        raise ValueError(f"the mask lowers to {nnz} (query block, key block) visits, more than the int32 offsets "
+                         f"of the block lists hold ({MAX_LIST_ENTRIES}); use larger blocks (block_m={block_m}, "
+                         f"block_n={block_n}) or split the batch")
 
     e_qb = torch.repeat_interleave(qb, counts, output_size=nnz)
     local = torch.arange(nnz, device=dev, dtype=torch.int64) - q_offsets[e_qb]
@@ -204,20 +220,20 @@ def lower(spec: MaskSpec, cu_seqlens: torch.Tensor, cu_rows: torch.Tensor, T: in
     order = torch.argsort(e_qb * 2 + masked, stable=True)
     q_kv_idx = kb[order].to(i32)
     q_kv_masked = masked[order].to(i32)
-    q_nfull = torch.bincount(e_qb, weights=None, minlength=nqb) - torch.bincount(e_qb, weights=masked.double(),
-                                                                               minlength=nqb).to(torch.int64)
-    q_nfull = q_nfull.to(i32)
+    # counts by differences of prefix sums at the CSR offsets: deterministic on every device
+    # (torch.bincount with weights is not on CUDA, and raises under deterministic algorithms)
+    q_nfull = (counts - _segment_sums(masked, q_offsets)).to(i32)
 
     k_offsets = k_q_idx = k_q_masked = k_nfull = None
     if transpose:
         korder = torch.argsort(kb * 2 + masked, stable=True)
         k_q_idx = e_qb[korder].to(i32)
         k_q_masked = masked[korder].to(i32)
-        kcounts = torch.bincount(kb, minlength=nkb)
-        k_offsets = torch.zeros(nkb + 1, device=dev, dtype=torch.int64)
-        k_offsets[1:] = torch.cumsum(kcounts, 0)
+        # the sorted key-block ids give the key-major offsets by binary search (no atomics)
+        k_offsets = torch.searchsorted(kb[korder], torch.arange(nkb + 1, device=dev, dtype=torch.int64))
+        kcounts = k_offsets[1:] - k_offsets[:-1]
+        k_nfull = (kcounts - _segment_sums(masked[korder], k_offsets)).to(i32)
         k_offsets = k_offsets.to(i32)
-        k_nfull = (kcounts - torch.bincount(kb, weights=masked.double(), minlength=nkb).to(torch.int64)).to(i32)
     return BlockLists(block_m, block_n, doc_start.contiguous(), row_start.contiguous(),
                       q_offsets.to(i32), q_nfull, q_kv_idx, q_kv_masked, k_offsets, k_nfull, k_q_idx, k_q_masked,
                       nnz, max_per_q)

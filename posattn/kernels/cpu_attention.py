@@ -2,7 +2,11 @@
 FlashAttention-2 backward over the same block visit lists as the Triton engine.
 
 The kernel computes in fp32: q, k, v (and dout) are handed over as contiguous fp32 copies,
-and the outputs are rounded to the input dtype once, here.
+and the outputs are rounded to the input dtype once, here. With rotary embedding it reads the
+call's cos/sin table (posattn.rope.table, backend "cpu": the C++ rotary kernel's own values)
+and, with qk_precision "bf16", rounds the rotated q and k to the input dtype, as apply_rope's
+output is; with "bf16x3" and "fp32" it keeps them in fp32 (fp32 products are at least as
+accurate as the split bf16 ones: the same bound holds).
 """
 from __future__ import annotations
 
@@ -15,34 +19,46 @@ def _f32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32).contiguous()
 
 
+_ROUND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
 def _ptrs(q, k, v, lists, rope):
-    pos = inv = 0
+    cos = sin = kcos = ksin = 0
     keep = []
     if rope is not None:
-        positions, inv_freq = rope[0], rope[1]
-        pos_t = positions.to(torch.float64).contiguous()
-        inv_t = inv_freq.to(torch.float32).contiguous()
-        keep += [pos_t, inv_t]
-        pos, inv = pos_t.data_ptr(), inv_t.data_ptr()
+        table = rope[0].to(torch.float32).contiguous()     # [n, 2, rows, T, R/2] (or [2, T, R/2])
+        if table.dim() == 3:
+            table = table[None, :, None]
+        keep.append(table)
+        cos, sin = table[0, 0].data_ptr(), table[0, 1].data_ptr()
+        kcos, ksin = table[-1, 0].data_ptr(), table[-1, 1].data_ptr()
     kq = lists.k_offsets
     ptrs = [q.data_ptr(), k.data_ptr(), v.data_ptr(), lists.doc_start.data_ptr(), lists.row_start.data_ptr(),
             lists.q_offsets.data_ptr(), lists.q_kv_idx.data_ptr(), lists.q_kv_masked.data_ptr(),
             kq.data_ptr() if kq is not None else 0,
             lists.k_q_idx.data_ptr() if kq is not None else 0,
-            lists.k_q_masked.data_ptr() if kq is not None else 0, pos, inv]
+            lists.k_q_masked.data_ptr() if kq is not None else 0, cos, sin, kcos, ksin]
     return ptrs, keep
+
+
+def _rows(rope) -> int:
+    """Per-head frequency rows of the rope table (1 when shared)."""
+    return 1 if rope is None or rope[0].dim() == 3 else int(rope[0].shape[2])
 
 
 def _scalars(q, k, lists, num_anchors, causal, window, softmax_scale, rope):
     T, HQ, D = q.shape
-    rot, inter, scaling = (rope[2], rope[3], rope[4]) if rope is not None else (0, False, 1.0)
+    rot, inter = (rope[1], rope[2]) if rope is not None else (0, False)
+    qkp = rope[3] if rope is not None and len(rope) > 3 else "bf16"
     return (T, HQ, k.shape[1], D), (float(softmax_scale), int(num_anchors), bool(causal),
                                     int(window) if window is not None else 0, lists.block_m, lists.block_n,
-                                    int(rot), bool(inter), float(scaling))
+                                    int(rot), bool(inter), _ROUND[q.dtype] if qkp == "bf16" else 0)
 
 
 def attn_forward(q, k, v, lists, num_anchors, causal, window, softmax_scale, rope, config):
-    """Same contract as posattn.kernels.triton.flash_attn.attn_forward."""
+    """Same contract as posattn.kernels.triton.flash_attn.attn_forward (rope: None or
+    (table fp32 [n, 2, rows, T, R/2] from posattn.rope.table.attention_tables with backend "cpu",
+    rotary_dim, interleaved, qk_precision))."""
     qf, kf, vf = _f32(q), _f32(k), _f32(v)
     T, HQ, _ = q.shape
     out = torch.empty(qf.shape, dtype=torch.float32)
@@ -50,7 +66,8 @@ def attn_forward(q, k, v, lists, num_anchors, causal, window, softmax_scale, rop
     if T:
         dims, sc = _scalars(q, k, lists, num_anchors, causal, window, softmax_scale, rope)
         ptrs, _keep = _ptrs(qf, kf, vf, lists, rope)
-        _cpu._C.attention_forward(*dims, ptrs, *sc, out.data_ptr(), lse.data_ptr(), int(config.get("threads", 0)))
+        _cpu._C.attention_forward(*dims, ptrs, *sc, out.data_ptr(), lse.data_ptr(), int(config.get("threads", 0)),
+                                  _rows(rope))
     return torch.empty_like(q).copy_(out), lse
 
 
@@ -68,5 +85,6 @@ def attn_backward(dout, q, k, v, out, lse, lists, num_anchors, causal, window, s
         dims, sc = _scalars(q, k, lists, num_anchors, causal, window, softmax_scale, rope)
         ptrs, _keep = _ptrs(qf, kf, vf, lists, rope)
         _cpu._C.attention_backward(*dims, ptrs, *sc, dof.data_ptr(), delta.data_ptr(), lse.data_ptr(),
-                                   dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), int(config.get("threads", 0)))
+                                   dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), int(config.get("threads", 0)),
+                                   _rows(rope))
     return torch.empty_like(q).copy_(dq), torch.empty_like(k).copy_(dk), torch.empty_like(v).copy_(dv)

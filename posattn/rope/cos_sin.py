@@ -206,6 +206,10 @@ def _apply_checked(q, k, cos, sin, cos_sin_cache, positions, rotary_dim, layout,
         _plans.store(_PLANS, pk, plan, PLAN_CACHE_SIZE)
         return plan.run(q, k, tab_a, tab_b, positions)
 
+    if type(q) is not torch.Tensor:
+        from posattn.rope.custom_ops import replicate_like
+
+        tab_a, tab_b, positions = replicate_like(q, tab_a, tab_b, positions)
     if inplace:
         if _use_custom_op(q, k):
             if torch.is_grad_enabled() and (q.requires_grad or (k is not None and k.requires_grad)):
@@ -565,10 +569,12 @@ def _backward(ctx, gq, gk):
     tab_a, tab_b, positions = ctx.saved_tensors
     rotary_dim, form, layout, interleaved, conj, backend = ctx.params
     gk_in = gk if ctx.has_k else None
+    if gk_in is not None and type(gk_in) is torch.Tensor and type(gq) is not torch.Tensor:
+        gk_in = None        # autograd's plain zeros for an unused k output beside DTensors: k's gradient is 0
     # positions were checked (or not) by the forward; the backward does not sync again
     dq, dk = torch.ops.posattn.rope_cos_sin(gq, gk_in, tab_a, tab_b, positions, rotary_dim, form, layout,
                                             interleaved, not conj, False, backend)
-    return (dq, dk if ctx.has_k else None) + (None,) * 10
+    return (dq, dk if gk_in is not None else None) + (None,) * 10
 
 
 torch.library.register_autograd("posattn::rope_cos_sin", _backward, setup_context=_setup_context)

@@ -243,37 +243,20 @@ class RopeSpec:
 
     def tables(self, device=None, seq_len: int | None = None):
         """The lowered tables (posattn.lowered.RopeTables) on ``device``, cached per
-        (spec, device, what of seq_len the tables depend on)."""
+        (spec, device, what of seq_len the tables depend on).
+
+        Under torch.compile the tables are built (or found) eagerly at trace time and enter
+        the graph as constants, so a spec used for the first time inside a compiled
+        function traces (fullgraph=True) and gets the very tables an eager call gets."""
         if seq_len is not None:
             self._check_seq_len(seq_len)
         # the key is built without constructing a torch.device: this runs on every op call
         # (a torch.device hashes fast; str(device) would cost microseconds)
         dev_key = "cpu" if device is None else device
-        key = ("tables", self, dev_key, self._seq_key(seq_len))
-        t = _INV_FREQ_CACHE.get(key)
-        if t is None:
-            device = torch.device(dev_key)
-            scale, offset = self.dpe.pair_tables() if self.dpe is not None else (None, None)
-            t = RopeTables(self.inv_freq(seq_len), self.attention_scaling, self.pair_axis(), self.n_axes,
-                           scale, offset).to(device)
-            with _CACHE_LOCK:
-                if len(_INV_FREQ_CACHE) > 256:
-                    _INV_FREQ_CACHE.clear()
-                _INV_FREQ_CACHE[key] = t
-        return t
-
-    def inv_freq_on(self, device: torch.device, seq_len: int | None = None) -> torch.Tensor:
-        """inv_freq on ``device``, cached per (spec, device)."""
-        self._check_seq_len(seq_len)
-        key = (self, str(device), self._seq_key(seq_len))
-        t = _INV_FREQ_CACHE.get(key)
-        if t is None:
-            t = self.inv_freq(seq_len).to(device=device, dtype=torch.float32).contiguous()
-            with _CACHE_LOCK:
-                if len(_INV_FREQ_CACHE) > 256:
-                    _INV_FREQ_CACHE.clear()
-                _INV_FREQ_CACHE[key] = t
-        return t
+        if _is_compiling():
+            return _tables_at_trace_time(self, dev_key, seq_len)
+        t = _INV_FREQ_CACHE.get(("tables", self, dev_key, self._seq_key(seq_len)))
+        return t if t is not None else _build_tables(self, dev_key, seq_len)
 
     @classmethod
     def from_hf_config(cls, config, *, layer_type: str | None = None, interleaved: bool | None = None) -> "RopeSpec":
@@ -285,3 +268,34 @@ class RopeSpec:
 
 _INV_FREQ_CACHE: dict = {}
 _CACHE_LOCK = threading.Lock()
+_is_compiling = torch.compiler.is_compiling
+
+
+def _build_tables(spec: RopeSpec, dev_key, seq_len):
+    """Build spec's RopeTables on ``dev_key`` (a device or its name) and cache them (eager only:
+    the lock is what Dynamo cannot trace)."""
+    key = ("tables", spec, dev_key, spec._seq_key(seq_len))
+    t = _INV_FREQ_CACHE.get(key)
+    if t is None:
+        scale, offset = spec.dpe.pair_tables() if spec.dpe is not None else (None, None)
+        t = RopeTables(spec.inv_freq(seq_len), spec.attention_scaling, spec.pair_axis(), spec.n_axes,
+                       scale, offset).to(torch.device(dev_key))
+        with _CACHE_LOCK:
+            if len(_INV_FREQ_CACHE) > 256:
+                _INV_FREQ_CACHE.clear()
+            _INV_FREQ_CACHE[key] = t
+    return t
+
+
+def _tables_at_trace_time(spec: RopeSpec, dev_key, seq_len):
+    """What RopeSpec.tables returns, for a compiled caller. Dynamo calls this at trace time
+    with the real arguments instead of tracing it (so neither the cache's lock nor the table
+    construction is traced) and keeps the result as a constant of the graph, guarded on the
+    spec's identity. Correct because the tables are a pure function of (spec, device, seq_len)."""
+    t = _INV_FREQ_CACHE.get(("tables", spec, dev_key, spec._seq_key(seq_len)))
+    return t if t is not None else _build_tables(spec, dev_key, seq_len)
+
+
+# what @torch._dynamo.assume_constant_result does, without importing torch._dynamo here (seconds
+# at `import posattn`); tests/rope/test_compile_first_use.py fails if the marker stops working
+_tables_at_trace_time._dynamo_marked_constant = True

@@ -23,16 +23,18 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from posattn.kernels.triton import flash_attn as fa
 cases = [(128, 0, False, torch.bfloat16, True, False, 4),      # the benchmark's case: fwd, dq, dkdv, delta
-         (128, 128, False, torch.bfloat16, True, False, 4)]    # in-kernel RoPE: the forward
+         (128, 128, False, torch.bfloat16, True, False, 4)]    # in-kernel RoPE (table reads): the forward
+from posattn.kernels.triton import rope_table as rt
 out = []
-for name, fn, sig, const, nw, ns in fa.aot_specializations(cases):
-    if not (name.startswith(("attn_fwd", "attn_delta")) or "_r0" in name):
-        continue
+specs = [s for s in fa.aot_specializations(cases) if s[0].startswith(("attn_fwd", "attn_delta")) or "_r0" in s[0]]
+specs += [s for s in rt.aot_specializations() if s[0] == "rope_table_i64_h64"]
+for name, fn, sig, const, nw, ns in specs:
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": nw, "num_stages": ns})
     ptx = k.asm["ptx"]
+    strides = sorted({t for n, t in sig.items() if n.startswith("s_")})
     out.append(dict(name=name, sm90a=".target sm_90a" in ptx, wgmma="wgmma" in ptx, shared=k.metadata.shared,
-                    cubin=len(k.asm["cubin"])))
+                    cubin=len(k.asm["cubin"]), strides=strides))
 print(json.dumps(out))
 """
 
@@ -48,12 +50,46 @@ def _compile_in_child(script: str) -> list[dict]:
 
 
 def test_kernels_compile_for_sm90a():
+    """With i64 strides (the signature a head-major tensor past 2^31 elements gets), and the
+    per-call cos/sin table kernel that the rotary forward reads."""
     kernels = _compile_in_child(SCRIPT)
-    assert len(kernels) == 5
+    assert len(kernels) == 6
     for k in kernels:
         assert k["sm90a"] and k["cubin"] > 0, k
-        if not k["name"].startswith("attn_delta"):  # a row sum: no product
+        if k["name"].startswith("attn_"):
+            assert k["strides"] == ["i64"], k
+        if k["name"].startswith(("attn_fwd", "attn_dq", "attn_dkdv")):  # delta and the table: no product
             assert k["wgmma"], f"{k['name']}: no Hopper tensor-core (wgmma) product"
+        assert k["shared"] <= 227 * 1024, k
+
+
+X3_SCRIPT = r"""
+import json, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from posattn.kernels.triton import flash_attn as fa
+out = []
+for name, fn, sig, const, nw, ns in fa.aot_specializations([(128, 128, False, torch.bfloat16, True, False, 4,
+                                                             "bf16x3")]):
+    if name.startswith("attn_delta"):
+        continue
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": nw, "num_stages": ns})
+    ptx = k.asm["ptx"]
+    out.append(dict(name=name, sm90a=".target sm_90a" in ptx, wgmma="wgmma" in ptx, shared=k.metadata.shared,
+                    bf16_wgmma="wgmma.mma_async.sync.aligned" in ptx and ".bf16.bf16" in ptx))
+print(json.dumps(out))
+"""
+
+
+def test_bf16x3_kernels_compile_for_sm90a_with_bf16_tensor_core_products():
+    """qk_precision="bf16x3" at the default H200 config (bf16, head_dim 128, GQA 4): forward, dq
+    and dk/dv lower to sm_90a with bf16 wgmma products (the split parts are bf16 operands, not an
+    fp32 fallback) and fit Hopper's shared memory."""
+    kernels = _compile_in_child(X3_SCRIPT)
+    assert [k["name"].split("_")[1] for k in kernels] == ["fwd", "dq", "dkdv"]
+    for k in kernels:
+        assert k["name"].endswith("_bf16x3") and k["sm90a"] and k["wgmma"] and k["bf16_wgmma"], k
         assert k["shared"] <= 227 * 1024, k
 
 
@@ -69,7 +105,7 @@ CLASSES = [(90, 232448, [(256, 256, torch.float32), (192, 192, torch.bfloat16)])
 out = []
 for arch, limit, cases in CLASSES:
     for D, rot, dtype in cases:
-        cfg = fa.default_config(D, dtype, interpret=False, smem_per_block=limit)
+        cfg = fa.default_config(D, dtype, interpret=False, smem_per_block=limit, rope=rot > 0)
         for name, fn, sig, const, nw, ns in fa.aot_specializations([(D, rot, False, dtype, True, False, 4)]):
             if name.startswith("attn_delta"):
                 continue
@@ -80,7 +116,7 @@ for arch, limit, cases in CLASSES:
                     "num_stages": cfg["num_stages" if fwd else "bwd_num_stages"]}
             # the JIT's specialisation for aligned pointers and strides (what pipelining sizes)
             attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items()
-                     if t.startswith("*") or (t == "i32" and (n.startswith("s_") or n == "T"))}
+                     if t.startswith("*") or (t in ("i32", "i64") and (n.startswith("s_") or n == "T"))}
             k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
                                target=GPUTarget("cuda", arch, 32), options=opts)
             out.append(dict(name=f"sm{arch}:{name}", shared=k.metadata.shared, limit=limit))

@@ -23,6 +23,26 @@ def _block_truth(mask: torch.Tensor, bm: int, bn: int):
     return any_, all_
 
 
+def _rule_unmasked(qb, kb, bm, bn, T, cs, cr, spec) -> bool:
+    """The lowering's documented rule for a block that needs no element mask, written out: a
+    whole (bm x bn) tile inside the tokens whose queries share one document holding the whole
+    key block (causality and the window holding at its corners), or whose queries share one
+    row whose anchor prefix holds the whole key block (causality at its corner)."""
+    m0, m1, n0, n1 = qb * bm, qb * bm + bm, kb * bn, kb * bn + bn
+    if m1 > T or n1 > T:
+        return False
+    seg = lambda b, t: next(a for a, z in zip(b[:-1], b[1:]) if a <= t < z)  # noqa: E731  (segment start)
+    causal_ok = not spec.causal or n1 - 1 <= m0
+    d0, d1 = seg(cs, m0), seg(cs, m1 - 1)
+    doc_end = next(z for a, z in zip(cs[:-1], cs[1:]) if a == d0 and z > a)
+    doc = d0 == d1 and seg(cs, n0) == d0 and n1 <= doc_end and causal_ok
+    if spec.window is not None:
+        doc = doc and (m1 - 1) - n0 < spec.window and (spec.causal or (n1 - 1) - m0 < spec.window)
+    r0, r1 = seg(cr, m0), seg(cr, m1 - 1)
+    anchor = r0 == r1 and n0 >= r0 and n1 <= r0 + spec.num_anchors and causal_ok
+    return doc or anchor
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_lists_visit_exactly_the_blocks_with_allowed_pairs(seed):
     rng = random.Random(seed)
@@ -58,9 +78,11 @@ def test_lists_visit_exactly_the_blocks_with_allowed_pairs(seed):
             listed = torch.zeros(any_.shape[1], dtype=torch.bool)
             listed[idx[qb]] = True
             assert torch.equal(listed, any_[qb]), (spec, cu.tolist(), rows.tolist(), bm, bn, qb)
-        # the interior of the rows' documents is recognised as unmasked (no needless masking)
-        unmasked = sum(1 for f in flags if not f)
-        assert unmasked >= int((all_ & any_).sum()) - 2 * any_.shape[0] - 2
+        # exactly the blocks the documented rule calls unmasked are listed without the mask
+        unmasked = {(qb, kv[e]) for qb in range(any_.shape[0]) for e in range(off[qb], off[qb + 1]) if not flags[e]}
+        expected = {(a, b) for a in range(any_.shape[0]) for b in range(any_.shape[1])
+                    if _rule_unmasked(a, b, bm, bn, T, cu.tolist(), rows.tolist(), spec)}
+        assert unmasked == expected, (spec, cu.tolist(), rows.tolist(), bm, bn)
         # the key-major lists are the transpose of the query-major ones
         kq = {(q, k, f) for q in range(len(idx)) for k, f in zip(idx[q], flags[off[q]:off[q + 1]])}
         koff = lists.k_offsets.tolist()
@@ -104,3 +126,34 @@ def test_one_host_sync_sized_lists_scale_with_visited_blocks():
     per_doc = sum(-(-(qb * bm + bm) // bn) for qb in range(512 // bm))
     assert lists.nnz == 8 * per_doc
     assert lists.nnz < (T // bm) * (T // bn) // 4
+
+
+def test_counts_are_deterministic_and_never_use_bincount(monkeypatch):
+    """torch.bincount with weights is non-deterministic on CUDA and raises under
+    torch.use_deterministic_algorithms(True): the lowering counts without it."""
+    def no_bincount(*a, **kw):
+        raise AssertionError("torch.bincount in the lowering")
+    monkeypatch.setattr(torch, "bincount", no_bincount)
+    cu = torch.tensor([0, 3, 20, 21, 50], dtype=torch.int32)
+    rows = torch.tensor([0, 20, 50], dtype=torch.int32)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        lists = lower(MaskSpec(num_anchors=2, window=9), cu, rows, 50, 16, 16)
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    assert int(lists.q_nfull.sum()) + int(lists.q_kv_masked.sum()) == lists.nnz
+    assert int(lists.k_nfull.sum()) == int(lists.q_nfull.sum())
+    assert lists.k_offsets.dtype == torch.int32 and int(lists.k_offsets[-1]) == lists.nnz
+
+
+def test_lists_that_outgrow_int32_offsets_are_refused(monkeypatch):
+    """The kernels index the lists with int32: a lowering past that raises instead of wrapping."""
+    from posattn.attention import masks
+
+    cu = torch.tensor([0, 64], dtype=torch.int32)
+    rows = torch.tensor([0, 64], dtype=torch.int32)
+    n = lower(MaskSpec(), cu, rows, 64, 16, 16).nnz
+    monkeypatch.setattr(masks, "MAX_LIST_ENTRIES", n - 1)
+    with pytest.raises(ValueError, match="more than the int32 offsets"):
+        lower(MaskSpec(), cu, rows, 64, 16, 16)

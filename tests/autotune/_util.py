@@ -23,7 +23,7 @@ class TKey:
 
 
 def rope_key(tokens_bucket=16, heads_q=3, heads_k=1, head_dim=16, dtype="float32", **kw):
-    from posattn.rope.ops import RopeKey
+    from posattn.rope.layout import RopeKey
 
     f = dict(device_type="cpu", dtype=dtype, head_dim=head_dim, rotary_dim=head_dim, interleaved=False,
              heads_q=heads_q, heads_k=heads_k, pos_dtype="int64", tokens_bucket=tokens_bucket)

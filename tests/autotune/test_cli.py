@@ -7,8 +7,9 @@ import pytest
 
 from posattn import autotune, dispatch
 from posattn.autotune import cache as C
-from posattn.autotune import cli as acli
+from posattn.autotune import shapes, workers
 from posattn.autotune import fingerprint as F
+from posattn.autotune import presets
 from posattn.cli import main
 
 from ._util import cos_sin_key, cpu_file, entry, header, rope_key
@@ -77,9 +78,9 @@ def test_validate_reports_a_bad_file(dirs, capsys):
 def test_preset_and_quick_flags(dirs, capsys):
     assert main(["tune", "--list-presets"]) == 0
     assert "llama3-8b" in capsys.readouterr().out
-    shape = acli.model_shape(__import__("posattn.autotune.presets", fromlist=["_"]).get("llama3-8b"), "p")
+    shape = shapes.model_shape(presets.get("llama3-8b"), "p")
     assert (shape.heads_q, shape.heads_k, shape.head_dim, shape.rotary_dim) == (32, 8, 128, 128)
-    shape = acli.model_shape(__import__("posattn.autotune.presets", fromlist=["_"]).get("gpt-neox-20b"), "p")
+    shape = shapes.model_shape(presets.get("gpt-neox-20b"), "p")
     assert (shape.head_dim, shape.rotary_dim) == (96, 24)
 
 
@@ -108,8 +109,8 @@ def test_hf_config_errors(tmp_path, capsys):
 
 def test_worker_process_path(dirs, tmp_path):
     """The one-process-per-device path (spawned worker), run with the CPU as its device."""
-    shape = acli.ModelShape(3, 1, 16, 16, False, "test")
-    rows = acli.run_tuning(["rope"], shape, "float32", [8], ["cpu"], backends=["cpu"], budget_s=0.001,
+    shape = shapes.ModelShape(3, 1, 16, 16, False, "test")
+    rows = workers.run_tuning(["rope"], shape, "float32", [8], ["cpu"], backends=["cpu"], budget_s=0.001,
                            show_progress=False, processes=True)
     assert [r["status"] for r in rows if r["backend"] == "cpu"] == ["ok"]
     doc = C.read_file(cpu_file(dirs.tune), writable=True)
@@ -130,3 +131,50 @@ def test_tune_rope_cos_sin_both_forms(dirs, tmp_path, capsys):
     autotune.reload()
     k = cos_sin_key(tokens_bucket=16, heads_q=3, heads_k=1, head_dim=16, rotary_dim=8, split=True, pos_dtype="")
     assert dispatch.select("rope_cos_sin", k, backend="cpu")[1] == rows[1]["config"]
+
+
+def test_a_config_posattn_cannot_read_is_an_error_not_a_plain_spec(tmp_path, capsys):
+    """An unknown rope_type used to be logged and tuned as a plain RopeSpec (a fallback around
+    RopeSpec.from_hf_config); now it is an error that names the file and the rope_type."""
+    p = _tiny_config(tmp_path, rope_scaling={"rope_type": "warp-drive", "factor": 2.0})
+    assert main(TUNE + ["--hf-config", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert str(p) in err and "warp-drive" in err
+
+
+@pytest.mark.parametrize("name", presets.names())
+def test_every_preset_reads_through_from_hf_config(name):
+    """No fallback hides a preset that RopeSpec.from_hf_config cannot read."""
+    shape = shapes.model_shape(presets.get(name), name)
+    assert 0 < shape.rotary_dim <= shape.head_dim and shape.heads_q % shape.heads_k == 0
+
+
+def test_layer_type_picks_one_rope_of_a_per_layer_type_config():
+    cfg = {"model_type": "gemma3_text", "hidden_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1,
+           "head_dim": 32, "layer_types": ["sliding_attention", "full_attention"],
+           "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                               "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}}}
+    with pytest.raises(ValueError, match="--layer-type"):
+        shapes.model_shape(cfg, "cfg")
+    shape = shapes.model_shape(cfg, "cfg", "full_attention")
+    assert (shape.heads_q, shape.heads_k, shape.head_dim, shape.rotary_dim) == (2, 1, 32, 32)
+
+
+def test_an_ops_key_builder_is_one_module_and_one_registration(monkeypatch):
+    """keys.KEY_BUILDERS maps an op to a module with keys(shape, dtype, tokens, device_type):
+    registering one makes `posattn tune` build that op's jobs."""
+    import sys
+    import types
+
+    from posattn.autotune import keys as K
+
+    mod = types.ModuleType("posattn_test_keys_toy")
+    mod.keys = lambda shape, dtype, tokens, device_type: [("toy", shape.head_dim, dtype, t, device_type)
+                                                          for t in tokens]
+    monkeypatch.setitem(sys.modules, mod.__name__, mod)
+    monkeypatch.setitem(K.KEY_BUILDERS, "toy", mod.__name__)
+    shape = shapes.ModelShape(3, 1, 16, 16, False, "test")
+    jobs = workers.jobs_for(["toy", "rope"], shape, "float32", [3, 16], "cpu")
+    assert [j.key for j in jobs if j.op == "toy"] == [("toy", 16, "float32", 3, "cpu"), ("toy", 16, "float32", 16, "cpu")]
+    assert [j.key.tokens_bucket for j in jobs if j.op == "rope"] == [4, 16]
+    assert "toy" in K.ops()

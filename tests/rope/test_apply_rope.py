@@ -251,7 +251,7 @@ def test_use_backend_context_and_env(monkeypatch):
 
 
 def _key(q, spec):
-    from posattn.rope.ops import RopeKey
+    from posattn.rope.layout import RopeKey
 
     return RopeKey(q.device.type, str(q.dtype).removeprefix("torch."), spec.head_dim, spec.rotary_dim,
                    spec.interleaved, q.shape[2], 0, "int64", 4)

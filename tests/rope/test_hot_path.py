@@ -1,4 +1,4 @@
-"""apply_rope's per-signature plans (the eager, no-grad hot path; posattn/rope/ops.py).
+"""apply_rope's per-signature plans (the eager, no-grad hot path; posattn/rope/plans.py).
 
 A plan stores what the checks, the kernel key and the backend choice decided for one
 signature (shapes, strides, dtypes, devices, spec, layout, inplace, backend request).
@@ -11,7 +11,7 @@ import torch
 
 import posattn
 from posattn import dispatch
-from posattn.rope import ops
+from posattn.rope import plans
 from tests.conftest import DEVICE
 from tests.rope import test_apply_rope as T
 
@@ -20,9 +20,9 @@ SPEC = posattn.RopeSpec(32, rotary_dim=24)
 
 @pytest.fixture(autouse=True)
 def _fresh_plans():
-    ops.clear_plans()
+    plans.clear_plans()
     yield
-    ops.clear_plans()
+    plans.clear_plans()
 
 
 def _inputs(layout="bshd", B=2, S=5, HQ=3, HK=1, D=32, dtype=torch.float32):
@@ -45,7 +45,7 @@ def _without_plans(module, table, op, monkeypatch, *args, **kw):
 
 
 def _uncached(monkeypatch, *args, **kw):
-    return _without_plans(ops, ops._PLANS, posattn.apply_rope, monkeypatch, *args, **kw)
+    return _without_plans(plans, plans.PLANS, posattn.apply_rope, monkeypatch, *args, **kw)
 
 
 def _same(a, b):
@@ -58,16 +58,16 @@ def _same(a, b):
 def test_repeated_signature_reuses_one_plan(monkeypatch):
     q, k, pos = _inputs()
     out1 = posattn.apply_rope(q, k, pos, SPEC)
-    assert len(ops._PLANS) == 1
-    plan = next(iter(ops._PLANS.values()))
+    assert len(plans.PLANS) == 1
+    plan = next(iter(plans.PLANS.values()))
     q2, k2, pos2 = _inputs()  # new tensors, same signature
     out2 = posattn.apply_rope(q2, k2, pos2, SPEC)
-    assert list(ops._PLANS.values()) == [plan]
+    assert list(plans.PLANS.values()) == [plan]
     for got, want in zip(out1 + out2, _uncached(monkeypatch, q, k, pos, SPEC) + _uncached(monkeypatch, q2, k2, pos2, SPEC)):
         _same(got, want)
     # an equal spec built separately finds the same plan
     posattn.apply_rope(q2, k2, pos2, posattn.RopeSpec(32, rotary_dim=24))
-    assert list(ops._PLANS.values()) == [plan]
+    assert list(plans.PLANS.values()) == [plan]
 
 
 def _variants():
@@ -96,30 +96,30 @@ def _variants():
 def test_changed_signature_gets_a_fresh_plan(monkeypatch, name):
     q, k, pos, variants = _variants()
     posattn.apply_rope(q, k, pos, SPEC)
-    first = set(ops._PLANS)
+    first = set(plans.PLANS)
     args, kw = variants[name]
     want_args = tuple(a.clone() if isinstance(a, torch.Tensor) and kw.get("inplace") else a for a in args)
     got = posattn.apply_rope(*args, **kw)
-    new = set(ops._PLANS) - first
+    new = set(plans.PLANS) - first
     assert len(new) == 1, f"{name}: expected one new plan, got {len(new)}"
-    assert len(ops._PLANS) == 2
+    assert len(plans.PLANS) == 2
     want = _uncached(monkeypatch, *want_args, **kw)
     for g, w in zip(got, want):
         _same(g, w)
     # and the base signature still runs its own plan
     _same(posattn.apply_rope(q, k, pos, SPEC)[0], _uncached(monkeypatch, q, k, pos, SPEC)[0])
-    assert len(ops._PLANS) == 2
+    assert len(plans.PLANS) == 2
 
 
 def test_backend_request_context_and_env_are_part_of_the_key(monkeypatch):
     q, k, pos = _inputs()
     posattn.apply_rope(q, k, pos, SPEC)
-    chosen = [p.kernel.backend for p in ops._PLANS.values()]
+    chosen = [p.kernel.backend for p in plans.PLANS.values()]
     with posattn.use_backend("reference"):
         posattn.apply_rope(q, k, pos, SPEC)
     monkeypatch.setenv("POSATTN_BACKEND", "reference")
     posattn.apply_rope(q, k, pos, SPEC)
-    backends = [p.kernel.backend for p in ops._PLANS.values()]
+    backends = [p.kernel.backend for p in plans.PLANS.values()]
     assert backends == chosen + ["reference", "reference"]
     # a bad environment value is still reported although plans exist for these inputs
     monkeypatch.setenv("POSATTN_BACKEND", "nonsense")
@@ -127,19 +127,19 @@ def test_backend_request_context_and_env_are_part_of_the_key(monkeypatch):
         posattn.apply_rope(q, k, pos, SPEC)
     monkeypatch.delenv("POSATTN_BACKEND")
     posattn.apply_rope(q, k, pos, SPEC)
-    assert len(ops._PLANS) == 3
+    assert len(plans.PLANS) == 3
 
 
 def test_grad_mode_bypasses_plans():
     q, k, pos = _inputs()
     posattn.apply_rope(q, k, pos, SPEC)
-    assert len(ops._PLANS) == 1
+    assert len(plans.PLANS) == 1
     qg = q.clone().requires_grad_()
     qo, ko = posattn.apply_rope(qg, k, pos, SPEC)
     assert qo.grad_fn is not None, "with grad the custom op (and its backward) must run"
     qo.sum().backward()
     assert qg.grad is not None and qg.grad.shape == q.shape
-    assert len(ops._PLANS) == 1
+    assert len(plans.PLANS) == 1
     with torch.no_grad():  # requires_grad but grad disabled: the plan is fine
         qo2, _ = posattn.apply_rope(qg, k, pos, SPEC)
     assert qo2.grad_fn is None
@@ -153,7 +153,7 @@ def test_bad_inputs_raise_with_plans_warm(case, exc, match):
     posattn.apply_rope(q, k, pos, spec)
     for kw in ({"layout": "bshd"}, {"inplace": False}, {"backend": "reference"}):
         posattn.apply_rope(q, k, pos, spec, **kw)
-    assert ops._PLANS
+    assert plans.PLANS
     T.test_bad_inputs(case, exc, match)
 
 
@@ -186,11 +186,11 @@ def test_other_device_still_raises():
 
 
 def test_cache_is_bounded(monkeypatch):
-    monkeypatch.setattr(ops, "PLAN_CACHE_SIZE", 4)
+    monkeypatch.setattr(plans, "PLAN_CACHE_SIZE", 4)
     for s in range(1, 12):
         q, k, pos = _inputs(S=s)
         posattn.apply_rope(q, k, pos, SPEC)
-        assert 1 <= len(ops._PLANS) <= 4
+        assert 1 <= len(plans.PLANS) <= 4
 
 
 def test_clear_memo_and_autotune_reload_drop_plans():
@@ -198,13 +198,13 @@ def test_clear_memo_and_autotune_reload_drop_plans():
 
     q, k, pos = _inputs()
     posattn.apply_rope(q, k, pos, SPEC)
-    assert ops._PLANS
+    assert plans.PLANS
     dispatch.clear_memo()
-    assert not ops._PLANS
+    assert not plans.PLANS
     posattn.apply_rope(q, k, pos, SPEC)
-    assert ops._PLANS
+    assert plans.PLANS
     autotune.reload()
-    assert not ops._PLANS
+    assert not plans.PLANS
 
 
 def test_seq_len_dependent_specs_are_not_planned_without_seq_len(monkeypatch):
@@ -215,11 +215,11 @@ def test_seq_len_dependent_specs_are_not_planned_without_seq_len(monkeypatch):
     for top in (3, 100):  # the second needs the NTK-scaled tables (100 > 16)
         pos = torch.tensor([0, 1, 2, top - 2, top - 1], device=DEVICE)
         outs.append(posattn.apply_rope(q, k, pos, spec))
-        assert not ops._PLANS
+        assert not plans.PLANS
         _same(outs[-1][0], _uncached(monkeypatch, q, k, pos, spec)[0])
     # with seq_len the tables are fixed by the arguments: planned
     posattn.apply_rope(q, k, pos, spec, seq_len=100)
-    assert len(ops._PLANS) == 1
+    assert len(plans.PLANS) == 1
 
 
 def test_positions_changed_in_place_are_seen(monkeypatch):
@@ -260,7 +260,7 @@ def test_identical_with_and_without_plans(monkeypatch, layout, strided, inplace,
             assert got[0] is qa and got[1] is ka
             _same(qa, qb)
             _same(ka, kb)
-    assert len(ops._PLANS) == 1
+    assert len(plans.PLANS) == 1
 
 
 # ---------------------------------------------------------------------------
@@ -416,7 +416,7 @@ def test_plans_run_the_prepared_cpu_launchers(monkeypatch, cs_fresh):
     q, k, pos = _inputs()
     posattn.apply_rope(q, k, pos, SPEC, backend="cpu")
     posattn.apply_rope(q, k, pos, SPEC, backend="cpu")
-    (plan,) = ops._PLANS.values()
+    (plan,) = plans.PLANS.values()
     assert plan.kernel.prepare is cpu_kernels.rope_prepare
     assert plan.launch is not None and plan.launch.__qualname__.startswith("_prepare.")
     args, kw = _cs_case("cache", "bshd")
@@ -496,7 +496,7 @@ from tests.rope import test_rope_angles as TA  # noqa: E402
 
 
 def _ang_uncached(monkeypatch, *args, **kw):
-    return _without_plans(ops, ops._ANGLE_PLANS, posattn.apply_rope_angles, monkeypatch, *args, **kw)
+    return _without_plans(plans, plans.ANGLE_PLANS, posattn.apply_rope_angles, monkeypatch, *args, **kw)
 
 
 def _angles(layout, B=2, S=5, rows=1, half=12, dtype=torch.float32):
@@ -529,17 +529,17 @@ def test_angles_identical_with_and_without_plans(monkeypatch, layout, strided, i
             _same(g, w)
         if inplace:
             assert got[0] is qa and got[1] is ka
-    assert len(ops._ANGLE_PLANS) == 1
+    assert len(plans.ANGLE_PLANS) == 1
     # angles changed in place, and other angle tensors of the same signature, are read afresh
     # (q.clone(): the loop's signature; cloning a strided q makes it dense)
     ang.mul_(0.5)
     _same(posattn.apply_rope_angles(q.clone(), k.clone(), ang, layout=layout, inplace=inplace)[0],
           _ang_uncached(monkeypatch, q.clone(), k.clone(), ang.clone(), layout=layout, inplace=inplace)[0])
-    assert len(ops._ANGLE_PLANS) == 1
+    assert len(plans.ANGLE_PLANS) == 1
     a2 = ang.clone() + 1
     _same(posattn.apply_rope_angles(q.clone(), None, a2, layout=layout, inplace=inplace)[0],
           _ang_uncached(monkeypatch, q.clone(), None, a2, layout=layout, inplace=inplace)[0])
-    assert len(ops._ANGLE_PLANS) == 2  # with and without k
+    assert len(plans.ANGLE_PLANS) == 2  # with and without k
 
 
 def test_angles_restrided_in_place_are_seen(monkeypatch):
@@ -549,20 +549,20 @@ def test_angles_restrided_in_place_are_seen(monkeypatch):
     wide = torch.rand(2, 5, 1, 24, device=DEVICE)
     ang.set_(wide.untyped_storage(), 0, (2, 5, 1, 12), (120, 24, 24, 1))  # other storage and strides
     _same(posattn.apply_rope_angles(q, k, ang)[0], _ang_uncached(monkeypatch, q, k, wide[..., :12].clone())[0])
-    assert len(ops._ANGLE_PLANS) == 1
+    assert len(plans.ANGLE_PLANS) == 1
 
 
 def test_angles_grad_bypasses_plans():
     q, k, _ = _inputs()
     ang = _angles("bshd")
     posattn.apply_rope_angles(q, k, ang)
-    assert len(ops._ANGLE_PLANS) == 1
+    assert len(plans.ANGLE_PLANS) == 1
     ag = ang.clone().requires_grad_()
     qo, _ = posattn.apply_rope_angles(q, k, ag)
     assert qo.grad_fn is not None
-    assert len(ops._ANGLE_PLANS) == 1
+    assert len(plans.ANGLE_PLANS) == 1
     dispatch.clear_memo()
-    assert not ops._ANGLE_PLANS
+    assert not plans.ANGLE_PLANS
 
 
 @pytest.mark.parametrize("case, exc, match", TA.test_bad_inputs.pytestmark[-1].args[1])
@@ -570,7 +570,7 @@ def test_angles_bad_inputs_raise_with_plans_warm(case, exc, match):
     q, k = torch.randn(2, 3, 4, 64), torch.randn(2, 3, 2, 64)
     posattn.apply_rope_angles(q, k, torch.randn(2, 3, 1, 16))
     posattn.apply_rope_angles(q, k, torch.randn(2, 3, 1, 16), backend="reference")
-    assert ops._ANGLE_PLANS
+    assert plans.ANGLE_PLANS
     TA.test_bad_inputs(case, exc, match)
 
 
@@ -581,7 +581,7 @@ from tests.rope import test_rope_shift as TS  # noqa: E402
 
 
 def _shift_uncached(monkeypatch, *args, **kw):
-    return _without_plans(ops, ops._SHIFT_PLANS, posattn.rope_shift, monkeypatch, *args, **kw)
+    return _without_plans(plans, plans.SHIFT_PLANS, posattn.rope_shift, monkeypatch, *args, **kw)
 
 
 SHIFT_SPECS = {
@@ -620,11 +620,11 @@ def test_shift_identical_with_and_without_plans(monkeypatch, spec_name, layout, 
         _same(got, want)
         if inplace:
             assert got is ka
-    assert len(ops._SHIFT_PLANS) == (1 if planned else 0)
+    assert len(plans.SHIFT_PLANS) == (1 if planned else 0)
     if not isinstance(delta, torch.Tensor):  # another value: the same plan
         got = posattn.rope_shift(k.clone(), delta * 3 + 1, spec, layout=layout, inplace=inplace)
         _same(got, _shift_uncached(monkeypatch, k.clone(), delta * 3 + 1, spec, layout=layout, inplace=inplace))
-        assert len(ops._SHIFT_PLANS) == 1
+        assert len(plans.SHIFT_PLANS) == 1
     else:  # the delta changed in place
         delta.add_(1)
         got = posattn.rope_shift(k.clone(), delta, spec, layout=layout, inplace=inplace)
@@ -637,7 +637,7 @@ def test_shift_plans_cover_types_and_bypass_grad_and_huge_ints(monkeypatch):
     posattn.rope_shift(k, 3, spec)
     posattn.rope_shift(k, 3.0, spec)   # int and float deltas: two signatures
     posattn.rope_shift(k, 3, spec, backend="reference")
-    assert len(ops._SHIFT_PLANS) == 3
+    assert len(plans.SHIFT_PLANS) == 3
     _same(posattn.rope_shift(k, 5, spec, backend="reference"), _shift_uncached(monkeypatch, k, 5, spec, backend="reference"))
     big = 1 << 60  # not exact as a float64 position: the checked path (int64 positions)
     _same(posattn.rope_shift(k, big, spec), _shift_uncached(monkeypatch, k, big, spec))
@@ -645,9 +645,9 @@ def test_shift_plans_cover_types_and_bypass_grad_and_huge_ints(monkeypatch):
     out = posattn.rope_shift(kg, 3, spec)
     assert out.grad_fn is not None
     posattn.rope_shift(k, torch.tensor(2), spec)  # a 0-d delta: checked path
-    assert len(ops._SHIFT_PLANS) == 3
+    assert len(plans.SHIFT_PLANS) == 3
     dispatch.clear_memo()
-    assert not ops._SHIFT_PLANS
+    assert not plans.SHIFT_PLANS
 
 
 @pytest.mark.parametrize("case, exc, match", TS.test_bad_inputs.pytestmark[-1].args[1])
@@ -655,7 +655,7 @@ def test_shift_bad_inputs_raise_with_plans_warm(case, exc, match):
     k = torch.randn(2, 3, 2, 32)
     posattn.rope_shift(k, 1, posattn.RopeSpec(32))
     posattn.rope_shift(k, torch.ones(3, dtype=torch.long), posattn.RopeSpec(32))
-    assert len(ops._SHIFT_PLANS) == 2
+    assert len(plans.SHIFT_PLANS) == 2
     TS.test_bad_inputs(case, exc, match)
 
 

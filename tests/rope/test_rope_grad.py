@@ -83,7 +83,7 @@ def test_torch_compile_fullgraph():
 
     q, k = H.rand_qk("bshd", 2, 3, 2, 1, 32, torch.float32, DEVICE)
     pos = torch.arange(3, device=DEVICE)
-    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    cf = torch.compile(f, fullgraph=True)  # inductor, the default backend
     q1, k1 = q.clone().requires_grad_(), k.clone().requires_grad_()
     cf(q1, k1, pos).backward()
     q2, k2 = q.clone().requires_grad_(), k.clone().requires_grad_()
@@ -114,9 +114,10 @@ def test_inplace_with_grad_behaves_like_torch_inplace_ops():
 
 def test_torch_compile_angles_inplace_and_shift():
     """apply_rope_angles (with gradients to angles), in-place apply_rope (the mutating
-    custom op) and rope_shift all trace with fullgraph=True."""
+    custom op) and rope_shift all trace with fullgraph=True under inductor (the default
+    backend), compiled before any eager call with their spec (a base no other test uses)."""
     backend = "cpu" if DEVICE == "cpu" else None
-    spec = posattn.RopeSpec(32)
+    spec = posattn.RopeSpec(32, base=12289.0)
 
     def f(q, k, ang):
         qo, ko = posattn.apply_rope_angles(q, k, ang, backend=backend)
@@ -125,7 +126,7 @@ def test_torch_compile_angles_inplace_and_shift():
     q = torch.randn(1, 3, 2, 32, device=DEVICE, requires_grad=True)
     k = torch.randn(1, 3, 1, 32, device=DEVICE, requires_grad=True)
     ang = torch.randn(3, 1, 16, device=DEVICE, requires_grad=True)
-    torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, ang).backward()
+    torch.compile(f, fullgraph=True)(q, k, ang).backward()
     got = (q.grad.clone(), k.grad.clone(), ang.grad.clone())
     q.grad = k.grad = ang.grad = None
     f(q, k, ang).backward()
@@ -138,7 +139,7 @@ def test_torch_compile_angles_inplace_and_shift():
 
     q2, k2 = torch.randn(1, 3, 2, 32, device=DEVICE), torch.randn(1, 3, 1, 32, device=DEVICE)
     pos = torch.arange(3, device=DEVICE)
+    out_q, out_k = torch.compile(h, fullgraph=True)(q2.clone(), k2.clone(), pos)
     rq, rk = posattn.apply_rope(q2, k2, pos, spec, backend=backend)
-    out_q, out_k = torch.compile(h, fullgraph=True, backend="aot_eager")(q2.clone(), k2.clone(), pos)
     assert_close(out_q, rq * 2, torch.float32)
     assert_close(out_k, posattn.rope_shift(rk, 5, spec, backend=backend), torch.float32)

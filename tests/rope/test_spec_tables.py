@@ -178,14 +178,6 @@ PER_HEAD = RopeSpec(48, rotary_dim=32, scaling=Custom(torch.rand(3, 16, generato
                                                         attention_factor=0.75), mrope_section=(4, 6, 6))
 
 
-def _reference_takes_tables() -> bool:
-    import inspect
-
-    return "tables" in inspect.signature(ref.rope_angles).parameters
-
-
-@pytest.mark.skipif(not _reference_takes_tables(),
-                    reason="posattn.kernels.reference.rope does not consume RopeTables yet")
 @pytest.mark.parametrize("spec", SPECS + [PER_HEAD], ids=_ids)
 @pytest.mark.parametrize("is_query", [True, False], ids=["q", "k"])
 def test_round_trip_through_reference(spec, is_query):

@@ -68,31 +68,46 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return out, lse
 
 
-def rotate_thd(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, rotary_dim: int,
-               interleaved: bool, attention_scaling: float = 1.0) -> torch.Tensor:
-    """x: [T, H, D]; positions: [T] int or float -> fp64 [T, H, D] rotated (as apply_rope does)."""
-    ang = ref_rope.rope_angles(positions.unsqueeze(0), inv_freq)       # [1, T, R/2]
-    out = ref_rope.rotate(x.unsqueeze(0), ang, rotary_dim, interleaved).squeeze(0)
-    if attention_scaling != 1.0:
-        out = torch.cat((out[..., :rotary_dim] * attention_scaling, out[..., rotary_dim:]), dim=-1)
-    return out
+def rotate_thd(x: torch.Tensor, positions: torch.Tensor, inv_freq, rotary_dim: int,
+               interleaved: bool, attention_scaling: float = 1.0, is_query: bool = True,
+               sign: float = 1.0) -> torch.Tensor:
+    """x: [T, H, D]; positions: [T] ([n_axes, T] with mrope sections) int or float -> fp64
+    [T, H, D] rotated by sign * theta (as apply_rope does). ``inv_freq``: fp32 [R/2], or a
+    posattn.lowered.RopeTables (per-head rows, mrope sections, DPE; ``is_query`` selects DPE's
+    query offset)."""
+    from posattn.lowered import RopeTables
+
+    tables = inv_freq if isinstance(inv_freq, RopeTables) else RopeTables(inv_freq)
+    pos3 = (positions if positions.dim() == 2 else positions[None])[:, None, :]   # [A, 1, T]
+    ang = ref_rope.rope_angles(pos3, tables, is_query)                            # [1, T, rows, R/2]
+    return ref_rope.rotate(x.unsqueeze(0), ang, rotary_dim, interleaved, attention_scaling, sign).squeeze(0)
+
+
+def _rotated(x, rope_args, qk_precision="bf16", is_query=True):
+    """x rotated in fp64 and, for 16-bit inputs with qk_precision "bf16", rounded to their
+    dtype: what apply_rope returns, and what attention then multiplies (fp32 and fp64 inputs,
+    and "bf16x3" / "fp32", stay fp64: the exact products those modes approximate)."""
+    positions, inv_freq, rotary_dim, interleaved, scaling = rope_args
+    r = rotate_thd(x, positions, inv_freq, rotary_dim, interleaved, scaling, is_query)
+    if x.dtype in (torch.float16, torch.bfloat16) and qk_precision == "bf16":
+        r = r.to(x.dtype).to(torch.float64)
+    return r
 
 
 def anchor_attention(q, k, v, cu_seqlens, cu_rows=None, num_anchors=1, causal=True, window=None,
-                     softmax_scale=None, rope_args=None):
+                     softmax_scale=None, rope_args=None, qk_precision="bf16"):
     """fp64 anchor attention. ``rope_args``: None or (positions, inv_freq, rotary_dim, interleaved,
-    attention_scaling); q and k are rotated in fp64 first. Returns fp64 (out, lse)."""
+    attention_scaling); q and k are rotated in fp64 first (and rounded to a 16-bit input dtype,
+    as apply_rope's output is). Returns fp64 (out, lse)."""
     T = q.shape[0]
     mask = build_mask(T, cu_seqlens, cu_rows, num_anchors, causal, window)
     if rope_args is not None:
-        positions, inv_freq, rotary_dim, interleaved, scaling = rope_args
-        q = rotate_thd(q, positions, inv_freq, rotary_dim, interleaved, scaling)
-        k = rotate_thd(k, positions, inv_freq, rotary_dim, interleaved, scaling)
+        q, k = _rotated(q, rope_args, qk_precision), _rotated(k, rope_args, qk_precision, False)
     return masked_attention(q, k, v, mask, softmax_scale)
 
 
 def anchor_attention_backward(dout, dlse, q, k, v, cu_seqlens, cu_rows=None, num_anchors=1, causal=True,
-                              window=None, softmax_scale=None, rope_args=None):
+                              window=None, softmax_scale=None, rope_args=None, qk_precision="bf16"):
     """fp64 gradients (dq, dk, dv) of :func:`anchor_attention`, written out (no autograd):
 
         p = softmax(s) over the mask; dv = p^T dout; dp = dout v^T
@@ -106,8 +121,7 @@ def anchor_attention_backward(dout, dlse, q, k, v, cu_seqlens, cu_rows=None, num
     mask = build_mask(T, cu_seqlens, cu_rows, num_anchors, causal, window)
     if rope_args is not None:
         positions, inv_freq, rotary_dim, interleaved, scaling = rope_args
-        q = rotate_thd(q, positions, inv_freq, rotary_dim, interleaved, scaling)
-        k = rotate_thd(k, positions, inv_freq, rotary_dim, interleaved, scaling)
+        q, k = _rotated(q, rope_args, qk_precision), _rotated(k, rope_args, qk_precision, False)   # gradients pass the rounding straight
     q64, k64, v64 = (x.to(torch.float64) for x in (q, k, v))
     kr, vr = k64.repeat_interleave(g, dim=1), v64.repeat_interleave(g, dim=1)
     m = mask.to(q64.device)[None]
@@ -127,6 +141,6 @@ def anchor_attention_backward(dout, dlse, q, k, v, cu_seqlens, cu_rows=None, num
     dk = dk.reshape(T, HK, g, D).sum(2)
     dv = dv.reshape(T, HK, g, D).sum(2)
     if rope_args is not None:
-        dq = rotate_thd(dq, positions, -inv_freq.to(torch.float64), rotary_dim, interleaved, scaling)
-        dk = rotate_thd(dk, positions, -inv_freq.to(torch.float64), rotary_dim, interleaved, scaling)
+        dq = rotate_thd(dq, positions, inv_freq, rotary_dim, interleaved, scaling, True, -1.0)
+        dk = rotate_thd(dk, positions, inv_freq, rotary_dim, interleaved, scaling, False, -1.0)
     return dq, dk, dv
