@@ -34,6 +34,9 @@ def cuda_gencode():
     return flags + [f"-gencode=arch=compute_{ptx},code=compute_{ptx}"]
 
 
+DEFAULT_CUDA_HOME = "/usr/local/cuda"
+
+
 def find_nvcc():
     env = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     if env and (Path(env) / "bin" / "nvcc").exists():
@@ -41,30 +44,48 @@ def find_nvcc():
     found = shutil.which("nvcc")
     if found:
         return found
-    default = Path("/usr/local/cuda/bin/nvcc")
+    default = Path(DEFAULT_CUDA_HOME) / "bin" / "nvcc"
     return str(default) if default.exists() else None
 
 
 def find_cuda_home(nvcc):
-    """The toolkit root holding cuda_runtime.h and libcudart_static.a (nvcc may be a wrapper)."""
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda",
+    """The toolkit root holding include/cuda_runtime.h (nvcc may be a wrapper), or None."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), DEFAULT_CUDA_HOME,
                   str(Path(nvcc).resolve().parent.parent)]
     for c in candidates:
         if c and (Path(c) / "include" / "cuda_runtime.h").exists():
             return Path(c)
-    raise SystemExit(f"found nvcc at {nvcc} but no CUDA toolkit with include/cuda_runtime.h; set CUDA_HOME")
+    return None
 
 
-def want_cuda():
+def cuda_toolkit():
+    """(nvcc, CUDA home) to build posattn._cuda with, or None for a CPU-only build.
+
+    POSATTN_CUDA=0: None. POSATTN_CUDA=1: both must be found (SystemExit otherwise).
+    auto (default): None, with a warning, when nvcc is missing or found without the CUDA
+    headers (a runtime-only image, a stray wrapper); the CPU module still builds.
+    """
     mode = os.environ.get("POSATTN_CUDA", "auto").lower()
     if mode not in ("0", "1", "auto"):
         raise SystemExit(f"POSATTN_CUDA must be 0, 1 or auto, got {mode!r}")
-    nvcc = find_nvcc()
     if mode == "0":
+        print("posattn: POSATTN_CUDA=0; building without posattn._cuda", flush=True)
         return None
-    if mode == "1" and nvcc is None:
-        raise SystemExit("POSATTN_CUDA=1 but nvcc was not found (set CUDA_HOME or PATH)")
-    return nvcc
+    nvcc = find_nvcc()
+    if nvcc is None:
+        if mode == "1":
+            raise SystemExit("POSATTN_CUDA=1 but nvcc was not found (set CUDA_HOME or PATH)")
+        print("posattn: nvcc not found; building without posattn._cuda (CPU kernels only)", flush=True)
+        return None
+    home = find_cuda_home(nvcc)
+    if home is None:
+        why = f"found nvcc at {nvcc} but no CUDA toolkit with include/cuda_runtime.h (set CUDA_HOME)"
+        if mode == "1":
+            raise SystemExit(f"POSATTN_CUDA=1: {why}")
+        print(f"posattn: warning: {why}; building without posattn._cuda (CPU kernels only)",
+              file=sys.stderr, flush=True)
+        return None
+    return nvcc, home
 
 
 class BuildExt(build_ext):
@@ -115,9 +136,9 @@ def extensions():
             extra_link_args=["-fopenmp"],
         )
     ]
-    nvcc = want_cuda()
-    if nvcc:
-        cuda_home = find_cuda_home(nvcc)
+    toolkit = cuda_toolkit()
+    if toolkit:
+        nvcc, cuda_home = toolkit
         ext = Pybind11Extension(
             "posattn._cuda",
             sources=["csrc/bind_cuda.cpp"] + sorted(str(p.relative_to(ROOT)) for p in (CSRC / "cuda").glob("*.cu")),
@@ -133,9 +154,8 @@ def extensions():
         )
         ext.nvcc = nvcc
         exts.append(ext)
-    else:
-        print("posattn: nvcc not found or POSATTN_CUDA=0; building without posattn._cuda", flush=True)
     return exts
 
 
-setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})
+if __name__ == "__main__":  # setuptools (pip, build_meta) runs this file as __main__; tests import it
+    setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})

@@ -9,6 +9,7 @@
 #include "posattn/rope_cos_sin_args.h"
 #include "cpu/attention_cpu.h"
 #include "cpu/rope_table.h"
+#include "posattn/cuda_launch.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -214,6 +215,47 @@ PYBIND11_MODULE(_C, m) {
   m.def("rope_angle", [](double pos, float inv_freq) { return posattn::rope_angle(pos, inv_freq); });
   m.def("rope_reduce", [](double pos, float inv_freq) { return posattn::rope_reduce(pos, inv_freq); });
   m.def("rope_sincos", [](double r) { double s, c; posattn::rope_sincos_poly(r, s, c); return py::make_tuple(s, c); });
+  // The CUDA launchers' host-side planning (posattn/cuda_launch.h), for tests without a GPU.
+  m.def(
+      "cuda_pick_vec",
+      [](int elem_bytes, int half, bool interleaved, int64_t batch, int64_t seqlen,
+         const std::vector<std::vector<int64_t>>& views) {
+        std::vector<posattn::VecView> vs;
+        for (const auto& v : views) {
+          if (v.size() != 9) throw std::invalid_argument("cuda_pick_vec: a view is 9 integers");
+          vs.push_back(posattn::VecView{reinterpret_cast<const void*>(v[0]), reinterpret_cast<const void*>(v[1]),
+                                        v[2], v[3], v[4], v[5], v[6], v[7], v[8]});
+        }
+        return posattn::pick_vec_width(elem_bytes, half, interleaved, batch, seqlen, vs.data(), int(vs.size()));
+      },
+      py::arg("elem_bytes"), py::arg("half"), py::arg("interleaved"), py::arg("batch"), py::arg("seqlen"),
+      py::arg("views"));
+  m.def(
+      "cuda_cos_sin_plan",
+      [](int64_t tokens, int64_t heads, int half, int acc_bytes, int pairs_per_chunk, int threads, int sm_count) {
+        const auto pl = posattn::cos_sin_launch_plan(tokens, heads, half, acc_bytes, pairs_per_chunk, threads,
+                                                     sm_count);
+        py::dict d;
+        d["threads"] = pl.threads; d["tpb"] = pl.tpb; d["hpb"] = pl.hpb; d["token_blocks"] = pl.token_blocks;
+        d["grid_x"] = pl.grid_x; d["grid_y"] = pl.grid_y; d["smem"] = pl.smem; d["smem_attr"] = pl.smem_attr;
+        return d;
+      },
+      py::arg("tokens"), py::arg("heads"), py::arg("half"), py::arg("acc_bytes"), py::arg("pairs_per_chunk"),
+      py::arg("threads"), py::arg("sm_count"));
+  m.def(
+      "cuda_split_heads",
+      [](int64_t tokens, int64_t heads, int64_t chunks_per_head, int threads, int64_t target) {
+        const auto hs = posattn::split_heads(tokens, heads, chunks_per_head, threads, target);
+        return py::make_tuple(hs.hpb, hs.threads);
+      },
+      py::arg("tokens"), py::arg("heads"), py::arg("chunks_per_head"), py::arg("threads"), py::arg("sm_count"));
+  m.def(
+      "cuda_cos_sin_item",
+      [](int e, int per_tok, int cph, int ppc, int h0) {
+        const auto it = posattn::cos_sin_item(e, per_tok, cph, ppc, h0);
+        return py::make_tuple(it.t, it.h, it.i0);
+      },
+      py::arg("e"), py::arg("per_tok"), py::arg("cph"), py::arg("ppc"), py::arg("h0"));
   m.def("bf16_round", [](float f) { return posattn::to_float(posattn::bf16_from_float(f)); });
   m.def("fp16_round", [](float f) { return posattn::to_float(posattn::half_from_float(f)); });
 }

@@ -11,6 +11,10 @@ PYBIND11_MODULE(_cuda, m) {
   m.doc() = "posattn CUDA kernels (static cudart); raw device pointers and streams as integers";
   m.def("device_count", &posattn::cuda::device_count);
   m.def("runtime_version", &posattn::cuda::runtime_version);
+  m.def("driver_version", &posattn::cuda::driver_version,
+        "the CUDA version the installed driver supports, as cudaDriverGetVersion (0: no driver)");
+  m.def("device_problem", &posattn::cuda::device_problem_text,
+        "why no CUDA device is usable (a driver older than the runtime says both versions); '' when one is");
   m.def(
       "rope_forward",
       [](const std::vector<int64_t>& q, const std::vector<int64_t>& k, const std::vector<int64_t>& dims,

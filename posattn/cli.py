@@ -41,6 +41,7 @@ def _info(args) -> int:
         ok, why = dispatch.backend_status(name)
         backends[name] = {"usable": ok, "note" if ok else "why_not": why}
     info["backends"] = backends
+    info["devices"] = _verification(dispatch)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -49,7 +50,7 @@ def _info(args) -> int:
 
     con = Console()
     for k, v in info.items():
-        if k != "backends":
+        if k not in ("backends", "devices"):
             con.print(f"[bold]{k}[/bold]: {v}")
     t = Table(title="backends")
     t.add_column("backend")
@@ -58,7 +59,57 @@ def _info(args) -> int:
     for name, b in backends.items():
         t.add_row(name, "yes" if b["usable"] else "no", b.get("note") or b.get("why_not") or "")
     con.print(t)
+    v = Table(title="verified here (a tuned entry or shipped config checked against the fp64 reference)")
+    for c in ("device", "backend", "verified", "ops / note"):
+        v.add_column(c)
+    for d in info["devices"]:
+        for name, b in d["backends"].items():
+            v.add_row(f"{d['device']} ({d['name']})", name, "yes" if b["verified"] else "no",
+                      ", ".join(b["ops"]) if b["ops"] else b["note"])
+    con.print(v)
     return 0
+
+
+# backends that can take each device type's tensors (Triton on CPU tensors: the interpreter, by name)
+_DEVICE_BACKENDS = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "triton", "reference")}
+
+
+def _devices() -> list[tuple[str, int | None]]:
+    import torch
+
+    out = [("cpu", None)]
+    if torch.cuda.is_available():
+        out += [("cuda", i) for i in range(torch.cuda.device_count())]
+    return out
+
+
+def _verification(dispatch) -> list[dict]:
+    """Per device and backend: verified there (a tuned entry or shipped config of the current
+    kernel version exists for this device, see dispatch.verified_backends) or not."""
+    from posattn import device as pdev
+
+    rows = []
+    for dtype, index in _devices():
+        dev = pdev.device_for(dtype, index)
+        try:
+            ver = dispatch.verified_backends(dtype, index)
+            err = ""
+        except Exception as e:  # an unreadable cache must not break `posattn info`
+            ver, err = {}, f"tune cache unreadable: {type(e).__name__}: {e}"
+        backends = {}
+        for name in _DEVICE_BACKENDS[dtype]:
+            if name == "reference":
+                backends[name] = {"verified": True, "ops": [], "layers": [], "note": "the fp64 oracle itself"}
+                continue
+            got = ver.get(name)
+            note = err or ("not verified on this device: no tuned entry or shipped config; "
+                           + ("dispatch tries triton first" if (dtype, name) == ("cuda", "cuda")
+                              else "runs with heuristic launch configs"))
+            backends[name] = {"verified": got is not None, "ops": got["ops"] if got else [],
+                              "layers": got["layers"] if got else [], "note": "" if got else note}
+        rows.append({"device": dtype if index is None else f"{dtype}:{index}", "name": dev.name,
+                     "fingerprint": dev.fingerprint, "backends": backends})
+    return rows
 
 
 def _list(args) -> int:

@@ -16,10 +16,24 @@ spec constexprs...). It must have a ``device_type`` attribute.
 
 Choice order: the explicit ``backend=`` argument, then ``use_backend(...)`` /
 ``POSATTN_BACKEND``, then the tuned cache (when the autotuner installed a
-lookup), then the fixed priority ``cuda > triton > cpu > reference`` among
-the backends that are usable here and whose ``supports(key)`` accepts the
-inputs. The decision is memoised per (op, key, requested backend): after the
-first call the hot path is one dict lookup.
+lookup), then the default order :data:`DEFAULT_ORDER`, ``triton > cuda > cpu >
+reference``, among the backends that are usable here and whose
+``supports(key)`` accepts the inputs.
+
+A kernel that has not been verified on this kind of device is never the
+default: the CUDA C++ kernels come after Triton on a GPU, and only a tuned
+entry (which ``posattn tune`` and ``benchmarks/gpu_check.sh`` write only after
+checking each candidate against the fp64 reference, see
+:mod:`posattn.autotune.tuner`) can put them first, for the keys it covers. On
+CPU tensors the order is ``cpu > reference``: the Triton interpreter serves
+them only when asked for by name (each op's Triton ``supports`` refuses them
+otherwise). ``posattn info`` shows, per device and backend, whether a tuned
+entry or shipped config exists (:func:`verified_backends`).
+
+The decision is memoised per (op, key, requested backend, CUDA device index):
+two GPUs of different kinds in one process never share a decision. After the
+first call the hot path is one dict lookup (plus, for CUDA keys whose caller
+does not pass ``device_index``, one read of the current device).
 """
 from __future__ import annotations
 
@@ -31,7 +45,9 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable
 
-BACKENDS: tuple[str, ...] = ("cuda", "triton", "cpu", "reference")
+# the default order without a tuned entry (see the module docstring); also the order of listings
+DEFAULT_ORDER: tuple[str, ...] = ("triton", "cuda", "cpu", "reference")
+BACKENDS: tuple[str, ...] = DEFAULT_ORDER
 _PRIORITY = {name: i for i, name in enumerate(BACKENDS)}
 
 
@@ -202,17 +218,44 @@ def requested_backend(explicit: str | None) -> tuple[str | None, str]:
     return None, ""
 
 
-def select(op: str, key: Hashable, *, backend: str | None = None) -> tuple[Kernel, dict]:
-    """The kernel and launch config to run ``op`` on inputs described by ``key``."""
+def select(op: str, key: Hashable, *, backend: str | None = None,
+           device_index: int | None = None) -> tuple[Kernel, dict]:
+    """The kernel and launch config to run ``op`` on inputs described by ``key``.
+
+    ``device_index``: the CUDA device the inputs live on (``q.device.index``); for a CUDA
+    key without it, the current device. Ignored for other device types.
+    """
     name, source = requested_backend(backend)
-    mk = (op, key, name)
+    if key.device_type == "cuda":
+        if device_index is None:
+            device_index = _cuda_current_index()
+    else:
+        device_index = None
+    mk = (op, key, name, device_index)
     hit = _memo.get(mk)
     if hit is not None:
         return hit
-    result = _select_uncached(op, key, name, source)
+    with _device_scope(device_index):
+        result = _select_uncached(op, key, name, source)
     with _lock:
         _memo[mk] = result
     return result
+
+
+def _cuda_current_index() -> int:
+    import torch
+
+    return torch.cuda.current_device()
+
+
+def _device_scope(index: int | None):
+    """Make CUDA device ``index`` current while a decision is taken (memo miss only): the
+    tuned-cache lookups and the backends' probes describe the current device."""
+    if index is None or index == _cuda_current_index():
+        return contextlib.nullcontext()
+    import torch
+
+    return torch.cuda.device(index)
 
 
 def _config_for(op: str, k: Kernel, key) -> dict:
@@ -310,3 +353,32 @@ def explain(op: str, key) -> list[tuple[str, bool, str]]:
             ok, why = _supports(k, key)
         out.append((bname, ok, why))
     return out
+
+
+def verified_backends(device_type: str, index: int | None = None) -> dict[str, dict]:
+    """Which backends have been verified on this kind of device, per op.
+
+    A backend is verified for an op on a device when a tuned entry (``$POSATTN_TUNE_DIR`` or
+    the user cache, written by ``posattn tune`` / ``benchmarks/gpu_check.sh`` only for configs
+    that matched the fp64 reference) or a shipped config (``posattn/autotune/configs/``) of
+    the current kernel version holds an ``ok`` result for this device's fingerprint / slug.
+
+    Returns ``{backend: {"ops": [op, ...], "layers": [layer name, ...]}}`` for every backend
+    with at least one such entry (the reference, being the oracle, is never listed).
+    """
+    from posattn import device as _device
+    from posattn.autotune import cache as _cache
+
+    dev = _device.device_for(device_type, index)
+    idx = _cache.load_index(dev.fingerprint, dev.slug)
+    reg = kernels()
+    out: dict[str, dict] = {}
+    for (op, bname, version, _items), hit in idx.exact.items():
+        k = reg.get(op, {}).get(bname)
+        if k is None or k.version != version or bname == "reference":
+            continue
+        d = out.setdefault(bname, {"ops": set(), "layers": set()})
+        d["ops"].add(op)
+        d["layers"].add(hit.layer)
+    return {b: {"ops": sorted(d["ops"]), "layers": sorted(d["layers"])}
+            for b, d in sorted(out.items(), key=lambda kv: _PRIORITY[kv[0]])}

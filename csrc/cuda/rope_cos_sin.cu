@@ -1,122 +1,182 @@
-// CUDA rotary kernel reading precomputed cos/sin tables. A block handles
-// `tpb` consecutive tokens: their table rows are converted to fp32 once into
-// shared memory, then the block's threads sweep the (token, head, pair) grid
-// so that consecutive threads touch consecutive elements of a head.
+// CUDA rotary kernel reading precomputed cos/sin tables.
+//
+// Block (x, y) handles `tpb` consecutive tokens and heads [y*hpb, (y+1)*hpb) of
+// q then k (the plan: posattn/cuda_launch.h, cos_sin_launch_plan). The block's
+// tokens' table rows are converted once into shared memory in the compute type
+// (fp32, or fp64 for fp64 q/k), then its threads sweep (token, head, chunk of
+// VEC elements) so that consecutive threads touch consecutive 16-byte vectors;
+// VEC = 16 / sizeof(T) when every pointer and stride allows aligned vector
+// access (pick_vec_width), else narrower. Token blocks beyond gridDim.x (more
+// than 2^31 - 1) are looped over.
 #include <cuda_runtime.h>
 #include <algorithm>
 #include <stdexcept>
 #include <string>
+#include "posattn/cuda_launch.h"
 #include "posattn/rope_cos_sin_math.h"
+#include "cuda_check.cuh"
 #include "rope_cos_sin.h"
 
 namespace posattn {
 namespace cuda {
 
-template <typename T, typename U>
-__global__ void rope_cos_sin_kernel_bshd(CosSinProblem p, int tpb) {
-  // shared: [tpb][c1 | s1 | c2 | s2][half] fp32 tables, then [tpb] batch and [tpb] token indices
-  extern __shared__ float smem[];
+template <typename T, int N>
+struct alignas(sizeof(T) * N) CsVec { T v[N]; };
+
+template <typename T, typename U, int VEC>
+__global__ void rope_cos_sin_kernel(CosSinProblem p, int tpb, int hpb, int64_t token_blocks) {
+  using A = typename CosSinAcc<T>::type;
+  // shared: [tpb][c1 | s1 | c2 | s2][half] tables in A, then [tpb] batch and [tpb] token indices
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  A* smem = reinterpret_cast<A*>(smem_raw);
   const int half = p.rotary_dim / 2;
   int64_t* sm_b = reinterpret_cast<int64_t*>(smem + size_t(tpb) * 4 * half);
   int64_t* sm_s = sm_b + tpb;
   const int64_t ntok = p.batch * p.seqlen;
-  const int64_t tok0 = int64_t(blockIdx.x) * tpb;
-  const int ntb = int(min(int64_t(tpb), ntok - tok0));
-  // the only 64-bit divisions: once per (token, pair) of the tables, never per element of q/k
-  for (int e = threadIdx.x; e < ntb * half; e += blockDim.x) {
-    const int t = e / half, i = e - t * half;
-    const int64_t tok = tok0 + t;
-    const int64_t b = tok / p.seqlen, s = tok - b * p.seqlen;
-    if (i == 0) { sm_b[t] = b; sm_s[t] = s; }
-    const int64_t row = cos_sin_row(p, b, s);
-    float* sm = smem + size_t(t) * 4 * half;
-    cos_sin_load<U>(p, b, row, i, sm[i], sm[half + i], sm[2 * half + i], sm[3 * half + i]);
-  }
-  __syncthreads();
-  const int kh = p.k.in ? int(p.k.heads) : 0;
   const int qh = int(p.q.heads);
-  const int per_tok = (qh + kh) * half;  // < 2^31: heads * pairs of one token
-  for (int e = threadIdx.x; e < ntb * per_tok; e += blockDim.x) {
-    const int t = e / per_tok;
-    const int r = e - t * per_tok;
-    int h = r / half;
-    const int i = r - h * half;
-    const int64_t b = sm_b[t], s = sm_s[t];
-    const CosSinTensor& ten = h < qh ? p.q : p.k;
-    if (h >= qh) h -= qh;
-    const T* x = static_cast<const T*>(ten.in) + b * ten.in_sb + s * ten.in_ss + h * ten.in_sh;
-    T* o = static_cast<T*>(ten.out) + b * ten.out_sb + s * ten.out_ss + h * ten.out_sh;
-    const float* sm = smem + size_t(t) * 4 * half;
-    int i1, i2;
-    cos_sin_pair_index(i, p.rotary_dim, p.interleaved, i1, i2);
-    cos_sin_rotate_pair<T>(x, o, i1, i2, sm[i], sm[half + i], sm[2 * half + i], sm[3 * half + i]);
-  }
-  if (p.copy_tail) {
-    const int tail = int(p.head_dim - p.rotary_dim);
-    const int per_tok_tail = (qh + kh) * tail;
-    for (int e = threadIdx.x; e < ntb * per_tok_tail; e += blockDim.x) {
-      const int t = e / per_tok_tail;
-      const int r = e - t * per_tok_tail;
-      int h = r / tail;
-      const int64_t d = p.rotary_dim + (r - h * tail);
+  const int kh = p.k.in ? int(p.k.heads) : 0;
+  const int h0 = int(blockIdx.y) * hpb;
+  const int nh = min(hpb, qh + kh - h0);
+  const int ppc = p.interleaved ? (VEC > 1 ? VEC / 2 : 1) : VEC;  // pairs per chunk
+  const int cph = half / ppc;                        // chunks per head (ppc divides half)
+  const int per_tok = nh * cph;                      // < 2^31: this block's heads x chunks of one token
+  for (int64_t blk = blockIdx.x; blk < token_blocks; blk += gridDim.x) {
+    const int64_t tok0 = blk * tpb;
+    const int ntb = int(min(int64_t(tpb), ntok - tok0));
+    // the only 64-bit divisions: once per (token, pair) of the tables, never per element of q/k
+    for (int e = threadIdx.x; e < ntb * half; e += blockDim.x) {
+      const int t = e / half, i = e - t * half;
+      const int64_t tok = tok0 + t;
+      const int64_t b = tok / p.seqlen, s = tok - b * p.seqlen;
+      if (i == 0) { sm_b[t] = b; sm_s[t] = s; }
+      const int64_t row = cos_sin_row(p, b, s);
+      A* sm = smem + size_t(t) * 4 * half;
+      cos_sin_load<U, A>(p, b, row, i, sm[i], sm[half + i], sm[2 * half + i], sm[3 * half + i]);
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < ntb * per_tok; e += blockDim.x) {
+      const CosSinItem it = cos_sin_item(e, per_tok, cph, ppc, h0);
+      const int t = it.t, i0 = it.i0;
+      int h = it.h;
       const int64_t b = sm_b[t], s = sm_s[t];
       const CosSinTensor& ten = h < qh ? p.q : p.k;
       if (h >= qh) h -= qh;
-      static_cast<T*>(ten.out)[b * ten.out_sb + s * ten.out_ss + h * ten.out_sh + d] =
-          static_cast<const T*>(ten.in)[b * ten.in_sb + s * ten.in_ss + h * ten.in_sh + d];
+      const T* x = static_cast<const T*>(ten.in) + b * ten.in_sb + s * ten.in_ss + h * ten.in_sh;
+      T* o = static_cast<T*>(ten.out) + b * ten.out_sb + s * ten.out_ss + h * ten.out_sh;
+      const A* c1 = smem + size_t(t) * 4 * half;
+      const A* s1 = c1 + half;
+      const A* c2 = s1 + half;
+      const A* s2 = c2 + half;
+      if constexpr (VEC > 1) {
+        if (!p.interleaved) {  // VEC pairs: x1 = x[i0 .. i0+VEC), x2 = x[half+i0 ..)
+          const CsVec<T, VEC> v1 = *reinterpret_cast<const CsVec<T, VEC>*>(x + i0);
+          const CsVec<T, VEC> v2 = *reinterpret_cast<const CsVec<T, VEC>*>(x + i0 + half);
+          CsVec<T, VEC> o1, o2;
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) {
+            const A x1 = acc_load<A>(v1.v[j]), x2 = acc_load<A>(v2.v[j]);
+            o1.v[j] = acc_store<T>(x1 * c1[i0 + j] - x2 * s1[i0 + j]);
+            o2.v[j] = acc_store<T>(x2 * c2[i0 + j] + x1 * s2[i0 + j]);
+          }
+          *reinterpret_cast<CsVec<T, VEC>*>(o + i0) = o1;
+          *reinterpret_cast<CsVec<T, VEC>*>(o + i0 + half) = o2;
+        } else {  // VEC/2 pairs (2i, 2i+1) in one vector
+          const CsVec<T, VEC> v = *reinterpret_cast<const CsVec<T, VEC>*>(x + 2 * i0);
+          CsVec<T, VEC> ov;
+#pragma unroll
+          for (int j = 0; j < VEC / 2; ++j) {
+            const A x1 = acc_load<A>(v.v[2 * j]), x2 = acc_load<A>(v.v[2 * j + 1]);
+            ov.v[2 * j] = acc_store<T>(x1 * c1[i0 + j] - x2 * s1[i0 + j]);
+            ov.v[2 * j + 1] = acc_store<T>(x2 * c2[i0 + j] + x1 * s2[i0 + j]);
+          }
+          *reinterpret_cast<CsVec<T, VEC>*>(o + 2 * i0) = ov;
+        }
+      } else {
+        int i1, i2;
+        cos_sin_pair_index(i0, p.rotary_dim, p.interleaved, i1, i2);
+        cos_sin_rotate_pair<T, A>(x, o, i1, i2, c1[i0], s1[i0], c2[i0], s2[i0]);
+      }
     }
+    if (p.copy_tail) {
+      const int tail = int(p.head_dim - p.rotary_dim);
+      const int per_tok_tail = nh * tail;
+      for (int e = threadIdx.x; e < ntb * per_tok_tail; e += blockDim.x) {
+        const int t = e / per_tok_tail;
+        const int r = e - t * per_tok_tail;
+        int h = r / tail;
+        const int64_t d = p.rotary_dim + (r - h * tail);
+        h += h0;
+        const int64_t b = sm_b[t], s = sm_s[t];
+        const CosSinTensor& ten = h < qh ? p.q : p.k;
+        if (h >= qh) h -= qh;
+        static_cast<T*>(ten.out)[b * ten.out_sb + s * ten.out_ss + h * ten.out_sh + d] =
+            static_cast<const T*>(ten.in)[b * ten.in_sb + s * ten.in_ss + h * ten.in_sh + d];
+      }
+    }
+    __syncthreads();  // the next token block overwrites the shared tables
   }
 }
 
-static void check_device() {
-  int n = 0;
-  cudaError_t err = cudaGetDeviceCount(&n);
-  if (err != cudaSuccess || n == 0) {
-    cudaGetLastError();
-    throw std::runtime_error(
-        std::string("posattn._cuda: no CUDA device is available (cudaGetDeviceCount: ") +
-        (err == cudaSuccess ? "0 devices" : cudaGetErrorString(err)) + ")");
+static VecView vec_view(const CosSinTensor& t) {
+  return VecView{t.in, t.out, t.in ? t.heads : 0, t.in_sb, t.in_ss, t.in_sh, t.out_sb, t.out_ss, t.out_sh};
+}
+
+constexpr const char* kWhere = "posattn._cuda.rope_cos_sin_forward";
+
+template <typename T, typename U, int VEC>
+static void launch_vec(const CosSinProblem& p, int threads, cudaStream_t st) {
+  using A = typename CosSinAcc<T>::type;
+  const int half = p.rotary_dim / 2;
+  const int64_t heads = p.q.heads + (p.k.in ? p.k.heads : 0);
+  const int ppc = p.interleaved ? (VEC > 1 ? VEC / 2 : 1) : VEC;
+  const CosSinLaunchPlan pl = cos_sin_launch_plan(p.batch * p.seqlen, heads, half, int(sizeof(A)), ppc,
+                                                  threads, sm_count());
+  auto kernel = rope_cos_sin_kernel<T, U, VEC>;
+  if (pl.smem_attr) allow_smem(kernel, pl.smem, kWhere);
+  const dim3 grid(static_cast<unsigned>(pl.grid_x), static_cast<unsigned>(pl.grid_y));
+  kernel<<<grid, pl.threads, size_t(pl.smem), st>>>(p, pl.tpb, pl.hpb, pl.token_blocks);
+}
+
+template <typename T, typename U>
+static void launch_typed(const CosSinProblem& p, int threads, cudaStream_t st) {
+  const VecView views[2] = {vec_view(p.q), vec_view(p.k)};
+  const int vec = pick_vec_width(int(sizeof(T)), p.rotary_dim / 2, p.interleaved, p.batch, p.seqlen,
+                                 views, 2);
+  switch (vec) {
+    case 8: if constexpr (sizeof(T) <= 2) { launch_vec<T, U, 8>(p, threads, st); return; } break;
+    case 4: if constexpr (sizeof(T) <= 4) { launch_vec<T, U, 4>(p, threads, st); return; } break;
+    case 2: launch_vec<T, U, 2>(p, threads, st); return;
+    default: break;
   }
+  launch_vec<T, U, 1>(p, threads, st);
 }
 
 template <typename T>
-static void launch_table(const CosSinProblem& p, int table_dtype, dim3 grid, int threads,
-                         size_t smem, cudaStream_t st, int tpb) {
+static void launch_table(const CosSinProblem& p, int table_dtype, int threads, cudaStream_t st) {
   switch (table_dtype) {
-    case kFloat32: rope_cos_sin_kernel_bshd<T, float><<<grid, threads, smem, st>>>(p, tpb); break;
-    case kFloat16: rope_cos_sin_kernel_bshd<T, half_t><<<grid, threads, smem, st>>>(p, tpb); break;
-    case kBFloat16: rope_cos_sin_kernel_bshd<T, bf16_t><<<grid, threads, smem, st>>>(p, tpb); break;
-    case kFloat64: rope_cos_sin_kernel_bshd<T, double><<<grid, threads, smem, st>>>(p, tpb); break;
+    case kFloat32: launch_typed<T, float>(p, threads, st); break;
+    case kFloat16: launch_typed<T, half_t>(p, threads, st); break;
+    case kBFloat16: launch_typed<T, bf16_t>(p, threads, st); break;
+    case kFloat64: launch_typed<T, double>(p, threads, st); break;
     default: throw std::invalid_argument("posattn._cuda.rope_cos_sin_forward: unsupported table dtype code");
   }
 }
 
 void rope_cos_sin_forward(const CosSinProblem& p, int dtype, int table_dtype, int threads,
                           int64_t stream) {
-  check_device();
+  check_device(kWhere);
   const int64_t ntok = p.batch * p.seqlen;
   if (ntok == 0) return;
-  if (threads <= 0) threads = 256;
-  const int half = p.rotary_dim / 2;
-  const int64_t per_tok = (p.q.heads + (p.k.in ? p.k.heads : 0)) * int64_t(half);
-  // enough tokens per block to keep every thread busy when heads * pairs is small
-  // (shared memory kept under 32 KiB: 4 fp32 rows of `half` entries per token)
-  const int64_t max_tpb = std::max<int64_t>(1, 32768 / (16 * std::max(half, 1)));
-  int tpb = int(std::max<int64_t>(1, std::min<int64_t>(max_tpb, threads / std::max<int64_t>(per_tok, 1))));
-  const size_t smem = sizeof(float) * size_t(4 * half) * size_t(tpb) + 2 * sizeof(int64_t) * size_t(tpb);
   auto st = reinterpret_cast<cudaStream_t>(stream);
-  dim3 grid(static_cast<unsigned>((ntok + tpb - 1) / tpb));
+  check_pending(kWhere);
   switch (dtype) {
-    case kFloat32: launch_table<float>(p, table_dtype, grid, threads, smem, st, tpb); break;
-    case kFloat16: launch_table<half_t>(p, table_dtype, grid, threads, smem, st, tpb); break;
-    case kBFloat16: launch_table<bf16_t>(p, table_dtype, grid, threads, smem, st, tpb); break;
-    case kFloat64: launch_table<double>(p, table_dtype, grid, threads, smem, st, tpb); break;
+    case kFloat32: launch_table<float>(p, table_dtype, threads, st); break;
+    case kFloat16: launch_table<half_t>(p, table_dtype, threads, st); break;
+    case kBFloat16: launch_table<bf16_t>(p, table_dtype, threads, st); break;
+    case kFloat64: launch_table<double>(p, table_dtype, threads, st); break;
     default: throw std::invalid_argument("posattn._cuda.rope_cos_sin_forward: unsupported dtype code");
   }
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("posattn._cuda.rope_cos_sin_forward launch failed: ") +
-                             cudaGetErrorString(err));
+  check_launch(kWhere);
 }
 
 }  // namespace cuda

@@ -1,6 +1,8 @@
 // CUDA rotary kernel (positions x RopeTables, or explicit angles; sign +-1).
 //
-// One block per (batch, token). The token's cos/sin table ([rows, R/2], and a
+// Block (x, y) handles token x and heads [y*hpb, (y+1)*hpb) of q then k (y > 0
+// only for decode-size calls, fewer tokens than SMs: split_heads in
+// posattn/cuda_launch.h). The token's cos/sin table ([rows, R/2], and a
 // second one for keys when the DPE query offset makes them differ) is computed
 // once into shared memory: exact fp64 range reduction (rope_math.h), then
 // sincosf on the reduced fp32 angle in [-pi, pi]. The block's threads then sweep
@@ -9,9 +11,12 @@
 // aligned vector access, else 1. Tables too large for shared memory are
 // evaluated per element instead.
 #include <cuda_runtime.h>
+#include <algorithm>
 #include <stdexcept>
 #include <string>
+#include "posattn/cuda_launch.h"
 #include "posattn/rope_math.h"
+#include "cuda_check.cuh"
 #include "rope_cuda.h"
 
 namespace posattn {
@@ -56,7 +61,7 @@ __device__ __forceinline__ void pair_cos_sin(const RopeProblem& p, int64_t b, in
 // SMEM_TABLE (compile time, so that the common path carries no inlined per-element
 // angle code and stays lean in registers): the token's cos/sin table sits in shared memory.
 template <typename T, int VEC, bool SMEM_TABLE>
-__global__ void rope_kernel_bshd(RopeProblem p) {
+__global__ void rope_kernel_bshd(RopeProblem p, int hpb) {
   using A = typename Acc<T>::type;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   A* smem = reinterpret_cast<A*>(smem_raw);
@@ -80,13 +85,16 @@ __global__ void rope_kernel_bshd(RopeProblem p) {
   }
   const int64_t hq = p.q.in ? p.q.heads : 0;
   const int64_t hk = p.k.in ? p.k.heads : 0;
+  const int64_t h0 = int64_t(blockIdx.y) * hpb;            // this block's heads: [h0, h0 + nh)
+  const int64_t nh = min(int64_t(hpb), hq + hk - h0);
   // VEC pairs per chunk for half-split (x1 and x2 each one vector), VEC/2 for interleaved
   const int ppc = p.interleaved ? (VEC > 1 ? VEC / 2 : 1) : VEC;
   const int chunks = half / ppc;
-  const int64_t total = (hq + hk) * chunks;
+  const int64_t total = nh * chunks;
   for (int64_t e = threadIdx.x; e < total; e += blockDim.x) {
     int64_t h = e / chunks;
     const int i0 = int(e - h * chunks) * ppc;
+    h += h0;
     const bool is_q = h < hq;
     const RopeTensor& t = is_q ? p.q : p.k;
     if (!is_q) h -= hq;
@@ -135,26 +143,16 @@ __global__ void rope_kernel_bshd(RopeProblem p) {
   }
   if (p.copy_tail) {
     const int64_t tail = p.head_dim - p.rotary_dim;
-    const int64_t ttotal = (hq + hk) * tail;
+    const int64_t ttotal = nh * tail;
     for (int64_t e = threadIdx.x; e < ttotal; e += blockDim.x) {
       int64_t h = e / tail;
       const int64_t d = p.rotary_dim + (e - h * tail);
+      h += h0;
       const RopeTensor& t = h < hq ? p.q : p.k;
       if (h >= hq) h -= hq;
       static_cast<T*>(t.out)[b * t.out_sb + s * t.out_ss + h * t.out_sh + d] =
           static_cast<const T*>(t.in)[b * t.in_sb + s * t.in_ss + h * t.in_sh + d];
     }
-  }
-}
-
-static void check_device() {
-  int n = 0;
-  cudaError_t err = cudaGetDeviceCount(&n);
-  if (err != cudaSuccess || n == 0) {
-    cudaGetLastError();  // clear the error state
-    throw std::runtime_error(
-        std::string("posattn._cuda: no CUDA device is available (cudaGetDeviceCount: ") +
-        (err == cudaSuccess ? "0 devices" : cudaGetErrorString(err)) + ")");
   }
 }
 
@@ -170,27 +168,17 @@ int runtime_version() {
   return v;
 }
 
-static bool aligned(const void* ptr, int bytes) { return (reinterpret_cast<uintptr_t>(ptr) % bytes) == 0; }
+static VecView vec_view(const RopeTensor& t) {
+  return VecView{t.in, t.out, t.in ? t.heads : 0, t.in_sb, t.in_ss, t.in_sh, t.out_sb, t.out_ss, t.out_sh};
+}
 
-// The widest vector (in elements) every tensor's pointers and strides allow.
+// The widest vector (in elements) every tensor's pointers and strides allow (strides of
+// size-1 dimensions ignored: posattn/cuda_launch.h).
 template <typename T>
 static int pick_vec(const RopeProblem& p) {
-  int vec = int(16 / sizeof(T));
-  const int half = p.rotary_dim / 2;
-  auto ok = [&](int v) {
-    const int bytes = v * int(sizeof(T));
-    if (p.interleaved ? (half % (v / 2) != 0) : (half % v != 0)) return false;
-    for (const RopeTensor* t : {&p.q, &p.k}) {
-      if (!t->in || t->heads == 0) continue;
-      if (!aligned(t->in, bytes) || !aligned(t->out, bytes)) return false;
-      for (int64_t st : {t->in_sb, t->in_ss, t->in_sh, t->out_sb, t->out_ss, t->out_sh})
-        if (st % v) return false;
-    }
-    return true;
-  };
-  while (vec > 1 && !ok(vec)) vec /= 2;
-  if (p.interleaved && vec < 2) vec = 1;
-  return vec;
+  const VecView views[2] = {vec_view(p.q), vec_view(p.k)};
+  return pick_vec_width(int(sizeof(T)), p.rotary_dim / 2, p.interleaved, p.batch, p.seqlen,
+                        views, 2);
 }
 
 template <typename T>
@@ -202,26 +190,49 @@ static void launch_typed(const RopeProblem& p, int threads, cudaStream_t st) {
   const int64_t bytes = nt * int64_t(sizeof(typename Acc<T>::type));
   const bool smem_table = bytes <= kMaxSmemBytes;
   const size_t smem = smem_table ? size_t(bytes) : 0;
-  dim3 grid(static_cast<unsigned>(ntok));
+  const int vec = smem_table ? pick_vec<T>(p) : 1;
+  const int ppc = p.interleaved ? (vec > 1 ? vec / 2 : 1) : vec;
+  const int64_t heads = (p.q.in ? p.q.heads : 0) + (p.k.in ? p.k.heads : 0);
+  // every block computes its token's whole table: split a token's heads over blocks only
+  // when there are fewer tokens than SMs (decode), never for prefill
+  int hpb = int(std::max<int64_t>(heads, 1));
+  const int sms = sm_count();
+  if (ntok < sms) {
+    const HeadSplit hs = split_heads(ntok, heads, (p.rotary_dim / 2) / ppc, threads, sms);
+    hpb = int(hs.hpb);
+    threads = hs.threads;
+  }
+  dim3 grid(static_cast<unsigned>(ntok), static_cast<unsigned>((heads + hpb - 1) / hpb));
   if (!smem_table) {  // huge per-head tables: angles per element, unvectorised (rare)
-    rope_kernel_bshd<T, 1, false><<<grid, threads, 0, st>>>(p);
+    rope_kernel_bshd<T, 1, false><<<grid, threads, 0, st>>>(p, hpb);
     return;
   }
-  switch (pick_vec<T>(p)) {
-    case 8: rope_kernel_bshd<T, 8, true><<<grid, threads, smem, st>>>(p); break;
-    case 4: rope_kernel_bshd<T, 4, true><<<grid, threads, smem, st>>>(p); break;
-    case 2: rope_kernel_bshd<T, 2, true><<<grid, threads, smem, st>>>(p); break;
-    default: rope_kernel_bshd<T, 1, true><<<grid, threads, smem, st>>>(p); break;
+  switch (vec) {
+    case 8: rope_kernel_bshd<T, 8, true><<<grid, threads, smem, st>>>(p, hpb); break;
+    case 4: rope_kernel_bshd<T, 4, true><<<grid, threads, smem, st>>>(p, hpb); break;
+    case 2: rope_kernel_bshd<T, 2, true><<<grid, threads, smem, st>>>(p, hpb); break;
+    default: rope_kernel_bshd<T, 1, true><<<grid, threads, smem, st>>>(p, hpb); break;
   }
 }
 
+int driver_version() {
+  int v = 0;
+  if (cudaDriverGetVersion(&v) != cudaSuccess) { cudaGetLastError(); return 0; }
+  return v;
+}
+
+std::string device_problem_text() { return device_problem(); }
+
 void rope_forward(const RopeProblem& p, int dtype, int threads, int64_t stream) {
-  check_device();
+  constexpr const char* kWhere = "posattn._cuda.rope_forward";
+  check_device(kWhere);
   const int64_t ntok = p.batch * p.seqlen;
   if (ntok == 0) return;
   if (ntok > int64_t(0x7fffffff)) throw std::invalid_argument("posattn._cuda.rope_forward: too many tokens");
   if (threads <= 0) threads = 128;
+  threads = std::min(threads, 1024);
   auto st = reinterpret_cast<cudaStream_t>(stream);
+  check_pending(kWhere);
   switch (dtype) {
     case kFloat32: launch_typed<float>(p, threads, st); break;
     case kFloat16: launch_typed<half_t>(p, threads, st); break;
@@ -229,10 +240,7 @@ void rope_forward(const RopeProblem& p, int dtype, int threads, int64_t stream) 
     case kFloat64: launch_typed<double>(p, threads, st); break;
     default: throw std::invalid_argument("posattn._cuda.rope_forward: unsupported dtype code");
   }
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("posattn._cuda.rope_forward launch failed: ") +
-                             cudaGetErrorString(err));
+  check_launch(kWhere);
 }
 
 }  // namespace cuda

@@ -46,21 +46,32 @@ class Lookups:
 
     def __init__(self, mode: str):
         self.mode = mode
-        self._indexes: dict[str, tuple] = {}   # device_type -> (Device, Index)
-        self._memo: dict = {}                  # (op, backend, version, key) -> config or None
+        self._indexes: dict[tuple, tuple] = {}  # (device_type, CUDA index) -> (Device, Index)
+        self._memo: dict = {}                  # (op, backend, version, key, CUDA index) -> config or None
         self._tuned: set = set()               # (op, key, backend) tuned by this process
         self._lock = threading.RLock()
         self._busy = threading.local()
 
     # -- indexes -------------------------------------------------------------
 
+    @staticmethod
+    def _where(device_type: str) -> tuple:
+        """(device_type, current CUDA index or None): dispatch makes the inputs' device
+        current before it calls the hooks, so two GPUs of different kinds never share an index."""
+        if device_type != "cuda":
+            return (device_type, None)
+        import torch
+
+        return (device_type, torch.cuda.current_device())
+
     def index(self, device_type: str):
-        got = self._indexes.get(device_type)
+        where = self._where(device_type)
+        got = self._indexes.get(where)
         if got is None:
             from posattn.autotune import fingerprint
 
             with self._lock:
-                dev = fingerprint.device_for(device_type)
+                dev = fingerprint.device_for(device_type, where[1])
                 idx = _cache.load_index(dev.fingerprint, dev.slug)
                 if not idx.layers:
                     _cache.log_once(logging.INFO, "posattn autotune: no tuned configs for %s (%s); "
@@ -70,7 +81,7 @@ class Lookups:
                     _cache.log_once(logging.INFO, "posattn autotune: no configs tuned on this machine for %s; "
                                     "using the shipped configs %s", dev.fingerprint, idx.layers[0][1])
                 got = (dev, idx)
-                self._indexes[device_type] = got
+                self._indexes[where] = got
         return got
 
     def invalidate(self) -> None:
@@ -82,7 +93,7 @@ class Lookups:
     # -- hooks ---------------------------------------------------------------
 
     def config(self, op: str, kernel, key) -> dict | None:
-        mk = (op, kernel.backend, kernel.version, key)
+        mk = (op, kernel.backend, kernel.version, key, self._where(key.device_type)[1])
         got = self._memo.get(mk, _MISS)
         if got is not _MISS:
             return got
@@ -155,7 +166,7 @@ class Lookups:
                             op, key, type(e).__name__, e)
             finally:
                 self._busy.on = False
-            self._indexes.pop(key.device_type, None)
+            self._indexes.pop(self._where(key.device_type), None)
             self._memo.clear()
 
 

@@ -15,10 +15,43 @@ _cuda, _why = native.load("_cuda")
 def status() -> tuple[bool, str]:
     if _cuda is None:
         return False, _why
-    n = _cuda.device_count()
-    if n == 0:
-        return False, "posattn._cuda is built but no CUDA device is visible"
-    if not torch.cuda.is_available():
+    return status_from(probe())
+
+
+def probe() -> dict:
+    """What the module and torch see: device count, the CUDA version the driver supports and
+    the one the module was built with (cudaDriverGetVersion / cudaRuntimeGetVersion, e.g.
+    12040 for 12.4; driver 0: none installed), the module's own diagnosis, torch's view."""
+    return {"count": _cuda.device_count(), "driver": int(getattr(_cuda, "driver_version", lambda: 0)()),
+            "runtime": int(_cuda.runtime_version()), "problem": str(getattr(_cuda, "device_problem", lambda: "")()),
+            "torch": bool(torch.cuda.is_available())}
+
+
+def cuda_version_text(v: int) -> str:
+    return f"{v // 1000}.{(v % 1000) // 10}"
+
+
+def status_from(p: dict) -> tuple[bool, str]:
+    """(usable, why not) from a probe(): a driver older than the module's runtime is named as
+    such, with both versions, rather than as "no device"."""
+    if p["count"] == 0:
+        drv, rt = p["driver"], p["runtime"]
+        # within one major version a newer runtime runs on an older driver (CUDA's minor
+        # version compatibility); across majors, or when the runtime says so, it does not
+        too_old = drv > 0 and rt > drv and (rt // 1000 > drv // 1000 or "insufficient" in p["problem"].lower()
+                                             or "driver supports" in p["problem"])
+        if too_old:
+            return False, (f"posattn._cuda was built with CUDA {cuda_version_text(rt)} (runtime {rt}), which needs a "
+                           f"driver supporting CUDA {cuda_version_text(rt)} or newer; the installed driver supports "
+                           f"CUDA {cuda_version_text(drv)} (driver version {drv}): update the driver, or rebuild "
+                           "posattn with a CUDA toolkit the driver supports (CUDA_HOME=... pip install -e .)")
+        if drv == 0 and not p["torch"]:
+            return False, "posattn._cuda is built but no CUDA driver is installed (no GPU here)"
+        return False, ("posattn._cuda is built but no CUDA device is visible"
+                       + (f" ({p['problem']})" if p["problem"] else "")
+                       + (f"; driver supports CUDA {cuda_version_text(drv)}, runtime is {cuda_version_text(rt)}"
+                          if drv > 0 else ""))
+    if not p["torch"]:
         return False, "torch cannot see a CUDA device (CPU build of torch?)"
     return True, ""
 

@@ -124,11 +124,13 @@ def cuda_search_space(key) -> list[dict]:
 
 def cuda_config_ok(key, config: dict) -> bool:
     """Prune: a block holds threads // (heads * pairs) tokens (at least one; at most the
-    tokens there are and what fits the kernel's 32 KiB of shared tables); a block more
-    than twice as wide as that work only idles threads."""
+    tokens there are and what fits the kernel's 32 KiB of shared table rows, fp32 or fp64);
+    a block more than twice as wide as that work only idles threads. (The launcher's plan,
+    csrc/include/posattn/cuda_launch.h, also splits heads over blocks for decode sizes.)"""
     t = int(config["threads"])
     half = max(1, int(key.rotary_dim) // 2)
     pairs = max(1, (int(key.heads_q) + int(key.heads_k)) * half)
-    max_tokens = max(1, 32768 // (16 * half))  # as in csrc/cuda/rope_cos_sin.cu
+    acc_bytes = 8 if key.dtype == "float64" else 4
+    max_tokens = max(1, 32768 // (4 * half * acc_bytes + 16))  # as cos_sin_launch_plan
     per_block = max(1, min(max_tokens, int(key.tokens_bucket), t // pairs))
     return t % 32 == 0 and t <= 1024 and (t <= 128 or t <= 2 * per_block * pairs)

@@ -74,7 +74,8 @@ def apply_rope_cos_sin(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tenso
     Args:
         q: [B, S, Hq, D] (layout "bshd"), [B, Hq, S, D] ("bhsd") or packed [T, Hq, D] ("thd").
         k: the same layout with Hk heads, or None.
-        cos, sin: the tables, same shape and dtype (any float dtype; the math is fp32):
+        cos, sin: the tables, same shape and dtype (any float dtype; the math is fp32, or fp64 on
+            every backend when q/k are fp64):
 
             * per token (``positions=None``): ``[S, W]`` or ``[B or 1, S, W]`` (``[T, W]`` for "thd");
             * a cache indexed by ``positions``: ``[N, W]`` or ``[B or 1, N, W]``.
@@ -367,7 +368,7 @@ def _launch(q, k, qo_t, ko_t, tab_a, tab_b, positions, R, form, layout, interlea
         if check_bounds:
             _check_positions_in_range(pos2, c1.shape[1])
     key = _key_for(q, q4, k4, c1, c2, pos2, R, interleaved)
-    kernel, config = dispatch.select("rope_cos_sin", key, backend=backend)
+    kernel, config = dispatch.select("rope_cos_sin", key, backend=backend, device_index=q.device.index)
 
     qi, qo, qback = _io(q4, q4 if qo_t is q else _as_bshd(qo_t, layout))
     ki = ko = kback = None
@@ -423,7 +424,7 @@ class _CosSinPlan:
         c1, s1, c2, s2 = _table_views(tab_a, tab_b, R, form, interleaved, False)
         pos2 = None if positions is None else _positions_2d(positions, q4.shape[0], q4.shape[1], layout)
         self.kernel, self.config = dispatch.select("rope_cos_sin", _key_for(q, q4, k4, c1, c2, pos2, R, interleaved),
-                                                   backend=backend)
+                                                   backend=backend, device_index=q.device.index)
         self.fn = self.kernel.fn
         self.R, self.form, self.layout, self.interleaved = R, form, layout, interleaved
         self.inplace, self.check_bounds = inplace, check_bounds
@@ -649,9 +650,7 @@ def _triton_supports(key: CosSinKey, explicit: bool = False):
     why = tk.device_refusal(key.device_type, explicit)
     if why:
         return False, why
-    if key.dtype == "float64":
-        return False, "float64 q/k are not compiled for Triton"
-    return True, ""
+    return (True, "") if key.dtype in _DTYPES else (False, f"dtype {key.dtype}")
 
 
 def _triton_fn(*args):
@@ -674,6 +673,7 @@ dispatch.register("rope_cos_sin", "cpu", supports=_cpu_supports,
 dispatch.register("rope_cos_sin", "cuda", supports=_cuda_supports, default_config=lambda key: {"threads": 256},
                   dtypes=_DTYPES, search_space=native_kernels.cuda_search_space)(native_kernels.cuda_forward)
 dispatch.register("rope_cos_sin", "triton", supports=_triton_supports, default_config=_triton_default,
+                  dtypes=_DTYPES,
                   search_space=lambda key: __import__(  # lazy: importing triton waits for a Triton launch
                       "posattn.kernels.triton.rope_cos_sin", fromlist=["_"]).rope_cos_sin_search_space(key)
                   )(_triton_fn)

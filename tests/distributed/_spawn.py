@@ -18,6 +18,9 @@ def _entry(rank, world, init_file, fn, args):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         fn(rank, world, *args)
+        # every rank's sends have been consumed before any rank tears its group down: gloo
+        # aborts a process (std::terminate) whose pair sockets close under a pending transfer
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -66,3 +66,43 @@ def test_module_carries_sm80_sm90a_code_and_ptx():
     ptx = subprocess.run([tool, "--list-ptx", m.__file__], capture_output=True, text=True).stdout
     assert "sm_80" in elf and "sm_90a" in elf, elf
     assert "sm_90" in ptx, ptx
+
+
+def test_driver_older_than_the_runtime_is_named(monkeypatch):
+    """A module built with CUDA 13.0 on a driver that supports 12.4: the status says so, with
+    both versions, instead of "no CUDA device is visible" (probe monkeypatched; no GPU needed)."""
+    monkeypatch.setattr(ck, "_cuda", object())  # "built"
+    monkeypatch.setattr(ck, "probe", lambda: {"count": 0, "driver": 12040, "runtime": 13000,
+                                               "problem": "", "torch": False})
+    ok, why = ck.status()
+    assert not ok
+    assert "CUDA 13.0" in why and "CUDA 12.4" in why and "12040" in why and "13000" in why
+    assert "update the driver" in why and "no CUDA device is visible" not in why
+    # a new enough driver without a device is "no device"; none at all says so
+    monkeypatch.setattr(ck, "probe", lambda: {"count": 0, "driver": 13000, "runtime": 13000, "problem": "",
+                                               "torch": False})
+    assert "no CUDA device is visible" in ck.status()[1]
+    # same major version, older minor: compatible, so not blamed on the driver without the runtime's verdict
+    monkeypatch.setattr(ck, "probe", lambda: {"count": 0, "driver": 13000, "runtime": 13010, "problem": "",
+                                               "torch": False})
+    assert "no CUDA device is visible" in ck.status()[1] and "13.0" in ck.status()[1]
+    insufficient = "CUDA driver version is insufficient for CUDA runtime version"
+    monkeypatch.setattr(ck, "probe", lambda: {"count": 0, "driver": 13000, "runtime": 13010, "torch": False,
+                                               "problem": insufficient})
+    assert "update the driver" in ck.status()[1]
+    monkeypatch.setattr(ck, "probe", lambda: {"count": 0, "driver": 0, "runtime": 13000, "problem": "",
+                                               "torch": False})
+    assert "no CUDA driver is installed" in ck.status()[1]
+    monkeypatch.setattr(ck, "probe", lambda: {"count": 1, "driver": 13000, "runtime": 13000, "problem": "",
+                                               "torch": True})
+    assert ck.status() == (True, "")
+
+
+def test_module_reports_driver_and_its_diagnosis():
+    m = _mod()
+    assert m.driver_version() >= 0
+    if m.device_count() == 0:
+        why = m.device_problem()
+        assert why  # says why no device is usable
+        if m.driver_version() == 0:
+            assert "no CUDA driver" in why

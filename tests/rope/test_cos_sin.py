@@ -412,6 +412,15 @@ for name, fn, sig, constexprs, num_warps in tr.aot_specializations(head_dims=(92
                      options={"num_warps": num_warps})
         assert k.asm.get("ptx") and k.asm.get("cubin"), (name, arch)
         n += 1
+# fp64 q/k compute in fp64 (FP64 constexpr): one specialisation per table dtype
+for name, fn, sig, constexprs, num_warps in list(tr.aot_specializations(
+        head_dims=(80,), dtypes=(torch.float64,), table_dtypes=("fp32", "fp64")))[:8:4]:
+    assert constexprs["FP64"] and "fp64" in name
+    k = tcompile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+                 options={"num_warps": num_warps})
+    assert k.asm.get("cubin"), name
+    assert ".f64" in k.asm["ptx"], name
+    n += 1
 print("compiled", n)
 """
 
@@ -447,3 +456,30 @@ def test_bench_cases_registered_and_checked():
         out = op.impls[name].factory(inp, "cpu")()
         for o, r in zip(out, ref):
             assert_close(o, r, torch.float32, msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("table_dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("interleaved", [False, True], ids=["half", "inter"])
+def test_fp64_qk_are_computed_in_fp64(backend, table_dtype, interleaved):
+    """fp64 q/k: every backend computes in fp64 (never through fp32), so the result equals the
+    fp64 oracle to 1e-12 (an fp32 detour is off by ~1e-7). Per-token tables and a cache."""
+    B, S, HQ, HK, D, R = 2, 7, 3, 1, 80, 48
+    q, k = make_qk("bshd", B, S, HQ, HK, D, torch.float64)
+    ang = angles(B, S, R // 2)
+    cos, sin = ang.cos().to(table_dtype).to(DEVICE), ang.sin().to(table_dtype).to(DEVICE)
+    qo, ko = posattn.apply_rope_cos_sin(q, k, cos, sin, interleaved=interleaved, backend=backend)
+    cf, sf = to_full(cos.cpu(), interleaved), to_full(sin.cpu(), interleaved)
+    assert qo.dtype == torch.float64 and ko.dtype == torch.float64
+    torch.testing.assert_close(qo.cpu(), oracle(q, cf, sf, interleaved), rtol=0, atol=1e-12)
+    torch.testing.assert_close(ko.cpu(), oracle(k, cf, sf, interleaved), rtol=0, atol=1e-12)
+    # a cache indexed by positions, one shared by the batch
+    N = 11
+    cang = angles(N, R // 2)
+    cc, cs = cang.cos().to(table_dtype).to(DEVICE), cang.sin().to(table_dtype).to(DEVICE)
+    pos = torch.randint(0, N, (B, S), device=DEVICE)
+    qo, _ = posattn.apply_rope_cos_sin(q, None, cc, cs, positions=pos, interleaved=interleaved, backend=backend)
+    rows = pos.cpu()
+    torch.testing.assert_close(qo.cpu(), oracle(q, to_full(cc.cpu()[rows], interleaved),
+                                                to_full(cs.cpu()[rows], interleaved), interleaved),
+                               rtol=0, atol=1e-12)

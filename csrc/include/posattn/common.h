@@ -15,7 +15,7 @@
 
 namespace posattn {
 
-// dtype codes shared with posattn/kernels/_native.py
+// dtype codes shared with posattn/kernels/native.py (DTYPE_CODE)
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
 
 // Storage types for 16-bit floats: plain bit containers so that the header
@@ -96,6 +96,7 @@ POSATTN_HD half_t half_from_float(float f) {
 }
 
 POSATTN_HD float to_float(float v) { return v; }
+// rounds: fp64 math must not come through here (rope_cos_sin_math.h's acc_load keeps fp64)
 POSATTN_HD float to_float(double v) { return float(v); }
 
 template <typename T> struct FromFloat;

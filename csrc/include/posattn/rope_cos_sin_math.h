@@ -7,9 +7,12 @@
 // two distinct views, so any table is applied exactly as transformers does).
 //   row = positions[b, s] (cache form) or s (per-token form)
 //   o1 = x1*cos1 - x2*sin1 ;  o2 = x2*cos2 + x1*sin2   (sins times `sign`)
-// The table entries are converted to fp32 once; the math is fp32 whatever the
-// table or tensor dtype; outputs are rounded once. A row outside [0, N) gives
-// NaN in the rotated dims: the table is never read outside its bounds.
+// The compute type A is CosSinAcc<T>: fp64 for fp64 q/k (the table entries,
+// whatever their dtype, are widened exactly; nothing passes through fp32), fp32
+// otherwise (fp64 tables are rounded to fp32 for fp32/16-bit q/k). The table
+// entries are converted to A once per token; outputs are rounded once. A row
+// outside [0, N) gives NaN in the rotated dims: the table is never read
+// outside its bounds.
 #pragma once
 #include <cstdint>
 #include <limits>
@@ -50,19 +53,46 @@ POSATTN_HD int64_t cos_sin_row(const CosSinProblem& p, int64_t b, int64_t s) {
                         : int64_t(static_cast<const int32_t*>(p.positions)[off]);
 }
 
-POSATTN_HD float nan_f() { return std::numeric_limits<float>::quiet_NaN(); }
+// compute type of q/k element type T: fp64 for fp64 inputs, fp32 otherwise
+template <typename T> struct CosSinAcc { using type = float; };
+template <> struct CosSinAcc<double> { using type = double; };
 
-// Entry i of the four table rows of token (b, row), converted to fp32.
-template <typename U>
-POSATTN_HD void cos_sin_load(const CosSinProblem& p, int64_t b, int64_t row, int i, float& c1,
-                             float& s1, float& c2, float& s2) {
-  if (row < 0 || row >= p.table_rows) { c1 = s1 = c2 = s2 = nan_f(); return; }
+// a stored value in compute type A (fp32/16-bit -> fp64 is exact; fp64 -> fp32 rounds)
+template <typename A, typename U> POSATTN_HD A acc_load(U v) { return A(to_float(v)); }
+template <> POSATTN_HD double acc_load<double, double>(double v) { return v; }
+template <> POSATTN_HD float acc_load<float, double>(double v) { return float(v); }
+// a result in the output dtype T, rounded once (A is fp64 only when T is)
+template <typename T> POSATTN_HD T acc_store(float v) { return from_float<T>(v); }
+template <typename T> POSATTN_HD T acc_store(double v) { return T(v); }
+
+template <typename A> POSATTN_HD A nan_of() { return std::numeric_limits<A>::quiet_NaN(); }
+
+// Entry i of the four table rows of token (b, row), converted to the compute type A.
+template <typename U, typename A>
+POSATTN_HD void cos_sin_load(const CosSinProblem& p, int64_t b, int64_t row, int i, A& c1, A& s1,
+                             A& c2, A& s2) {
+  if (row < 0 || row >= p.table_rows) { c1 = s1 = c2 = s2 = nan_of<A>(); return; }
   const int64_t co = b * p.cos_sb + row * p.cos_sn + i * p.cos_sp;
   const int64_t so = b * p.sin_sb + row * p.sin_sn + i * p.sin_sp;
-  c1 = to_float(static_cast<const U*>(p.cos1)[co]);
-  c2 = to_float(static_cast<const U*>(p.cos2)[co]);
-  s1 = p.sign * to_float(static_cast<const U*>(p.sin1)[so]);
-  s2 = p.sign * to_float(static_cast<const U*>(p.sin2)[so]);
+  const A sign = A(p.sign);  // +-1: exact in either type
+  c1 = acc_load<A>(static_cast<const U*>(p.cos1)[co]);
+  c2 = acc_load<A>(static_cast<const U*>(p.cos2)[co]);
+  s1 = sign * acc_load<A>(static_cast<const U*>(p.sin1)[so]);
+  s2 = sign * acc_load<A>(static_cast<const U*>(p.sin2)[so]);
+}
+
+// Work item e of a CUDA block (rope_cos_sin.cu): the block's tokens x its heads [h0, h0 + nh)
+// x chunks of ppc pairs (cph = half / ppc chunks per head, per_tok = nh * cph).
+struct CosSinItem {
+  int t;    // token within the block
+  int h;    // head, q's then k's, counted together
+  int i0;   // first pair of the chunk
+};
+POSATTN_HD CosSinItem cos_sin_item(int e, int per_tok, int cph, int ppc, int h0) {
+  const int t = e / per_tok;
+  const int r = e - t * per_tok;
+  const int hl = r / cph;
+  return CosSinItem{t, h0 + hl, (r - hl * cph) * ppc};
 }
 
 POSATTN_HD void cos_sin_pair_index(int i, int rotary_dim, bool interleaved, int& i1, int& i2) {
@@ -70,13 +100,12 @@ POSATTN_HD void cos_sin_pair_index(int i, int rotary_dim, bool interleaved, int&
   else { i1 = i; i2 = i + rotary_dim / 2; }
 }
 
-// Rotate one pair of one head given its four table entries.
-template <typename T>
-POSATTN_HD void cos_sin_rotate_pair(const T* x, T* o, int i1, int i2, float c1, float s1,
-                                    float c2, float s2) {
-  const float x1 = to_float(x[i1]), x2 = to_float(x[i2]);
-  o[i1] = from_float<T>(x1 * c1 - x2 * s1);
-  o[i2] = from_float<T>(x2 * c2 + x1 * s2);
+// Rotate one pair of one head given its four table entries (in the compute type A).
+template <typename T, typename A>
+POSATTN_HD void cos_sin_rotate_pair(const T* x, T* o, int i1, int i2, A c1, A s1, A c2, A s2) {
+  const A x1 = acc_load<A>(x[i1]), x2 = acc_load<A>(x[i2]);
+  o[i1] = acc_store<T>(x1 * c1 - x2 * s1);
+  o[i2] = acc_store<T>(x2 * c2 + x1 * s2);
 }
 
 }  // namespace posattn

@@ -1,6 +1,6 @@
 // Rotary-embedding math shared by the CPU (g++) and CUDA (nvcc) kernels.
 //
-// The kernels see the lowered tables of posattn/rope/lowering.py (RopeTables),
+// The kernels see the lowered tables of posattn/lowered.py (RopeTables),
 // never a spec. For pair p (p < R/2, R = rotary_dim) of head h of a token:
 //
 //   axis  = pair_axis[p]                  (0 without multi-axis sections)

@@ -20,7 +20,7 @@ def rotate_heads(xin, xout, p, pmask, hmask, cos1, sin1, cos2, sin2,
     """Rotate a block of heads of one token and store it (rounded once, to the output's dtype).
 
     xin/xout: [BLOCK_H, 1] pointers to each head's first element; p: [BLOCK_P] pair
-    indices; cos*/sin*: fp32, broadcastable to [BLOCK_H, BLOCK_P]:
+    indices; cos*/sin*: fp32 (or fp64: then the math is fp64), broadcastable to [BLOCK_H, BLOCK_P]:
         o1 = x1 cos1 - x2 sin1 ; o2 = x2 cos2 + x1 sin2
     half-split pairs (p, p + HALF), interleaved pairs (2p, 2p + 1); with COPY_TAIL the
     dims past 2*HALF are copied unrotated.
@@ -32,8 +32,9 @@ def rotate_heads(xin, xout, p, pmask, hmask, cos1, sin1, cos2, sin2,
         i1 = p
         i2 = p + HALF
     m = hmask[:, None] & pmask[None, :]
-    x1 = tl.load(xin + i1[None, :], mask=m, other=0.0).to(tl.float32)
-    x2 = tl.load(xin + i2[None, :], mask=m, other=0.0).to(tl.float32)
+    # the compute type is the tables' (fp32; fp64 for fp64 inputs in rope_cos_sin)
+    x1 = tl.load(xin + i1[None, :], mask=m, other=0.0).to(cos1.dtype)
+    x2 = tl.load(xin + i2[None, :], mask=m, other=0.0).to(cos1.dtype)
     o1 = x1 * cos1 - x2 * sin1
     o2 = x2 * cos2 + x1 * sin2
     tl.store(xout + i1[None, :], o1.to(xout.dtype.element_ty), mask=m)

@@ -4,7 +4,8 @@ backward is the same kernel with the sines negated and swapped).
 Grid: (B*S tokens, head blocks of q then of k). Each program finds its
 token's table row (``positions[b, s]`` in the cache form, ``s`` in the
 per-token form), loads the row's cos/sin once in the table's dtype, converts
-them to fp32 and rotates BLOCK_H heads:
+them to the compute type (fp32; fp64 for fp64 q/k, FP64: nothing of an fp64
+input passes through fp32) and rotates BLOCK_H heads:
 
     o1 = x1 cos1 - x2 sin1 ; o2 = x2 cos2 + x1 sin2
     half-split pairs (p, p + R/2), interleaved pairs (2p, 2p + 1)
@@ -34,7 +35,7 @@ def _rope_cos_sin_kernel(
     HALF: tl.constexpr, D: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr,
     INTERLEAVED: tl.constexpr, COPY_TAIL: tl.constexpr, SIGN: tl.constexpr,
-    HAS_POS: tl.constexpr, SPLIT: tl.constexpr,
+    HAS_POS: tl.constexpr, SPLIT: tl.constexpr, FP64: tl.constexpr = False,
 ):
     tok = tl.program_id(0).to(tl.int64)
     hb = tl.program_id(1)
@@ -51,11 +52,11 @@ def _rope_cos_sin_kernel(
     lm = pmask & valid
     co = b * c_sb + row * c_sn + p * c_sp
     so = b * s_sb + row * s_sn + p * s_sp
-    cos1 = tl.load(c1_ptr + co, mask=lm, other=0.0).to(tl.float32)
-    sin1 = tl.load(s1_ptr + so, mask=lm, other=0.0).to(tl.float32) * SIGN
+    cos1 = tl.load(c1_ptr + co, mask=lm, other=0.0).to(tl.float64 if FP64 else tl.float32)
+    sin1 = tl.load(s1_ptr + so, mask=lm, other=0.0).to(tl.float64 if FP64 else tl.float32) * SIGN
     if SPLIT:
-        cos2 = tl.load(c2_ptr + co, mask=lm, other=0.0).to(tl.float32)
-        sin2 = tl.load(s2_ptr + so, mask=lm, other=0.0).to(tl.float32) * SIGN
+        cos2 = tl.load(c2_ptr + co, mask=lm, other=0.0).to(tl.float64 if FP64 else tl.float32)
+        sin2 = tl.load(s2_ptr + so, mask=lm, other=0.0).to(tl.float64 if FP64 else tl.float32) * SIGN
     else:
         cos2 = cos1
         sin2 = sin1
@@ -104,12 +105,16 @@ def rope_cos_sin_forward(q, qo, k, ko, c1, s1, c2, s2, pos2, rotary_dim: int, in
         *L.strides,
         cb, c1.stride(1), c1.stride(2), sb, s1.stride(1), s1.stride(2),
         pb, ps,
-        SIGN=float(sign), HAS_POS=has_pos, SPLIT=bool(split), num_warps=L.num_warps, **L.meta,
+        SIGN=float(sign), HAS_POS=has_pos, SPLIT=bool(split), FP64=q.dtype == torch.float64,
+        num_warps=L.num_warps, **L.meta,
     )
 
 
 # ---------------------------------------------------------------------------
 # ahead-of-time compilation (tests compile specialisations for sm_90a/sm_80)
+
+_AOT_DTYPE = {**TL_DTYPE, torch.float64: "fp64"}
+
 
 def aot_specializations(head_dims=(64, 92, 128, 160),
                         dtypes=(torch.float32, torch.float16, torch.bfloat16),
@@ -121,10 +126,10 @@ def aot_specializations(head_dims=(64, 92, 128, 160),
                 for tdt in table_dtypes:
                     for inter, has_pos, split, pos_t in ((False, True, False, "i64"), (True, True, False, "i32"),
                                                          (False, False, True, "i64"), (True, False, True, "i64")):
-                        ty = TL_DTYPE[dtype]
+                        ty = _AOT_DTYPE[dtype]
                         cfg = default_config(d, rot, 32)
                         meta = dict(tile_meta(d, rot, inter, rot < d, cfg["BLOCK_H"]), SIGN=1.0, HAS_POS=has_pos,
-                                    SPLIT=split)
+                                    SPLIT=split, FP64=dtype == torch.float64)
                         sig = {n: "constexpr" for n in meta}
                         sig.update(qk_signature(ty))
                         sig.update({"c1_ptr": f"*{tdt}", "s1_ptr": f"*{tdt}", "c2_ptr": f"*{tdt}",
