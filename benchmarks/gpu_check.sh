@@ -93,11 +93,21 @@ step "posattn info" 60 "$PY" -m posattn info
 # GPU_CHECK_TESTS: the test paths (default: the kernel tests, where device=cuda matters);
 # pytest-xdist spreads Triton's JIT compiles over the cores when it is installed
 TESTS=${GPU_CHECK_TESTS:-tests/rope tests/kernels tests/attention tests/compat}
+# the trees and speculative generation (its Triton run on the GPU) of issue 12; the cache-write
+# kernels' tests (tests/decode/test_cache_ops.py) run with tests/decode in 4b
+[[ -z ${GPU_CHECK_TESTS:-} ]] && TESTS+=" tests/tree tests/integrations/test_speculative.py"
 XDIST=()
 "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n "${GPU_CHECK_WORKERS:-8}")
 # shellcheck disable=SC2086
 step "tests (GPU)" "$(limit 150 140)" "$PY" -m pytest -q --maxfail=25 -p no:cacheprovider "${XDIST[@]}" \
   --junitxml="$OUT/pytest.xml" $TESTS
+
+# 4b. the decode engine on the GPU: its kernel tests (the Triton kernel compiled, a cache past
+#     2^31 elements, host-sync freedom), then decode / tree-verify timings beside FlashInfer,
+#     FlexAttention and SDPA (rows upserted into $OUT/results.jsonl; no new file in $OUT)
+step "decode tests (GPU)" "$(limit 90 200)" "$PY" -m pytest -q -x -p no:cacheprovider "${XDIST[@]}" tests/decode
+step "decode bench" "$(limit 60 150)" "$PY" -m posattn bench --quick --op decode_attention,tree_attention \
+  -o "$OUT" --no-dashboard --time-budget 40
 
 # 5+6. benchmark sweep, results and dashboard -------------------------------
 WITH=() COMMITTED=()

@@ -8,6 +8,9 @@
 #include "cpu/rope_cos_sin_cpu.h"
 #include "posattn/rope_cos_sin_args.h"
 #include "cpu/attention_cpu.h"
+#include "cpu/cache_cpu.h"
+#include "cache_args.h"
+#include "cpu/decode_cpu.h"
 #include "cpu/rope_table.h"
 #include "posattn/cuda_launch.h"
 #ifdef _OPENMP
@@ -198,6 +201,16 @@ PYBIND11_MODULE(_C, m) {
                                          reinterpret_cast<float*>(dk), reinterpret_cast<float*>(dv), num_threads);
       });
   m.def(
+      "decode_forward",
+      [](const std::vector<int64_t>& dims, const std::vector<int64_t>& ptrs, const std::vector<int64_t>& strides,
+         bool causal, int64_t window, float scale, int dtype, int num_splits, int block_n, int num_threads) {
+        auto p = posattn::cpu::decode_problem_from(dims, ptrs, strides, causal, window, scale, dtype);
+        py::gil_scoped_release release;
+        posattn::cpu::decode_forward(p, num_splits, block_n, num_threads);
+      },
+      py::arg("dims"), py::arg("ptrs"), py::arg("strides"), py::arg("causal"), py::arg("window"), py::arg("scale"),
+      py::arg("dtype"), py::arg("num_splits"), py::arg("block_n"), py::arg("num_threads"));
+  m.def(
       "rope_table",
       [](int64_t positions, int pos_dtype, int64_t T, int64_t inv_freq, int half, double attention_scaling,
          int64_t out, int num_threads) {
@@ -258,4 +271,19 @@ PYBIND11_MODULE(_C, m) {
       py::arg("e"), py::arg("per_tok"), py::arg("cph"), py::arg("ppc"), py::arg("h0"));
   m.def("bf16_round", [](float f) { return posattn::to_float(posattn::bf16_from_float(f)); });
   m.def("fp16_round", [](float f) { return posattn::to_float(posattn::half_from_float(f)); });
+  // rope_and_cache / kv_compact (posattn/kernels/cpu_cache.py packs the integers; csrc/cache_args.h reads them)
+  m.def(
+      "rope_cache_forward",
+      [](const std::vector<int64_t>& q, const std::vector<int64_t>& k, const std::vector<int64_t>& dims,
+         const std::vector<int64_t>& pos, const std::vector<int64_t>& freqs, double attention_scaling,
+         const std::vector<int64_t>& cache, int dtype, int num_threads) {
+        auto c = posattn::cache_problem_from(q, k, dims, pos, freqs, attention_scaling, cache);
+        py::gil_scoped_release release;
+        return std::string(posattn::cpu::rope_cache_forward(c, dtype, num_threads));
+      });
+  m.def("kv_compact_forward", [](const std::vector<int64_t>& a, int num_threads) {
+    auto p = posattn::compact_problem_from(a);
+    py::gil_scoped_release release;
+    posattn::cpu::kv_compact_forward(p, num_threads);
+  });
 }

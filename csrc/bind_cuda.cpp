@@ -4,6 +4,8 @@
 #include "cuda/rope_cuda.h"
 #include "cuda/rope_cos_sin.h"
 #include "posattn/rope_cos_sin_args.h"
+#include "cache_args.h"
+#include "cuda/cache_cuda.h"
 
 namespace py = pybind11;
 
@@ -42,4 +44,19 @@ PYBIND11_MODULE(_cuda, m) {
       py::arg("seqlen"), py::arg("head_dim"), py::arg("rotary_dim"), py::arg("interleaved"),
       py::arg("copy_tail"), py::arg("sign"), py::arg("dtype"), py::arg("table_dtype"),
       py::arg("threads") = 256, py::arg("stream") = 0);
+  // rope_and_cache / kv_compact (posattn/kernels/cuda_cache.py; not verified on a GPU: backend="cuda" by name only)
+  m.def(
+      "rope_cache_forward",
+      [](const std::vector<int64_t>& q, const std::vector<int64_t>& k, const std::vector<int64_t>& dims,
+         const std::vector<int64_t>& pos, const std::vector<int64_t>& freqs, double attention_scaling,
+         const std::vector<int64_t>& cache, int dtype, int threads, int64_t stream) {
+        auto c = posattn::cache_problem_from(q, k, dims, pos, freqs, attention_scaling, cache);
+        py::gil_scoped_release release;
+        posattn::cuda::rope_cache_forward(c, dtype, threads, stream);
+      });
+  m.def("kv_compact_forward", [](const std::vector<int64_t>& a, int threads, int64_t stream) {
+    auto p = posattn::compact_problem_from(a);
+    py::gil_scoped_release release;
+    posattn::cuda::kv_compact_forward(p, threads, stream);
+  });
 }

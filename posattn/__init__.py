@@ -19,3 +19,10 @@ __all__ += ["MaskSpec", "anchor_attention"]
 from posattn.rope import apply_rope_angles, rope_shift  # noqa: E402
 
 __all__ += ["apply_rope_angles", "rope_shift"]
+from posattn.decode import decode_attention  # noqa: E402
+
+__all__ += ["decode_attention"]
+from posattn.decode.cache import rope_and_cache  # noqa: E402
+from posattn.decode.compact import kv_compact  # noqa: E402
+
+__all__ += ["rope_and_cache", "kv_compact"]

@@ -13,7 +13,10 @@ import importlib
 KEY_BUILDERS = {
     "rope": "posattn.autotune.keys_rope",
     "rope_cos_sin": "posattn.autotune.keys_rope_cos_sin",
+    "decode_attention": "posattn.autotune.ops_decode",
 }
+KEY_BUILDERS["decode_attention"] = "posattn.autotune.ops_decode"   # decode steps over caches of `tokens` slots
+KEY_BUILDERS["rope_and_cache"] = "posattn.autotune.ops_cache"
 
 
 def ops() -> tuple[str, ...]:

@@ -36,6 +36,9 @@ log = logging.getLogger("posattn.autotune")
 
 _ADAPTERS: dict[str, Any] = {}
 _BUILTIN_ADAPTERS = {"rope": "posattn.autotune.ops_rope", "rope_cos_sin": "posattn.autotune.ops_rope_cos_sin"}
+_BUILTIN_ADAPTERS["decode_attention"] = "posattn.autotune.ops_decode"
+_BUILTIN_ADAPTERS["rope_and_cache"] = "posattn.autotune.ops_cache"
+_BUILTIN_ADAPTERS["kv_compact"] = "posattn.autotune.ops_cache"
 
 
 def register_adapter(op: str, adapter) -> None:

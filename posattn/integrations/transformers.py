@@ -109,3 +109,4 @@ def remove_posattn(model_or_handle) -> None:
     if handle is None:
         raise ValueError("this model was not patched by apply_posattn")
     handle.remove()
+from posattn.integrations.speculative import SpeculativeOutput, speculative_generate  # noqa: E402,F401

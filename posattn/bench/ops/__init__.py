@@ -33,6 +33,7 @@ from __future__ import annotations
 import importlib
 
 OP_MODULES = ("rope", "rope_cos_sin", "attention")
+OP_MODULES += ("decode",)
 
 _loaded = False
 
@@ -49,3 +50,4 @@ def load_all() -> None:
             importlib.import_module(f"{__name__}.{mod}")
         except ImportError as e:  # an op module whose dependencies are missing
             registry.skip_op(mod, f"import failed: {e}")
+OP_MODULES += ("cache",)  # rope_and_cache, kv_compact (the decode engine's cache writes)

@@ -1,0 +1,108 @@
+"""Decode attention over a paged KV cache in fp64 with an explicit mask (the engine's oracle).
+
+Every backend of ``decode_attention`` takes the same lowered problem (the public op has
+already rotated q, appended the new k/v into the cache, and turned a contiguous cache into a
+paged one with one page per request)::
+
+    q            [T, Hq, D]              the new tokens' queries, packed (request b owns rows
+                                         cu_seqlens_q[b] .. cu_seqlens_q[b+1]-1, n_b of them)
+    k_cache      [num_blocks, page_size, Hk, D]   (v_cache alike)
+    block_table  int32 [B, max_blocks]   logical slot j of request b lives at
+                                         (block_table[b, j // page_size], j % page_size)
+    cache_seqlens int32 [B]              L_b: tokens cached before this step's n_b new ones,
+                                         which sit at logical slots L_b .. L_b + n_b - 1
+    tree_mask    int32 [T, W] or None    bit jj of row t: new token jj of t's request is visible
+    kv_indices   int32 [B, Hk or Hq, budget] or None: the cached slots each head sees (-1 pads;
+                                         entries outside [0, L_b) are ignored)
+
+Query i of request b (row t = cu_seqlens_q[b] + i, logical slot L_b + i) sees key slot j when
+
+    j < L_b + n_b
+    and (j < L_b                                       every cached token (with kv_indices:
+                                                       only the slots listed for the head)
+         or tree bit (j - L_b) of tree_mask[t]         with a tree mask
+         or j - L_b <= i  (causal) / True (not causal) without one)
+    and (window <= 0 or |L_b + i - j| < window)
+
+    out[t, h] = softmax_j(scale * q[t, h] . k[j, h // (Hq / Hk)]) @ v
+    lse[t, h] = log sum_j exp(scale * q . k)   (natural log; -inf and out = 0 with no key)
+
+Future programs of the same engine (token selection's per-head index lists, position maps)
+change only which keys a query sees and at which relative position: ``visible_keys`` below.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def visible_keys(b: int, L: int, n: int, t0: int, tree_mask, causal: bool, window: int) -> torch.Tensor:
+    """bool [n, L + n] on the CPU: which logical slots each of request b's n queries sees."""
+    N = L + n
+    i = torch.arange(n)[:, None]
+    j = torch.arange(N)[None, :]
+    jj = j - L
+    if tree_mask is not None:
+        rows = tree_mask[t0:t0 + n].to("cpu", torch.int64)                 # [n, W]
+        word = rows.gather(1, (jj.clamp(min=0) // 32).expand(n, N))
+        new_ok = ((word >> (jj.clamp(min=0) % 32)) & 1).bool()
+    elif causal:
+        new_ok = jj <= i
+    else:
+        new_ok = torch.ones(n, N, dtype=torch.bool)
+    ok = (j < L) | new_ok
+    if window is not None and window > 0:
+        d = (L + i) - j
+        ok = ok & (d < window) & (-d < window)
+    return ok
+
+
+def gather_request(cache: torch.Tensor, block_table: torch.Tensor, b: int, N: int) -> torch.Tensor:
+    """[N, Hk, D]: request b's logical slots 0 .. N-1 read through its block table."""
+    ps = cache.shape[1]
+    j = torch.arange(N, device=cache.device)
+    pages = block_table[b].to(cache.device, torch.int64)[j // ps]
+    return cache[pages, j % ps]
+
+
+def listed(kv_indices, b: int, L: int, N: int, heads: int) -> torch.Tensor:
+    """bool [heads, N] on the CPU: the cached slots (< L) each head's index list names."""
+    rows = kv_indices[b].to("cpu", torch.int64)                              # [H_idx, budget]
+    ok = torch.zeros(rows.shape[0], N + 1, dtype=torch.bool)
+    idx = torch.where((rows >= 0) & (rows < L), rows, torch.full_like(rows, N))
+    ok.scatter_(1, idx, True)
+    ok = ok[:, :N]
+    return ok.repeat_interleave(heads // rows.shape[0], dim=0)
+
+
+def decode_attention(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, tree_mask, causal: bool,
+                     window: int, softmax_scale: float, kv_indices=None):
+    """fp64 (out [T, Hq, D], lse [T, Hq]) on q's device, per the module docstring."""
+    T, HQ, D = q.shape
+    HK = k_cache.shape[2]
+    G = HQ // HK
+    out = torch.zeros(T, HQ, D, dtype=torch.float64, device=q.device)
+    lse = torch.full((T, HQ), float("-inf"), dtype=torch.float64, device=q.device)
+    cs = cache_seqlens.to("cpu", torch.int64).tolist()
+    cu = cu_seqlens_q.to("cpu", torch.int64).tolist()
+    for b in range(len(cs)):
+        t0, t1 = cu[b], cu[b + 1]
+        n, L = t1 - t0, cs[b]
+        if n == 0:
+            continue
+        N = L + n
+        K = gather_request(k_cache, block_table, b, N).to(torch.float64).repeat_interleave(G, dim=1)
+        V = gather_request(v_cache, block_table, b, N).to(torch.float64).repeat_interleave(G, dim=1)
+        ok = visible_keys(b, L, n, t0, tree_mask, causal, window)[None]            # [1, n, N]
+        if kv_indices is not None:   # cached slots: only the listed ones, per head
+            cached = torch.arange(N) < L
+            ok = ok & (~cached | listed(kv_indices, b, L, N, HQ))[:, None, :]       # [Hq, n, N]
+        s = torch.einsum("ihd,jhd->hij", q[t0:t1].to(torch.float64), K) * softmax_scale
+        s = s.masked_fill(~ok.to(q.device), float("-inf"))
+        m = s.amax(-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        p = torch.exp(s - m)
+        l = p.sum(-1, keepdim=True)
+        o = torch.einsum("hij,jhd->ihd", p / torch.where(l > 0, l, torch.ones_like(l)), V)
+        out[t0:t1] = o
+        lse[t0:t1] = (m + torch.log(l)).squeeze(-1).transpose(0, 1)
+    return out, lse

@@ -1,0 +1,95 @@
+"""Ahead-of-time compiles of the decode kernels for sm_90a (works without a GPU).
+
+The interpreter runs the kernels' arithmetic; this checks that they lower through Triton's
+NVIDIA pipeline (constexpr globals, dot shapes, 64-bit offsets) to Hopper code that fits in
+shared memory, for the benchmark's decode and tree-verify cases, odd head dims, fp32, and the
+split merge. Runs in a subprocess: the kernels must be decorated without TRITON_INTERPRET.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+
+def _compile_in_child(script: str) -> list[dict]:
+    """Run ``script`` (which prints one JSON line) in a child without TRITON_INTERPRET."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[2]
+    env["PYTHONPATH"] = os.pathsep.join([str(root)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+SCRIPT = r"""
+import json, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from posattn.kernels.triton import decode as dk
+cases = [(128, torch.bfloat16, 4, 1, 64, False, 1),     # decode, 32/8 heads
+         (128, torch.bfloat16, 4, 1, 64, False, 8),     # decode, split-KV + merge
+         (128, torch.bfloat16, 4, 16, 64, True, 1),     # tree verify, 64 rows
+         (80, torch.float32, 2, 1, 64, False, 1),       # odd head dim, exact fp32 products
+         (96, torch.float16, 3, 4, 64, True, 2),
+         (256, torch.bfloat16, 1, 1, 32, False, 4),
+         (192, torch.float16, 8, 8, 32, True, 1),
+         (128, torch.bfloat16, 4, 1, 64, False, 4, "kv"),   # sparse decode: one key list per KV head
+         (128, torch.bfloat16, 4, 1, 64, False, 1, "q")]    # ... per query head
+out = []
+for name, fn, sig, const, nw, ns in dk.aot_specializations(cases):
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": nw, "num_stages": ns})
+    ptx = k.asm["ptx"]
+    out.append(dict(name=name, sm90a=".target sm_90a" in ptx, mma=("mma" in ptx), shared=k.metadata.shared,
+                    cubin=len(k.asm["cubin"])))
+print(json.dumps(out))
+"""
+
+
+def test_decode_kernels_compile_for_sm90a():
+    kernels = _compile_in_child(SCRIPT)
+    assert len(kernels) == 9 + 4          # four cases split: their merge kernels too
+    for k in kernels:
+        assert k["sm90a"] and k["cubin"] > 0, k
+        if k["name"].startswith("decode_fwd") and "_fp32_" not in k["name"]:
+            assert k["mma"], f"{k['name']}: no tensor-core product"
+        assert k["shared"] <= 227 * 1024, k
+
+
+SMEM_SCRIPT = r"""
+import json, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from posattn.decode.attention import DecodeKey
+from posattn.kernels.triton import decode as dk
+# (arch, opt-in shared memory per block, the widest keys whose default config must fit)
+dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+keys = [DecodeKey("cuda", "float32", 256, 8, 8, 16, True, False, True, False, 1, 8192, 8),
+        DecodeKey("cuda", "float32", 128, 32, 8, 16, True, True, True, False, 64, 8192, 8),
+        DecodeKey("cuda", "bfloat16", 256, 32, 8, 16, True, True, True, False, 64, 8192, 8),
+        DecodeKey("cuda", "bfloat16", 128, 32, 8, 16, True, False, True, False, 1, 131072, 1)]
+out = []
+for arch, limit in ((90, 232448), (80, 166912), (89, 101376)):
+    for key in keys:
+        cfg = dk.default_config(key, smem_per_block=limit)
+        G = key.heads_q // key.heads_k
+        case = (key.head_dim, dt[key.dtype], G, cfg["BLOCK_Q"], cfg["BLOCK_N"], key.tree, 1)
+        [(name, fn, sig, const, _, _)] = dk.aot_specializations([case])
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", arch, 32),
+                           options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
+        out.append(dict(name=f"sm{arch}:{name}", shared=k.metadata.shared, limit=limit))
+print(json.dumps(out))
+"""
+
+
+def test_default_configs_fit_each_gpu_class():
+    """The default launch configs of the widest keys (fp32 or head_dim 256, tree blocks) fit the
+    shared memory of an H100/H200, an A100 and an sm_86/sm_89 GPU."""
+    kernels = _compile_in_child(SMEM_SCRIPT)
+    assert len(kernels) == 12
+    over = [k for k in kernels if k["shared"] > k["limit"]]
+    assert not over, over
