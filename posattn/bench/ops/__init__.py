@@ -1,5 +1,6 @@
 """One module per op's benchmark cases: rope.py (``apply_rope``), rope_cos_sin.py
-(``apply_rope_cos_sin`` and its peers), attention.py (``anchor_attention``).
+(``apply_rope_cos_sin`` and its peers), attention.py (``anchor_attention``), decode.py
+(``decode_attention`` and tree attention), cache.py (``rope_and_cache``, ``kv_compact``).
 
 To add an op, write ``posattn/bench/ops/<name>.py`` and add ``"<name>"`` to
 OP_MODULES. The module registers one :class:`~posattn.bench.registry.BenchOp`
@@ -32,8 +33,8 @@ from __future__ import annotations
 
 import importlib
 
-OP_MODULES = ("rope", "rope_cos_sin", "attention")
-OP_MODULES += ("decode",)
+OP_MODULES = ("rope", "rope_cos_sin", "attention", "decode",
+              "cache")  # rope_and_cache, kv_compact (the decode engine's cache writes)
 
 _loaded = False
 
@@ -50,4 +51,3 @@ def load_all() -> None:
             importlib.import_module(f"{__name__}.{mod}")
         except ImportError as e:  # an op module whose dependencies are missing
             registry.skip_op(mod, f"import failed: {e}")
-OP_MODULES += ("cache",)  # rope_and_cache, kv_compact (the decode engine's cache writes)
