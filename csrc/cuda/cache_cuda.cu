@@ -15,11 +15,13 @@
 // a barrier between tokens: every destination is at or below its source and no later source
 // is an earlier destination, so this order is exact when the ranges overlap. The block
 // then advances cache_seqlens[b] (one block per request: no other block reads it).
+#include "posattn/cache_problem.h"
+#if !defined(__CUDACC_RTC__)  // NVRTC (posattn/kernels/cuda_jit.py) sees the kernels only
 #include <cuda_runtime.h>
 #include <stdexcept>
 #include <string>
-#include "posattn/rope_math.h"
 #include "cache_cuda.h"
+#endif
 
 namespace posattn {
 namespace cuda {
@@ -159,6 +161,7 @@ __global__ void kv_compact_kernel(CompactProblem p) {
   }
 }
 
+#if !defined(__CUDACC_RTC__)  // host launchers: nvcc only (NVRTC compiles the kernels above, posattn/kernels/cuda_jit.py)
 void check_launch(const char* what) {
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess)
@@ -189,8 +192,10 @@ bool aligned_to(const CompactProblem& p, int64_t w) {
          ok(p.kc_sh) && ok(p.vc_sb) && ok(p.vc_sp) && ok(p.vc_sh) && ok(p.k_row) && ok(p.v_row);
 }
 
+#endif  // !__CUDACC_RTC__
 }  // namespace
 
+#if !defined(__CUDACC_RTC__)
 void rope_cache_forward(const CacheProblem& p, int dtype, int threads, int64_t stream) {
   check_device();
   if (p.r.seqlen == 0) return;
@@ -218,6 +223,8 @@ void kv_compact_forward(const CompactProblem& p, int threads, int64_t stream) {
   else kv_compact_kernel<uint16_t><<<grid, threads, 0, st>>>(p);
   check_launch("kv_compact_forward");
 }
+
+#endif  // !__CUDACC_RTC__
 
 }  // namespace cuda
 }  // namespace posattn

@@ -8,14 +8,16 @@
 // VEC = 16 / sizeof(T) when every pointer and stride allows aligned vector
 // access (pick_vec_width), else narrower. Token blocks beyond gridDim.x (more
 // than 2^31 - 1) are looped over.
+#include "posattn/rope_cos_sin_math.h"
+#if !defined(__CUDACC_RTC__)  // NVRTC (posattn/kernels/cuda_jit.py) sees the kernels only
 #include <cuda_runtime.h>
 #include <algorithm>
 #include <stdexcept>
 #include <string>
 #include "posattn/cuda_launch.h"
-#include "posattn/rope_cos_sin_math.h"
 #include "cuda_check.cuh"
 #include "rope_cos_sin.h"
+#endif
 
 namespace posattn {
 namespace cuda {
@@ -117,6 +119,7 @@ __global__ void rope_cos_sin_kernel(CosSinProblem p, int tpb, int hpb, int64_t t
   }
 }
 
+#if !defined(__CUDACC_RTC__)  // host launchers: nvcc only (NVRTC compiles the kernels above, posattn/kernels/cuda_jit.py)
 static VecView vec_view(const CosSinTensor& t) {
   return VecView{t.in, t.out, t.in ? t.heads : 0, t.in_sb, t.in_ss, t.in_sh, t.out_sb, t.out_ss, t.out_sh};
 }
@@ -178,6 +181,8 @@ void rope_cos_sin_forward(const CosSinProblem& p, int dtype, int table_dtype, in
   }
   check_launch(kWhere);
 }
+
+#endif  // !__CUDACC_RTC__
 
 }  // namespace cuda
 }  // namespace posattn

@@ -10,14 +10,16 @@
 // 16-byte vectors; VEC = 16 / sizeof(T) when every pointer and stride allows
 // aligned vector access, else 1. Tables too large for shared memory are
 // evaluated per element instead.
+#include "posattn/rope_math.h"
+#if !defined(__CUDACC_RTC__)  // NVRTC (posattn/kernels/cuda_jit.py) sees the kernels only
 #include <cuda_runtime.h>
 #include <algorithm>
 #include <stdexcept>
 #include <string>
 #include "posattn/cuda_launch.h"
-#include "posattn/rope_math.h"
 #include "cuda_check.cuh"
 #include "rope_cuda.h"
+#endif
 
 namespace posattn {
 namespace cuda {
@@ -156,6 +158,7 @@ __global__ void rope_kernel_bshd(RopeProblem p, int hpb) {
   }
 }
 
+#if !defined(__CUDACC_RTC__)  // host launchers: nvcc only (NVRTC compiles the kernels above, posattn/kernels/cuda_jit.py)
 int device_count() {
   int n = 0;
   if (cudaGetDeviceCount(&n) != cudaSuccess) { cudaGetLastError(); return 0; }
@@ -242,6 +245,8 @@ void rope_forward(const RopeProblem& p, int dtype, int threads, int64_t stream) 
   }
   check_launch(kWhere);
 }
+
+#endif  // !__CUDACC_RTC__
 
 }  // namespace cuda
 }  // namespace posattn
