@@ -69,6 +69,26 @@ def provider(index: int | None = None) -> tuple[str | None, str]:
 _jit_module = None
 
 
+def providers_info() -> dict:
+    """For `posattn info`: which provider serves, each provider's state and why not, and the
+    NVRTC / CuPy versions."""
+    from posattn.kernels import cuda_jit
+
+    jit_ok, jit_why = cuda_jit.status()
+    out = {"prebuilt": ("built for " + ", ".join(prebuilt_archs() or ["(archs not recorded)"])) if _cuda is not None
+           else f"unavailable: {_why}",
+           "jit": ("available, " + ", ".join(f"{k} {v}" for k, v in cuda_jit.versions().items())) if jit_ok
+           else f"unavailable: {jit_why}"}
+    try:
+        name, why = provider()
+        out["serving"] = f"{name}: {why}" if name else f"none: {why}"
+    except Exception as e:  # a bad POSATTN_CUDA_PROVIDER, a device error
+        out["serving"] = f"none: {e}"
+    if not torch.cuda.is_available():
+        out["serving"] = "none: no CUDA device (would be: " + out["serving"] + ")"
+    return out
+
+
 def status() -> tuple[bool, str]:
     if _cuda is None:
         from posattn.kernels import cuda_jit
