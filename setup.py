@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from pybind11.setup_helpers import Pybind11Extension
+from setuptools.command.build_py import build_py
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
@@ -126,6 +127,22 @@ class BuildExt(build_ext):
         super().build_extension(ext)
 
 
+class BuildPyWithSources(build_py):
+    """Also ship csrc/include/posattn and csrc/cuda as posattn/_csrc in the wheel: the NVRTC
+    provider (posattn/kernels/cuda_jit.py) compiles them at run time when posattn._cuda was
+    not built (no nvcc at install) or does not cover the GPU."""
+
+    def run(self):
+        super().run()
+        dest = Path(self.build_lib) / "posattn" / "_csrc"
+        for sub in ("include/posattn", "cuda"):
+            for src in sorted((CSRC / sub).iterdir()):
+                if src.suffix in (".h", ".cuh", ".cu"):
+                    out = dest / sub / src.name
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    self.copy_file(str(src), str(out))
+
+
 def extensions():
     exts = [
         Pybind11Extension(
@@ -175,4 +192,4 @@ def extensions():
 
 
 if __name__ == "__main__":  # setuptools (pip, build_meta) runs this file as __main__; tests import it
-    setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})
+    setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt, "build_py": BuildPyWithSources})

@@ -175,3 +175,27 @@ def test_provider_env_is_checked():
 
     with pytest.raises(ValueError, match="POSATTN_CUDA_PROVIDER"):
         cuda.choose_provider("sm_90a", "fast", True, None, True)
+
+
+def test_status_without_prebuilt_module_names_the_jit(monkeypatch):
+    # a `pip install .` without nvcc: no posattn._cuda; the backend then rests on the JIT
+    from posattn.kernels import cuda, cuda_jit
+
+    monkeypatch.setattr(cuda, "_cuda", None)
+    monkeypatch.setattr(cuda_jit, "status", lambda: (True, ""))
+    monkeypatch.setattr(cuda.torch.cuda, "is_available", lambda: False)
+    ok, why = cuda.status()
+    assert not ok and "NVRTC provider needs a GPU" in why
+    monkeypatch.setattr(cuda.torch.cuda, "is_available", lambda: True)
+    assert cuda.status() == (True, "")
+    monkeypatch.setattr(cuda_jit, "status", lambda: (False, "CuPy/NVRTC unavailable: no cupy"))
+    ok, why = cuda.status()
+    assert not ok and "no cupy" in why
+
+
+def test_info_reports_providers():
+    from posattn.kernels import cuda
+
+    info = cuda.providers_info()
+    assert set(info) == {"prebuilt", "jit", "serving"}
+    assert all(isinstance(v, str) and v for v in info.values())
