@@ -234,3 +234,31 @@ def test_two_gpu_kinds_read_their_own_tuned_configs(fake_gpu, cache_dirs, monkey
     dispatch.clear_memo()
     assert dispatch.select(OP, DKey(), device_index=1)[0].backend == "triton"
     assert dispatch.select(OP, DKey(), device_index=0)[0].backend == "cuda"
+
+
+def test_public_ops_pass_the_inputs_device_to_select(monkeypatch):
+    """Every select() made by a public op names the inputs' device (device_index=...), so a
+    tensor on a GPU that is not the current one gets that GPU's decision and configs."""
+    import torch
+
+    import posattn
+    calls = []
+    real = dispatch.select
+
+    def spy(op, key, **kw):
+        calls.append((op, "device_index" in kw))
+        return real(op, key, **kw)
+
+    monkeypatch.setattr(dispatch, "select", spy)
+    dispatch.clear_memo()                   # drops every op's plans too: each call selects anew
+    spec = posattn.RopeSpec(head_dim=16)
+    q, k = torch.randn(1, 5, 2, 16), torch.randn(1, 5, 1, 16)
+    pos = torch.arange(5)
+    posattn.apply_rope(q, k, pos, spec)
+    posattn.apply_rope(q.requires_grad_(), k, pos, spec)
+    posattn.apply_rope_angles(q.detach(), k, torch.rand(1, 5, 1, 8))
+    posattn.rope_shift(k, 3, spec)
+    qa, ka, va = (torch.randn(9, h, 16) for h in (2, 1, 1))
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    posattn.anchor_attention(qa, ka, va, cu)
+    assert calls and all(named for _, named in calls), calls

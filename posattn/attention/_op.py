@@ -87,7 +87,8 @@ def anchor_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_se
     from posattn.rope.table import attention_tables
 
     key = key_of(q, k, rotary_dim, interleaved, causal, window, num_anchors, qk_precision)
-    kernel, config = dispatch.select("anchor_attention", key, backend=backend or None)
+    kernel, config = dispatch.select("anchor_attention", key, backend=backend or None,
+                                     device_index=q.device.index)
     spec = MaskSpec(causal=causal, num_anchors=num_anchors, window=None if window < 0 else window)
     table = q.new_empty((0,), dtype=torch.float32)
     if positions is not None:
@@ -134,7 +135,8 @@ def anchor_attention_bwd_op(dout: torch.Tensor, dlse: torch.Tensor | None, q: to
     """``lists``/``blocks``: the backward's lists with the transpose (10 tensors) for
     [BWD_BLOCK_M, BWD_BLOCK_N], or both empty to lower here."""
     key = key_of(q, k, rotary_dim, interleaved, causal, window, num_anchors, qk_precision)
-    kernel, config = dispatch.select("anchor_attention", key, backend=backend or None)
+    kernel, config = dispatch.select("anchor_attention", key, backend=backend or None,
+                                     device_index=q.device.index)
     spec = MaskSpec(causal=causal, num_anchors=num_anchors, window=None if window < 0 else window)
     bwd = None
     if kernel.fn.uses_lists:

@@ -247,7 +247,8 @@ def anchor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         backend_name = backend or ""
     else:
         key = _op.key_of(q, k, rot, inter, causal, -1 if window is None else window, num_anchors, qk_precision)
-        kernel, config = dispatch.select("anchor_attention", key, backend=backend)
+        kernel, config = dispatch.select("anchor_attention", key, backend=backend,
+                                         device_index=q.device.index)
         backend_name = kernel.backend
         check_boundary_values(T, cu_seqlens, cu_rows, num_anchors)
         if kernel.fn.uses_lists:

@@ -135,7 +135,7 @@ def plan(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, *, cu_rows:
     A.check_boundary_values(T, cu_seqlens, cu_rows, num_anchors)
     rot, inter = (ra[1], ra[2]) if ra else (0, False)
     key = _op.key_of(q, k, rot, inter, causal, -1 if window is None else window, num_anchors, qk_precision)
-    kernel, config = dispatch.select("anchor_attention", key, backend=backend)
+    kernel, config = dispatch.select("anchor_attention", key, backend=backend, device_index=q.device.index)
     lists, blocks = [], []
     if kernel.fn.uses_lists:
         bm, bn = config["BLOCK_M"], config["BLOCK_N"]

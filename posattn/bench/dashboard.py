@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from posattn.bench import results as resmod
+from posattn.bench import roofline
 from posattn.bench.svg import Axis, HeatCell, Heatmap, Series, color_for, esc, heatmap, human, line_chart
 
 DTYPE_ORDER = {"bfloat16": 0, "float16": 1, "float32": 2, "float64": 3}
@@ -102,9 +103,11 @@ def _how_to_read() -> str:
             "(p50) of repeated runs; the shaded band spans p20–p80.</li>"
             "<li><b>Latency</b>: time per call (lower is better). <b>Throughput</b>: bytes an ideal kernel "
             "moves (read + write) divided by latency. <b>% of roofline</b>: the time the device's peak "
-            "bandwidth/FLOP rate allows, over the measured time (100% = at the ceiling). On a GPU the ceiling is "
-            "the datasheet's; on a CPU it is a large copy measured in the same run, a practical figure that a "
-            "kernel can beat when the machine was busier during the copy than during the kernel.</li>"
+            "bandwidth/FLOP rate allows, over the measured time (100% = at the ceiling). On a known GPU the ceiling "
+            "is the datasheet's; elsewhere it is a large copy and a matrix product measured in the same run. A point "
+            "above 100% means the ceiling is wrong (measured while the machine was busy), so the run measures it "
+            "again and re-derives every point; a point still above 100% is listed as <i>ceiling suspect</i> "
+            "under its chart and is not drawn.</li>"
             "<li><b>Heatmaps</b>: speed-up of the fastest posattn backend over a peer, per shape and dtype "
             "(green: posattn faster; red: slower).</li>"
             "<li>The table holds every measurement; click a column header to sort. The <i>command</i> "
@@ -128,6 +131,8 @@ def _fingerprint_card(s: ResultSet) -> str:
               ("roofline compute", f"{peaks.get('tflops')} TFLOP/s"),
               ("roofline source", peaks.get("source")),
               ("measured copy", f"{peaks.get('measured_copy_gbs')} GB/s"),
+              ("ceiling re-measured", (f"{peaks['remeasured']} time(s): a kernel exceeded the first figure"
+                                       if peaks.get("remeasured") else None)),
               ("versions", ", ".join(f"{k} {v}" for k, v in versions.items())),
               ("git commit", ", ".join(commits)), ("sweep", ", ".join(modes)),
               ("measured", (stamps[0] + (" … " + stamps[-1] if len(stamps) > 1 else "")) if stamps else "?"),
@@ -209,11 +214,15 @@ def _set_block(op: str, s: ResultSet, rows: list[dict]) -> str:
                               x=Axis(True, size_name), y=Axis(True, "µs per call (lower is better)")))
         out.append(line_chart(_series(drows, "throughput", impls), title=f"throughput ({dt})",
                               chart_id=f"thr-{cid}", x=Axis(True, size_name), y=Axis(True, "GB/s")))
-        roof = _series(drows, "roofline", impls)
+        # a point above 100 % of its ceiling says the ceiling is wrong: listed, never drawn
+        suspect = [r for r in drows if roofline.is_suspect(r)]
+        roof = _series([r for r in drows if not roofline.is_suspect(r)], "roofline", impls)
         if roof:  # no roofline without a known or measured ceiling
             hi = max([p[3] for sr in roof for p in sr.points] + [100.0])
             out.append(line_chart(roof, title=f"% of roofline ({dt})", chart_id=f"roof-{cid}",
                                   x=Axis(True, size_name), y=Axis(False, "% of peak", lo=0.0, hi=hi * 1.05)))
+        if suspect:
+            out.append(_suspect_box(suspect, dt, cid, drawn=bool(roof)))
         out.append("</div>")
     out.append("<div class='heatmaps'>" + _heatmaps(op, s, rows, dtypes) + "</div>")
     notes = {}
@@ -225,6 +234,17 @@ def _set_block(op: str, s: ResultSet, rows: list[dict]) -> str:
                    + "".join(f"<li><b>{esc(k)}</b>: {esc(v)}</li>" for k, v in notes.items()) + "</ul></details>")
     out.append("</div>")
     return "\n".join(out)
+
+
+def _suspect_box(rows: list[dict], dt: str, cid: str, drawn: bool) -> str:
+    """What the % of roofline chart leaves out: points above 100 % of their ceiling."""
+    items = "".join(
+        f"<li><b>{esc(r['backend'])}</b> {esc(r.get('shape_label', r.get('shape_key')))}: "
+        f"{esc(r.get('ceiling_note') or roofline.note(r['p50'], r.get('peaks') or {}))}</li>"
+        for r in sorted(rows, key=lambda r: (r["backend"], r.get("size", 0))))
+    head = ("% of roofline: not drawn" if drawn else f"% of roofline ({esc(dt)}): no point drawn")
+    return (f"<div class='suspect' id='suspect-{esc(cid)}'><p><b>{head}</b> — above 100 % of the "
+            f"ceiling, so the ceiling, not the kernel, is in question (ceiling suspect):</p><ul>{items}</ul></div>")
 
 
 def _heatmaps(op: str, s: ResultSet, rows: list[dict], dtypes: list[str]) -> str:
@@ -287,7 +307,7 @@ def _table(op: str, sets: list[ResultSet]) -> str:
                 (lat.get("shape_label", lat["shape_key"]), lat["size"]), (human(lat["size"]), lat["size"]),
                 (dtype, dtype), (f"{lat['p50']:.4g}", lat["p50"]),
                 (f"{lat['p20']:.4g} – {lat['p80']:.4g}", lat["p20"]),
-                _num(m.get("throughput"), "{:.4g}"), _num(m.get("roofline"), "{:.3g}"),
+                _num(m.get("throughput"), "{:.4g}"), _roof_cell(m.get("roofline")),
                 ((f"{sp['p50']:.2f}x vs {sp.get('baseline', '?')}", sp["p50"]) if sp else ("", "")),
                 _num(m.get("max_abs_err"), "{:.2e}"),
                 (f"{lat.get('timer', '')} ×{lat.get('reps', '')}", lat.get("timer", "")),
@@ -306,6 +326,13 @@ def _num(r, fmt):
     if r is None or r.get("p50") is None or (isinstance(r["p50"], float) and not math.isfinite(r["p50"])):
         return ("", "")
     return (fmt.format(r["p50"]), r["p50"])
+
+
+def _roof_cell(r):
+    text, v = _num(r, "{:.3g}")
+    if r is not None and text and roofline.is_suspect(r):
+        return (f"{text} (ceiling suspect)", v)
+    return (text, v)
 
 
 def _size(m: dict) -> int:
@@ -348,6 +375,9 @@ table.sortable td.cmd { font-family: ui-monospace, monospace; font-size: 11px; }
 .tablewrap { overflow-x: auto; max-width: 100%; }
 table.sortable tbody tr:nth-child(even) { background: #fafbfc; }
 p.none { color: var(--muted); }
+.suspect { flex: 1 1 300px; max-width: 440px; border: 1px dashed #bf8700; border-radius: 4px; padding: 4px 10px;
+           font-size: 12px; background: #fff8c5; } .suspect p { margin: 4px 0; } .suspect ul { margin: 2px 0;
+           padding-left: 18px; }
 """
 
 _JS = """

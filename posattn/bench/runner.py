@@ -11,6 +11,7 @@ from pathlib import Path
 
 from posattn.bench import device as devmod
 from posattn.bench import results as resmod
+from posattn.bench import roofline
 from posattn.bench.registry import BenchOp, Shape, Unsupported, ops as registered_ops, skipped_ops
 from posattn.bench.timing import Timing, measure
 
@@ -29,6 +30,10 @@ class RunConfig:
     results_path: Path | None = None
     target_s: float | None = None  # timed time per measurement
     measure_peaks: bool = True
+    # a point above 100 % of a measured ceiling makes the run measure the ceiling again:
+    # at most this many times per run, each up to ``remeasure_attempts`` measurements
+    remeasure_rounds: int = 2
+    remeasure_attempts: int = 3
 
 
 @dataclass
@@ -39,6 +44,7 @@ class RunResult:
     truncated: bool = False
     device: dict = field(default_factory=dict)
     peaks: dict = field(default_factory=dict)
+    remeasure_rounds: int = 0  # times the ceiling was measured again in this run
 
 
 def _dtype_name(dt) -> str:
@@ -114,10 +120,37 @@ def run(cfg: RunConfig, log=print) -> RunResult:
                     return res
                 rows = _run_case(op, impls, shape, dt, device, cfg, target_s, common, res, log)
                 res.rows.extend(rows)
-                if cfg.results_path is not None and rows:
-                    resmod.upsert(cfg.results_path, rows)
+                changed = rows
+                if roofline.above(rows):
+                    changed = _settle_ceiling(rows, device, cfg, common, res, log)
+                if cfg.results_path is not None and changed:
+                    resmod.upsert(cfg.results_path, changed)
     log(f"done in {time.perf_counter() - t_start:.1f} s: {len(res.rows)} rows")
     return res
+
+
+def _settle_ceiling(rows: list[dict], device: str, cfg: RunConfig, common: dict, res: RunResult, log) -> list[dict]:
+    """A case landed above 100 % of its ceiling. Measure a measured ceiling again (while
+    re-measurements are left) and hold every row of the run against the better figure; mark
+    what is still above it. Returns the rows to write (all of the run's when the ceiling moved)."""
+    peaks = common["peaks"]
+    if peaks.get("ceiling") == "measured" and res.remeasure_rounds < cfg.remeasure_rounds:
+        res.remeasure_rounds += 1
+        worst = max(r["p50"] for r in roofline.above(rows))
+        log(f"  {worst:.0f} % of the measured ceiling: measuring the ceiling again "
+            f"(was {peaks.get('bandwidth_gbs')} GB/s, {peaks.get('tflops')} TFLOP/s)")
+        new = devmod.remeasure(peaks, device, attempts=cfg.remeasure_attempts,
+                               fits=lambda p: not roofline.above(rows, p))
+        log(f"  ceiling now {new.get('bandwidth_gbs')} GB/s, {new.get('tflops')} TFLOP/s "
+            f"(after {new.get('remeasured')} re-measurement(s))")
+        roofline.apply(res.rows, new)  # earlier rows of the run too: one ceiling per run
+        common["peaks"] = res.peaks = new
+        for r in roofline.mark(res.rows, new):
+            log(f"  ceiling suspect: {r['op']} {r['backend']} {r['shape_key']} {r['dtype']}: {r['ceiling_note']}")
+        return res.rows
+    for r in roofline.mark(rows, peaks):
+        log(f"  ceiling suspect: {r['op']} {r['backend']} {r['shape_key']} {r['dtype']}: {r['ceiling_note']}")
+    return rows
 
 
 def _select_impls(op: BenchOp, cfg: RunConfig, device_type: str, res: RunResult) -> list:
@@ -231,13 +264,7 @@ def _run_case(op, impls, shape, dt, device, cfg, target_s, common, res, log) -> 
 
 
 def _roofline_pct(t: float, nbytes: int, nflops: int, peaks: dict) -> float | None:
-    bw, tf = peaks.get("bandwidth_gbs"), peaks.get("tflops")
-    if not bw:
-        return None
-    bound = nbytes / (bw * 1e9)
-    if nflops and tf:
-        bound = max(bound, nflops / (tf * 1e12))
-    return 100.0 * bound / t
+    return roofline.pct(t, nbytes, nflops, peaks)
 
 
 def _metric_rows(base: dict, t: Timing, nbytes: int, nflops: int, err: float, peaks: dict) -> list[dict]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from posattn.bench import roofline
+
 
 def _fmt_us(us: float) -> str:
     if us >= 1000:
@@ -32,11 +34,13 @@ def text(rows: list[dict], skipped=(), errors=(), truncated: bool = False) -> st
             lat[k][r["backend"]] = r
         elif r["metric"] in ("throughput", "roofline", "max_abs_err"):
             other[(k, r["backend"])][r["metric"]] = r["p50"]
+            if r["metric"] == "roofline":
+                other[(k, r["backend"])]["roofline_row"] = r
     best = best_posattn(rows)
     peers = sorted({r["backend"] for r in rows if r.get("kind") == "peer" and r["metric"] == "latency"})
     lines = ["", "== summary: fastest posattn backend vs peers (p50 latency; peer column = posattn speed-up) =="]
     sets = sorted({k[1] for k in lat})
-    head = f"{'op':6} {'shape':26} {'dtype':9} {'posattn':16} {'latency':>10} {'GB/s':>9} {'roof%':>6}"
+    head = f"{'op':6} {'shape':26} {'dtype':9} {'posattn':16} {'latency':>10} {'GB/s':>9} {'roof%':>8}"
     for p in peers:
         head += f" {p[:14]:>14}"
     lines.append(head)
@@ -49,12 +53,11 @@ def text(rows: list[dict], skipped=(), errors=(), truncated: bool = False) -> st
         any_row = next(iter(lat[k].values()))
         label = any_row.get("shape_label", k[2])[:26]
         if b is None:
-            line = f"{k[0]:6} {label:26} {k[3]:9} {'(none)':16} {'':>10} {'':>9} {'':>6}"
+            line = f"{k[0]:6} {label:26} {k[3]:9} {'(none)':16} {'':>10} {'':>9} {'':>8}"
         else:
             o = other.get((k, b["backend"]), {})
-            roof = o.get("roofline")
             line = (f"{k[0]:6} {label:26} {k[3]:9} {b['backend']:16} {_fmt_us(b['p50']):>10} "
-                    f"{o.get('throughput', 0):9.1f} {(f'{roof:.1f}' if roof is not None else '-'):>6}")
+                    f"{o.get('throughput', 0):9.1f} {_roof_text(o.get('roofline_row')):>8}")
         for p in peers:
             pr = lat[k].get(p)
             if pr is None or b is None:
@@ -74,9 +77,19 @@ def text(rows: list[dict], skipped=(), errors=(), truncated: bool = False) -> st
         lines.append(f"errors ({len(errors)}):")
         for op, impl, case, msg in list(errors)[:20]:
             lines.append(f"  {op}/{impl} {case}: {msg}")
+    if any(roofline.is_suspect(r) for r in rows):
+        lines.append("roof% 'suspect': above 100 % of the ceiling even after measuring it again; "
+                     "the ceiling, not the kernel, is in question (see the row's ceiling_note)")
     if truncated:
         lines.append("NOTE: the time budget ran out; the sweep is partial")
     return "\n".join(lines)
+
+
+def _roof_text(r) -> str:
+    """% of roofline, or "suspect" for a point above 100 % of its ceiling (the ceiling is wrong)."""
+    if r is None:
+        return "-"
+    return "suspect" if roofline.is_suspect(r) else f"{r['p50']:.1f}"
 
 
 def _set_of(r: dict) -> tuple:

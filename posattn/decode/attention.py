@@ -209,7 +209,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         # dispatch's memo takes a lock Dynamo cannot trace: the custom op resolves the backend
         kernel, config = _NamedOnly(backend or ""), {}
     else:
-        kernel, config = dispatch.select("decode_attention", key, backend=backend)
+        kernel, config = dispatch.select("decode_attention", key, backend=backend, device_index=q.device.index)
     scale = D ** -0.5 if softmax_scale is None else float(softmax_scale)
     plan = _Plan(kernel, config, B, Tq, T, HQ, HK, D, capacity, paged, rope, causal, window, scale, return_lse,
                  num_splits, q.device)
@@ -241,7 +241,7 @@ def _decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
                          causal: bool, window: int, softmax_scale: float, num_splits: int, max_q: int,
                          backend: str, kv_indices: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     key = lowered_key(q, k_cache, block_table, cu_seqlens_q, tree_mask, causal, window, max_q, kv_indices)
-    kernel, config = dispatch.select("decode_attention", key, backend=backend or None)
+    kernel, config = dispatch.select("decode_attention", key, backend=backend or None, device_index=q.device.index)
     return kernel.fn(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, tree_mask, causal, window,
                      softmax_scale, num_splits or None, max_q, config, kv_indices)
 

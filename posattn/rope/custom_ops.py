@@ -25,8 +25,8 @@ from posattn.lowered import RopeTables
 from posattn.rope.layout import RopeKey, from_bshd, last_contig, make_key, new_like, pos_key_dtype
 
 
-def _select(op: str, key: RopeKey, backend: str):
-    return dispatch.select(op, key, backend=backend or None)
+def _select(op: str, key: RopeKey, backend: str, x: torch.Tensor):
+    return dispatch.select(op, key, backend=backend or None, device_index=x.device.index)
 
 
 # ---------------------------------------------------------------------------
@@ -44,7 +44,7 @@ def _run_rope(q, qo, k, ko, pos3, inv_freq, pair_axis, pair_pos_scale, pair_q_of
     x = q if q.shape[2] else k
     key = make_key(x, q.shape[2], k.shape[2], rotary_dim, interleaved, pos_key_dtype(pos3),
                    pos3.shape[0], rows, pair_pos_scale is not None)
-    kernel, config = _select("rope", key, backend)
+    kernel, config = _select("rope", key, backend, x)
     kernel.fn(q, qo, k, ko, pos3, tables, rotary_dim, interleaved, sign, config)
 
 
@@ -116,7 +116,7 @@ def _rope_inplace_fake(q, k, pos3, inv_freq, pair_axis, pair_pos_scale, pair_q_o
 def _run_angles(q, qo, k, ko, angles, rotary_dim, interleaved, sign, backend):
     x = q if q.shape[2] else k
     key = make_key(x, q.shape[2], k.shape[2], rotary_dim, interleaved, "angles", 1, angles.shape[2], False)
-    kernel, config = _select("rope_angles", key, backend)
+    kernel, config = _select("rope_angles", key, backend, x)
     if kernel.backend != "reference" and angles.dtype != torch.float32:
         angles = angles.float()
     kernel.fn(q, qo, k, ko, last_contig(angles), rotary_dim, interleaved, sign, config)
@@ -226,7 +226,7 @@ def replicate_like(x, *ts):
 def direct(op, q, k, q4, k4, data, rotary_dim, interleaved, sign, layout, inplace, key, backend):
     """Eager, no gradient needed: select and launch without the custom-op machinery
     (which costs ~100 us a call); ``data`` is (pos3, tables) or (angles,)."""
-    kernel, config = dispatch.select(op, key, backend=backend)
+    kernel, config = dispatch.select(op, key, backend=backend, device_index=q4.device.index)
     qi = last_contig(q4)
     ki = last_contig(k4) if k4 is not None else None
     if op == "rope_angles" and kernel.backend != "reference" and data[0].dtype != torch.float32:
@@ -254,7 +254,7 @@ def run_positions(q, k, q4, k4, pos3, tables, rotary_dim, interleaved, sign, lay
         return direct("rope", q, k, q4, k4, (pos3, tables), rotary_dim, interleaved, sign, layout, inplace,
                       key, backend)
     if not compiling():
-        kernel, _ = dispatch.select("rope", key, backend=backend)
+        kernel, _ = dispatch.select("rope", key, backend=backend, device_index=q4.device.index)
         backend = kernel.backend
     name = backend or ""
     kk4 = k4 if k4 is not None else q4.new_empty(q4.shape[0], q4.shape[1], 0, q4.shape[3])

@@ -109,7 +109,7 @@ def _apply_rope_checked(q, k, positions, spec, layout, inplace, backend, seq_len
         # eager, no grad, plain tensors: everything checked above is fixed by pk (tables too,
         # unless they depend on the positions' values); the kernel choice is fixed until
         # dispatch.clear_memo(), which drops every plan
-        kernel, config = dispatch.select("rope", key, backend=backend)
+        kernel, config = dispatch.select("rope", key, backend=backend, device_index=q4.device.index)
         plan = P.RopePlan(kernel, config, tables, tuple(pos3.shape), q4, k4, spec.rotary_dim,
                          spec.interleaved, layout, inplace)
         _plans.store(_PLANS, pk, plan, P.PLAN_CACHE_SIZE)
@@ -197,7 +197,7 @@ def _apply_rope_angles_checked(q, k, angles, interleaved, layout, inplace, backe
     key = make_key(q4, HQ, HK, rotary_dim, interleaved, "angles", 1, rows, False)
     if pk is not None:
         # eager, no grad, plain tensors: the checks above depend only on what pk holds
-        kernel, config = dispatch.select("rope_angles", key, backend=backend)
+        kernel, config = dispatch.select("rope_angles", key, backend=backend, device_index=q4.device.index)
         fix = _angles_to_fp32 if kernel.backend != "reference" and angles.dtype != torch.float32 else last_contig
         plan = P.RopePlan(kernel, config, None, tuple(ang4.shape), q4, k4, rotary_dim, interleaved, layout,
                          inplace, src_fix=fix)
@@ -209,7 +209,7 @@ def _apply_rope_angles_checked(q, k, angles, interleaved, layout, inplace, backe
         return direct("rope_angles", q, k, q4, k4, (ang4,), rotary_dim, interleaved, 1.0, layout, inplace,
                       key, backend)
     if not compiling():
-        kernel, _ = dispatch.select("rope_angles", key, backend=backend)
+        kernel, _ = dispatch.select("rope_angles", key, backend=backend, device_index=q4.device.index)
         backend = kernel.backend
     name = backend or ""
     kk4 = k4 if k4 is not None else q4.new_empty(B, S, 0, D)
@@ -327,7 +327,7 @@ def _rope_shift_checked(k, delta, spec, positions, layout, inplace, backend, seq
         # on what pk holds. k is rotated in the query role (no DPE offset in unit tables).
         key = make_key(k4, H, 0, spec.rotary_dim, spec.interleaved, "float64" if scalar else dname(d3.dtype),
                        A, rows, False)
-        kernel, config = dispatch.select("rope", key, backend=backend)
+        kernel, config = dispatch.select("rope", key, backend=backend, device_index=k4.device.index)
         plan = P.RopePlan(kernel, config, unit, (A, 1, S) if scalar else tuple(d3.shape), k4, None,
                          spec.rotary_dim, spec.interleaved, layout, inplace, scalar=scalar)
         _plans.store(_SHIFT_PLANS, pk, plan, P.PLAN_CACHE_SIZE)

@@ -259,7 +259,8 @@ def _register(name, title, sweep, parse_shape):
         hk = inp["k_cache"].shape[2]
         cache = (inp["k_cache"], inp["v_cache"])
         if n == 1:
-            w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD")
+            # tensor cores for GQA groups of 4 or more, as FlashInfer recommends (the peer at its best)
+            w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=hq // hk >= 4)
             w.plan(indptr, indices, last, hq, hk, d, ps, q_data_type=inp["q"].dtype, kv_data_type=inp["q"].dtype)
         else:
             w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD")
