@@ -94,6 +94,8 @@ class JitModule:
     # -- the four entry points of posattn._cuda ----------------------------
     def rope_forward(self, q, k, dims, pos, freqs, attention_scaling, angles, sign, dtype, threads=128,
                      stream=0):
+        if dims[0] * dims[1] > 0x7FFFFFFF:  # as posattn._cuda: one block row per token
+            raise ValueError("posattn.kernels.cuda.rope_forward: too many tokens (more than 2^31 - 1)")
         dev = self._device()
         launch = host().rope_launch(q, k, dims, pos, freqs, attention_scaling, angles, sign, dtype, threads,
                                     self._sm_count(dev))

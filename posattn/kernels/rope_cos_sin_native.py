@@ -98,8 +98,9 @@ def cuda_forward(q, qo, k, ko, c1, s1, c2, s2, pos2, rotary_dim: int, interleave
 
     stream = torch.cuda.current_stream(q.device).cuda_stream
     with torch.cuda.device(q.device):
-        cuda_kernels.module().rope_cos_sin_forward(*_common(q, qo, k, ko, c1, s1, c2, s2, pos2, rotary_dim, interleaved, sign),
-                                   int(config.get("threads", 0)), stream)
+        cuda_kernels.module().rope_cos_sin_forward(
+            *_common(q, qo, k, ko, c1, s1, c2, s2, pos2, rotary_dim, interleaved, sign),
+            int(config.get("threads", 0)), stream)
 
 
 def cuda_built() -> bool:

@@ -199,3 +199,49 @@ def test_info_reports_providers():
     info = cuda.providers_info()
     assert set(info) == {"prebuilt", "jit", "serving"}
     assert all(isinstance(v, str) and v for v in info.values())
+
+
+def test_jit_module_passes_the_decided_launch_to_the_driver(host, monkeypatch):
+    # the Python glue of the JIT launch, without a GPU: the driver call gets the kernel chosen
+    # by the shared decision, its grid / block / smem, and a parameter array whose entries
+    # point at exactly the argument bytes posattn._cuda_jit_host packed
+    pytest.importorskip("cupy")
+    import ctypes
+
+    from posattn.kernels import cuda_jit_launch as jl
+
+    calls = []
+
+    class Fn:
+        ptr = 4242
+
+    class Driver:
+        CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
+
+        def funcSetAttribute(self, *a):
+            calls.append(("attr", a))
+
+        def launchKernel(self, f, gx, gy, gz, bx, by, bz, smem, stream, params, extra):
+            ptrs = (ctypes.c_void_p * 2).from_address(params)
+            calls.append(("launch", (f, gx, gy, gz, bx, by, bz, smem, stream, extra),
+                          [ctypes.string_at(p, n) for p, n in zip(ptrs, (len(expected["args"][0]), 4))]))
+
+    m = jl.JitModule()
+    names = []
+    monkeypatch.setattr(m, "_driver", Driver())
+    monkeypatch.setattr(m, "_device", lambda: 0)
+    monkeypatch.setattr(m, "_sm_count", lambda dev: 132)
+    monkeypatch.setattr(m, "_function", lambda src, name, dev: (names.append((src, name)), Fn())[1])
+    q, qo, k, ko = _qk(1, 3, 16, 4, 128, torch.bfloat16)
+    angles = torch.zeros(1, 3, 1, 64)
+    args = (native.rope_tensor_args(q, qo), native.rope_tensor_args(k, ko), native.dims_args(q, 128, False, False),
+            [], [], 1.0, native.angle_args(angles), 1.0, native.DTYPE_CODE[torch.bfloat16], 128)
+    expected = host.rope_launch(*args, 132)
+    m.rope_forward(*args, stream=77)
+    assert names == [("rope_cuda.cu", jl.rope_kernel_name(2, expected))]
+    kind, geom, payload = calls[-1]
+    assert kind == "launch"
+    assert geom == (4242, expected["grid_x"], expected["grid_y"], 1, expected["threads"], 1, 1, expected["smem"], 77, 0)
+    assert payload == [expected["args"][0], expected["args"][1]]
+    with pytest.raises(ValueError, match="too many tokens"):
+        m.rope_forward(args[0], args[1], [1 << 20, 1 << 12, 128, 128, 0, 0], *args[3:], stream=0)
