@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from pybind11.setup_helpers import Pybind11Extension
+from setuptools.command.build_py import build_py
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
@@ -23,11 +24,16 @@ HEADERS = sorted(str(p.relative_to(ROOT)) for ext in ("*.h", "*.inc", "*.cuh") f
 
 # CUDA architectures: real code for Ampere and Hopper (sm_90a for wgmma-era
 # features), plus PTX of the newest so that later GPUs can JIT it.
+def cuda_archs() -> list[str]:
+    """The real architectures posattn._cuda carries code for (POSATTN_CUDA_ARCHS, default 80,90a)."""
+    return [a.strip() for a in os.environ.get("POSATTN_CUDA_ARCHS", "80,90a").split(",") if a.strip()]
+
+
 def cuda_gencode():
     """Real code for Ampere and Hopper (sm_90a for wgmma-era features), plus PTX
     so later GPUs can JIT it. POSATTN_CUDA_ARCHS=90a (comma list) narrows the
     build, e.g. for a quick build on a known GPU."""
-    archs = [a.strip() for a in os.environ.get("POSATTN_CUDA_ARCHS", "80,90a").split(",") if a.strip()]
+    archs = cuda_archs()
     flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     newest = max(archs, key=lambda a: int(a.rstrip("a")))
     ptx = newest.rstrip("a")
@@ -121,6 +127,22 @@ class BuildExt(build_ext):
         super().build_extension(ext)
 
 
+class BuildPyWithSources(build_py):
+    """Also ship csrc/include/posattn and csrc/cuda as posattn/_csrc in the wheel: the NVRTC
+    provider (posattn/kernels/cuda_jit.py) compiles them at run time when posattn._cuda was
+    not built (no nvcc at install) or does not cover the GPU."""
+
+    def run(self):
+        super().run()
+        dest = Path(self.build_lib) / "posattn" / "_csrc"
+        for sub in ("include/posattn", "cuda"):
+            for src in sorted((CSRC / sub).iterdir()):
+                if src.suffix in (".h", ".cuh", ".cu"):
+                    out = dest / sub / src.name
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    self.copy_file(str(src), str(out))
+
+
 def extensions():
     exts = [
         Pybind11Extension(
@@ -134,7 +156,16 @@ def extensions():
             if sys.platform.startswith("linux") and os.uname().machine == "x86_64"
             else ["-O3", "-fopenmp"],
             extra_link_args=["-fopenmp"],
-        )
+        ),
+        # the NVRTC provider's host side (launch decisions, argument packing): no CUDA needed
+        Pybind11Extension(
+            "posattn._cuda_jit_host",
+            sources=["csrc/bind_cuda_jit.cpp"],
+            depends=HEADERS,
+            include_dirs=INCLUDE,
+            cxx_std=17,
+            extra_compile_args=["-O2"],
+        ),
     ]
     toolkit = cuda_toolkit()
     if toolkit:
@@ -151,6 +182,9 @@ def extensions():
             # static cudart: the module needs only the driver (libcuda) at run time,
             # and that is loaded lazily by cudart, so import works without a GPU.
             libraries=["cudart_static", "rt", "pthread", "dl"],
+            # the architectures with real code, so that posattn.kernels.cuda can tell whether
+            # this module covers a GPU (else the NVRTC provider serves it)
+            define_macros=[("POSATTN_CUDA_ARCHS", '"' + ",".join(cuda_archs()) + '"')],
         )
         ext.nvcc = nvcc
         exts.append(ext)
@@ -158,4 +192,4 @@ def extensions():
 
 
 if __name__ == "__main__":  # setuptools (pip, build_meta) runs this file as __main__; tests import it
-    setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})
+    setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt, "build_py": BuildPyWithSources})

@@ -106,6 +106,17 @@ step "tests (GPU)" "$(limit 150 140)" "$PY" -m pytest -q --maxfail=25 -p no:cach
 #     2^31 elements, host-sync freedom), then decode / tree-verify timings beside FlashInfer,
 #     FlexAttention and SDPA (rows upserted into $OUT/results.jsonl; no new file in $OUT)
 step "decode tests (GPU)" "$(limit 90 200)" "$PY" -m pytest -q -x -p no:cacheprovider "${XDIST[@]}" tests/decode
+
+# 4c. the CUDA C++ kernels through the NVRTC provider (issue 16; needs CuPy): its first-call
+#     (compile) and cached-call times, then the same CUDA kernel tests as the prebuilt module's
+if "$PY" -c "import cupy" 2>/dev/null; then
+  step "CUDA JIT timing" 120 "$PY" -m posattn jit --time-device --cache-dir "$OUT/jit-cache"
+  step "CUDA JIT tests (GPU)" "$(limit 120 160)" env POSATTN_CUDA_PROVIDER=jit POSATTN_JIT_CACHE="$OUT/jit-cache" \
+    "$PY" -m pytest -q --maxfail=10 -p no:cacheprovider "${XDIST[@]}" -k "cuda" tests/rope tests/kernels \
+    tests/decode/test_cache_ops.py tests/decode/test_cache_ops_compact.py
+else
+  echo "CuPy not importable: the NVRTC provider's GPU check is skipped"
+fi
 step "decode bench" "$(limit 60 150)" "$PY" -m posattn bench --quick --op decode_attention,tree_attention \
   -o "$OUT" --no-dashboard --time-budget 40
 # 4c. token selection (issue 13): its kernel tests compiled on the GPU (topk, scores, page scores,

@@ -11,6 +11,9 @@ namespace py = pybind11;
 
 PYBIND11_MODULE(_cuda, m) {
   m.doc() = "posattn CUDA kernels (static cudart); raw device pointers and streams as integers";
+#ifdef POSATTN_CUDA_ARCHS
+  m.attr("archs") = POSATTN_CUDA_ARCHS;  // real code compiled in, e.g. "80,90a" (setup.py)
+#endif
   m.def("device_count", &posattn::cuda::device_count);
   m.def("runtime_version", &posattn::cuda::runtime_version);
   m.def("driver_version", &posattn::cuda::driver_version,

@@ -8,7 +8,7 @@ import json
 import platform
 import sys
 
-_SUBCOMMAND_MODULES = ("posattn.bench.cli", "posattn.autotune.cli")
+_SUBCOMMAND_MODULES = ("posattn.bench.cli", "posattn.autotune.cli", "posattn.kernels.cuda_jit_cli")
 
 
 def _info(args) -> int:
@@ -35,7 +35,8 @@ def _info(args) -> int:
     from posattn.kernels import cuda as ck
 
     if ck.built():
-        info["posattn._cuda_runtime"] = ck.module().runtime_version()
+        info["posattn._cuda_runtime"] = ck._cuda.runtime_version()
+    info["cuda_providers"] = ck.providers_info()
     backends = {}
     for name in dispatch.BACKENDS:
         ok, why = dispatch.backend_status(name)

@@ -15,11 +15,14 @@
 // a barrier between tokens: every destination is at or below its source and no later source
 // is an earlier destination, so this order is exact when the ranges overlap. The block
 // then advances cache_seqlens[b] (one block per request: no other block reads it).
+#include "posattn/cache_problem.h"
+#if !defined(__CUDACC_RTC__)  // NVRTC (posattn/kernels/cuda_jit.py) sees the kernels only
 #include <cuda_runtime.h>
+#include "posattn/cuda_launch_kernels.h"
 #include <stdexcept>
 #include <string>
-#include "posattn/rope_math.h"
 #include "cache_cuda.h"
+#endif
 
 namespace posattn {
 namespace cuda {
@@ -159,6 +162,7 @@ __global__ void kv_compact_kernel(CompactProblem p) {
   }
 }
 
+#if !defined(__CUDACC_RTC__)  // host launchers: nvcc only (NVRTC compiles the kernels above, posattn/kernels/cuda_jit.py)
 void check_launch(const char* what) {
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess)
@@ -174,23 +178,18 @@ void check_device() {
   }
 }
 
+// The launches are decided in posattn/cuda_launch_kernels.h, shared with the NVRTC provider.
 template <typename T>
-void launch_cache(const CacheProblem& p, int threads, cudaStream_t st) {
-  using A = typename Acc<T>::type;
-  const int64_t tab = p.r.f.rows * (p.r.rotary_dim / 2);
-  const size_t smem = size_t(tab) * (rope_q_differs(p.r) ? 4 : 2) * sizeof(A);
-  if (smem > 48 * 1024) throw std::invalid_argument("posattn._cuda.rope_cache_forward: cos/sin table too large");
-  rope_cache_kernel<T><<<dim3(unsigned(p.r.seqlen)), threads, smem, st>>>(p);
+void launch_cache(const CacheProblem& p, int dtype, int threads, cudaStream_t st) {
+  const KernelLaunch L = rope_cache_launch(p, dtype, threads);
+  if (L.smem_attr) throw std::invalid_argument("posattn._cuda.rope_cache_forward: cos/sin table too large");
+  rope_cache_kernel<T><<<dim3(unsigned(L.grid_x)), L.threads, size_t(L.smem), st>>>(p);
 }
 
-bool aligned_to(const CompactProblem& p, int64_t w) {
-  auto ok = [w](int64_t x) { return x % w == 0; };
-  return ok(reinterpret_cast<int64_t>(p.kc)) && ok(reinterpret_cast<int64_t>(p.vc)) && ok(p.kc_sb) && ok(p.kc_sp) &&
-         ok(p.kc_sh) && ok(p.vc_sb) && ok(p.vc_sp) && ok(p.vc_sh) && ok(p.k_row) && ok(p.v_row);
-}
-
+#endif  // !__CUDACC_RTC__
 }  // namespace
 
+#if !defined(__CUDACC_RTC__)
 void rope_cache_forward(const CacheProblem& p, int dtype, int threads, int64_t stream) {
   check_device();
   if (p.r.seqlen == 0) return;
@@ -198,10 +197,10 @@ void rope_cache_forward(const CacheProblem& p, int dtype, int threads, int64_t s
   if (threads <= 0) threads = 128;
   auto st = reinterpret_cast<cudaStream_t>(stream);
   switch (dtype) {
-    case kFloat32: launch_cache<float>(p, threads, st); break;
-    case kFloat16: launch_cache<half_t>(p, threads, st); break;
-    case kBFloat16: launch_cache<bf16_t>(p, threads, st); break;
-    case kFloat64: launch_cache<double>(p, threads, st); break;
+    case kFloat32: launch_cache<float>(p, dtype, threads, st); break;
+    case kFloat16: launch_cache<half_t>(p, dtype, threads, st); break;
+    case kBFloat16: launch_cache<bf16_t>(p, dtype, threads, st); break;
+    case kFloat64: launch_cache<double>(p, dtype, threads, st); break;
     default: throw std::invalid_argument("posattn._cuda.rope_cache_forward: unsupported dtype code");
   }
   check_launch("rope_cache_forward");
@@ -210,14 +209,16 @@ void rope_cache_forward(const CacheProblem& p, int dtype, int threads, int64_t s
 void kv_compact_forward(const CompactProblem& p, int threads, int64_t stream) {
   check_device();
   if (p.batch == 0) return;
-  if (threads <= 0) threads = 128;
   auto st = reinterpret_cast<cudaStream_t>(stream);
-  const dim3 grid(unsigned(p.batch));
-  if (aligned_to(p, 16)) kv_compact_kernel<uint4><<<grid, threads, 0, st>>>(p);
-  else if (aligned_to(p, 4)) kv_compact_kernel<uint32_t><<<grid, threads, 0, st>>>(p);
-  else kv_compact_kernel<uint16_t><<<grid, threads, 0, st>>>(p);
+  const KernelLaunch L = kv_compact_launch(p, threads);
+  const dim3 grid(unsigned(L.grid_x));
+  if (L.vec == 16) kv_compact_kernel<uint4><<<grid, L.threads, 0, st>>>(p);
+  else if (L.vec == 4) kv_compact_kernel<uint32_t><<<grid, L.threads, 0, st>>>(p);
+  else kv_compact_kernel<uint16_t><<<grid, L.threads, 0, st>>>(p);
   check_launch("kv_compact_forward");
 }
+
+#endif  // !__CUDACC_RTC__
 
 }  // namespace cuda
 }  // namespace posattn

@@ -8,14 +8,16 @@
 // VEC = 16 / sizeof(T) when every pointer and stride allows aligned vector
 // access (pick_vec_width), else narrower. Token blocks beyond gridDim.x (more
 // than 2^31 - 1) are looped over.
+#include "posattn/rope_cos_sin_math.h"
+#if !defined(__CUDACC_RTC__)  // NVRTC (posattn/kernels/cuda_jit.py) sees the kernels only
 #include <cuda_runtime.h>
 #include <algorithm>
 #include <stdexcept>
 #include <string>
-#include "posattn/cuda_launch.h"
-#include "posattn/rope_cos_sin_math.h"
+#include "posattn/cuda_launch_kernels.h"
 #include "cuda_check.cuh"
 #include "rope_cos_sin.h"
+#endif
 
 namespace posattn {
 namespace cuda {
@@ -117,47 +119,38 @@ __global__ void rope_cos_sin_kernel(CosSinProblem p, int tpb, int hpb, int64_t t
   }
 }
 
-static VecView vec_view(const CosSinTensor& t) {
-  return VecView{t.in, t.out, t.in ? t.heads : 0, t.in_sb, t.in_ss, t.in_sh, t.out_sb, t.out_ss, t.out_sh};
-}
-
+#if !defined(__CUDACC_RTC__)  // host launchers: nvcc only (NVRTC compiles the kernels above, posattn/kernels/cuda_jit.py)
 constexpr const char* kWhere = "posattn._cuda.rope_cos_sin_forward";
 
 template <typename T, typename U, int VEC>
-static void launch_vec(const CosSinProblem& p, int threads, cudaStream_t st) {
-  using A = typename CosSinAcc<T>::type;
-  const int half = p.rotary_dim / 2;
-  const int64_t heads = p.q.heads + (p.k.in ? p.k.heads : 0);
-  const int ppc = p.interleaved ? (VEC > 1 ? VEC / 2 : 1) : VEC;
-  const CosSinLaunchPlan pl = cos_sin_launch_plan(p.batch * p.seqlen, heads, half, int(sizeof(A)), ppc,
-                                                  threads, sm_count());
+static void launch_vec(const CosSinProblem& p, const KernelLaunch& L, cudaStream_t st) {
   auto kernel = rope_cos_sin_kernel<T, U, VEC>;
-  if (pl.smem_attr) allow_smem(kernel, pl.smem, kWhere);
-  const dim3 grid(static_cast<unsigned>(pl.grid_x), static_cast<unsigned>(pl.grid_y));
-  kernel<<<grid, pl.threads, size_t(pl.smem), st>>>(p, pl.tpb, pl.hpb, pl.token_blocks);
+  if (L.smem_attr) allow_smem(kernel, L.smem, kWhere);
+  const dim3 grid(static_cast<unsigned>(L.grid_x), static_cast<unsigned>(L.grid_y));
+  kernel<<<grid, L.threads, size_t(L.smem), st>>>(p, L.tpb, L.hpb, L.token_blocks);
 }
 
+// The launch (vector width, plan) is decided in posattn/cuda_launch_kernels.h, shared with
+// the NVRTC provider.
 template <typename T, typename U>
-static void launch_typed(const CosSinProblem& p, int threads, cudaStream_t st) {
-  const VecView views[2] = {vec_view(p.q), vec_view(p.k)};
-  const int vec = pick_vec_width(int(sizeof(T)), p.rotary_dim / 2, p.interleaved, p.batch, p.seqlen,
-                                 views, 2);
-  switch (vec) {
-    case 8: if constexpr (sizeof(T) <= 2) { launch_vec<T, U, 8>(p, threads, st); return; } break;
-    case 4: if constexpr (sizeof(T) <= 4) { launch_vec<T, U, 4>(p, threads, st); return; } break;
-    case 2: launch_vec<T, U, 2>(p, threads, st); return;
+static void launch_typed(const CosSinProblem& p, int dtype, int threads, cudaStream_t st) {
+  const KernelLaunch L = cos_sin_launch(p, dtype, threads, sm_count());
+  switch (L.vec) {
+    case 8: if constexpr (sizeof(T) <= 2) { launch_vec<T, U, 8>(p, L, st); return; } break;
+    case 4: if constexpr (sizeof(T) <= 4) { launch_vec<T, U, 4>(p, L, st); return; } break;
+    case 2: launch_vec<T, U, 2>(p, L, st); return;
     default: break;
   }
-  launch_vec<T, U, 1>(p, threads, st);
+  launch_vec<T, U, 1>(p, L, st);
 }
 
 template <typename T>
-static void launch_table(const CosSinProblem& p, int table_dtype, int threads, cudaStream_t st) {
+static void launch_table(const CosSinProblem& p, int dtype, int table_dtype, int threads, cudaStream_t st) {
   switch (table_dtype) {
-    case kFloat32: launch_typed<T, float>(p, threads, st); break;
-    case kFloat16: launch_typed<T, half_t>(p, threads, st); break;
-    case kBFloat16: launch_typed<T, bf16_t>(p, threads, st); break;
-    case kFloat64: launch_typed<T, double>(p, threads, st); break;
+    case kFloat32: launch_typed<T, float>(p, dtype, threads, st); break;
+    case kFloat16: launch_typed<T, half_t>(p, dtype, threads, st); break;
+    case kBFloat16: launch_typed<T, bf16_t>(p, dtype, threads, st); break;
+    case kFloat64: launch_typed<T, double>(p, dtype, threads, st); break;
     default: throw std::invalid_argument("posattn._cuda.rope_cos_sin_forward: unsupported table dtype code");
   }
 }
@@ -170,14 +163,16 @@ void rope_cos_sin_forward(const CosSinProblem& p, int dtype, int table_dtype, in
   auto st = reinterpret_cast<cudaStream_t>(stream);
   check_pending(kWhere);
   switch (dtype) {
-    case kFloat32: launch_table<float>(p, table_dtype, threads, st); break;
-    case kFloat16: launch_table<half_t>(p, table_dtype, threads, st); break;
-    case kBFloat16: launch_table<bf16_t>(p, table_dtype, threads, st); break;
-    case kFloat64: launch_table<double>(p, table_dtype, threads, st); break;
+    case kFloat32: launch_table<float>(p, dtype, table_dtype, threads, st); break;
+    case kFloat16: launch_table<half_t>(p, dtype, table_dtype, threads, st); break;
+    case kBFloat16: launch_table<bf16_t>(p, dtype, table_dtype, threads, st); break;
+    case kFloat64: launch_table<double>(p, dtype, table_dtype, threads, st); break;
     default: throw std::invalid_argument("posattn._cuda.rope_cos_sin_forward: unsupported dtype code");
   }
   check_launch(kWhere);
 }
+
+#endif  // !__CUDACC_RTC__
 
 }  // namespace cuda
 }  // namespace posattn

@@ -10,19 +10,19 @@
 // 16-byte vectors; VEC = 16 / sizeof(T) when every pointer and stride allows
 // aligned vector access, else 1. Tables too large for shared memory are
 // evaluated per element instead.
+#include "posattn/rope_math.h"
+#if !defined(__CUDACC_RTC__)  // NVRTC (posattn/kernels/cuda_jit.py) sees the kernels only
 #include <cuda_runtime.h>
 #include <algorithm>
 #include <stdexcept>
 #include <string>
-#include "posattn/cuda_launch.h"
-#include "posattn/rope_math.h"
+#include "posattn/cuda_launch_kernels.h"
 #include "cuda_check.cuh"
 #include "rope_cuda.h"
+#endif
 
 namespace posattn {
 namespace cuda {
-
-constexpr int64_t kMaxSmemBytes = 32 * 1024;  // cos/sin tables above this are computed per element
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Vec { T v[N]; };
@@ -156,6 +156,7 @@ __global__ void rope_kernel_bshd(RopeProblem p, int hpb) {
   }
 }
 
+#if !defined(__CUDACC_RTC__)  // host launchers: nvcc only (NVRTC compiles the kernels above, posattn/kernels/cuda_jit.py)
 int device_count() {
   int n = 0;
   if (cudaGetDeviceCount(&n) != cudaSuccess) { cudaGetLastError(); return 0; }
@@ -168,50 +169,22 @@ int runtime_version() {
   return v;
 }
 
-static VecView vec_view(const RopeTensor& t) {
-  return VecView{t.in, t.out, t.in ? t.heads : 0, t.in_sb, t.in_ss, t.in_sh, t.out_sb, t.out_ss, t.out_sh};
-}
-
-// The widest vector (in elements) every tensor's pointers and strides allow (strides of
-// size-1 dimensions ignored: posattn/cuda_launch.h).
+// The launch (instantiation, grid, block, smem) is decided in posattn/cuda_launch_kernels.h,
+// shared with the NVRTC provider.
 template <typename T>
-static int pick_vec(const RopeProblem& p) {
-  const VecView views[2] = {vec_view(p.q), vec_view(p.k)};
-  return pick_vec_width(int(sizeof(T)), p.rotary_dim / 2, p.interleaved, p.batch, p.seqlen,
-                        views, 2);
-}
-
-template <typename T>
-static void launch_typed(const RopeProblem& p, int threads, cudaStream_t st) {
-  const int64_t ntok = p.batch * p.seqlen;
-  const int64_t rows = p.ang.ptr ? p.ang.rows : p.f.rows;
-  const int64_t tab = rows * (p.rotary_dim / 2);
-  const int64_t nt = tab * (rope_q_differs(p) ? 4 : 2);
-  const int64_t bytes = nt * int64_t(sizeof(typename Acc<T>::type));
-  const bool smem_table = bytes <= kMaxSmemBytes;
-  const size_t smem = smem_table ? size_t(bytes) : 0;
-  const int vec = smem_table ? pick_vec<T>(p) : 1;
-  const int ppc = p.interleaved ? (vec > 1 ? vec / 2 : 1) : vec;
-  const int64_t heads = (p.q.in ? p.q.heads : 0) + (p.k.in ? p.k.heads : 0);
-  // every block computes its token's whole table: split a token's heads over blocks only
-  // when there are fewer tokens than SMs (decode), never for prefill
-  int hpb = int(std::max<int64_t>(heads, 1));
-  const int sms = sm_count();
-  if (ntok < sms) {
-    const HeadSplit hs = split_heads(ntok, heads, (p.rotary_dim / 2) / ppc, threads, sms);
-    hpb = int(hs.hpb);
-    threads = hs.threads;
-  }
-  dim3 grid(static_cast<unsigned>(ntok), static_cast<unsigned>((heads + hpb - 1) / hpb));
-  if (!smem_table) {  // huge per-head tables: angles per element, unvectorised (rare)
-    rope_kernel_bshd<T, 1, false><<<grid, threads, 0, st>>>(p, hpb);
+static void launch_typed(const RopeProblem& p, int dtype, int threads, cudaStream_t st) {
+  const KernelLaunch L = rope_launch(p, dtype, threads, sm_count());
+  const dim3 grid(static_cast<unsigned>(L.grid_x), static_cast<unsigned>(L.grid_y));
+  const size_t smem = size_t(L.smem);
+  if (!L.smem_table) {  // huge per-head tables: angles per element, unvectorised (rare)
+    rope_kernel_bshd<T, 1, false><<<grid, L.threads, 0, st>>>(p, L.hpb);
     return;
   }
-  switch (vec) {
-    case 8: rope_kernel_bshd<T, 8, true><<<grid, threads, smem, st>>>(p, hpb); break;
-    case 4: rope_kernel_bshd<T, 4, true><<<grid, threads, smem, st>>>(p, hpb); break;
-    case 2: rope_kernel_bshd<T, 2, true><<<grid, threads, smem, st>>>(p, hpb); break;
-    default: rope_kernel_bshd<T, 1, true><<<grid, threads, smem, st>>>(p, hpb); break;
+  switch (L.vec) {
+    case 8: rope_kernel_bshd<T, 8, true><<<grid, L.threads, smem, st>>>(p, L.hpb); break;
+    case 4: rope_kernel_bshd<T, 4, true><<<grid, L.threads, smem, st>>>(p, L.hpb); break;
+    case 2: rope_kernel_bshd<T, 2, true><<<grid, L.threads, smem, st>>>(p, L.hpb); break;
+    default: rope_kernel_bshd<T, 1, true><<<grid, L.threads, smem, st>>>(p, L.hpb); break;
   }
 }
 
@@ -234,14 +207,16 @@ void rope_forward(const RopeProblem& p, int dtype, int threads, int64_t stream) 
   auto st = reinterpret_cast<cudaStream_t>(stream);
   check_pending(kWhere);
   switch (dtype) {
-    case kFloat32: launch_typed<float>(p, threads, st); break;
-    case kFloat16: launch_typed<half_t>(p, threads, st); break;
-    case kBFloat16: launch_typed<bf16_t>(p, threads, st); break;
-    case kFloat64: launch_typed<double>(p, threads, st); break;
+    case kFloat32: launch_typed<float>(p, dtype, threads, st); break;
+    case kFloat16: launch_typed<half_t>(p, dtype, threads, st); break;
+    case kBFloat16: launch_typed<bf16_t>(p, dtype, threads, st); break;
+    case kFloat64: launch_typed<double>(p, dtype, threads, st); break;
     default: throw std::invalid_argument("posattn._cuda.rope_forward: unsupported dtype code");
   }
   check_launch(kWhere);
 }
+
+#endif  // !__CUDACC_RTC__
 
 }  // namespace cuda
 }  // namespace posattn

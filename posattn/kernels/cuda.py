@@ -1,20 +1,104 @@
-"""Thin wrappers over posattn._cuda (nvcc-built kernels; pointers and stream as integers).
+"""The `cuda` backend: CUDA C++ kernels (csrc/cuda; pointers and stream as integers) from one
+of two providers, chosen per process on the first launch:
 
-Same contract as posattn.kernels.cpu (see its docstring); launches go on the
-current torch stream of the tensors' device.
+  prebuilt  posattn._cuda, built by nvcc at install time, when it carries real code for
+            this GPU's architecture (setup.py POSATTN_CUDA_ARCHS, default sm_80, sm_90a);
+  jit       the same sources compiled with NVRTC for exactly this GPU, through CuPy
+            (posattn/kernels/cuda_jit*.py; `pip install posattn[cuda-jit]`).
+
+POSATTN_CUDA_PROVIDER=prebuilt|jit forces one (default auto). Same contract as
+posattn.kernels.cpu (see its docstring); launches go on the current torch stream of the
+tensors' device.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
 from posattn.kernels import native
 
 _cuda, _why = native.load("_cuda")
+_chosen: dict = {}
+
+
+def prebuilt_archs() -> list[str] | None:
+    """Real architectures compiled into posattn._cuda (["sm_80", "sm_90a"]); None when the
+    module predates recording them or is not built."""
+    if _cuda is None or not hasattr(_cuda, "archs"):
+        return None
+    return [f"sm_{a.strip()}" for a in str(_cuda.archs).split(",") if a.strip()]
+
+
+def choose_provider(arch: str | None, want: str, prebuilt_built: bool, prebuilt: list[str] | None,
+                    jit_ok: bool) -> tuple[str | None, str]:
+    """(provider or None, why): the prebuilt module when it covers `arch` (a module that does
+    not record its archs is taken to cover), else the JIT, else the prebuilt module anyway
+    (the driver JIT-compiles its PTX), else none. `want`: auto | prebuilt | jit."""
+    if want not in ("auto", "prebuilt", "jit"):
+        raise ValueError(f"POSATTN_CUDA_PROVIDER: expected auto, prebuilt or jit, got {want!r}")
+    if want == "prebuilt":
+        return ("prebuilt", "forced by POSATTN_CUDA_PROVIDER") if prebuilt_built else (None, "posattn._cuda is not built")
+    if want == "jit":
+        return ("jit", "forced by POSATTN_CUDA_PROVIDER") if jit_ok else (None, "the NVRTC provider is unavailable")
+    covers = prebuilt_built and (prebuilt is None or arch is None or arch in prebuilt)
+    if covers:
+        return "prebuilt", f"posattn._cuda has code for {arch}" if arch else "posattn._cuda is built"
+    if jit_ok:
+        return "jit", (f"posattn._cuda has no code for {arch} (built for {', '.join(prebuilt)})"
+                       if prebuilt_built else "posattn._cuda is not built")
+    if prebuilt_built:
+        return "prebuilt", f"posattn._cuda has no code for {arch}; its PTX is JIT-compiled by the driver"
+    return None, "neither posattn._cuda nor the NVRTC provider is available"
+
+
+def provider(index: int | None = None) -> tuple[str | None, str]:
+    """(provider, why) serving device `index` (the current device by default)."""
+    from posattn.kernels import cuda_jit
+
+    want = os.environ.get("POSATTN_CUDA_PROVIDER", "auto").strip().lower() or "auto"
+    arch = None
+    if torch.cuda.is_available():
+        arch = cuda_jit.device_arch(torch.cuda.current_device() if index is None else index)
+    key = (want, arch)
+    if key not in _chosen:
+        _chosen[key] = choose_provider(arch, want, _cuda is not None, prebuilt_archs(), cuda_jit.status()[0])
+    return _chosen[key]
+
+
+_jit_module = None
+
+
+def providers_info() -> dict:
+    """For `posattn info`: which provider serves, each provider's state and why not, and the
+    NVRTC / CuPy versions."""
+    from posattn.kernels import cuda_jit
+
+    jit_ok, jit_why = cuda_jit.status()
+    out = {"prebuilt": ("built for " + ", ".join(prebuilt_archs() or ["(archs not recorded)"])) if _cuda is not None
+           else f"unavailable: {_why}",
+           "jit": ("available, " + ", ".join(f"{k} {v}" for k, v in cuda_jit.versions().items())) if jit_ok
+           else f"unavailable: {jit_why}"}
+    try:
+        name, why = provider()
+        out["serving"] = f"{name}: {why}" if name else f"none: {why}"
+    except Exception as e:  # a bad POSATTN_CUDA_PROVIDER, a device error
+        out["serving"] = f"none: {e}"
+    if not torch.cuda.is_available():
+        out["serving"] = "none: no CUDA device (would be: " + out["serving"] + ")"
+    return out
 
 
 def status() -> tuple[bool, str]:
     if _cuda is None:
-        return False, _why
+        from posattn.kernels import cuda_jit
+
+        ok, why = cuda_jit.status()
+        if not ok:
+            return False, f"{_why}; NVRTC provider: {why}"
+        if not torch.cuda.is_available():
+            return False, "no CUDA device is visible to torch (posattn._cuda not built; the NVRTC provider needs a GPU)"
+        return True, ""
     return status_from(probe())
 
 
@@ -57,10 +141,23 @@ def status_from(p: dict) -> tuple[bool, str]:
 
 
 def built() -> bool:
+    """posattn._cuda (the prebuilt provider) is importable."""
     return _cuda is not None
 
 
 def module():
+    """The serving provider's module: posattn._cuda, or the NVRTC provider's stand-in with the
+    same functions (posattn.kernels.cuda_jit_launch.JitModule)."""
+    global _jit_module
+    name, why = provider()
+    if name == "jit":
+        if _jit_module is None:
+            from posattn.kernels.cuda_jit_launch import JitModule
+
+            _jit_module = JitModule()
+        return _jit_module
+    if name is None and _cuda is None:
+        raise RuntimeError(f"posattn: no CUDA C++ provider: {why}")
     return _cuda
 
 
@@ -70,7 +167,7 @@ def _launch(q, qo, k, ko, rotary_dim, interleaved, sign, config, pos=(), freqs=(
         return
     stream = torch.cuda.current_stream(x.device).cuda_stream
     with torch.cuda.device(x.device):
-        _cuda.rope_forward(
+        module().rope_forward(
             native.rope_tensor_args(q, qo), native.rope_tensor_args(k, ko),
             native.dims_args(x, rotary_dim, interleaved, native.copies_tail(x, xo, rotary_dim)),
             list(pos), list(freqs), float(scaling), list(angles), float(sign),

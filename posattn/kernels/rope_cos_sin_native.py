@@ -94,14 +94,22 @@ def cpu_prepare(q, qo, k, ko, c1, s1, c2, s2, pos2, rotary_dim: int, interleaved
 
 def cuda_forward(q, qo, k, ko, c1, s1, c2, s2, pos2, rotary_dim: int, interleaved: bool, sign: float,
                  config: dict):
+    from posattn.kernels import cuda as cuda_kernels  # the serving provider (prebuilt or NVRTC)
+
     stream = torch.cuda.current_stream(q.device).cuda_stream
     with torch.cuda.device(q.device):
-        _cuda.rope_cos_sin_forward(*_common(q, qo, k, ko, c1, s1, c2, s2, pos2, rotary_dim, interleaved, sign),
-                                   int(config.get("threads", 0)), stream)
+        cuda_kernels.module().rope_cos_sin_forward(
+            *_common(q, qo, k, ko, c1, s1, c2, s2, pos2, rotary_dim, interleaved, sign),
+            int(config.get("threads", 0)), stream)
 
 
 def cuda_built() -> bool:
-    return _cuda is not None and hasattr(_cuda, "rope_cos_sin_forward")
+    """A CUDA provider with the kernel: posattn._cuda built with it, or the NVRTC provider."""
+    if _cuda is not None and hasattr(_cuda, "rope_cos_sin_forward"):
+        return True
+    from posattn.kernels import cuda_jit
+
+    return _cuda is None and cuda_jit.status()[0]
 
 
 # ---------------------------------------------------------------------------

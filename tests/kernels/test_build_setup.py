@@ -36,9 +36,10 @@ def test_auto_falls_back_to_cpu_only_when_nvcc_has_no_headers(setup_mod, tmp_pat
     assert setup_mod.cuda_toolkit() is None  # no SystemExit
     err = capsys.readouterr().err
     assert "warning" in err and "cuda_runtime.h" in err and "without posattn._cuda" in err
-    # the CPU module is still built
+    # the CPU module is still built, and the NVRTC provider's host module (no CUDA needed),
+    # so that the CUDA kernels still run on a GPU machine with CuPy (issue 16)
     names = [e.name for e in setup_mod.extensions()]
-    assert names == ["posattn._C"]
+    assert names == ["posattn._C", "posattn._cuda_jit_host"]
 
 
 def test_forced_cuda_without_headers_stops(setup_mod, tmp_path, monkeypatch):

@@ -1,11 +1,28 @@
 // Shared by the CPU (g++) and CUDA (nvcc) builds: nothing here may depend on
 // torch or on either runtime. POSATTN_HD marks functions usable on both sides.
 #pragma once
+#if defined(__CUDACC_RTC__)
+// NVRTC (posattn/kernels/cuda_jit.py): neither the C++ library nor the CUDA headers are on
+// its path (a GPU machine with CuPy need not have a toolkit), so the fixed-width types are
+// spelled here and the 16-bit conversions below use the PTX cvt instructions directly.
+typedef signed char int8_t;
+typedef short int16_t;
+typedef int int32_t;
+typedef long long int64_t;
+typedef unsigned char uint8_t;
+typedef unsigned short uint16_t;
+typedef unsigned int uint32_t;
+typedef unsigned long long uint64_t;
+typedef unsigned long long uintptr_t;
+#define POSATTN_HD __device__ __forceinline__
+#else
 #include <cstdint>
 #include <cmath>
 #include <cstring>
+#endif
 
-#if defined(__CUDACC__)
+#if defined(__CUDACC_RTC__)
+#elif defined(__CUDACC__)
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #define POSATTN_HD __host__ __device__ __forceinline__
@@ -41,7 +58,11 @@ POSATTN_HD uint32_t float_to_bits(float f) {
 // bf16 -> fp32 is exact; fp32 -> bf16 rounds to nearest even (NaN kept quiet).
 POSATTN_HD float to_float(bf16_t v) { return bits_to_float(uint32_t(v.bits) << 16); }
 POSATTN_HD bf16_t bf16_from_float(float f) {
-#if defined(__CUDA_ARCH__)
+#if defined(__CUDACC_RTC__)
+  bf16_t o;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(o.bits) : "f"(f));
+  return o;
+#elif defined(__CUDA_ARCH__)
   return bf16_t{__bfloat16_as_ushort(__float2bfloat16_rn(f))};
 #endif
   uint32_t u = float_to_bits(f);
@@ -54,7 +75,11 @@ POSATTN_HD bf16_t bf16_from_float(float f) {
 
 // IEEE binary16 <-> fp32, round to nearest even, subnormals and inf/NaN handled.
 POSATTN_HD float to_float(half_t v) {
-#if defined(__CUDA_ARCH__)
+#if defined(__CUDACC_RTC__)
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.bits));
+  return f;
+#elif defined(__CUDA_ARCH__)
   return __half2float(__ushort_as_half(v.bits));
 #endif
   uint32_t h = v.bits;
@@ -71,7 +96,11 @@ POSATTN_HD float to_float(half_t v) {
   return bits_to_float(sign | ((exp + 112u) << 23) | (man << 13));
 }
 POSATTN_HD half_t half_from_float(float f) {
-#if defined(__CUDA_ARCH__)
+#if defined(__CUDACC_RTC__)
+  half_t o;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(o.bits) : "f"(f));
+  return o;
+#elif defined(__CUDA_ARCH__)
   return half_t{__half_as_ushort(__float2half_rn(f))};
 #endif
   uint32_t u = float_to_bits(f);

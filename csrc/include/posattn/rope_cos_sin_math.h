@@ -14,9 +14,10 @@
 // outside [0, N) gives NaN in the rotated dims: the table is never read
 // outside its bounds.
 #pragma once
-#include <cstdint>
-#include <limits>
 #include "posattn/common.h"
+#if !defined(__CUDACC_RTC__)
+#include <limits>
+#endif
 
 namespace posattn {
 
@@ -65,7 +66,11 @@ template <> POSATTN_HD float acc_load<float, double>(double v) { return float(v)
 template <typename T> POSATTN_HD T acc_store(float v) { return from_float<T>(v); }
 template <typename T> POSATTN_HD T acc_store(double v) { return T(v); }
 
+#if defined(__CUDACC_RTC__)  // no <limits> under NVRTC: a quiet fp64 NaN, narrowed to A
+template <typename A> POSATTN_HD A nan_of() { return A(__longlong_as_double(0x7ff8000000000000LL)); }
+#else
 template <typename A> POSATTN_HD A nan_of() { return std::numeric_limits<A>::quiet_NaN(); }
+#endif
 
 // Entry i of the four table rows of token (b, row), converted to the compute type A.
 template <typename U, typename A>
