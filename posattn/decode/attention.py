@@ -144,7 +144,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      positions: torch.Tensor | None = None, tree_mask: torch.Tensor | None = None,
                      causal: bool = True, window: int | None = None, softmax_scale: float | None = None,
                      return_lse: bool = False, num_splits: int | None = None, backend: str | None = None,
-                     kv_indices: torch.Tensor | None = None):
+                     kv_indices: torch.Tensor | None = None, page_summary=None):
     """Attention of a step's new tokens over a (paged) KV cache: decode, chunked prefill, tree verify
     and sparse decode over selected tokens.
 
@@ -176,6 +176,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             head) of cached slots, -1 padded: each head sees only its listed cached tokens (each
             listed once), plus this step's new tokens by the rules above. Read through the block
             table inside the kernel (no gathered copy).
+        page_summary: a posattn.select.PageSummary of this cache (Quest): after ``k`` is written,
+            the pages it touched are recomputed (posattn.select.update_page_summary). Needs ``k``
+            and q as [B, Tq, Hq, D] (every request appends Tq keys).
 
     Returns:
         out like q; with ``return_lse``, (out, lse) with lse fp32 [sum(q_lens), Hq] (or [B, Tq, Hq]).
@@ -185,6 +188,19 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     capacity, block-table entries in range, tree-mask width); later calls of the same
     signature skip every check and read no value on the host.
     """
+    if page_summary is not None:
+        from posattn.select.quest import check_summary_for, update_page_summary
+
+        if k is None or cu_seqlens_q is not None or not isinstance(q, torch.Tensor) or q.dim() != 4:
+            raise ValueError("page_summary needs k= (the keys this call writes) and q as [B, Tq, Hq, D] "
+                             "(packed q with cu_seqlens_q: call posattn.select.update_page_summary per group)")
+        check_summary_for(page_summary, k_cache, cache_seqlens, block_table)     # before any launch
+        out = decode_attention(q, k_cache, v_cache, cache_seqlens, block_table=block_table, k=k, v=v, rope=rope,
+                               positions=positions, tree_mask=tree_mask, causal=causal, window=window,
+                               softmax_scale=softmax_scale, return_lse=return_lse, num_splits=num_splits,
+                               backend=backend, kv_indices=kv_indices)
+        update_page_summary(page_summary, k_cache, cache_seqlens, q.shape[1], block_table=block_table)
+        return out
     pk = None
     if not _compiling() and q.__class__ is torch.Tensor:
         pk = (_sig(q), _sig(k_cache), _sig(v_cache), _sig(cache_seqlens), _sig(block_table), _sig(cu_seqlens_q),

@@ -124,6 +124,14 @@ def _check_summary(summary, ps, pages) -> None:
                          f"{summary.kmin.dtype} on {summary.kmin.device}")
 
 
+def check_summary_for(summary, k_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+                      block_table: torch.Tensor | None = None) -> None:
+    """Raise (TypeError / ValueError naming what differs) unless ``summary`` fits this cache."""
+    pages, _, ps = _layout(k_cache, cache_seqlens, block_table, getattr(summary, "page_size", None)
+                           if block_table is None else None)
+    _check_summary(summary, ps, pages)
+
+
 def update_page_summary(summary: PageSummary, k_cache: torch.Tensor, cache_seqlens: torch.Tensor, num_new: int = 1,
                         *, block_table: torch.Tensor | None = None) -> PageSummary:
     """Bring ``summary`` up to date (in place) after ``num_new`` keys per request were written at

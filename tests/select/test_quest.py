@@ -164,3 +164,25 @@ def test_bad_input():
         page_scores(q, s.kmin, s.kmax, cs.long(), page_size=4, block_table=bt)
     with pytest.raises(ValueError, match=r"kmin's pages \(7\) must be B \(2\)"):
         page_scores(q, s.kmin[:7], s.kmax[:7], cs, page_size=4)
+
+
+def test_decode_attention_keeps_the_summary_current():
+    """decode_attention(page_summary=) writes k, then recomputes the touched pages; a summary built
+    for another page size is refused before anything is written."""
+    ps = 4
+    kc, bt, cs = _paged(2, 2, 8, [7, 8], ps, seed=11)
+    vc = torch.randn_like(kc)
+    s = page_summary(kc, cs, block_table=bt)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(2, 2, 4, 8, generator=g), torch.randn(2, 2, 2, 8, generator=g) * 3, torch.randn(2, 2, 2, 8)
+    out = posattn.decode_attention(q, kc, vc, cs, block_table=bt, k=k, v=v, page_summary=s)
+    assert out.shape == q.shape
+    for (b, p), (page, mn, mx) in _oracle_summary(kc, bt, cs + 2, ps).items():
+        assert torch.equal(s.kmin[page], mn) and torch.equal(s.kmax[page], mx), (b, p)
+    other = page_summary(kc.reshape(-1, 2, 2, 8), cs, block_table=torch.zeros(2, 8, dtype=torch.int32))
+    before = kc.clone()
+    with pytest.raises(ValueError, match="summary was built for page_size 2"):
+        posattn.decode_attention(q, kc, vc, cs + 2, block_table=bt, k=k, v=v, page_summary=other)
+    assert torch.equal(kc, before)
+    with pytest.raises(ValueError, match="page_summary needs k="):
+        posattn.decode_attention(q, kc, vc, cs, block_table=bt, page_summary=s)
