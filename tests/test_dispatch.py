@@ -261,4 +261,18 @@ def test_public_ops_pass_the_inputs_device_to_select(monkeypatch):
     qa, ka, va = (torch.randn(9, h, 16) for h in (2, 1, 1))
     cu = torch.tensor([0, 4, 9], dtype=torch.int32)
     posattn.anchor_attention(qa, ka, va, cu)
+    # the serving ops: a paged cache of 4 pages x 4 slots, 2 requests
+    kc, vc = torch.zeros(4, 4, 1, 16), torch.zeros(4, 4, 1, 16)
+    seqlens = torch.tensor([3, 2], dtype=torch.int32)
+    table = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+    posattn.rope_and_cache(torch.randn(2, 2, 16), torch.randn(2, 1, 16), torch.randn(2, 1, 16),
+                           torch.tensor([3, 2]), spec, kc, vc, torch.tensor([3, 8]))
+    posattn.decode_attention(torch.randn(2, 1, 2, 16), kc, vc, seqlens, block_table=table)
+    posattn.kv_compact(kc, vc, seqlens.clone(), torch.tensor([[4], [3]], dtype=torch.int32),
+                       torch.tensor([1, 1], dtype=torch.int32), block_table=table)
+    s = posattn.select.scores(torch.randn(2, 2, 16), kc, seqlens, block_table=table)
+    posattn.select.topk(s, 2)
+    ops = {op for op, _ in calls}
+    assert {"rope", "rope_angles", "anchor_attention", "rope_and_cache", "decode_attention", "kv_compact",
+            "scores", "topk"} <= ops, ops
     assert calls and all(named for _, named in calls), calls

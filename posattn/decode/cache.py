@@ -95,7 +95,7 @@ def _check_cache_pair(k_cache, v_cache, kv_layout, Hk, D, Dv, dtype, device):
 # rope_and_cache
 
 def _run_rope_cache(q, qo, k, v, kc, vc, slots, pos3, tables, rotary_dim, interleaved, rotate_k, key, backend):
-    kernel, config = dispatch.select("rope_and_cache", key, backend=backend or None)
+    kernel, config = dispatch.select("rope_and_cache", key, backend=backend or None, device_index=q.device.index)
     kernel.fn(q, qo, k, v, kc, vc, slots, pos3, tables, rotary_dim, interleaved, rotate_k, config)
 
 
@@ -216,7 +216,7 @@ def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions:
                               tables.inv_freq, tables.pair_axis,
                               tables.pair_pos_scale, tables.pair_q_offset, float(tables.attention_scaling),
                               spec.rotary_dim, spec.interleaved, rotate_k, hnd, backend or "")
-    kernel, config = dispatch.select("rope_and_cache", key, backend=backend)
+    kernel, config = dispatch.select("rope_and_cache", key, backend=backend, device_index=q.device.index)
     plan = _CachePlan(kernel, config, tables, pos3.shape[0], spec.rotary_dim, spec.interleaved, rotate_k, hnd)
     plan.values = _want_values(check, q.device)     # (checked above on this call)
     plan.n_slots = _nhd(k_cache, kv_layout).shape[0] * _nhd(k_cache, kv_layout).shape[1]
@@ -277,7 +277,7 @@ def _check_rope_cache(q, k, v, positions, spec, k_cache, v_cache, slot_mapping, 
     rows = check_rows(tables, HQ, k.shape[1])
     key = _cache_key(q, k, spec.rotary_dim, rows, tables.n_axes, tables.pair_pos_scale is not None, rotate_k)
     if not torch.compiler.is_compiling():   # (the custom op selects when compiled)
-        dispatch.select("rope_and_cache", key, backend=backend)  # a backend that refuses raises here
+        dispatch.select("rope_and_cache", key, backend=backend, device_index=q.device.index)  # a backend that refuses raises here
     return tables, pos3, key
 
 

@@ -34,7 +34,8 @@ def _kv_compact_op(k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: 
                    counts: torch.Tensor, block_table: Optional[torch.Tensor], hnd: bool, backend: str) -> None:
     kc, vc = _nhd(k_cache, "HND" if hnd else "NHD"), _nhd(v_cache, "HND" if hnd else "NHD")
     key = _compact_key(kc, src, block_table)
-    kernel, config = dispatch.select("kv_compact", key, backend=backend or None)
+    kernel, config = dispatch.select("kv_compact", key, backend=backend or None,
+                                     device_index=k_cache.device.index)
     kernel.fn(kc, vc, cache_seqlens, src, counts, block_table, config)
 
 
@@ -115,7 +116,8 @@ def kv_compact(k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torc
         _kv_compact_op(k_cache, v_cache, cache_seqlens, src.contiguous(), counts.contiguous(), block_table, hnd,
                        backend or "")
         return
-    kernel, config = dispatch.select("kv_compact", _compact_key(kc, src, block_table), backend=backend)
+    kernel, config = dispatch.select("kv_compact", _compact_key(kc, src, block_table), backend=backend,
+                                     device_index=k_cache.device.index)
     plan = _CompactPlan(kernel.fn, config, hnd, _want_values(check, dev), capacity, kc.shape[0])
     if pk is not None:
         _plans.store(_PLANS, pk, plan, 256)
