@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import torch
 
+from posattn import _supports as S
 from posattn import dispatch
 from posattn.kernels.reference import decode as ref_decode
-
-_NATIVE = ("float16", "bfloat16", "float32")
 
 
 def _reference_fn(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, tree_mask, causal, window,
@@ -40,36 +39,10 @@ def _triton_fn(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, tr
                              window, softmax_scale, num_splits, max_q, config, kv_indices)
 
 
-def _cpu_supports(key):
-    if key.device_type != "cpu":
-        return False, f"needs CPU tensors, got {key.device_type}"
-    if key.dtype not in _NATIVE:
-        return False, f"dtype {key.dtype}: the C++ kernel computes in fp32 (float64 runs on the reference)"
-    return True, ""
-
-
-@dispatch.explicit_aware
-def _triton_supports(key, explicit: bool = False):
-    from posattn.kernels import triton as tk
-
-    why = tk.device_refusal(key.device_type, explicit)
-    if why:
-        return False, why
-    if key.dtype not in _NATIVE:
-        return False, f"dtype {key.dtype} is not compiled for Triton (float16, bfloat16, float32)"
-    return True, ""
-
-
-def _triton_default(key) -> dict:
-    from posattn.kernels.triton import decode as td
-
-    return td.default_config(key)
-
-
-def _triton_space(key) -> list[dict]:
-    from posattn.kernels.triton import decode as td
-
-    return td.search_space(key)
+_cpu_supports = S.cpu(S.NATIVE, "the C++ kernel computes in fp32 (float64 runs on the reference)")
+_triton_supports = S.triton(S.NATIVE, "not compiled for Triton (float16, bfloat16, float32)")
+_triton_default = S.lazy("posattn.kernels.triton.decode", "default_config")
+_triton_space = S.lazy("posattn.kernels.triton.decode", "search_space")
 
 
 dispatch.register("decode_attention", "reference",

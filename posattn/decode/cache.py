@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from posattn import _plans, dispatch
+from posattn import _supports as S
 from posattn import _validate as V
 from posattn.kernels import cpu_cache
 from posattn.kernels.reference import cache as ref_cache
@@ -284,22 +285,8 @@ def _check_rope_cache(q, k, v, positions, spec, k_cache, v_cache, slot_mapping, 
 # ---------------------------------------------------------------------------
 # kernels
 
-def _cpu_supports(key):
-    if key.device_type != "cpu":
-        return False, f"needs CPU tensors, got {key.device_type}"
-    return True, ""
-
-
-@dispatch.explicit_aware
-def _triton_supports(key, explicit: bool = False):
-    from posattn.kernels import triton as tk
-
-    why = tk.device_refusal(key.device_type, explicit)
-    if why:
-        return False, why
-    if key.dtype == "float64":
-        return False, "float64 is not compiled for Triton"
-    return True, ""
+_cpu_supports = S.cpu()
+_triton_supports = S.triton(S.NATIVE, "float64 is not compiled for Triton")
 
 
 @dispatch.explicit_aware

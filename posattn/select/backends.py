@@ -5,6 +5,7 @@ topk kernel contract (every backend): ``fn(scores [R, N] fp32 (fp64: reference o
 """
 from __future__ import annotations
 
+from posattn import _supports as S
 from posattn import dispatch
 
 
@@ -26,36 +27,10 @@ def _topk_triton(scores, lengths, k, sinks, window, config):
     return select_topk.topk(scores, lengths, k, sinks, window, config)
 
 
-def _cpu_supports(key):
-    if key.device_type != "cpu":
-        return False, f"needs CPU tensors, got {key.device_type}"
-    if key.dtype != "float32":
-        return False, f"dtype {key.dtype}: the C++ kernel reads fp32 scores (float64 runs on the reference)"
-    return True, ""
-
-
-@dispatch.explicit_aware
-def _triton_supports(key, explicit: bool = False):
-    from posattn.kernels import triton as tk
-
-    why = tk.device_refusal(key.device_type, explicit)
-    if why:
-        return False, why
-    if key.dtype != "float32":
-        return False, f"dtype {key.dtype}: the Triton kernel reads fp32 scores (float64 runs on the reference)"
-    return True, ""
-
-
-def _triton_default(key) -> dict:
-    from posattn.kernels.triton import select_topk
-
-    return select_topk.default_config(key)
-
-
-def _triton_space(key) -> list[dict]:
-    from posattn.kernels.triton import select_topk
-
-    return select_topk.search_space(key)
+_cpu_supports = S.cpu(("float32",), "the C++ kernel reads fp32 scores (float64 runs on the reference)")
+_triton_supports = S.triton(("float32",), "the Triton kernel reads fp32 scores (float64 runs on the reference)")
+_triton_default = S.lazy("posattn.kernels.triton.select_topk", "default_config")
+_triton_space = S.lazy("posattn.kernels.triton.select_topk", "search_space")
 
 
 dispatch.register("topk", "reference", dtypes=("float32", "float64"))(_topk_reference)
@@ -87,39 +62,10 @@ def _scores_triton(q, k_cache, bt, cs, scale, ktab, R, inter, config):
     return select_scores.scores(q, k_cache, bt, cs, scale, ktab, R, inter, config)
 
 
-_NATIVE = ("float32", "float16", "bfloat16")
-
-
-def _scores_cpu_supports(key):
-    if key.device_type != "cpu":
-        return False, f"needs CPU tensors, got {key.device_type}"
-    if key.dtype not in _NATIVE:
-        return False, f"dtype {key.dtype}: the C++ kernel computes in fp32 (float64 runs on the reference)"
-    return True, ""
-
-
-@dispatch.explicit_aware
-def _scores_triton_supports(key, explicit: bool = False):
-    from posattn.kernels import triton as tk
-
-    why = tk.device_refusal(key.device_type, explicit)
-    if why:
-        return False, why
-    if key.dtype not in _NATIVE:
-        return False, f"dtype {key.dtype} is not compiled for Triton (float16, bfloat16, float32)"
-    return True, ""
-
-
-def _scores_triton_default(key) -> dict:
-    from posattn.kernels.triton import select_scores
-
-    return select_scores.default_config(key)
-
-
-def _scores_triton_space(key) -> list[dict]:
-    from posattn.kernels.triton import select_scores
-
-    return select_scores.search_space(key)
+_scores_cpu_supports = S.cpu(S.NATIVE, "the C++ kernel computes in fp32 (float64 runs on the reference)")
+_scores_triton_supports = S.triton(S.NATIVE, "not compiled for Triton (float16, bfloat16, float32)")
+_scores_triton_default = S.lazy("posattn.kernels.triton.select_scores", "default_config")
+_scores_triton_space = S.lazy("posattn.kernels.triton.select_scores", "search_space")
 
 
 dispatch.register("scores", "reference", dtypes=("float32", "float16", "bfloat16", "float64"))(_scores_reference)
@@ -151,16 +97,8 @@ def _pages_triton(q, kmin, kmax, ids, cs, ps, config):
     return select_pages.page_scores(q, kmin, kmax, ids, cs, ps, config)
 
 
-def _pages_triton_default(key) -> dict:
-    from posattn.kernels.triton import select_pages
-
-    return select_pages.default_config(key)
-
-
-def _pages_triton_space(key) -> list[dict]:
-    from posattn.kernels.triton import select_pages
-
-    return select_pages.search_space(key)
+_pages_triton_default = S.lazy("posattn.kernels.triton.select_pages", "default_config")
+_pages_triton_space = S.lazy("posattn.kernels.triton.select_pages", "search_space")
 
 
 dispatch.register("page_scores", "reference",
