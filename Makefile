@@ -35,7 +35,7 @@ BENCH_WITH := $(addprefix --with ,$(wildcard benchmarks/results))
 
 demo: build
 	@# tune first (writes this machine's config cache), so that bench times tuned kernels
-	$(VENV)/bin/posattn tune --quick
+	$(VENV)/bin/posattn tune --quick --ops all
 	$(VENV)/bin/posattn bench --quick -o bench-out $(BENCH_WITH)
 	@echo "dashboard: $(CURDIR)/bench-out/index.html"
 

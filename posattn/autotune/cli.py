@@ -29,7 +29,7 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("tune", help="tune launch configs for a model's shapes on this machine's devices",
                        description="Build the kernel keys a model needs, time every candidate config of every "
                                    "usable backend, and write the results to the tuning cache.")
-    p.add_argument("--ops", default="rope", help=f"comma-separated ops to tune ({', '.join(OPS)})")
+    p.add_argument("--ops", default="rope", help=f"comma-separated ops to tune ({', '.join(OPS)}), or 'all'")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--hf-config", metavar="PATH", help="a transformers config.json")
     src.add_argument("--preset", metavar="NAME", help="a built-in model (see --list-presets)")
@@ -82,6 +82,8 @@ def _tune_cmd(args) -> int:
     import torch
 
     ops = _csv(args.ops) or ["rope"]
+    if ops == ["all"]:
+        ops = list(OPS)
     for op in ops:
         if op not in OPS:
             raise ValueError(f"--ops: {op!r} cannot be tuned yet (tunable: {', '.join(OPS)})")

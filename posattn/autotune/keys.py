@@ -13,13 +13,12 @@ import importlib
 KEY_BUILDERS = {
     "rope": "posattn.autotune.keys_rope",
     "rope_cos_sin": "posattn.autotune.keys_rope_cos_sin",
-    "decode_attention": "posattn.autotune.ops_decode",
+    "decode_attention": "posattn.autotune.ops_decode",   # decode steps over caches of `tokens` slots
+    "rope_and_cache": "posattn.autotune.ops_cache",
+    "topk": "posattn.autotune.keys_topk",
+    "scores": "posattn.autotune.keys_scores",
+    "page_scores": "posattn.autotune.keys_page_scores",
 }
-KEY_BUILDERS["decode_attention"] = "posattn.autotune.ops_decode"   # decode steps over caches of `tokens` slots
-KEY_BUILDERS["rope_and_cache"] = "posattn.autotune.ops_cache"
-KEY_BUILDERS["topk"] = "posattn.autotune.keys_topk"
-KEY_BUILDERS["scores"] = "posattn.autotune.keys_scores"
-KEY_BUILDERS["page_scores"] = "posattn.autotune.keys_page_scores"
 
 
 def ops() -> tuple[str, ...]:

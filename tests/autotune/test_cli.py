@@ -7,6 +7,7 @@ import pytest
 
 from posattn import autotune, dispatch
 from posattn.autotune import cache as C
+from posattn.autotune import cli as tune_cli
 from posattn.autotune import shapes, workers
 from posattn.autotune import fingerprint as F
 from posattn.autotune import presets
@@ -178,3 +179,11 @@ def test_an_ops_key_builder_is_one_module_and_one_registration(monkeypatch):
     assert [j.key for j in jobs if j.op == "toy"] == [("toy", 16, "float32", 3, "cpu"), ("toy", 16, "float32", 16, "cpu")]
     assert [j.key.tokens_bucket for j in jobs if j.op == "rope"] == [4, 16]
     assert "toy" in K.ops()
+
+
+def test_tune_ops_all_tunes_every_tunable_op(dirs, tmp_path, capsys):
+    """`posattn tune --ops all` (what `make demo` runs): every op with a key builder gets tuned rows."""
+    p = _tiny_config(tmp_path)
+    assert main(TUNE + ["--ops", "all", "--hf-config", str(p), "--tokens", "16", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["op"] for r in rows if r["status"] == "ok"} == set(tune_cli.OPS)
