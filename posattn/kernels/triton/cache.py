@@ -5,7 +5,7 @@ rope_and_cache, grid (T tokens, head blocks of q then of k). For the pair p of h
 token t (row(h) = h // (H // ROWS)), exactly as the rotary kernel (rope.py):
 
     pos   = positions[pair_axis[p] or 0, t]; DPE: floor(pos / pair_pos_scale[p]) (+ q offset)
-    theta = pos * inv_freq[row(h), p] reduced modulo 2*pi exactly in fp64 (rope._reduced_angle)
+    theta = pos * inv_freq[row(h), p] reduced modulo 2*pi exactly in fp64 (rope.position_angle)
     q programs: qo[t, h] = rotate(q[t, h]);
     k programs (slot = slot_mapping[t] >= 0, page = slot // P, off = slot % P):
         k_cache[page, off, h] = rotate(k[t, h]) (ROTATE_K) or k[t, h];  v_cache[page, off, h] = v[t, h]
@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from posattn.kernels.triton.rope import _reduced_angle
+from posattn.kernels.triton.rope import position_angle
 from posattn.kernels.triton.rope_common import TL_DTYPE, rotate_heads
 
 
@@ -33,25 +33,8 @@ def _cos_sin(pos_ptr, pos_sa, t, inv_freq_ptr, pair_axis_ptr, pos_scale_ptr, q_o
              HALF: tl.constexpr, PER_ROW: tl.constexpr, MULTI_AXIS: tl.constexpr, DPE: tl.constexpr,
              Q_OFFSET: tl.constexpr):
     """fp32 cos/sin of one token's pairs, [BLOCK_H, BLOCK_P] (PER_ROW) or [1, BLOCK_P]."""
-    if MULTI_AXIS:
-        axis = tl.load(pair_axis_ptr + p, mask=pmask, other=0).to(tl.int64)
-        pos = tl.load(pos_ptr + axis * pos_sa + t, mask=pmask, other=0)
-    else:
-        pos = tl.load(pos_ptr + t)
-    pos = pos.to(tl.float64)
-    if DPE:
-        pscale = tl.load(pos_scale_ptr + p, mask=pmask, other=1.0).to(tl.float64)
-        pos = tl.floor(pos / pscale)
-        if Q_OFFSET:
-            if is_q:
-                pos = pos + tl.load(q_offset_ptr + p, mask=pmask, other=0.0).to(tl.float64)
-    if PER_ROW:
-        f = tl.load(inv_freq_ptr + row[:, None] * HALF + p[None, :], mask=m, other=0.0)
-        if MULTI_AXIS or DPE:
-            pos = pos[None, :]
-    else:
-        f = tl.load(inv_freq_ptr + p, mask=pmask, other=0.0)
-    theta = _reduced_angle(pos, f.to(tl.float64)).to(tl.float32)
+    theta = position_angle(pos_ptr + t, pos_sa, inv_freq_ptr, pair_axis_ptr, pos_scale_ptr, q_offset_ptr, row, p,
+                           pmask, m, is_q, HALF, PER_ROW, MULTI_AXIS, DPE, Q_OFFSET)
     cos = tl.cos(theta) * attention_scaling
     sin = tl.sin(theta) * attention_scaling
     if not PER_ROW:

@@ -47,6 +47,34 @@ def _reduced_angle(pos, inv_freq):
 
 
 @triton.jit
+def position_angle(tok_pos_ptr, pos_sa, inv_freq_ptr, pair_axis_ptr, pos_scale_ptr, q_offset_ptr, row, p, pmask, m,
+                   is_q, HALF: tl.constexpr, PER_ROW: tl.constexpr, MULTI_AXIS: tl.constexpr, DPE: tl.constexpr,
+                   Q_OFFSET: tl.constexpr):
+    """fp32 theta of one token's pairs p, read as posattn/lowered.py says: [BLOCK_H, BLOCK_P]
+    (PER_ROW, rows ``row``) or [BLOCK_P]. ``tok_pos_ptr`` points at the token's axis-0 position;
+    axes are ``pos_sa`` apart. The rope and rope_and_cache kernels share it."""
+    if MULTI_AXIS:
+        axis = tl.load(pair_axis_ptr + p, mask=pmask, other=0).to(tl.int64)
+        pos = tl.load(tok_pos_ptr + axis * pos_sa, mask=pmask, other=0)
+    else:
+        pos = tl.load(tok_pos_ptr)
+    pos = pos.to(tl.float64)
+    if DPE:
+        pscale = tl.load(pos_scale_ptr + p, mask=pmask, other=1.0).to(tl.float64)
+        pos = tl.floor(pos / pscale)
+        if Q_OFFSET:
+            if is_q:
+                pos = pos + tl.load(q_offset_ptr + p, mask=pmask, other=0.0).to(tl.float64)
+    if PER_ROW:
+        f = tl.load(inv_freq_ptr + row[:, None] * HALF + p[None, :], mask=m, other=0.0)
+        if MULTI_AXIS or DPE:
+            pos = pos[None, :]
+    else:
+        f = tl.load(inv_freq_ptr + p, mask=pmask, other=0.0)
+    return _reduced_angle(pos, f.to(tl.float64)).to(tl.float32)
+
+
+@triton.jit
 def _rope_kernel(
     q_ptr, qo_ptr, k_ptr, ko_ptr,
     pos_ptr, inv_freq_ptr, pair_axis_ptr, pos_scale_ptr, q_offset_ptr, ang_ptr,
@@ -100,25 +128,9 @@ def _rope_kernel(
         theta = _reduce_exact(ang.to(tl.float64)).to(tl.float32)
         scale = 1.0
     else:
-        if MULTI_AXIS:
-            axis = tl.load(pair_axis_ptr + p, mask=pmask, other=0).to(tl.int64)
-            pos = tl.load(pos_ptr + axis * pos_sa + b * pos_sb + s * pos_ss, mask=pmask, other=0)
-        else:
-            pos = tl.load(pos_ptr + b * pos_sb + s * pos_ss)
-        pos = pos.to(tl.float64)
-        if DPE:
-            pscale = tl.load(pos_scale_ptr + p, mask=pmask, other=1.0).to(tl.float64)
-            pos = tl.floor(pos / pscale)
-            if Q_OFFSET:
-                if is_q:
-                    pos = pos + tl.load(q_offset_ptr + p, mask=pmask, other=0.0).to(tl.float64)
-        if PER_ROW:
-            f = tl.load(inv_freq_ptr + row[:, None] * HALF + p[None, :], mask=m, other=0.0)
-            if MULTI_AXIS or DPE:
-                pos = pos[None, :]
-        else:
-            f = tl.load(inv_freq_ptr + p, mask=pmask, other=0.0)
-        theta = _reduced_angle(pos, f.to(tl.float64)).to(tl.float32)
+        theta = position_angle(pos_ptr + b * pos_sb + s * pos_ss, pos_sa, inv_freq_ptr, pair_axis_ptr,
+                               pos_scale_ptr, q_offset_ptr, row, p, pmask, m, is_q,
+                               HALF, PER_ROW, MULTI_AXIS, DPE, Q_OFFSET)
         scale = attention_scaling
     cos = tl.cos(theta) * scale
     sin = tl.sin(theta) * (scale * sign)
