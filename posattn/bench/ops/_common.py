@@ -39,6 +39,26 @@ def importable(module: str, cuda_only: bool = False):
     return check
 
 
+def flex_available(device_type: str):
+    """``available(device_type)`` for the FlexAttention peers: CUDA tensors and a torch that has it."""
+    if device_type != "cuda":
+        return False, "CUDA only"
+    found = importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+    return (True, "") if found else (False, "this torch has no FlexAttention")
+
+
+_COMPILED_FLEX: list = []
+
+
+def compiled_flex():
+    """``torch.compile(flex_attention)``, compiled once per process and shared by the Flex peers."""
+    if not _COMPILED_FLEX:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _COMPILED_FLEX.append(torch.compile(flex_attention))
+    return _COMPILED_FLEX[0]
+
+
 def dtypes_from(table: dict):
     """``dtypes(mode, device_type)`` from {(mode, device_type): dtype names}."""
     def dtypes(mode: str, device_type: str):

@@ -7,11 +7,10 @@ the launch-config sweep live in benchmarks/bench_anchor_attention.py.
 """
 from __future__ import annotations
 
-import importlib.util
 
 import torch
 
-from posattn.bench.ops._common import dtypes_from, parse_dims, posattn_available
+from posattn.bench.ops._common import compiled_flex, dtypes_from, flex_available, parse_dims, posattn_available
 from posattn.bench.registry import BenchOp, Shape, Unsupported, register_op, skip_op
 
 HQ, HK, D = 32, 8, 128
@@ -160,22 +159,12 @@ else:
         fn = torch.nn.functional.scaled_dot_product_attention
         return (lambda: fn(q, k, v, attn_mask=mask)), (lambda o: (o[0].transpose(0, 1),))
 
-    _flex = {}
-
-    def _flex_available(device_type):
-        if device_type != "cuda":
-            return False, "CUDA only"
-        found = importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
-        return (True, "") if found else (False, "this torch has no FlexAttention")
-
-    @op.peer("flex", available=_flex_available, full_only=True,
+    @op.peer("flex", available=flex_available, full_only=True,
              note="torch.compile(flex_attention) with the same mask_mod; create_block_mask built outside the "
                   "timed region (the per-step cost is in benchmarks/bench_anchor_attention.py)")
     def _flex_peer(inp, device_type):
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        from torch.nn.attention.flex_attention import create_block_mask
 
-        if "fn" not in _flex:
-            _flex["fn"] = torch.compile(flex_attention)
         doc, row_start = _mask_tensors(inp)
         T = inp["q"].shape[0]
 
@@ -184,5 +173,5 @@ else:
 
         bm = create_block_mask(mask_mod, 1, None, T, T, device=inp["q"].device)
         q, k, v = (x.transpose(0, 1)[None].contiguous() for x in (inp["q"], inp["k"], inp["v"]))
-        fn = _flex["fn"]
+        fn = compiled_flex()
         return (lambda: fn(q, k, v, block_mask=bm, enable_gqa=True)), (lambda o: (o[0].transpose(0, 1),))

@@ -9,12 +9,12 @@ contiguous tensor (the gather is inside the timed region: a user of SDPA has to 
 """
 from __future__ import annotations
 
-import importlib.util
 import random
 
 import torch
 
-from posattn.bench.ops._common import dtypes_from, importable, parse_dims, posattn_available
+from posattn.bench.ops._common import (compiled_flex, dtypes_from, flex_available, importable, parse_dims,
+                                      posattn_available)
 from posattn.bench.registry import BenchOp, Shape, Unsupported, register_op, skip_op
 
 HQ, HK, D, PAGE = 32, 8, 128, 16
@@ -205,22 +205,12 @@ def _register(name, title, sweep, parse_shape):
             return fn(q, k, v, attn_mask=mask, enable_gqa=True)
         return run, (lambda o: (o.transpose(1, 2).reshape(-1, *o.shape[1:2], o.shape[-1]),))
 
-    _flex = {}
-
-    def _flex_available(device_type):
-        if device_type != "cuda":
-            return False, "CUDA only"
-        found = importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
-        return (True, "") if found else (False, "this torch has no FlexAttention")
-
-    @op.peer("flex", available=_flex_available, full_only=True,
+    @op.peer("flex", available=flex_available, full_only=True,
              note="torch.compile(flex_attention) over the cache gathered to contiguous (gather not timed), "
                   "block mask from the same visibility built outside the timed region")
     def _flex_peer(inp, device_type):
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        from torch.nn.attention.flex_attention import create_block_mask
 
-        if "fn" not in _flex:
-            _flex["fn"] = torch.compile(flex_attention)
         gather, S = _gathered(inp)
         k, v = (x.contiguous() for x in gather())
         B = inp["block_table"].shape[0]
@@ -235,7 +225,7 @@ def _register(name, title, sweep, parse_shape):
             bm = create_block_mask(mask_mod, B, None, n, S, device=q.device)
         else:
             bm = None
-        fn = _flex["fn"]
+        fn = compiled_flex()
         return (lambda: fn(q, k, v, block_mask=bm, enable_gqa=True)), \
             (lambda o: (o.transpose(1, 2).reshape(-1, o.shape[1], o.shape[-1]),))
 
