@@ -5,6 +5,7 @@ import torch
 import torch.distributed as dist
 
 from posattn import _validate as V
+from posattn.attention.anchor import check_qkv
 from posattn.attention.masks import MaskSpec
 from posattn.distributed import ring as R
 from posattn.distributed.plan import plan_ring
@@ -51,20 +52,8 @@ def anchor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         out [T_l, Hq, D] (and with ``return_lse`` the fp32 lse [Hq, T_l]) for this rank's tokens,
         equal to the single-process op's rows of those tokens. Differentiable in q, k and v.
     """
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        V.float_tensor(x, name)
-        if x.dim() != 3:
-            raise ValueError(f"{name} must be 3-D packed [T_local, H, D]; got shape {tuple(x.shape)}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"k and v must have q's dtype {q.dtype}; got k {k.dtype}, v {v.dtype}")
-    V.same_device(q, "q", k=k, v=v)
-    Tl, HQ, D = q.shape
-    if k.shape != v.shape or k.shape[0] != Tl or k.shape[2] != D:
-        raise ValueError(f"k and v must be [T_local, Hk, D] = [{Tl}, Hk, {D}] like q; got k {tuple(k.shape)}, "
-                         f"v {tuple(v.shape)}")
-    HK = k.shape[1]
-    if HK == 0 or HQ % HK:
-        raise ValueError(f"q's head count ({HQ}) must be a multiple of k's ({HK}) (GQA)")
+    check_qkv(q, k, v)                      # the single-process op's checks, on this rank's shard
+    Tl, D = q.shape[0], q.shape[2]
     if shard not in SHARDS:
         raise ValueError(f"shard must be one of {SHARDS}, got {shard!r}")
     if not dist.is_available() or not dist.is_initialized():
