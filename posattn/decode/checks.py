@@ -20,6 +20,18 @@ def _int32(x, name: str, device, dim: int, what: str) -> None:
         raise ValueError(f"{name} is on {x.device} but q is on {device}; all tensors must be on one device")
 
 
+def check_cache_heads(HQ: int, D: int, k_cache) -> int:
+    """k_cache [.., .., Hk, D] against q's head count and head_dim: returns Hk."""
+    HK = k_cache.shape[2]
+    if k_cache.shape[3] != D:
+        raise ValueError(f"k_cache's head_dim ({k_cache.shape[3]}) must equal q's ({D})")
+    if D == 0 or D > MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be in 1..{MAX_HEAD_DIM}; got {D}")
+    if HK == 0 or HQ % HK:
+        raise ValueError(f"q's head count ({HQ}) must be a multiple of k_cache's ({HK}) (GQA)")
+    return HK
+
+
 def check_shapes(q, k_cache, v_cache, cache_seqlens, block_table, cu_seqlens_q, k, v, rope, positions,
                  tree_mask, causal, window, softmax_scale, return_lse, num_splits, kv_indices=None):
     """Every check that reads no tensor values. Returns (B, Tq or None, T, HQ, HK, D, capacity)."""
@@ -49,13 +61,7 @@ def check_shapes(q, k_cache, v_cache, cache_seqlens, block_table, cu_seqlens_q, 
             raise ValueError(f"q must be packed [sum(q_lens), Hq, D] with cu_seqlens_q; got shape {tuple(q.shape)}")
         T, HQ, D = q.shape
         Tq = None
-    HK = k_cache.shape[2]
-    if k_cache.shape[3] != D:
-        raise ValueError(f"k_cache's head_dim ({k_cache.shape[3]}) must equal q's ({D})")
-    if D == 0 or D > MAX_HEAD_DIM:
-        raise ValueError(f"head_dim must be in 1..{MAX_HEAD_DIM}; got {D}")
-    if HK == 0 or HQ % HK:
-        raise ValueError(f"q's head count ({HQ}) must be a multiple of k_cache's ({HK}) (GQA)")
+    HK = check_cache_heads(HQ, D, k_cache)
     _int32(cache_seqlens, "cache_seqlens", dev, 1, "[B] (tokens already cached per request)")
     if block_table is None:
         B_c = k_cache.shape[0]

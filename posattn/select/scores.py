@@ -14,7 +14,7 @@ import torch
 
 from posattn import _validate as V
 from posattn import dispatch
-from posattn.decode.checks import MAX_HEAD_DIM, _int32
+from posattn.decode.checks import _int32, check_cache_heads
 from posattn.kernels.reference.select_scores import rotate_table
 from posattn.lowered import token_bucket
 
@@ -51,13 +51,7 @@ def _check(q, k_cache, cache_seqlens, block_table, reduce, rope, positions, key_
     if k_cache.stride(-1) != 1:
         raise ValueError("k_cache must be contiguous in its last (head_dim) dimension")
     B, HQ, D = q.shape
-    HK = k_cache.shape[2]
-    if k_cache.shape[3] != D:
-        raise ValueError(f"k_cache's head_dim ({k_cache.shape[3]}) must equal q's ({D})")
-    if D == 0 or D > MAX_HEAD_DIM:
-        raise ValueError(f"head_dim must be in 1..{MAX_HEAD_DIM}; got {D}")
-    if HK == 0 or HQ % HK:
-        raise ValueError(f"q's head count ({HQ}) must be a multiple of k_cache's ({HK}) (GQA)")
+    HK = check_cache_heads(HQ, D, k_cache)
     _int32(cache_seqlens, "cache_seqlens", q.device, 1, "[B] (tokens cached per request)")
     if cache_seqlens.shape[0] != B:
         raise ValueError(f"cache_seqlens must be [{B}] (q's batch); got {list(cache_seqlens.shape)}")

@@ -32,20 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-_LOG2E = tl.constexpr(LOG2E)
-_LN2 = tl.constexpr(LN2)
-
-
-@triton.jit
-def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """a @ b with fp32 accumulation; UPCAST (the interpreter has no bf16 arithmetic) multiplies
-    the already-rounded operands in fp32."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        return tl.dot(a, b, input_precision=PREC)
+# the attention engine's constants and its dot (fp32 accumulation; upcast under the interpreter)
+from posattn.kernels.triton.flash_attn_tiles import _LN2, _LOG2E, _dot
 
 
 @triton.jit
