@@ -249,21 +249,35 @@ def scores(q: torch.Tensor, codebook: Codebook, codes: torch.Tensor, cache_seqle
     if cache_seqlens.shape[0] != B:
         raise ValueError(f"cache_seqlens must be [{B}] (q's batch); got {list(cache_seqlens.shape)}")
     scale = _scale(softmax_scale, D)
+    qf = far_queries(q, rope, window, backend=backend)
+    return windowed(q, qf, codebook, codes, k_cache, _bt(block_table, B, q.device), cache_seqlens, window, scale,
+                    rope, backend)
+
+
+def windowed(q, qf, codebook, codes, k_cache, bt, cache_seqlens, window, scale, rope, backend):
+    """The checked pipeline (also the A2ATS policy's): far slots ``s < L - window`` by code with the far
+    queries ``qf``, the window exactly by select.scores over a gathered copy of the window's keys
+    ([B, window, Hk, D]: no copy of the cache). ``rope=None``: q and k_cache are already rotated at
+    their positions (a post-RoPE cache), so the window is scored as stored."""
     from posattn.select.scores import scores as select_scores
 
-    bt = _bt(block_table, B, q.device)
+    B, HQ, _ = q.shape
+    PS = k_cache.shape[1]
+    S = bt.shape[1] * PS
     L = cache_seqlens.to(torch.int64).clamp(0, S)
     lo = (L - window).clamp_min(0)                                             # far slots: s < lo
     j = torch.arange(window, device=q.device)
     slot = (lo[:, None] + j).clamp(0, max(S - 1, 0))                           # [B, W]
-    PS = k_cache.shape[1]
     page = torch.gather(bt.to(torch.int64), 1, slot // PS).clamp(0, k_cache.shape[0] - 1)
     kw = k_cache[page, slot % PS]                                              # [B, W, Hk, D]: the window only
-    near = select_scores(q, kw, (L - lo).to(torch.int32), rope=rope, positions=L, key_positions=slot,
-                         softmax_scale=scale, backend=backend)                # [B, Hq, W]
+    n = (L - lo).to(torch.int32)
+    if rope is None:
+        near = select_scores(q, kw, n, softmax_scale=scale, backend=backend)
+    else:
+        near = select_scores(q, kw, n, rope=rope, positions=L, key_positions=slot, softmax_scale=scale,
+                             backend=backend)                                 # [B, Hq, W]
     full = torch.empty(B, HQ, S + 1, dtype=torch.float32, device=q.device)
     out = full[..., :S]
-    qf = far_queries(q, rope, window, backend=backend)
     _code_scores(qf, codebook, codes, lo.to(torch.int32), bt, scale, out, backend)
     # the window's exact scores go to their slots; the window's unused tail to the spare column S
     dst = torch.where(j[None, :] < (L - lo)[:, None], lo[:, None] + j, torch.full_like(slot, S))
