@@ -13,6 +13,7 @@ fits with M = I: plain k-means (the baseline of benchmarks/vq_recall.py).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -136,8 +137,11 @@ def _nearest(y: torch.Tensor, cy: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 def _kmeans_pp(y: torch.Tensor, C: int, gen: torch.Generator) -> torch.Tensor:
-    """k-means++ seeding: [C] indices into y (a loop over the C picks; each pick is vectorised)."""
+    """Greedy k-means++ seeding (as scikit-learn's): each pick samples 2 + log(C) candidates with
+    probability proportional to their squared distance to the chosen centres and keeps the one that
+    lowers the potential most; [C] indices into y. A loop over the C picks, each vectorised."""
     T = y.shape[0]
+    trials = 2 + int(math.log(max(C, 1)))
     first = int(torch.randint(T, (1,), generator=gen))
     picks = [first]
     d = ((y - y[first]) ** 2).sum(-1)
@@ -146,9 +150,11 @@ def _kmeans_pp(y: torch.Tensor, C: int, gen: torch.Generator) -> torch.Tensor:
         if not bool(total > 0):                        # all remaining keys coincide with a centre
             break
         p = (d / total).to(torch.float64).cpu()
-        i = int(torch.multinomial(p, 1, generator=gen))
-        picks.append(i)
-        d = torch.minimum(d, ((y - y[i]) ** 2).sum(-1))
+        cand = torch.multinomial(p, trials, replacement=True, generator=gen).to(y.device)
+        dc = torch.minimum(d[None, :], ((y[None, :, :] - y[cand][:, None, :]) ** 2).sum(-1))   # [trials, T]
+        best = int(dc.sum(-1).argmin())
+        picks.append(int(cand[best]))
+        d = dc[best]
     if len(picks) < C:                                  # fewer distinct keys than codes: repeat picks
         extra = torch.randint(len(picks), (C - len(picks),), generator=gen)
         picks += [picks[int(j)] for j in extra]

@@ -1,0 +1,87 @@
+"""posattn.select.A2ATS on small random-weight transformers models (no downloads): budget >= context
+equals dense (fp32, 1e-5); the prefill's queries reach the fit; a planted key is chosen; bad input."""
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import posattn  # noqa: E402
+from posattn.integrations.transformers import apply_sparse_decode  # noqa: E402
+from posattn.select import A2ATS  # noqa: E402
+from tests.select.test_sparse_transformers import _decode_logits, _model  # noqa: E402
+
+
+@pytest.mark.parametrize("family", ["Llama", "Mistral", "Qwen2"])
+def test_budget_beyond_context_equals_dense(family):
+    model = _model(family)
+    ids = torch.randint(0, 128, (2, 23), generator=torch.Generator().manual_seed(1))
+    dense = _decode_logits(model, ids, 5)
+    pol = A2ATS(budget=64, n_codes=8, window=4, iters=3)
+    handle = apply_sparse_decode(model, pol)
+    try:
+        sparse = _decode_logits(model, ids, 5)
+        assert handle.sparse_steps > 0
+    finally:
+        handle.remove()
+    torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-5)
+    # every layer's codebook was fitted with its prefill queries (the observe_prefill hook)
+    assert pol.query_aware == {i: True for i in range(4)}
+    # codes kept up with the cache: at the 5th step it holds 23 prompt + 5 new tokens, all coded
+    assert all(st.coded == 23 + 5 for st in pol.layers.values())
+
+
+def test_small_budget_changes_the_output():
+    model = _model("Llama", seed=3)
+    ids = torch.randint(0, 128, (1, 120), generator=torch.Generator().manual_seed(2))
+    dense = _decode_logits(model, ids, 3)
+    h = apply_sparse_decode(model, A2ATS(budget=16, n_codes=16, window=4, iters=3))
+    sparse = _decode_logits(model, ids, 3)
+    h.remove()
+    assert not torch.allclose(sparse, dense, rtol=1e-5, atol=1e-5)
+
+
+def test_planted_key_is_chosen():
+    """A key made to dominate one head's windowed-rotation score (far from the query: rotated at
+    `window` against the unrotated key) is among the chosen tokens, with few codes."""
+    from tests.vq._oracle import rotate
+
+    B, S, HQ, HK, D, W = 2, 200, 4, 2, 16, 8
+    spec = posattn.RopeSpec(head_dim=D)
+    t_star = (37, 150)
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        q_pre = torch.randn(B, HQ, D, generator=g)
+        k_pre = torch.randn(B, S, HK, D, generator=g)
+        L = S - 1
+        qf = rotate(q_pre, torch.tensor(float(W)), spec).float()                   # far query
+        for b in range(B):
+            k_pre[b, t_star[b], 1 // 2] = 6 * qf[b, 1] / qf[b, 1].norm() * D ** 0.5
+        # the policy sees post-RoPE q (at L) and keys (at their slots), as in transformers
+        q_post = rotate(q_pre, torch.tensor(float(L)), spec).float()
+        k_post = rotate(k_pre, torch.arange(S, dtype=torch.float64)[None, :, None], spec).float()
+        pol = A2ATS(budget=16, n_codes=8, window=W, rope=spec, iters=5, seed=seed)
+        # a prefill of 32 queries near this step's (queries of one request look alike), post-RoPE at
+        # positions L-32 .. L-1, as apply_sparse_decode hands them over
+        T = 32
+        pre = q_pre[:, :, None, :] + 0.3 * torch.randn(B, HQ, T, D, generator=g)
+        pos = torch.arange(L - T, L, dtype=torch.float64)[None, None, :]
+        pol.observe_prefill(0, rotate(pre, pos, spec).float(), torch.empty(B, HK, L, D))
+        idx = pol.select(0, q_post, k_post, torch.full((B,), L, dtype=torch.int32), D ** -0.5)
+        assert idx.shape == (B, HQ, 16)
+        assert pol.query_aware == {0: True}
+        for b in range(B):
+            assert t_star[b] in idx[b, 1].tolist(), (seed, b)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="budget must be a positive int"):
+        A2ATS(0, 8, 4)
+    with pytest.raises(ValueError, match="n_codes must be a positive int"):
+        A2ATS(16, 0, 4)
+    with pytest.raises(ValueError, match="window must be a positive int"):
+        A2ATS(16, 8, 0)
+    with pytest.raises(TypeError, match="rope must be a posattn.RopeSpec"):
+        A2ATS(16, 8, 4, rope="llama")
+    pol = A2ATS(16, 8, 4)
+    with pytest.raises(ValueError, match="A2ATS needs the model's rotary spec"):
+        pol.select(0, torch.randn(1, 2, 16), torch.randn(1, 20, 2, 16), torch.tensor([19], dtype=torch.int32), 0.25)
