@@ -208,7 +208,7 @@ def far_queries(q: torch.Tensor, rope, window: int, *, inverse_positions: torch.
 
 def scores(q: torch.Tensor, codebook: Codebook, codes: torch.Tensor, cache_seqlens: torch.Tensor, *,
            k_cache: torch.Tensor, window: int, rope, block_table: torch.Tensor | None = None,
-           softmax_scale: float | None = None, backend: str | None = None) -> torch.Tensor:
+           reduce: str = "none", softmax_scale: float | None = None, backend: str | None = None) -> torch.Tensor:
     """A2ATS's windowed scores over a cache of pre-RoPE keys and their codes.
 
     The query (at position ``cache_seqlens[b]``; key at slot s has position s) scores slot s
@@ -227,9 +227,11 @@ def scores(q: torch.Tensor, codebook: Codebook, codes: torch.Tensor, cache_seqle
         cache_seqlens: int32 [B], tokens cached per request (clamped to S_max).
         k_cache: the pre-RoPE key cache, laid out as codes with a trailing D (q's dtype).
         window: >= 1; rope: the model's RopeSpec (one inv_freq row).
+        reduce: "none" -> per query head; "kv_group" -> each GQA group's scores summed (the far
+            part sums the group's far queries first: one table and one gather per KV head).
     Returns:
-        fp32 [B, Hq, S_max] (a view with row stride S_max + 1), -inf past each request's length:
-        what select.topk takes.
+        fp32 [B, Hq | Hk, S_max] (a view with row stride S_max + 1), -inf past each request's
+        length: what select.topk takes.
     """
     from posattn.decode.checks import _int32
 
@@ -248,20 +250,24 @@ def scores(q: torch.Tensor, codebook: Codebook, codes: torch.Tensor, cache_seqle
     _int32(cache_seqlens, "cache_seqlens", q.device, 1, "[B] (tokens cached per request)")
     if cache_seqlens.shape[0] != B:
         raise ValueError(f"cache_seqlens must be [{B}] (q's batch); got {list(cache_seqlens.shape)}")
+    V.choice(reduce, "reduce", ("none", "kv_group"))
     scale = _scale(softmax_scale, D)
     qf = far_queries(q, rope, window, backend=backend)
     return windowed(q, qf, codebook, codes, k_cache, _bt(block_table, B, q.device), cache_seqlens, window, scale,
-                    rope, backend)
+                    rope, backend, reduce)
 
 
-def windowed(q, qf, codebook, codes, k_cache, bt, cache_seqlens, window, scale, rope, backend):
+def windowed(q, qf, codebook, codes, k_cache, bt, cache_seqlens, window, scale, rope, backend, reduce="none"):
     """The checked pipeline (also the A2ATS policy's): far slots ``s < L - window`` by code with the far
     queries ``qf``, the window exactly by select.scores over a gathered copy of the window's keys
     ([B, window, Hk, D]: no copy of the cache). ``rope=None``: q and k_cache are already rotated at
     their positions (a post-RoPE cache), so the window is scored as stored."""
     from posattn.select.scores import scores as select_scores
 
-    B, HQ, _ = q.shape
+    B, HQ, D = q.shape
+    if reduce == "kv_group":      # q . k summed over the group = (sum of the group's q) . k
+        HQ = codebook.heads_k
+        qf = qf.view(B, HQ, -1, D).sum(2)
     PS = k_cache.shape[1]
     S = bt.shape[1] * PS
     L = cache_seqlens.to(torch.int64).clamp(0, S)
@@ -272,10 +278,10 @@ def windowed(q, qf, codebook, codes, k_cache, bt, cache_seqlens, window, scale, 
     kw = k_cache[page, slot % PS]                                              # [B, W, Hk, D]: the window only
     n = (L - lo).to(torch.int32)
     if rope is None:
-        near = select_scores(q, kw, n, softmax_scale=scale, backend=backend)
+        near = select_scores(q, kw, n, reduce=reduce, softmax_scale=scale, backend=backend)
     else:
-        near = select_scores(q, kw, n, rope=rope, positions=L, key_positions=slot, softmax_scale=scale,
-                             backend=backend)                                 # [B, Hq, W]
+        near = select_scores(q, kw, n, reduce=reduce, rope=rope, positions=L, key_positions=slot,
+                             softmax_scale=scale, backend=backend)            # [B, Hq | Hk, W]
     full = torch.empty(B, HQ, S + 1, dtype=torch.float32, device=q.device)
     out = full[..., :S]
     _code_scores(qf, codebook, codes, lo.to(torch.int32), bt, scale, out, backend)

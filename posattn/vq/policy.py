@@ -3,7 +3,8 @@
 A2ATS (Retrieval-Based KV Cache Reduction via Windowed Rotary Position Embedding and Query-Aware
 Vector Quantization): a key further than ``window`` tokens is scored as ReRoPE(window)'s far pair,
 (q rotated at window) . (k unrotated), with k replaced by its code's centroid; the last ``window``
-tokens are scored exactly; the ``budget`` best per query head are attended (decode engine,
+tokens are scored exactly; the ``budget`` best per KV group (the group's scores summed) or per
+query head are attended (decode engine,
 ``kv_indices``).
 
 Per layer, the policy keeps a codebook and a codes cache [B, capacity, Hk] (int16). In
@@ -34,24 +35,29 @@ class _Layer:
 
 
 class A2ATS:
-    """A2ATS policy: ``budget`` tokens per query head chosen by windowed-rotary scores with
+    """A2ATS policy: ``budget`` tokens per KV group (or query head) chosen by windowed-rotary scores with
     query-aware VQ (``n_codes`` centroids per KV head) beyond the last ``window`` tokens.
 
     Args:
-        budget: tokens per query head (<= 8192); n_codes: codes per KV head; window: >= 1.
+        budget: tokens per KV head (``reduce="kv_group"``: the group's scores summed, one list per
+            KV head, the default) or per query head (``reduce="none"``), <= 8192;
+            n_codes: codes per KV head; window: >= 1.
         rope: the model's RopeSpec; default: built from the model's config at the first prefill
             (transformers), required when ``select`` is called directly.
         iters, seed: the codebook fit's Lloyd iterations and seed. max_fit_queries: queries kept
             per layer from the prefill (evenly spaced) for the metric.
     """
 
-    def __init__(self, budget: int, n_codes: int, window: int, *, rope=None, iters: int = 10, seed: int = 0,
-                 max_fit_queries: int = 4096):
+    def __init__(self, budget: int, n_codes: int, window: int, *, rope=None, reduce: str = "kv_group",
+                 iters: int = 10, seed: int = 0, max_fit_queries: int = 4096):
         _budget(budget, 0, 0)
         if isinstance(n_codes, bool) or not isinstance(n_codes, int) or n_codes < 1:
             raise ValueError(f"n_codes must be a positive int (codes per KV head); got {n_codes!r}")
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be a positive int (tokens scored exactly); got {window!r}")
+        if reduce not in ("none", "kv_group"):
+            raise ValueError(f'reduce must be "none" (per query head) or "kv_group" (per GQA group); '
+                             f'got {reduce!r}')
         if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
             raise ValueError(f"iters must be a non-negative int; got {iters!r}")
         if rope is not None:
@@ -60,7 +66,8 @@ class A2ATS:
             if not isinstance(rope, RopeSpec):
                 raise TypeError(f"rope must be a posattn.RopeSpec or None; got {type(rope).__name__}")
         self.budget, self.n_codes, self.window = budget, n_codes, window
-        self.rope, self.iters, self.seed, self.max_fit_queries = rope, iters, seed, max_fit_queries
+        self.rope, self.reduce, self.iters, self.seed = rope, reduce, iters, seed
+        self.max_fit_queries = max_fit_queries
         self.layers: dict[int, _Layer] = {}
 
     def reset(self) -> None:
@@ -142,5 +149,6 @@ class A2ATS:
         qf = far_queries(q, self.rope, self.window, inverse_positions=cache_seqlens)
         codes = st.codes[:, :S]
         bt = torch.arange(B, dtype=torch.int32, device=q.device)[:, None]
-        s = windowed(q, qf, st.codebook, codes, k_cache, bt, cache_seqlens, self.window, float(scale), None, None)
-        return topk(s, self.budget, lengths=cache_seqlens)                      # [B, Hq, budget]
+        s = windowed(q, qf, st.codebook, codes, k_cache, bt, cache_seqlens, self.window, float(scale), None, None,
+                     self.reduce)
+        return topk(s, self.budget, lengths=cache_seqlens)                      # [B, Hk | Hq, budget]

@@ -11,12 +11,13 @@ from posattn.select import A2ATS  # noqa: E402
 from tests.select.test_sparse_transformers import _decode_logits, _model  # noqa: E402
 
 
-@pytest.mark.parametrize("family", ["Llama", "Mistral", "Qwen2"])
-def test_budget_beyond_context_equals_dense(family):
+@pytest.mark.parametrize("family,reduce", [("Llama", "kv_group"), ("Mistral", "none"), ("Qwen2", "kv_group"),
+                                           ("Llama", "none")])
+def test_budget_beyond_context_equals_dense(family, reduce):
     model = _model(family)
     ids = torch.randint(0, 128, (2, 23), generator=torch.Generator().manual_seed(1))
     dense = _decode_logits(model, ids, 5)
-    pol = A2ATS(budget=64, n_codes=8, window=4, iters=3)
+    pol = A2ATS(budget=64, n_codes=8, window=4, reduce=reduce, iters=3)
     handle = apply_sparse_decode(model, pol)
     try:
         sparse = _decode_logits(model, ids, 5)
@@ -40,7 +41,8 @@ def test_small_budget_changes_the_output():
     assert not torch.allclose(sparse, dense, rtol=1e-5, atol=1e-5)
 
 
-def test_planted_key_is_chosen():
+@pytest.mark.parametrize("reduce", ["none", "kv_group"])
+def test_planted_key_is_chosen(reduce):
     """A key made to dominate one head's windowed-rotation score (far from the query: rotated at
     `window` against the unrotated key) is among the chosen tokens, with few codes."""
     from tests.vq._oracle import rotate
@@ -59,7 +61,7 @@ def test_planted_key_is_chosen():
         # the policy sees post-RoPE q (at L) and keys (at their slots), as in transformers
         q_post = rotate(q_pre, torch.tensor(float(L)), spec).float()
         k_post = rotate(k_pre, torch.arange(S, dtype=torch.float64)[None, :, None], spec).float()
-        pol = A2ATS(budget=16, n_codes=8, window=W, rope=spec, iters=5, seed=seed)
+        pol = A2ATS(budget=16, n_codes=8, window=W, rope=spec, reduce=reduce, iters=5, seed=seed)
         # a prefill of 32 queries near this step's (queries of one request look alike), post-RoPE at
         # positions L-32 .. L-1, as apply_sparse_decode hands them over
         T = 32
@@ -67,10 +69,10 @@ def test_planted_key_is_chosen():
         pos = torch.arange(L - T, L, dtype=torch.float64)[None, None, :]
         pol.observe_prefill(0, rotate(pre, pos, spec).float(), torch.empty(B, HK, L, D))
         idx = pol.select(0, q_post, k_post, torch.full((B,), L, dtype=torch.int32), D ** -0.5)
-        assert idx.shape == (B, HQ, 16)
+        assert idx.shape == (B, HQ if reduce == "none" else HK, 16)
         assert pol.query_aware == {0: True}
         for b in range(B):
-            assert t_star[b] in idx[b, 1].tolist(), (seed, b)
+            assert t_star[b] in idx[b, 1 if reduce == "none" else 0].tolist(), (seed, b)
 
 
 def test_bad_input():
@@ -82,6 +84,8 @@ def test_bad_input():
         A2ATS(16, 8, 0)
     with pytest.raises(TypeError, match="rope must be a posattn.RopeSpec"):
         A2ATS(16, 8, 4, rope="llama")
+    with pytest.raises(ValueError, match="reduce must be"):
+        A2ATS(16, 8, 4, reduce="soft_vote")
     pol = A2ATS(16, 8, 4)
     with pytest.raises(ValueError, match="A2ATS needs the model's rotary spec"):
         pol.select(0, torch.randn(1, 2, 16), torch.randn(1, 20, 2, 16), torch.tensor([19], dtype=torch.int32), 0.25)

@@ -93,6 +93,21 @@ def test_scores_matches_windowed_rotary_oracle(backend, spec, B, S, HQ, HK, D, C
     assert err <= bound, (err, bound)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kv_group_is_the_group_sum(backend):
+    B, S, HQ, HK, D = 2, 30, 6, 2, 32
+    g, keys, cb, codes, q = _case(B, S, HQ, HK, D, 7, seed=4)
+    sp = SPECS["neox"](D)
+    L = torch.tensor([30, 12], dtype=torch.int32)
+    dev = _dev(backend)
+    args = (q.to(dev), cb.to(dev), codes.to(dev), L.to(dev))
+    kw = dict(k_cache=keys.to(dev), window=5, rope=sp, backend=backend)
+    per_head = vq.scores(*args, **kw).cpu()
+    grouped = vq.scores(*args, reduce="kv_group", **kw).cpu()
+    assert grouped.shape == (B, HK, S)
+    torch.testing.assert_close(grouped, per_head.view(B, HK, HQ // HK, S).sum(2), rtol=1e-5, atol=1e-5)
+
+
 def test_own_centroid_codes_give_exact_rerope_scores():
     """With one code per key (every key its own centroid), vq.scores is ReRoPE(window) exactly:
     far keys scored with q at `window` and the key unrotated."""
@@ -160,6 +175,8 @@ def test_bad_input():
         vq.scores(q, cb, codes, L, k_cache=keys[:, :8], window=4, rope=sp)
     with pytest.raises(TypeError, match="cache_seqlens must be an int32"):
         vq.scores(q, cb, codes, L.long(), **kw)
+    with pytest.raises(ValueError, match="reduce"):
+        vq.scores(q, cb, codes, L, reduce="soft_vote", **kw)
     with pytest.raises(ValueError, match="far_len must be \\[2\\]"):
         vq.code_scores(q, cb, codes, L[:1])
     with pytest.raises(ValueError, match="softmax_scale must be a positive number"):
