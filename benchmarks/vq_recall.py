@@ -142,7 +142,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--codes", type=int, default=256)
     ap.add_argument("--k", type=int, default=256)
     ap.add_argument("--queries", type=int, default=512)
-    ap.add_argument("--model-tokens", type=int, default=2048, help="0 skips the recorded-model case")
+    ap.add_argument("--model-tokens", type=int, default=4096, help="0 skips the recorded-model case")
     ap.add_argument("--window", type=int, default=64)
     ap.add_argument("--iters", type=int, default=15)
     ap.add_argument("--seed", type=int, default=0)

@@ -120,3 +120,31 @@ def code_scores(qf, centroids, codes, block_table, far_len, scale, out, config) 
         tab, codes, block_table, far_len, out, C, S, codes.shape[1], HK, G, codes.stride(0), codes.stride(1),
         block_table.stride(0), out.stride(0), out.stride(1), BLOCK_S=bs, num_warps=w)
     return out
+
+
+_TL = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def aot_specializations(cases=None):
+    """(name, fn, signature, constexprs, num_warps) of the three kernels, for ahead-of-time compiles
+    (tests/vq/test_vq_aot.py). cases: (head_dim, keys dtype, code dtype)."""
+    cases = cases or [(128, torch.bfloat16, torch.int16), (80, torch.float16, torch.int32),
+                      (96, torch.float32, torch.int16)]
+    out = []
+    for D, dt, cdt in cases:
+        DP = triton.next_power_of_2(D)
+        ci = "*i16" if cdt == torch.int16 else "*i32"
+        const = dict(D=D, DP=max(16, DP), BLOCK_T=32, BLOCK_C=32)
+        types = dict(K=f"*{_TL[dt]}", MC="*fp32", CN="*fp32", OUT=ci, T="i32", C="i32")
+        sig = {a: "constexpr" if a in const else types.get(a, "i64") for a in _vq_assign.arg_names}
+        out.append((f"vq_assign_d{D}_{_TL[dt]}_{ci[2:]}", _vq_assign, sig, const, 4))
+        const = dict(D=D, DP=DP, BLOCK_C=64)
+        types = dict(QF="*fp32", CENT="*fp32", TAB="*fp32", C="i32", HQ="i32", G="i32", scale="fp32")
+        sig = {a: "constexpr" if a in const else types.get(a, "i64") for a in _vq_table.arg_names}
+        out.append((f"vq_table_d{D}", _vq_table, sig, const, 4))
+        const = dict(BLOCK_S=256)
+        types = dict(TAB="*fp32", CODES=ci, BT="*i32", FL="*i32", OUT="*fp32", C="i32", S="i32", PS="i32",
+                     HK="i32", G="i32")
+        sig = {a: "constexpr" if a in const else types.get(a, "i64") for a in _vq_gather.arg_names}
+        out.append((f"vq_gather_{ci[2:]}", _vq_gather, sig, const, 4))
+    return out
