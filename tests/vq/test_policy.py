@@ -89,3 +89,20 @@ def test_bad_input():
     pol = A2ATS(16, 8, 4)
     with pytest.raises(ValueError, match="A2ATS needs the model's rotary spec"):
         pol.select(0, torch.randn(1, 2, 16), torch.randn(1, 20, 2, 16), torch.tensor([19], dtype=torch.int32), 0.25)
+
+
+def test_greedy_agreement_long_prompt(capsys):
+    """Reported, not asserted beyond sanity: greedy tokens with A2ATS vs dense on a 300-token prompt
+    (random weights: a mechanical figure, not a quality claim)."""
+    model = _model("Qwen2", seed=5)
+    ids = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        dense = model.generate(ids, max_new_tokens=16, do_sample=False)[0, 300:]
+    for reduce in ("kv_group", "none"):
+        h = apply_sparse_decode(model, A2ATS(128, 32, 16, reduce=reduce, iters=5))
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=16, do_sample=False)[0, 300:]
+        h.remove()
+        agree = float((out == dense).float().mean())
+        print(f"greedy agreement A2ATS(128, 32 codes, window 16, reduce={reduce}) / 300-token prompt: {agree:.2f}")
+        assert 0.0 <= agree <= 1.0
