@@ -176,7 +176,8 @@ class _CachePlan:
 def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, spec: RopeSpec,
                    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, *,
                    kv_layout: str = "NHD", rotate_k: bool = True, check: bool | None = None,
-                   backend: str | None = None, seq_len: int | None = None) -> torch.Tensor:
+                   backend: str | None = None, seq_len: int | None = None, codebook=None,
+                   codes: torch.Tensor | None = None) -> torch.Tensor:
     """Rotate q and k by their positions, write the rotated k and v into a paged cache, return the rotated q.
 
     Args:
@@ -190,10 +191,21 @@ def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions:
         rotate_k: False writes the keys as given (pre-RoPE caches); q is rotated either way.
         check: value checks of slot_mapping (None: only for CPU tensors, which costs no sync).
         backend: "triton", "cpu" or "reference" (default: the dispatch order).
+        codebook, codes: a posattn.vq.Codebook and its codes cache [num_blocks, page_size, Hk]
+            (codebook.code_dtype): each key's code (of k as given, before RoPE) is written at
+            its slot too (A2ATS, docs/vq.md).
 
     Returns:
         rotated q [T, Hq, D] in q's dtype. One kernel launch (no host sync when check is off).
     """
+    if codebook is not None or codes is not None:    # A2ATS: the keys' codes written at the same slots
+        from posattn.vq.ops import check_cache_codes, write_cache_codes
+
+        check_cache_codes(k, k_cache, kv_layout, codebook, codes)
+        qo = rope_and_cache(q, k, v, positions, spec, k_cache, v_cache, slot_mapping, kv_layout=kv_layout,
+                            rotate_k=rotate_k, check=check, backend=backend, seq_len=seq_len)
+        write_cache_codes(k, codebook, codes, slot_mapping, backend)
+        return qo
     pk = None
     if not _is_compiling() and q.__class__ is _Tensor and spec.__class__ is RopeSpec:
         try:

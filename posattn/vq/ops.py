@@ -289,3 +289,41 @@ def windowed(q, qf, codebook, codes, k_cache, bt, cache_seqlens, window, scale, 
     dst = torch.where(j[None, :] < (L - lo)[:, None], lo[:, None] + j, torch.full_like(slot, S))
     full.scatter_(2, dst[:, None, :].expand(B, HQ, window), near)
     return out
+
+
+def check_cache_codes(k, k_cache, kv_layout, codebook, codes) -> None:
+    """rope_and_cache(codebook=, codes=)'s checks: both given, the codebook for k's heads and head_dim,
+    codes an int16/int32 (the codebook's) [num_blocks, page_size, Hk] laid out as k_cache's slots."""
+    if codebook is None or codes is None:
+        raise ValueError("codebook and codes go together: pass both (codes are written with the keys) or neither")
+    V.float_tensor(k, "k")
+    if k.dim() != 3:
+        raise ValueError(f"k must be [T, Hk, D]; got shape {tuple(k.shape)}")
+    HK, D = k.shape[1], k.shape[2]
+    check_codebook(codebook, HK, D, k.device, "k")
+    V.tensor(codes, "codes")
+    if codes.dtype != codebook.code_dtype:
+        raise TypeError(f"codes must be {codebook.code_dtype} (the codebook's code dtype); got {codes.dtype}")
+    nb, ps = (k_cache.shape[0], k_cache.shape[2]) if kv_layout == "HND" else (k_cache.shape[0], k_cache.shape[1])
+    if tuple(codes.shape) != (nb, ps, HK):
+        raise ValueError(f"codes must be [num_blocks={nb}, page_size={ps}, Hk={HK}] (one code per cache slot and "
+                         f"KV head); got {tuple(codes.shape)}")
+    if codes.device != k.device:
+        raise ValueError(f"codes is on {codes.device} but k is on {k.device}")
+    if not codes.is_contiguous():
+        raise ValueError("codes must be contiguous (written through slot_mapping)")
+
+
+def write_cache_codes(k, codebook, codes, slot_mapping, backend=None) -> None:
+    """codes[slot_mapping[t]] = assign(k)[t] for the tokens with a slot (-1: skipped), without a host
+    sync: a skipped token adds 0 at slot 0, a written one adds (new - old), both modulo 2^bits (the
+    accumulate of index_put_ wraps like the int dtype), so every slot ends with its new code."""
+    if k.shape[0] == 0:
+        return
+    be = backend if backend in ("triton", "cpu", "reference") else None        # (no cuda assign kernel)
+    new = assign(k, codebook, backend=be).to(codes.device)                      # [T, Hk]
+    flat = codes.view(-1, codes.shape[-1])
+    keep = slot_mapping >= 0
+    idx = slot_mapping.clamp_min(0)
+    delta = torch.where(keep[:, None], new - flat[idx], torch.zeros_like(new))
+    flat.index_put_((idx,), delta, accumulate=True)
