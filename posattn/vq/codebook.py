@@ -142,19 +142,28 @@ def _kmeans_pp(y: torch.Tensor, C: int, gen: torch.Generator) -> torch.Tensor:
     lowers the potential most; [C] indices into y. A loop over the C picks, each vectorised."""
     T = y.shape[0]
     trials = 2 + int(math.log(max(C, 1)))
+    yn = (y * y).sum(-1)
+
+    def sqdist(rows):                                   # [n] picks -> [n, T] squared distances (one matmul)
+        return (yn[rows][:, None] + yn[None, :] - 2.0 * (y[rows] @ y.T)).clamp_min_(0)
+
     first = int(torch.randint(T, (1,), generator=gen))
     picks = [first]
-    d = ((y - y[first]) ** 2).sum(-1)
+    d = sqdist(torch.tensor([first], device=y.device))[0]
+    d[first] = 0
+    # below this potential the keys left coincide with centres up to the matmul's rounding
+    floor = 1e-6 * float(yn.sum())
     for _ in range(1, min(C, T)):
         total = d.sum()
-        if not bool(total > 0):                        # all remaining keys coincide with a centre
+        if not bool(total > floor):
             break
         p = (d / total).to(torch.float64).cpu()
         cand = torch.multinomial(p, trials, replacement=True, generator=gen).to(y.device)
-        dc = torch.minimum(d[None, :], ((y[None, :, :] - y[cand][:, None, :]) ** 2).sum(-1))   # [trials, T]
+        dc = torch.minimum(d[None, :], sqdist(cand))                                        # [trials, T]
         best = int(dc.sum(-1).argmin())
         picks.append(int(cand[best]))
         d = dc[best]
+        d[picks[-1]] = 0
     if len(picks) < C:                                  # fewer distinct keys than codes: repeat picks
         extra = torch.randint(len(picks), (C - len(picks),), generator=gen)
         picks += [picks[int(j)] for j in extra]
