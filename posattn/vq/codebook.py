@@ -173,9 +173,12 @@ def _kmeans_pp(y: torch.Tensor, C: int, gen: torch.Generator) -> torch.Tensor:
 def _fit_head(k: torch.Tensor, L: torch.Tensor, C: int, iters: int, gen: torch.Generator) -> torch.Tensor:
     """k [T, D] fp32 keys, L [D, D] the metric's Cholesky factor -> fp32 centroids [C, D]."""
     y = k @ L                                                                   # whitened keys
+    # distances by matmul lose what a common offset adds to the norms: centre the whitened keys
+    mu = y.mean(0)
+    y = y - mu
     cent = k[_kmeans_pp(y, C, gen)].clone()
     for _ in range(iters):
-        idx, dist = _nearest(y, cent @ L)
+        idx, dist = _nearest(y, cent @ L - mu)
         sums = torch.zeros_like(cent).index_add_(0, idx, k)
         cnt = torch.zeros(C, dtype=k.dtype, device=k.device).index_add_(0, idx, torch.ones_like(dist))
         new = sums / cnt.clamp_min(1)[:, None]

@@ -122,3 +122,15 @@ def test_bad_input():
         vq.assign(keys, "cb")
     with pytest.raises(TypeError, match="keys"):
         vq.assign(keys.to(torch.int32), cb)
+
+
+def test_fit_with_a_large_common_offset():
+    """Keys far from the origin (a shared offset 1000x their spread) still get distinct centroids."""
+    g = torch.Generator().manual_seed(0)
+    pts = torch.randn(8, 1, 16, generator=g)                                  # 8 well separated clusters
+    keys = (pts.repeat(50, 1, 1) + 0.01 * torch.randn(400, 1, 16, generator=g)) * 0.1 + 100.0
+    cb = vq.fit(keys, None, 8, iters=5, seed=0)
+    codes = vq.assign(keys, cb, backend="reference")[:, 0]
+    assert codes.unique().numel() == 8
+    # each cluster maps to one code
+    assert all(codes[i::8].unique().numel() == 1 for i in range(8))
