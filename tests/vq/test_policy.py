@@ -106,3 +106,26 @@ def test_greedy_agreement_long_prompt(capsys):
         agree = float((out == dense).float().mean())
         print(f"greedy agreement A2ATS(128, 32 codes, window 16, reduce={reduce}) / 300-token prompt: {agree:.2f}")
         assert 0.0 <= agree <= 1.0
+
+
+def test_steady_state_step_makes_no_host_sync(monkeypatch):
+    """After the fit, a step (codes of the new token, far queries, windowed scores, topk) stays on the
+    device: every host-synchronising tensor method raises inside it."""
+    from tests.attention.test_plan import SYNCS, HostSync
+
+    B, S, HQ, HK, D = 2, 60, 4, 2, 16
+    spec = posattn.RopeSpec(head_dim=D)
+    g = torch.Generator().manual_seed(0)
+    kc = torch.randn(B, S + 1, HK, D, generator=g)
+    q = torch.randn(B, HQ, D, generator=g)
+    for reduce in ("kv_group", "none"):
+        pol = A2ATS(budget=8, n_codes=4, window=4, rope=spec, reduce=reduce, iters=2)
+        first = pol.select(0, q, kc[:, :S], torch.full((B,), S - 1, dtype=torch.int32), D ** -0.5)
+        cs = torch.full((B,), S, dtype=torch.int32)
+        with monkeypatch.context() as m:
+            for name in SYNCS:
+                def boom(self, *a, _name=name, **kw):
+                    raise HostSync(f"host sync: Tensor.{_name}()")
+                m.setattr(torch.Tensor, name, boom)
+            idx = pol.select(0, q, kc, cs, D ** -0.5)
+        assert idx.shape == first.shape and pol.layers[0].coded == S + 1
