@@ -8,6 +8,6 @@ from posattn.lowered import token_bucket
 def keys(shape, dtype: str, tokens: list[int], device_type: str) -> list:
     from posattn.vq.ops import VqScoresKey
 
-    return [VqScoresKey(device_type, "float32", shape.head_dim, shape.heads_q, shape.heads_k, token_bucket(1024), 16,
+    return [VqScoresKey(device_type, dtype, shape.head_dim, shape.heads_q, shape.heads_k, token_bucket(1024), 16,
                         token_bucket(t), B)
             for t in sorted(set(tokens)) for B in (1, 8)]

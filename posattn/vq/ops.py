@@ -35,7 +35,7 @@ class VqScoresKey:
     """What vq_code_scores' kernel choice and launch config depend on (shapes only)."""
 
     device_type: str
-    dtype: str          # always "float32": the far queries and centroids are fp32
+    dtype: str          # the queries' dtype (float64 runs on the reference; the others in fp32)
     head_dim: int
     heads_q: int
     heads_k: int
@@ -116,10 +116,10 @@ def _bt(block_table, B, device):
     return torch.arange(B, dtype=torch.int32, device=device)[:, None] if block_table is None else block_table
 
 
-def _code_scores(qf, codebook, codes, far_len, bt, scale, out, backend):
+def _code_scores(qf, codebook, codes, far_len, bt, scale, out, backend, dtype=None):
     B, HQ, D = qf.shape
-    key = VqScoresKey(qf.device.type, "float32", D, HQ, codebook.heads_k, token_bucket(codebook.n_codes),
-                      codes.shape[1], token_bucket(out.shape[2]), token_bucket(B))
+    key = VqScoresKey(qf.device.type, _dname(dtype or qf.dtype), D, HQ, codebook.heads_k,
+                      token_bucket(codebook.n_codes), codes.shape[1], token_bucket(out.shape[2]), token_bucket(B))
     kernel, config = dispatch.select("vq_code_scores", key, backend=backend, device_index=qf.device.index)
     wide = torch.float64 if kernel.backend == "reference" else torch.float32
     return kernel.fn(qf.to(wide), codebook.centroids, codes, bt, far_len, scale, out, config)
@@ -191,7 +191,7 @@ def far_queries(q: torch.Tensor, rope, window: int, *, inverse_positions: torch.
     R = rope.rotary_dim if rope.rotary_dim is not None else q.shape[2]
     inter = bool(rope.interleaved)
     be = backend if backend in ("triton", "cpu", "reference") else default_backend(q.device)
-    x = q.to(torch.float64 if be == "reference" else torch.float32)
+    x = q.to(torch.float64 if be == "reference" or q.dtype == torch.float64 else torch.float32)
     if inverse_positions is not None:
         # post-RoPE q = a R(p) q_pre on the rotary dims (the table carries a; pass-through dims
         # are neither rotated nor scaled): rotating by -p with the unscaled table, then / a, gives q_pre
@@ -284,7 +284,7 @@ def windowed(q, qf, codebook, codes, k_cache, bt, cache_seqlens, window, scale, 
                              softmax_scale=scale, backend=backend)            # [B, Hq | Hk, W]
     full = torch.empty(B, HQ, S + 1, dtype=torch.float32, device=q.device)
     out = full[..., :S]
-    _code_scores(qf, codebook, codes, lo.to(torch.int32), bt, scale, out, backend)
+    _code_scores(qf, codebook, codes, lo.to(torch.int32), bt, scale, out, backend, q.dtype)
     # the window's exact scores go to their slots; the window's unused tail to the spare column S
     dst = torch.where(j[None, :] < (L - lo)[:, None], lo[:, None] + j, torch.full_like(slot, S))
     full.scatter_(2, dst[:, None, :].expand(B, HQ, window), near)

@@ -108,6 +108,24 @@ def test_kv_group_is_the_group_sum(backend):
     torch.testing.assert_close(grouped, per_head.view(B, HK, HQ // HK, S).sum(2), rtol=1e-5, atol=1e-5)
 
 
+def test_float64_is_computed_in_float64(monkeypatch):
+    """fp64 inputs run on the reference (the far lookup and the window): the oracle to fp64 rounding."""
+    B, S, HQ, HK, D, W = 2, 24, 4, 2, 16, 5
+    g, keys, cb, codes, q = _case(B, S, HQ, HK, D, 6, seed=9, dtype=torch.float64)
+    sp = SPECS["neox"](D)
+    L = torch.tensor([24, 10], dtype=torch.int32)
+    seen = []
+    real = ref.code_scores
+    monkeypatch.setattr(ref, "code_scores", lambda qf, *a: seen.append(qf.dtype) or real(qf, *a))
+    out = vq.scores(q, cb, codes, L, k_cache=keys, window=W, rope=sp)
+    assert seen == [torch.float64]             # the far lookup ran on the reference, in fp64
+    want = windowed_scores(q, keys, codes, cb.centroids, L, W, sp, D ** -0.5)
+    fin = torch.isfinite(want)
+    # fp64 throughout, rounded once to the fp32 output (and fp32 cos/sin tables: 2^-24 relative each)
+    err = (out.double()[fin] - want[fin]).abs().max().item()
+    assert err <= 4 * 2.0 ** -24 * want[fin].abs().max().item() + 1e-6, err
+
+
 def test_own_centroid_codes_give_exact_rerope_scores():
     """With one code per key (every key its own centroid), vq.scores is ReRoPE(window) exactly:
     far keys scored with q at `window` and the key unrotated."""
