@@ -270,6 +270,8 @@ def windowed(q, qf, codebook, codes, k_cache, bt, cache_seqlens, window, scale, 
         qf = qf.view(B, HQ, -1, D).sum(2)
     PS = k_cache.shape[1]
     S = bt.shape[1] * PS
+    if S == 0:
+        return torch.empty(B, HQ, 0, dtype=torch.float32, device=q.device)
     L = cache_seqlens.to(torch.int64).clamp(0, S)
     lo = (L - window).clamp_min(0)                                             # far slots: s < lo
     j = torch.arange(window, device=q.device)

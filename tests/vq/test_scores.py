@@ -199,3 +199,13 @@ def test_bad_input():
         vq.code_scores(q, cb, codes, L[:1])
     with pytest.raises(ValueError, match="softmax_scale must be a positive number"):
         vq.code_scores(q, cb, codes, L, softmax_scale=-1.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_cache(backend):
+    dev = _dev(backend)
+    cb = vq.fit(torch.randn(20, 2, 16), None, 4, iters=1).to(dev)
+    out = vq.scores(torch.randn(2, 4, 16, device=dev), cb, torch.zeros(2, 0, 2, dtype=torch.int16, device=dev),
+                    torch.zeros(2, dtype=torch.int32, device=dev), k_cache=torch.zeros(2, 0, 2, 16, device=dev),
+                    window=3, rope=posattn.RopeSpec(head_dim=16), backend=backend)
+    assert out.shape == (2, 4, 0)
