@@ -106,19 +106,25 @@ class A2ATS:
     # -- the hook apply_sparse_decode calls on prefill ---------------------------------------------
     def observe_prefill(self, layer: int, query: torch.Tensor, key: torch.Tensor, config=None) -> None:
         """query [B, Hq, T, D] post-RoPE at positions S-T .. S-1 of key [B, Hk, S, D]: keeps a sample
-        of its window-rotated (pre-RoPE) queries for the layer's fit, and starts a new sequence."""
+        of its window-rotated (pre-RoPE) queries for the layer's fit (at most max_fit_queries, evenly
+        spaced); S == T starts a new sequence, a later chunk adds to the sample."""
         from posattn.vq.ops import far_queries
 
         B, HQ, T, D = query.shape
         self._rope_for(config, D)
         S = key.shape[2]
-        st = self.layers[layer] = _Layer()
+        st = self.layers.get(layer)
+        if st is None or S == T:                       # a new sequence (a chunked prefill continues one)
+            st = self.layers[layer] = _Layer()
         q = query.transpose(1, 2).reshape(B * T, HQ, D)
         pos = (torch.arange(T, device=query.device) + (S - T)).repeat(B)
-        if q.shape[0] > self.max_fit_queries:          # evenly spaced: deterministic
-            pick = torch.linspace(0, q.shape[0] - 1, self.max_fit_queries, device=q.device).round().long()
-            q, pos = q[pick], pos[pick]
-        st.queries = far_queries(q, self.rope, self.window, inverse_positions=pos)
+        qf = far_queries(q, self.rope, self.window, inverse_positions=pos)
+        if st.queries is not None and st.queries.shape[1:] == qf.shape[1:]:
+            qf = torch.cat((st.queries, qf))
+        if qf.shape[0] > self.max_fit_queries:         # evenly spaced: deterministic
+            pick = torch.linspace(0, qf.shape[0] - 1, self.max_fit_queries, device=qf.device).round().long()
+            qf = qf[pick]
+        st.queries = qf
 
     # -- one decode step ----------------------------------------------------------------------
     def select(self, layer: int, q, k_cache, cache_seqlens, scale):

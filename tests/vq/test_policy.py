@@ -129,3 +129,16 @@ def test_steady_state_step_makes_no_host_sync(monkeypatch):
                 m.setattr(torch.Tensor, name, boom)
             idx = pol.select(0, q, kc, cs, D ** -0.5)
         assert idx.shape == first.shape and pol.layers[0].coded == S + 1
+
+
+def test_chunked_prefill_adds_to_the_fit_sample():
+    spec = posattn.RopeSpec(head_dim=16)
+    pol = A2ATS(budget=8, n_codes=4, window=4, rope=spec, max_fit_queries=50)
+    pol.observe_prefill(0, torch.randn(1, 2, 20, 16), torch.empty(1, 1, 20, 16))       # a new sequence
+    assert pol.layers[0].queries.shape == (20, 2, 16)
+    pol.observe_prefill(0, torch.randn(1, 2, 20, 16), torch.empty(1, 1, 40, 16))       # its next chunk
+    assert pol.layers[0].queries.shape == (40, 2, 16)
+    pol.observe_prefill(0, torch.randn(1, 2, 30, 16), torch.empty(1, 1, 70, 16))       # capped, evenly spaced
+    assert pol.layers[0].queries.shape == (50, 2, 16)
+    pol.observe_prefill(0, torch.randn(1, 2, 10, 16), torch.empty(1, 1, 10, 16))       # another sequence
+    assert pol.layers[0].queries.shape == (10, 2, 16)
