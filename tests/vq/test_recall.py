@@ -22,7 +22,7 @@ def test_query_aware_beats_plain_kmeans_synthetic():
         keys, q = mod.synthetic(2048, 2, 4, 32, 4, 256, seed)
         r = mod.measure(keys, q, 32, 32, iters=8, seed=seed)
         res.append(r)
-        # measured at this size: 0.28 vs 0.11 (seed 0); asserted with a margin, per seed
+        # measured at this size: 0.28 vs 0.11 (seed 0), 0.32 vs 0.15 (seed 1); asserted with a margin
         assert r["vq_query_aware"] > 1.5 * r["kmeans"], r
         assert 0.0 <= r["quest"] <= 1.0 and r["quest_page"] >= 1
 
