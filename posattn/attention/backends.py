@@ -57,7 +57,12 @@ class Rope(NamedTuple):
 
 
 def _kernel_rope(rope):
-    return None if rope is None else (rope.table, rope.rotary_dim, rope.interleaved, rope.qk_precision)
+    """(table, rotary_dim, interleaved, qk_precision, map) for the kernels; map is None or
+    (position map, positions [T]) and then table is [3, 2, rows, T, R/2] (near, far q, far k)."""
+    if rope is None:
+        return None
+    pm = None if rope.position_map is None else (rope.position_map, rope.positions)
+    return (rope.table, rope.rotary_dim, rope.interleaved, rope.qk_precision, pm)
 
 
 # ---------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import torch
 
 import posattn
 from posattn.kernels.triton import interpreting
-from tests._tol import assert_within
+from tests._tol import assert_close, assert_within
 from tests.attention import map_oracle
 from tests.attention.layouts import random_layout
 from tests.conftest import DEVICE, usable_backends
@@ -87,12 +87,16 @@ def _run(backend, case, seed, **kw):
 def test_maps_that_are_plain_rope_give_plain_rope(backend, m):
     """ReRoPE with a window past every distance never takes the far rotation; SelfExtend with
     group 1 and Leaky ReRoPE with scale 1 rotate far pairs at their own positions: all three are
-    plain RoPE (the same tables' values), so the results are plain fused RoPE's, bit for bit."""
+    plain RoPE (the same tables' values): every score is plain fused RoPE's, so out, lse and dv are
+    bit for bit the same; dq and dk sum the near and far pairs' terms in two accumulators (each
+    rotated back by its own rotation), so they may differ by the final rounding to the dtype."""
     case = CASES[1] if not isinstance(m, posattn.LeakyReRoPE) else CASES[2]
     plain = _run(backend, case, 5)
     mapped = _run(backend, case, 5, position_map=m)
-    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), mapped, plain):
+    for name, a, b in zip(("out", "lse", "dv"), mapped[:2] + mapped[4:], plain[:2] + plain[4:]):
         assert torch.equal(a, b), f"{backend} {m}: {name} differs from plain RoPE by {(a - b).abs().max()}"
+    for name, a, b in zip(("dq", "dk"), mapped[2:4], plain[2:4]):
+        assert_close(a, b, msg=f"{backend} {m}: {name}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
