@@ -219,7 +219,9 @@ def _backward(ctx, dout, dlse, _dtable):
     n_lists, n_blocks = ctx.input_lens
     # one gradient per input, in its structure (pytree: a list of ints takes None, an empty
     # list []); none flows into the boundaries, lists or rope
-    return (dq, dk, dv, None, None, [None] * n_lists, None if n_blocks else []) + (None,) * (len(ctx.needs_input_grad) - 7)
+    # (trailing arguments left at their defaults are not among the inputs: count them)
+    n_rest = len(ctx.needs_input_grad) - 7
+    return (dq, dk, dv, None, None, [None] * n_lists, None if n_blocks else []) + (None,) * n_rest
 
 
 anchor_attention_op.register_autograd(_backward, setup_context=_setup_context)

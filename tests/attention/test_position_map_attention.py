@@ -142,3 +142,15 @@ def test_bad_input_is_refused_before_launch():
         posattn.SelfExtend(0, 4)
     with pytest.raises(ValueError, match="position_map needs rope="):
         posattn.attention.plan(q, k, cu, position_map=posattn.SelfExtend(2, 4))
+
+
+def test_dispatch_key_tells_a_map_from_none():
+    """The tuner's key (AttnKey) carries the map's code, so a config tuned without a map is not
+    reused for the map's kernels (twice the q/k registers); without rotary there is no map."""
+    from posattn.attention._op import key_of
+    from posattn.position_maps import SELF_EXTEND
+
+    q = torch.zeros(8, 2, 16)
+    plain, mapped = key_of(q, q, 16, False, True, -1, 1), key_of(q, q, 16, False, True, -1, 1, "bf16", SELF_EXTEND)
+    assert plain.position_map == 0 and mapped.position_map == SELF_EXTEND and plain != mapped
+    assert key_of(q, q, 0, False, True, -1, 1, "bf16", SELF_EXTEND).position_map == 0

@@ -158,7 +158,8 @@ def register() -> None:
                         f"backend={_b!r})")(factory)
 
     @op.backend("plain", note="posattn.anchor_attention(..., rope=, positions=) without the map, default "
-                              "backend (plain fused RoPE): the baseline of the <= 1.35x target")
+                              "backend (plain fused RoPE): the baseline of the <= 1.35x target; a different "
+                              "result, so its error against the map's reference means nothing")
     def _plain(inp, device_type):
         return lambda: _call(inp, None, with_map=False)
 
