@@ -136,7 +136,8 @@ def _merge(o1, l1, o2, l2):
 
 
 def _bhtd(x, g=1):
-    return x.repeat_interleave(g, 1).transpose(0, 1)[None].contiguous() if g > 1 else x.transpose(0, 1)[None]
+    """[T, H, D] -> contiguous [1, H * g, T, D] (heads repeated g times for a kernel without GQA)."""
+    return (x.repeat_interleave(g, 1) if g > 1 else x).transpose(0, 1)[None].contiguous()
 
 
 def register() -> None:
