@@ -154,3 +154,31 @@ def test_dispatch_key_tells_a_map_from_none():
     plain, mapped = key_of(q, q, 16, False, True, -1, 1), key_of(q, q, 16, False, True, -1, 1, "bf16", SELF_EXTEND)
     assert plain.position_map == 0 and mapped.position_map == SELF_EXTEND and plain != mapped
     assert key_of(q, q, 0, False, True, -1, 1, "bf16", SELF_EXTEND).position_map == 0
+
+
+@pytest.mark.parametrize("kind", ["selfextend", "vista"])
+def test_compiles_fullgraph_with_inductor(kind):
+    """torch.compile (inductor, fullgraph) with a position map against eager: the map's scalars
+    and VistaRoPE's visual tensor enter the op, forward and backward."""
+    backend = "cpu" if "cpu" in BACKENDS else BACKENDS[0]
+    T = 12
+    g = torch.Generator().manual_seed(3)
+    m = MAPS[kind](T, g)
+    spec = posattn.RopeSpec(32, base=7777.0)
+    pos = torch.arange(T, device=DEVICE) * 2
+    q, k, v = (torch.randn(T, 2, 32, generator=g).to(DEVICE).requires_grad_(True) for _ in range(3))
+    cu = torch.tensor([0, 5, T], dtype=torch.int32, device=DEVICE)
+
+    def step(q, k, v, cu, pos):
+        out, lse = posattn.anchor_attention(q, k, v, cu, rope=spec, positions=pos, return_lse=True, backend=backend,
+                                            position_map=m)
+        return out.square().sum() + lse.sum()
+
+    torch._dynamo.reset()
+    loss = torch.compile(step, fullgraph=True)(q, k, v, cu, pos)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    loss2 = step(q, k, v, cu, pos)
+    grads2 = torch.autograd.grad(loss2, (q, k, v))
+    torch.testing.assert_close(loss, loss2, atol=0, rtol=1e-6)
+    for a, b in zip(grads, grads2):
+        assert torch.equal(a, b)
