@@ -15,7 +15,7 @@ Two parts:
              same rank's block computations alone (the blocks of its plan, no communication).
              overlap_ok: step_ms <= 1.2 * compute_ms on every rank.
 
-    python benchmarks/bench_distributed.py --model [--world 8]
+    python benchmarks/bench_distributed.py --model [--world 8] [--shard zigzag|contiguous|zigzag_doc]
     python benchmarks/bench_distributed.py --overlap [--tokens 4096] [--reps 5]
 """
 from __future__ import annotations
@@ -244,11 +244,13 @@ def main(argv=None) -> int:
     ap.add_argument("--overlap", action="store_true")
     ap.add_argument("--world", type=int, default=8, help="--model: ranks")
     ap.add_argument("--link-gbs", type=float, default=450.0, help="--model: GB/s per direction")
+    ap.add_argument("--shard", default="zigzag", choices=("zigzag", "contiguous", "zigzag_doc"),
+                    help="--model: how the step is sharded")
     ap.add_argument("--tokens", type=int, default=4096, help="--overlap: tokens of the step")
     ap.add_argument("--reps", type=int, default=5)
     args = ap.parse_args(argv)
     if args.model:
-        for r in model(args.world, args.link_gbs):
+        for r in model(args.world, args.link_gbs, args.shard):
             print(json.dumps(r))
     if args.overlap or not args.model:
         print(json.dumps(overlap(args.tokens, args.reps)))
