@@ -10,6 +10,8 @@ Each op runs on the local shards with no communication, for these placements (pe
                                                                         or positions sharded with it
     posattn::anchor_attention (+ _backward)  yes       Shard(1)**     -> posattn.distributed.anchor_attention
                           out [T,Hq,D] Shard(1), lse [Hq,T] Shard(0)
+    posattn::decode_attention (lowered)   yes          q Shard(1), caches Shard(2)**, out/lse Shard(1); batch:
+                                                       the public op (posattn.distributed.dtensor_decode)
 
     *  angles with Ha > 1 rows are sharded on their rows too; Ha = 1 stays replicated.
     ** Hq and Hk both divisible by the mesh dimension's size (GQA groups stay whole).
@@ -227,3 +229,37 @@ def _anchor_bwd_rule(dout, dlse, q, k, v, out, lse, table, cu_seqlens, cu_rows, 
     args = (dout, dlse, q, k, v, out, lse, table, cu_seqlens, cu_rows, lists, positions, inv_freq)
     heads = dict(dout=Shard(1), dlse=Shard(0), q=Shard(1), k=Shard(1), v=Shard(1), out=Shard(1), lse=Shard(0))
     return _attention_rule("posattn::anchor_attention_backward", names, args, rest, heads, [Shard(1)] * 3, 3)
+
+
+# ---------------------------------------------------------------------------
+# posattn::decode_attention(q [T,Hq,D], k_cache [nb,ps,Hk,D], v_cache, block_table, cache_seqlens, cu_seqlens_q,
+#                           tree_mask?, causal, window, softmax_scale, num_splits, max_q, backend, kv_indices?)
+#   -> (out [T,Hq,D], lse [T,Hq]): the lowered op (public decode_attention on DTensors runs the local
+#   shards itself, posattn.distributed.dtensor_decode); this rule serves direct and compiled calls
+
+_DECODE = ("q", "k_cache", "v_cache", "block_table", "cache_seqlens", "cu_seqlens_q", "tree_mask")
+
+
+@register_sharding(torch.ops.posattn.decode_attention.default)
+def _decode_rule(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, tree_mask, causal, window,
+                 softmax_scale, num_splits, max_q, backend, kv_indices=None):
+    names = _DECODE + ("kv_indices",)
+    args = (q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, tree_mask, kv_indices)
+    specs = {n: a for n, a in zip(names, args) if isinstance(a, DTensorSpec)}
+    rep = {n: R for n in specs}
+    heads = dict(rep, **{n: p for n, p in (("q", Shard(1)), ("k_cache", Shard(2)), ("v_cache", Shard(2)),
+                                           ("kv_indices", Shard(1))) if n in specs})
+    out = _strategies("posattn::decode_attention", names, args,
+                      [("replicated", rep, [R, R]), ("heads", heads, [Shard(1), Shard(1)])],
+                      " The lowered op's requests share one page pool: batch placements run through the "
+                      "public posattn.decode_attention (contiguous cache).")
+    mesh = next(iter(specs.values())).mesh
+    for i in range(mesh.ndim):
+        n = mesh.size(i)
+        if isinstance(specs["q"].placements[i], Shard) or any(isinstance(specs[x].placements[i], Shard)
+                                                               for x in ("k_cache", "v_cache") if x in specs):
+            hq, hk = _shape(specs["q"])[1], _shape(k_cache)[2] if isinstance(k_cache, DTensorSpec) else None
+            if hq % n or (hk is not None and hk % n):
+                raise ValueError(f"posattn::decode_attention: heads sharded over {n} ranks need q's ({hq}) and the "
+                                 f"cache's ({hk}) head counts divisible by {n} (GQA groups stay whole)")
+    return out

@@ -150,6 +150,35 @@ def cache_cases(rank, world):
             "posattn.kv_compact", "k_cache S(0)", "page pool")
 
 
+def lowered_cases(rank, world):
+    """The lowered torch op (what torch.compile and direct calls reach) has a sharding rule:
+    heads run locally (a replicated cache is sliced to the rank's KV heads), anything else is refused."""
+    mesh = DeviceMesh("cpu", list(range(world)))
+    g = torch.Generator().manual_seed(5)
+    HQ, HK, Dh, page, nblk = 4, 2, 80, 4, 12
+    q = torch.randn(6, HQ, Dh, generator=g)
+    kc, vc = torch.randn(nblk, page, HK, Dh, generator=g), torch.randn(nblk, page, HK, Dh, generator=g)
+    bt = torch.randperm(nblk, generator=g)[:12].view(4, 3).int()
+    lens = torch.tensor([5, 0, 6, 3], dtype=torch.int32)
+    cu = torch.tensor([0, 2, 2, 5, 6], dtype=torch.int32)
+    op = torch.ops.posattn.decode_attention
+    tail = (True, -1, Dh ** -0.5, 0, 3, "cpu", None)
+    r_out, r_lse = op(q, kc, vc, bt, lens, cu, None, *tail)
+    rep = lambda x: distribute_tensor(x, mesh, [R])  # noqa: E731
+    for cache_p, what in ((Shard(2), "heads"), (R, "heads of q, replicated cache")):
+        out, lse = op(distribute_tensor(q, mesh, [Shard(1)]), distribute_tensor(kc, mesh, [cache_p]),
+                      distribute_tensor(vc, mesh, [cache_p]), rep(bt), rep(lens), rep(cu), None, *tail)
+        assert out.placements == (Shard(1),) and lse.placements == (Shard(1),), what
+        _same(out, r_out, f"lowered decode {what}: out")
+        _same(lse, r_lse, f"lowered decode {what}: lse")
+    _raises(lambda: op(distribute_tensor(q, mesh, [Shard(0)]), rep(kc), rep(vc), rep(bt), rep(lens), rep(cu), None,
+                       *tail), "posattn::decode_attention", "q S(0)", "batch placements run through the public")
+    q6, k3 = distribute_tensor(torch.randn(6, 6, Dh), mesh, [Shard(1)]), torch.randn(nblk, page, 3, Dh)
+    _raises(lambda: op(q6, distribute_tensor(k3, mesh, [Shard(2)]), distribute_tensor(k3, mesh, [Shard(2)]),
+                       rep(bt), rep(lens), rep(cu), None, *tail), "head counts divisible by 2")
+
+
 def all_decode_cases(rank, world):
     decode_cases(rank, world)
     cache_cases(rank, world)
+    lowered_cases(rank, world)
