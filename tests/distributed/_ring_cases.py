@@ -104,10 +104,11 @@ def ring_cases(rank, world, seed, n):
 
     bad_inputs(rank, world)
 
+    tile = _local.TILE
     for i, c in enumerate(random_cases(seed, n)):
-        _local.TILE = (1024, 5)[i % 2]          # odd cases: several query tiles per block
+        _local.TILE = (tile, 5)[i % 2]          # odd cases: several query tiles per block
         run_case(rank, world, c)
-    _local.TILE = 1024
+    _local.TILE = tile
     no_remote_block(rank, world)
     if world >= 3:
         empty_rank(rank, world)
