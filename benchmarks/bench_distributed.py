@@ -12,7 +12,8 @@ Two parts:
 
   --overlap  (CPU, default) 2 gloo ranks run posattn.distributed.anchor_attention forward +
              backward; step_ms (the call, median of --reps after a barrier) against compute_ms, the
-             same rank's block computations alone (the blocks of its plan, no communication).
+             same rank's block computations alone (the blocks of its plan, no communication);
+             the two alternate rep by rep, so that a changing machine load affects both alike.
              overlap_ok: step_ms <= 1.2 * compute_ms on every rank.
 
     python benchmarks/bench_distributed.py --model [--world 8] [--shard zigzag|contiguous|zigzag_doc]
@@ -200,18 +201,18 @@ def _overlap_rank(rank, world, tokens, reps, out_file):
         for src in srcs:
             L.block_backward(dout, qd, kd, vd, ring.mask(src), l, delta, ring.scale)
 
-    def timed(fn):
-        fn()                                                  # warm-up
-        ts = []
-        for _ in range(reps):
+    # step and compute alternate rep by rep (after one warm-up each), so that a change in the load
+    # that other work puts on the machine affects both alike; medians of --reps
+    ts = {step: [], compute: []}
+    for fn in (step, compute):
+        fn()
+    for _ in range(reps):
+        for fn in (step, compute):
             dist.barrier()
             t0 = time.perf_counter()
             fn()
-            ts.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(ts)
-
-    step_ms = timed(step)
-    compute_ms = timed(compute)
+            ts[fn].append((time.perf_counter() - t0) * 1e3)
+    step_ms, compute_ms = statistics.median(ts[step]), statistics.median(ts[compute])
     res = {"rank": rank, "step_ms": round(step_ms, 2), "compute_ms": round(compute_ms, 2),
            "ratio": round(step_ms / compute_ms, 3), "blocks": plan.blocks(rank)}
     got = [None] * world
