@@ -12,6 +12,8 @@ Each op runs on the local shards with no communication, for these placements (pe
                           out [T,Hq,D] Shard(1), lse [Hq,T] Shard(0)
     posattn::decode_attention (lowered)   yes          q Shard(1), caches Shard(2)**, out/lse Shard(1); batch:
                                                        the public op (posattn.distributed.dtensor_decode)
+    posattn::rope_and_cache (lowered)     yes          q, k, v Shard(1), caches on their head dim (exactly:
+                                                       they are written in place, never sliced copies)
 
     *  angles with Ha > 1 rows are sharded on their rows too; Ha = 1 stays replicated.
     ** Hq and Hk both divisible by the mesh dimension's size (GQA groups stay whole).
@@ -262,4 +264,46 @@ def _decode_rule(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, 
             if hq % n or (hk is not None and hk % n):
                 raise ValueError(f"posattn::decode_attention: heads sharded over {n} ranks need q's ({hq}) and the "
                                  f"cache's ({hk}) head counts divisible by {n} (GQA groups stay whole)")
+    return out
+
+
+# ---------------------------------------------------------------------------
+# posattn::rope_and_cache(q [T,Hq,D], k [T,Hk,D], v, k_cache, v_cache, slots, pos3, inv_freq, pair_axis?,
+#                         pair_pos_scale?, pair_q_offset?, attention_scaling, rotary_dim, interleaved,
+#                         rotate_k, hnd, backend) -> rotated q; writes k_cache / v_cache in place
+
+_CACHE = ("q", "k", "v", "k_cache", "v_cache", "slots", "positions", "inv_freq", "pair_axis", "pair_pos_scale",
+          "pair_q_offset")
+
+
+@register_sharding(torch.ops.posattn.rope_and_cache.default)
+def _rope_cache_rule(q, k, v, k_cache, v_cache, slots, pos3, inv_freq, pair_axis, pair_pos_scale, pair_q_offset,
+                     attention_scaling, rotary_dim, interleaved, rotate_k, hnd, backend):
+    op = "posattn::rope_and_cache"
+    args = (q, k, v, k_cache, v_cache, slots, pos3, inv_freq, pair_axis, pair_pos_scale, pair_q_offset)
+    specs = {n: a for n, a in zip(_CACHE, args) if isinstance(a, DTensorSpec)}
+    ch = 1 if hnd else 2
+    # the caches are written in place: they must arrive placed exactly as the rule runs them (a
+    # replicated cache sliced to a shard would be a copy, and the write would be lost)
+    for i in range(next(iter(specs.values())).mesh.ndim):
+        want = Shard(ch) if specs["q"].placements[i] == Shard(1) else R
+        for n in ("k_cache", "v_cache"):
+            if n in specs and specs[n].placements[i] != want:
+                raise ValueError(f"{op}: {n} is written in place and must be placed {want} on mesh dimension {i} "
+                                 f"(q is {specs['q'].placements[i]}); got {specs[n].placements[i]}")
+    rep = {n: R for n in specs}
+    heads = dict(rep, **{n: p for n, p in (("q", Shard(1)), ("k", Shard(1)), ("v", Shard(1)),
+                                           ("k_cache", Shard(ch)), ("v_cache", Shard(ch))) if n in specs})
+    cands = [("replicated", rep, [R])]
+    inv = specs.get("inv_freq")
+    if inv is None or _shape(inv) is None or len(_shape(inv)) == 1:      # per-head frequencies: not head-sharded
+        cands.append(("heads", heads, [Shard(1)]))
+    out = _strategies(op, _CACHE, args, cands, " Tokens cannot be sharded: slots are global slots of one page pool.")
+    mesh = next(iter(specs.values())).mesh
+    for i in range(mesh.ndim):
+        if specs["q"].placements[i] == Shard(1):
+            n, hq, hk = mesh.size(i), _shape(specs["q"])[1], _shape(k)[1] if isinstance(k, DTensorSpec) else 0
+            if hq % n or hk % n:
+                raise ValueError(f"{op}: heads sharded over {n} ranks need q's ({hq}) and k's ({hk}) head counts "
+                                 f"divisible by {n} (GQA groups stay whole)")
     return out

@@ -178,7 +178,39 @@ def lowered_cases(rank, world):
                        rep(bt), rep(lens), rep(cu), None, *tail), "head counts divisible by 2")
 
 
+def lowered_cache_cases(rank, world):
+    """The lowered posattn::rope_and_cache op: head-sharded q/k/v and caches write the caches'
+    local shards and equal the full op; a replicated cache beside head-sharded q is refused (its
+    slice would be a copy and the write lost)."""
+    from posattn.rope.spec import RopeSpec
+
+    mesh = DeviceMesh("cpu", list(range(world)))
+    g = torch.Generator().manual_seed(6)
+    T, HQ, HK, Dh, page, nblk = 5, 4, 2, 64, 4, 3
+    q, k, v = torch.randn(T, HQ, Dh, generator=g), torch.randn(T, HK, Dh, generator=g), torch.randn(T, HK, Dh,
+                                                                                                     generator=g)
+    kc, vc = torch.randn(nblk, page, HK, Dh, generator=g), torch.randn(nblk, page, HK, Dh, generator=g)
+    slots = torch.tensor([3, 0, 7, -1, 10], dtype=torch.int64)
+    pos3 = torch.randint(0, 900, (1, 1, T), generator=g)
+    inv = RopeSpec(Dh).inv_freq().float()
+    op = torch.ops.posattn.rope_and_cache
+    tail = (1.0, Dh, False, True, False, "cpu")
+    rk, rv = kc.clone(), vc.clone()
+    r_q = op(q, k, v, rk, rv, slots, pos3, inv, None, None, None, *tail)
+    rep = lambda x: distribute_tensor(x, mesh, [R])  # noqa: E731
+    hd = lambda x: distribute_tensor(x, mesh, [Shard(1)])  # noqa: E731
+    dkc, dvc = (distribute_tensor(x.clone(), mesh, [Shard(2)]) for x in (kc, vc))
+    out = op(hd(q), hd(k), hd(v), dkc, dvc, rep(slots), rep(pos3), rep(inv), None, None, None, *tail)
+    assert out.placements == (Shard(1),)
+    _same(out, r_q, "lowered rope_and_cache heads: q")
+    _same(dkc, rk, "lowered rope_and_cache heads: k_cache written")
+    _same(dvc, rv, "lowered rope_and_cache heads: v_cache written")
+    _raises(lambda: op(hd(q), hd(k), hd(v), rep(kc), rep(vc), rep(slots), rep(pos3), rep(inv), None, None, None,
+                       *tail), "posattn::rope_and_cache", "k_cache is written in place", "S(2)")
+
+
 def all_decode_cases(rank, world):
     decode_cases(rank, world)
     cache_cases(rank, world)
     lowered_cases(rank, world)
+    lowered_cache_cases(rank, world)
