@@ -14,6 +14,8 @@ Each op runs on the local shards with no communication, for these placements (pe
                                                        the public op (posattn.distributed.dtensor_decode)
     posattn::rope_and_cache (lowered)     yes          q, k, v Shard(1), caches on their head dim (exactly:
                                                        they are written in place, never sliced copies)
+    posattn::kv_compact (lowered)         yes          caches on their head dim; or batch: everything
+                                                       Shard(0) with a contiguous cache (exactly, as above)
 
     *  angles with Ha > 1 rows are sharded on their rows too; Ha = 1 stays replicated.
     ** Hq and Hk both divisible by the mesh dimension's size (GQA groups stay whole).
@@ -307,3 +309,35 @@ def _rope_cache_rule(q, k, v, k_cache, v_cache, slots, pos3, inv_freq, pair_axis
                 raise ValueError(f"{op}: heads sharded over {n} ranks need q's ({hq}) and k's ({hk}) head counts "
                                  f"divisible by {n} (GQA groups stay whole)")
     return out
+
+
+# ---------------------------------------------------------------------------
+# posattn::kv_compact(k_cache, v_cache, cache_seqlens, src, counts, block_table?, hnd, backend) -> None;
+#   writes the caches and cache_seqlens in place
+
+_COMPACT = ("k_cache", "v_cache", "cache_seqlens", "src", "counts", "block_table")
+
+
+@register_sharding(torch.ops.posattn.kv_compact.default)
+def _kv_compact_rule(k_cache, v_cache, cache_seqlens, src, counts, block_table, hnd, backend):
+    op = "posattn::kv_compact"
+    args = (k_cache, v_cache, cache_seqlens, src, counts, block_table)
+    specs = {n: a for n, a in zip(_COMPACT, args) if isinstance(a, DTensorSpec)}
+    ch = 1 if hnd else 2
+    rep = {n: R for n in specs}
+    cands = [("replicated", rep, []), ("heads", dict(rep, k_cache=Shard(ch), v_cache=Shard(ch)), [])]
+    if block_table is None:
+        cands.append(("batch (contiguous cache)", {n: Shard(0) for n in specs}, []))
+    mesh = next(iter(specs.values())).mesh
+    # every mutated input (caches, cache_seqlens) must arrive placed exactly as a candidate runs it:
+    # a sliced copy would take the write
+    for i in range(mesh.ndim):
+        got = {n: s.placements[i] for n, s in specs.items()}
+        if not any(all(c.get(n) == p for n, p in got.items()) for _, c, _ in cands):
+            placed = ", ".join(f"{n} {p}" for n, p in got.items())
+            allowed = "; ".join(f"{label}: " + ", ".join(f"{n} {p}" for n, p in c.items()) for label, c, _ in cands)
+            raise ValueError(f"{op}: unsupported DTensor placements on mesh dimension {i}: {placed} (the caches and "
+                             f"cache_seqlens are written in place, so they are never sliced). Supported: {allowed}."
+                             + ("" if block_table is None else " A paged cache's pages are one pool shared by the "
+                                "batch: shard it on heads."))
+    return _strategies(op, _COMPACT, args, cands, "")

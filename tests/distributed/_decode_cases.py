@@ -209,8 +209,39 @@ def lowered_cache_cases(rank, world):
                        *tail), "posattn::rope_and_cache", "k_cache is written in place", "S(2)")
 
 
+def lowered_compact_cases(rank, world):
+    """The lowered posattn::kv_compact op: paged caches on heads, contiguous ones on batch, equal the
+    full op (caches and lengths, all written in place); a replicated cache_seqlens beside a batch
+    shard is refused."""
+    mesh = DeviceMesh("cpu", list(range(world)))
+    g = torch.Generator().manual_seed(7)
+    B, HK, Dh = 4, 2, 32
+    lens = torch.tensor([1, 0, 4, 2], dtype=torch.int32)
+    src = torch.tensor([[2, 3, 5], [0, 2, 3], [4, 6, 7], [3, 4, 6]], dtype=torch.int64)
+    counts = torch.tensor([2, 3, 0, 1], dtype=torch.int32)
+    bt = torch.randperm(12, generator=g)[:B * 3].view(B, 3).int()
+    op = torch.ops.posattn.kv_compact
+    rep = lambda x: distribute_tensor(x, mesh, [R])  # noqa: E731
+    for what, kc, bt_, pc, pm in (("heads, paged", torch.randn(12, 4, HK, Dh, generator=g), bt, Shard(2), R),
+                                  ("batch, contiguous", torch.randn(B, 12, HK, Dh, generator=g), None, Shard(0),
+                                   Shard(0))):
+        vc = torch.randn(kc.shape, generator=g)
+        rk, rv, rl = kc.clone(), vc.clone(), lens.clone()
+        op(rk, rv, rl, src, counts, bt_, False, "cpu")
+        dkc, dvc = (distribute_tensor(x.clone(), mesh, [pc]) for x in (kc, vc))
+        dl, ds, dc = (distribute_tensor(x.clone(), mesh, [pm]) for x in (lens, src, counts))
+        op(dkc, dvc, dl, ds, dc, None if bt_ is None else rep(bt_), False, "cpu")
+        for a, b, n in ((dkc, rk, "k_cache"), (dvc, rv, "v_cache"), (dl, rl, "cache_seqlens")):
+            _same(a, b, f"lowered kv_compact {what}: {n}")
+    kc = torch.randn(B, 12, HK, Dh, generator=g)
+    dkc, dvc, ds, dc = (distribute_tensor(x, mesh, [Shard(0)]) for x in (kc, kc.clone(), src, counts))
+    _raises(lambda: op(dkc, dvc, rep(lens.clone()), ds, dc, None, False, "cpu"), "posattn::kv_compact",
+            "cache_seqlens R", "written in place")
+
+
 def all_decode_cases(rank, world):
     decode_cases(rank, world)
     cache_cases(rank, world)
     lowered_cases(rank, world)
     lowered_cache_cases(rank, world)
+    lowered_compact_cases(rank, world)
