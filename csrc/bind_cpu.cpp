@@ -376,8 +376,10 @@ PYBIND11_MODULE(_C, m) {
            int code_bytes, float scale, int64_t block_s, int num_threads) {
           if (dims.size() != 7 || ptrs.size() != 6 || strides.size() != 5)
             throw std::invalid_argument("vq_code_scores: expected 7 dims, 6 pointers, 5 strides");
-          if (code_bytes != 2 && code_bytes != 4) throw std::invalid_argument("vq_code_scores: code_bytes must be 2 or 4");
-          if (dims[2] <= 0 || dims[1] % dims[2]) throw std::invalid_argument("vq_code_scores: HQ must be a multiple of HK");
+          if (code_bytes != 2 && code_bytes != 4)
+            throw std::invalid_argument("vq_code_scores: code_bytes must be 2 or 4");
+          if (dims[2] <= 0 || dims[1] % dims[2])
+            throw std::invalid_argument("vq_code_scores: HQ must be a multiple of HK");
           py::gil_scoped_release release;
           posattn::cpu::vq_code_scores_forward(
               reinterpret_cast<const float*>(ptrs[0]), reinterpret_cast<const float*>(ptrs[1]),

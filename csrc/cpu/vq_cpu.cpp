@@ -74,9 +74,12 @@ void vq_assign_forward(const void* keys, int dtype, int64_t T_, int64_t HK, int6
                        const float* mc, const float* cn, int64_t C, void* codes, int code_bytes, int num_threads) {
   if (T_ == 0 || HK == 0) return;
   const int nt = threads(num_threads);
-  if (dtype == kFloat32) assign_impl(static_cast<const float*>(keys), T_, HK, D, s_kt, s_kh, mc, cn, C, codes, code_bytes, nt);
-  else if (dtype == kFloat16) assign_impl(static_cast<const half_t*>(keys), T_, HK, D, s_kt, s_kh, mc, cn, C, codes, code_bytes, nt);
-  else assign_impl(static_cast<const bf16_t*>(keys), T_, HK, D, s_kt, s_kh, mc, cn, C, codes, code_bytes, nt);
+  if (dtype == kFloat32)
+    assign_impl(static_cast<const float*>(keys), T_, HK, D, s_kt, s_kh, mc, cn, C, codes, code_bytes, nt);
+  else if (dtype == kFloat16)
+    assign_impl(static_cast<const half_t*>(keys), T_, HK, D, s_kt, s_kh, mc, cn, C, codes, code_bytes, nt);
+  else
+    assign_impl(static_cast<const bf16_t*>(keys), T_, HK, D, s_kt, s_kh, mc, cn, C, codes, code_bytes, nt);
 }
 
 void vq_code_scores_forward(const float* qf, const float* cent, const void* codes, int code_bytes, int64_t s_cb,

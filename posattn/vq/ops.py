@@ -174,8 +174,9 @@ def _check_rope(rope, q):
 
 def far_queries(q: torch.Tensor, rope, window: int, *, inverse_positions: torch.Tensor | None = None,
                 backend: str | None = None) -> torch.Tensor:
-    """fp32 (fp64 for the reference) [B, Hq, D]: q rotated at ReRoPE(window)'s far query position (``window``), its rotary
-    dims times attention_scaling once more, so that ``far . k`` carries the a^2 of a rotated pair.
+    """fp32 (fp64 for the reference or fp64 q) [B, Hq, D]: q rotated at ReRoPE(window)'s far query
+    position (``window``), its rotary dims times attention_scaling once more, so that ``far . k``
+    carries the a^2 of a rotated pair.
 
     ``inverse_positions`` int [B]: q is *post*-RoPE at these positions (rotated and scaled); it is
     rotated back first, so the result is what the pre-RoPE q would give.

@@ -49,8 +49,8 @@ def test_code_scores_matches_the_contract(backend, B, S, HQ, HK, D, C, PS):
     out = vq.code_scores(q.to(dev), cb.to(dev), codes.to(dev), far_len.to(dev),
                          block_table=None if bt is None else bt.to(dev), backend=backend).cpu()
     want = torch.empty(B, HQ, out.shape[2], dtype=torch.float32)
-    ref.code_scores(q.double(), cb.centroids, codes, bt if bt is not None else torch.arange(B, dtype=torch.int32)[:, None],
-                    far_len, D ** -0.5, want)
+    bt_ref = bt if bt is not None else torch.arange(B, dtype=torch.int32)[:, None]
+    ref.code_scores(q.double(), cb.centroids, codes, bt_ref, far_len, D ** -0.5, want)
     assert torch.equal(torch.isinf(out), torch.isinf(want))
     fin = torch.isfinite(want)
     # fp32 table of D-term dots: a few ulps of sum |q||c|

@@ -3,7 +3,8 @@ work) against dense decode_attention on the same paged cache (page 16; Hq 32, Hk
 
 Timed: the far query (q rotated back from its position and on to the window, vq.far_queries), the
 windowed scores summed per KV group (far tokens from int16 codes by centroid lookup, the last
-``window`` exactly from the cache), top-k of ``budget`` tokens per KV head (A2ATS's default), decode_attention over them (kv_indices).
+``window`` exactly from the cache), top-k of ``budget`` tokens per KV head (A2ATS's default),
+decode_attention over them (kv_indices).
 Not timed: the codebook and the codes (a serving loop assigns each token's code once, as it is
 cached). The codebook here is random keys (M = I): the timing does not depend on the fit.
 Records no accuracy (an approximation by design; benchmarks/vq_recall.py measures its quality).
