@@ -17,26 +17,26 @@ from posattn.kernels.reference import decode as ref_decode
 
 
 def _reference_fn(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, tree_mask, causal, window,
-                  softmax_scale, num_splits, max_q, config, kv_indices=None):
+                  softmax_scale, num_splits, max_q, config, kv_indices=None, rot=None):
     out, lse = ref_decode.decode_attention(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q,
-                                           tree_mask, causal, window, softmax_scale, kv_indices)
+                                           tree_mask, causal, window, softmax_scale, kv_indices, rot)
     return out.to(q.dtype), lse.to(torch.float32)
 
 
 def _cpu_fn(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, tree_mask, causal, window,
-            softmax_scale, num_splits, max_q, config, kv_indices=None):
+            softmax_scale, num_splits, max_q, config, kv_indices=None, rot=None):
     from posattn.kernels import cpu_decode
 
     return cpu_decode.decode_forward(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, tree_mask,
-                                     causal, window, softmax_scale, num_splits, max_q, config, kv_indices)
+                                     causal, window, softmax_scale, num_splits, max_q, config, kv_indices, rot)
 
 
 def _triton_fn(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, tree_mask, causal, window,
-               softmax_scale, num_splits, max_q, config, kv_indices=None):
+               softmax_scale, num_splits, max_q, config, kv_indices=None, rot=None):
     from posattn.kernels.triton import decode as td
 
     return td.decode_forward(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, tree_mask, causal,
-                             window, softmax_scale, num_splits, max_q, config, kv_indices)
+                             window, softmax_scale, num_splits, max_q, config, kv_indices, rot)
 
 
 _cpu_supports = S.cpu(S.NATIVE, "the C++ kernel computes in fp32 (float64 runs on the reference)")

@@ -22,7 +22,16 @@ Every pointer offset is computed in 64 bits.
 Sparse decode (``kv_indices``, token selection): the walk visits the head's listed cached slots
 (``IDX[b, head, p]``, -1 or out-of-range entries skipped) and then the step's new tokens; with
 one list per query head a program holds one query head (ROWH = 1) instead of the GQA group.
-Position maps (windowed rotary) are to change the score of a (query, key) pair on this walk.
+In-kernel rotation (``rot``, posattn/decode/rotary.py; QROT/KROT/MAP): q arrives rotated in fp32
+(QN, and QF at the map's far positions); each key tile is loaded as its two rotary halves and
+the tail (flash_attn_tiles' layout), the halves rotated in fp32 by the call's table row of each
+slot (KT [2, rows, S, R/2]: cos, sin), and both operands made by the attention engine's
+``_qk_operand`` (bf16: rounded to the input dtype; bf16x3: hi + lo; fp32) and multiplied by its
+``_scores``. With a map a tile first decides from its query and key positions (min/max of the
+distance; VistaRoPE: the visual flags) whether it needs the near product, the far product
+(keys rotated by KTF, q from QF) or both; a pair takes the far score where it is far:
+
+    s = where(far, (q_far . k_far), (q . k)) * scale * log2(e)
 """
 from __future__ import annotations
 
@@ -33,17 +42,105 @@ import triton
 import triton.language as tl
 
 # the attention engine's constants and its dot (fp32 accumulation; upcast under the interpreter)
-from posattn.kernels.triton.flash_attn_tiles import _LN2, _LOG2E, _dot
+from posattn.kernels.triton.flash_attn_tiles import _LN2, _LOG2E, _dot, _pair_cols, _qk_operand, _scores, tile_meta
 
 
 @triton.jit
-def _decode_fwd(Q, K, V, BT, CS, CU, TREE, IDX, O, LSE, OP, LP,
-                T, B, HQ, PAGE, MAXB, WINDOW, CHUNK, BUDGET, scale,
+def _q_halves(QX, t, h, rvalid, s_xt, s_xh, ROT: tl.constexpr, BH: tl.constexpr, R_HALF: tl.constexpr,
+              BT: tl.constexpr, D: tl.constexpr, INTERLEAVED: tl.constexpr, DT: tl.constexpr, QKP: tl.constexpr,
+              UPCAST: tl.constexpr):
+    """(a, a_lo, b, b_lo, tail) product operands of the program's rows of an fp32 rotated q [T, Hq, D]."""
+    ca, cb, pm = _pair_cols(BH, R_HALF, INTERLEAVED)
+    row = QX + t[:, None] * s_xt + h[:, None].to(tl.int64) * s_xh
+    m2 = rvalid[:, None] & pm[None, :]
+    a, a_lo = _qk_operand(tl.load(row + ca[None, :], mask=m2, other=0.0).to(tl.float32), DT, QKP, UPCAST)
+    b, b_lo = _qk_operand(tl.load(row + cb[None, :], mask=m2, other=0.0).to(tl.float32), DT, QKP, UPCAST)
+    c = ROT + tl.arange(0, BT)
+    tail = tl.load(row + c[None, :], mask=rvalid[:, None] & (c < D)[None, :], other=0.0).to(DT)
+    return a, a_lo, b, b_lo, tail
+
+
+@triton.jit
+def _k_operands(xa, xb, TAB, trow, kvalid, s_tc, BH: tl.constexpr, R_HALF: tl.constexpr, KROT: tl.constexpr,
+                DT: tl.constexpr, QKP: tl.constexpr, UPCAST: tl.constexpr):
+    """(a, a_lo, b, b_lo) of a key tile's fp32 halves xa/xb [BN, BH]: rotated by the table rows
+    ``trow`` (cos at TAB + trow, sin at + s_tc) when KROT (a pre-RoPE cache), as stored otherwise."""
+    if KROT:
+        p = tl.arange(0, BH)
+        m2 = kvalid[:, None] & (p < R_HALF)[None, :]
+        c = tl.load(TAB + trow[:, None] + p[None, :], mask=m2, other=1.0)
+        sn = tl.load(TAB + s_tc + trow[:, None] + p[None, :], mask=m2, other=0.0)
+        ra = xa * c - xb * sn
+        rb = xb * c + xa * sn
+    else:
+        ra = xa
+        rb = xb
+    a, a_lo = _qk_operand(ra, DT, QKP, UPCAST)
+    b, b_lo = _qk_operand(rb, DT, QKP, UPCAST)
+    return a, a_lo, b, b_lo
+
+
+@triton.jit
+def _rot_tile(kp, j, kvalid, b, KT, KTF, KP, VIS, MWIN, s_tc, s_tb, s_tt, s_kpb, s_vis,
+              qa, qa_lo, qb, qb_lo, qt, fa, fa_lo, fb, fb_lo, ft, qtext, qvis, qpos, qmin, qmax,
+              BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, KROT: tl.constexpr, MAP: tl.constexpr,
+              ROT: tl.constexpr, BH: tl.constexpr, R_HALF: tl.constexpr, BT: tl.constexpr,
+              INTERLEAVED: tl.constexpr, HAS_TAIL: tl.constexpr, DT: tl.constexpr, QKP: tl.constexpr,
+              PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Scores [BM, BN] (unscaled) of one key tile at slots j (kp: each key's row pointer) against
+    the program's rotated q operands; with a map, near and/or far products as the tile needs."""
+    ca, cb, pm = _pair_cols(BH, R_HALF, INTERLEAVED)
+    m2 = kvalid[:, None] & pm[None, :]
+    xa = tl.load(kp[:, None] + ca[None, :], mask=m2, other=0.0).to(tl.float32)
+    xb = tl.load(kp[:, None] + cb[None, :], mask=m2, other=0.0).to(tl.float32)
+    c = ROT + tl.arange(0, BT)
+    kt = tl.load(kp[:, None] + c[None, :], mask=kvalid[:, None] & (c < D)[None, :], other=0.0)
+    brow = b.to(tl.int64) * s_tb
+    trow = brow + j.to(tl.int64) * s_tt
+    if MAP == 0:
+        ka, ka_lo, kb, kb_lo = _k_operands(xa, xb, KT, trow, kvalid, s_tc, BH, R_HALF, KROT, DT, QKP, UPCAST)
+        s = _scores(qa, qb, qt, ka, kb, kt, BM, BN, True, HAS_TAIL, PREC, UPCAST, qa_lo, qb_lo, ka_lo, kb_lo, QKP)
+    else:
+        if MAP == 4:       # VistaRoPE: far = text query x visual key
+            vk = tl.load(VIS + b.to(tl.int64) * s_vis + j, mask=kvalid, other=0)
+            kvis = (vk != 0) & kvalid
+            ktext = (vk == 0) & kvalid
+            far = qtext[:, None] & kvis[None, :]
+            need_far = (tl.max(qtext.to(tl.int32), 0) > 0) & (tl.max(kvis.to(tl.int32), 0) > 0)
+            need_near = (tl.max(qvis.to(tl.int32), 0) > 0) | (tl.max(ktext.to(tl.int32), 0) > 0)
+        else:              # distance maps: far when p_i - p_j >= window; the tile decides from min/max
+            kpos = tl.load(KP + b.to(tl.int64) * s_kpb + j, mask=kvalid, other=0.0)
+            far = (qpos[:, None] - kpos[None, :]) >= MWIN
+            kmin = tl.min(tl.where(kvalid, kpos, float("inf")), 0)
+            kmax = tl.max(tl.where(kvalid, kpos, float("-inf")), 0)
+            need_near = (qmin - kmax) < MWIN
+            need_far = (qmax - kmin) >= MWIN
+        s = tl.zeros([BM, BN], tl.float32)
+        if need_near:
+            ka, ka_lo, kb, kb_lo = _k_operands(xa, xb, KT, trow, kvalid, s_tc, BH, R_HALF, KROT, DT, QKP, UPCAST)
+            sn = _scores(qa, qb, qt, ka, kb, kt, BM, BN, True, HAS_TAIL, PREC, UPCAST, qa_lo, qb_lo, ka_lo, kb_lo,
+                         QKP)
+            s += tl.where(far, 0.0, sn)
+        if need_far:
+            ka, ka_lo, kb, kb_lo = _k_operands(xa, xb, KTF, trow, kvalid, s_tc, BH, R_HALF, KROT, DT, QKP, UPCAST)
+            sf = _scores(fa, fb, ft, ka, kb, kt, BM, BN, True, HAS_TAIL, PREC, UPCAST, fa_lo, fb_lo, ka_lo, kb_lo,
+                         QKP)
+            s += tl.where(far, sf, 0.0)
+    return s
+
+
+@triton.jit
+def _decode_fwd(Q, K, V, BT, CS, CU, TREE, IDX, O, LSE, OP, LP, QN, QF, KT, KTF, QP, KP, VIS,
+                T, B, HQ, PAGE, MAXB, WINDOW, CHUNK, BUDGET, scale, MWIN,
                 s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt, s_tm, s_ib, s_ih, s_ot, s_oh,
+                s_nt, s_nh, s_tc, s_tb, s_tt, s_kpb, s_vis,
                 G: tl.constexpr, ROWH: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BLOCK_Q: tl.constexpr,
                 BM: tl.constexpr, BLOCK_N: tl.constexpr, BB: tl.constexpr, TREE_MASK: tl.constexpr,
                 CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_IDX: tl.constexpr, SPLITS: tl.constexpr,
-                PREC: tl.constexpr, UPCAST: tl.constexpr):
+                PREC: tl.constexpr, UPCAST: tl.constexpr, QROT: tl.constexpr = False, KROT: tl.constexpr = False,
+                MAP: tl.constexpr = 0, ROT: tl.constexpr = 16, BH: tl.constexpr = 16, R_HALF: tl.constexpr = 1,
+                BTL: tl.constexpr = 16, INTERLEAVED: tl.constexpr = False, HAS_TAIL: tl.constexpr = False,
+                QKP: tl.constexpr = 0):
     g = tl.program_id(0)
     hg = tl.program_id(1)                                # head group: ROWH query heads (G, or 1 with per-q lists)
     split = tl.program_id(2)
@@ -71,8 +168,30 @@ def _decode_fwd(Q, K, V, BT, CS, CU, TREE, IDX, O, LSE, OP, LP,
     t = (t0 + qi).to(tl.int64)
     d = tl.arange(0, BD)
     dmask = d < D
-    q = tl.load(Q + t[:, None] * s_qt + h[:, None].to(tl.int64) * s_qh + d[None, :],
-                mask=rvalid[:, None] & dmask[None, :], other=0.0)
+    DT = K.dtype.element_ty
+    if QROT:   # rotated in fp32 by the op: the operands (rounded, split or fp32) are made here
+        qa, qa_lo, qb, qb_lo, qt = _q_halves(QN, t, h, rvalid, s_nt, s_nh, ROT, BH, R_HALF, BTL, D, INTERLEAVED,
+                                             DT, QKP, UPCAST)
+        fa, fa_lo, fb, fb_lo, ft = qa, qa_lo, qb, qb_lo, qt
+        qtext = rvalid
+        qvis = rvalid
+        qpos = tl.zeros([BM], tl.float32)
+        qmin = 0.0
+        qmax = 0.0
+        if MAP != 0:
+            fa, fa_lo, fb, fb_lo, ft = _q_halves(QF, t, h, rvalid, s_nt, s_nh, ROT, BH, R_HALF, BTL, D,
+                                                 INTERLEAVED, DT, QKP, UPCAST)
+            if MAP == 4:     # VistaRoPE: a query's visual flag is that of its own slot L + i
+                vq = tl.load(VIS + b.to(tl.int64) * s_vis + L + qi, mask=rvalid, other=1)
+                qtext = (vq == 0) & rvalid
+                qvis = (vq != 0) & rvalid
+            else:
+                qpos = tl.load(QP + t, mask=rvalid, other=0.0)
+                qmin = tl.min(tl.where(rvalid, qpos, float("inf")), 0)
+                qmax = tl.max(tl.where(rvalid, qpos, float("-inf")), 0)
+    else:
+        q = tl.load(Q + t[:, None] * s_qt + h[:, None].to(tl.int64) * s_qh + d[None, :],
+                    mask=rvalid[:, None] & dmask[None, :], other=0.0)
 
     # the walk: positions p in [lo, hi), then this split's share. Without index lists p is the
     # logical slot; with them p < BUDGET reads slot IDX[b, hg, p] and p >= BUDGET is new token
@@ -114,8 +233,14 @@ def _decode_fwd(Q, K, V, BT, CS, CU, TREE, IDX, O, LSE, OP, LP,
         off = (j % PAGE).to(tl.int64)
         kp = K + page * s_kb + off * s_kt + hk.to(tl.int64) * s_kh
         vp = V + page * s_vb + off * s_vt + hk.to(tl.int64) * s_vh
-        k = tl.load(kp[:, None] + d[None, :], mask=kvalid[:, None] & dmask[None, :], other=0.0)
-        s = _dot(q, tl.trans(k), PREC, UPCAST) * qk_scale
+        if QROT:
+            s = _rot_tile(kp, j, kvalid, b, KT, KTF, KP, VIS, MWIN, s_tc, s_tb, s_tt, s_kpb, s_vis,
+                          qa, qa_lo, qb, qb_lo, qt, fa, fa_lo, fb, fb_lo, ft, qtext, qvis, qpos, qmin, qmax,
+                          BM, BLOCK_N, D, KROT, MAP, ROT, BH, R_HALF, BTL, INTERLEAVED, HAS_TAIL, DT, QKP,
+                          PREC, UPCAST) * qk_scale
+        else:
+            k = tl.load(kp[:, None] + d[None, :], mask=kvalid[:, None] & dmask[None, :], other=0.0)
+            s = _dot(q, tl.trans(k), PREC, UPCAST) * qk_scale
         jj = j - L                                       # index among the new tokens (< 0: cached)
         isnew = jj >= 0
         if TREE_MASK:
@@ -264,9 +389,36 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def _rot_args(rot, q, D: int, dtype) -> tuple[list, list, dict]:
+    """(pointers QN QF KT KTF QP KP VIS, scalars MWIN s_nt s_nh s_tc s_tb s_tt s_kpb s_vis, constexprs)."""
+    if rot is None:
+        return [q] * 7, [0] * 8, {}
+    qk = ("bf16", "bf16x3", "fp32")[rot.qkp]
+    meta = tile_meta(D, rot.rotary_dim, rot.interleaved, dtype, qk)
+    qn = rot.qn
+    qf = rot.qf if rot.qf is not None else qn
+    kt = rot.ktab if rot.ktab is not None else qn
+    ktf = rot.ktab_far if rot.ktab_far is not None else kt
+    qp = rot.qpos.to(torch.float32) if rot.qpos is not None else qn
+    kp = rot.kpos.to(torch.float32) if rot.kpos is not None else qn
+    vis = rot.visual if rot.visual is not None else qn
+    if rot.ktab is not None:
+        s_tc, s_tb, s_tt = kt.stride(0), (kt.stride(1) if kt.shape[1] > 1 else 0), kt.stride(2)
+    else:
+        s_tc = s_tb = s_tt = 0
+    s_kpb = kp.stride(0) if rot.kpos is not None and kp.shape[0] > 1 else 0
+    s_vis = vis.stride(0) if rot.visual is not None else 0
+    const = dict(QROT=True, KROT=rot.ktab is not None, MAP=int(rot.map_code), ROT=meta["ROT"], BH=meta["BH"],
+                 R_HALF=meta["R_HALF"], BTL=meta["BT"], INTERLEAVED=meta["INTERLEAVED"], HAS_TAIL=meta["HAS_TAIL"],
+                 QKP=meta["QKP"], UPCAST=meta["UPCAST"])
+    return ([qn, qf, kt, ktf, qp, kp, vis], [int(rot.window), qn.stride(0), qn.stride(1), s_tc, s_tb, s_tt, s_kpb,
+                                              s_vis], const)
+
+
 def decode_forward(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, tree_mask, causal, window,
-                   softmax_scale, num_splits, max_q, config, kv_indices=None):
-    """The lowered problem of posattn/kernels/reference/decode.py -> (out [T, Hq, D], lse fp32 [T, Hq])."""
+                   softmax_scale, num_splits, max_q, config, kv_indices=None, rot=None):
+    """The lowered problem of posattn/kernels/reference/decode.py -> (out [T, Hq, D], lse fp32 [T, Hq]);
+    ``rot``: posattn/decode/rotary.py's DecodeRotary (in-kernel rotation) or None."""
     T, HQ, D = q.shape
     HK = k_cache.shape[2]
     G = HQ // HK
@@ -301,15 +453,17 @@ def decode_forward(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     idx = kv_indices if kv_indices is not None else cu_seqlens_q
     s_ib, s_ih = (idx.stride(0), idx.stride(1)) if kv_indices is not None else (0, 0)
+    rptr, rsc, rconst = _rot_args(rot, q, D, k_cache.dtype)
+    rconst.setdefault("UPCAST", upcast)
     _decode_fwd[(nqb, groups, splits)](
-        q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, tm, idx, out, lse, op, lp,
-        T, B, HQ, PS, MAXB, window if window > 0 else 0, chunk, budget, float(softmax_scale),
+        q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, tm, idx, out, lse, op, lp, *rptr,
+        T, B, HQ, PS, MAXB, window if window > 0 else 0, chunk, budget, float(softmax_scale), rsc[0],
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_table.stride(0),
-        tm.stride(0), s_ib, s_ih, out.stride(0), out.stride(1),
+        tm.stride(0), s_ib, s_ih, out.stride(0), out.stride(1), *rsc[1:],
         G=G, ROWH=rowh, D=D, BD=bd, BLOCK_Q=bq, BM=bm, BLOCK_N=bn, BB=max(2, _pow2(B)),
         TREE_MASK=tree_mask is not None, CAUSAL=bool(causal), HAS_WINDOW=window > 0,
-        HAS_IDX=kv_indices is not None, SPLITS=splits, PREC=prec, UPCAST=upcast,
+        HAS_IDX=kv_indices is not None, SPLITS=splits, PREC=prec, **rconst,
         num_warps=int(config.get("num_warps", 4)), num_stages=int(config.get("num_stages", 2)))
     if splits > 1:
         _decode_merge[(T, HQ)](op, lp, out, lse, HQ, out.stride(0), out.stride(1), D=D, BD=bd, SPLITS=splits,
