@@ -32,8 +32,11 @@ def key_pos_of(case, key_positions, b: int, N: int) -> torch.Tensor:
     return (kp[b] if kp.dim() == 2 else kp)[:N]
 
 
-def oracle(case, key_positions, position_map=None):
-    """fp64 (out [T, Hq, D], lse [T, Hq]) and the caches after the (unrotated) append."""
+def oracle(case, key_positions, position_map=None, round_to=None):
+    """fp64 (out [T, Hq, D], lse [T, Hq]) and the caches after the (unrotated) append.
+
+    round_to: a dtype to round each rotated q and k to before the product (what a kernel with
+    qk_precision="bf16" multiplies: the same rounded rotated q/k as tests/_tol.py describes), or None."""
     spec = case.rope
     kc, vc = case.k_cache.clone().cpu(), case.v_cache.clone().cpu()
     q = case.q.cpu().double()
@@ -90,6 +93,8 @@ def oracle(case, key_positions, position_map=None):
             idx = torch.tensor(keys)
             qi = _rot(q[t + i][None].expand(len(keys), -1, -1), a[i, idx], spec)            # [k, Hq, D]
             kj = _rot(K[idx], bb[i, idx], spec)                                              # [k, Hk, D]
+            if round_to is not None:
+                qi, kj = qi.to(round_to).double(), kj.to(round_to).double()
             for h in range(case.HQ):
                 hk = h // G
                 sel = list(range(len(keys)))

@@ -42,19 +42,29 @@ import triton
 import triton.language as tl
 
 # the attention engine's constants and its dot (fp32 accumulation; upcast under the interpreter)
-from posattn.kernels.triton.flash_attn_tiles import _LN2, _LOG2E, _dot, _pair_cols, _qk_operand, _scores, tile_meta
+from posattn.kernels.triton.flash_attn_tiles import (_LN2, _LOG2E, _bf16_rne, _dot, _pair_cols, _qk_operand, _scores,
+                                                     tile_meta)
+
+
+@triton.jit
+def _operand(r, DT: tl.constexpr, QKP: tl.constexpr, UPCAST: tl.constexpr, RNE: tl.constexpr):
+    """_qk_operand; RNE (the interpreter with bf16 and "bf16", whose casts truncate): round to
+    nearest even first, so the operand is the bf16 value a GPU (and apply_rope) would store."""
+    if RNE:
+        r = _bf16_rne(r)
+    return _qk_operand(r, DT, QKP, UPCAST)
 
 
 @triton.jit
 def _q_halves(QX, t, h, rvalid, s_xt, s_xh, ROT: tl.constexpr, BH: tl.constexpr, R_HALF: tl.constexpr,
               BT: tl.constexpr, D: tl.constexpr, INTERLEAVED: tl.constexpr, DT: tl.constexpr, QKP: tl.constexpr,
-              UPCAST: tl.constexpr):
+              UPCAST: tl.constexpr, RNE: tl.constexpr):
     """(a, a_lo, b, b_lo, tail) product operands of the program's rows of an fp32 rotated q [T, Hq, D]."""
     ca, cb, pm = _pair_cols(BH, R_HALF, INTERLEAVED)
     row = QX + t[:, None] * s_xt + h[:, None].to(tl.int64) * s_xh
     m2 = rvalid[:, None] & pm[None, :]
-    a, a_lo = _qk_operand(tl.load(row + ca[None, :], mask=m2, other=0.0).to(tl.float32), DT, QKP, UPCAST)
-    b, b_lo = _qk_operand(tl.load(row + cb[None, :], mask=m2, other=0.0).to(tl.float32), DT, QKP, UPCAST)
+    a, a_lo = _operand(tl.load(row + ca[None, :], mask=m2, other=0.0).to(tl.float32), DT, QKP, UPCAST, RNE)
+    b, b_lo = _operand(tl.load(row + cb[None, :], mask=m2, other=0.0).to(tl.float32), DT, QKP, UPCAST, RNE)
     c = ROT + tl.arange(0, BT)
     tail = tl.load(row + c[None, :], mask=rvalid[:, None] & (c < D)[None, :], other=0.0).to(DT)
     return a, a_lo, b, b_lo, tail
@@ -62,7 +72,7 @@ def _q_halves(QX, t, h, rvalid, s_xt, s_xh, ROT: tl.constexpr, BH: tl.constexpr,
 
 @triton.jit
 def _k_operands(xa, xb, TAB, trow, kvalid, s_tc, BH: tl.constexpr, R_HALF: tl.constexpr, KROT: tl.constexpr,
-                DT: tl.constexpr, QKP: tl.constexpr, UPCAST: tl.constexpr):
+                DT: tl.constexpr, QKP: tl.constexpr, UPCAST: tl.constexpr, RNE: tl.constexpr):
     """(a, a_lo, b, b_lo) of a key tile's fp32 halves xa/xb [BN, BH]: rotated by the table rows
     ``trow`` (cos at TAB + trow, sin at + s_tc) when KROT (a pre-RoPE cache), as stored otherwise."""
     if KROT:
@@ -75,8 +85,8 @@ def _k_operands(xa, xb, TAB, trow, kvalid, s_tc, BH: tl.constexpr, R_HALF: tl.co
     else:
         ra = xa
         rb = xb
-    a, a_lo = _qk_operand(ra, DT, QKP, UPCAST)
-    b, b_lo = _qk_operand(rb, DT, QKP, UPCAST)
+    a, a_lo = _operand(ra, DT, QKP, UPCAST, RNE)
+    b, b_lo = _operand(rb, DT, QKP, UPCAST, RNE)
     return a, a_lo, b, b_lo
 
 
@@ -86,7 +96,7 @@ def _rot_tile(kp, j, kvalid, b, KT, KTF, KP, VIS, MWIN, s_tc, s_tb, s_tt, s_kpb,
               BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, KROT: tl.constexpr, MAP: tl.constexpr,
               ROT: tl.constexpr, BH: tl.constexpr, R_HALF: tl.constexpr, BT: tl.constexpr,
               INTERLEAVED: tl.constexpr, HAS_TAIL: tl.constexpr, DT: tl.constexpr, QKP: tl.constexpr,
-              PREC: tl.constexpr, UPCAST: tl.constexpr):
+              PREC: tl.constexpr, UPCAST: tl.constexpr, RNE: tl.constexpr):
     """Scores [BM, BN] (unscaled) of one key tile at slots j (kp: each key's row pointer) against
     the program's rotated q operands; with a map, near and/or far products as the tile needs."""
     ca, cb, pm = _pair_cols(BH, R_HALF, INTERLEAVED)
@@ -98,7 +108,8 @@ def _rot_tile(kp, j, kvalid, b, KT, KTF, KP, VIS, MWIN, s_tc, s_tb, s_tt, s_kpb,
     brow = b.to(tl.int64) * s_tb
     trow = brow + j.to(tl.int64) * s_tt
     if MAP == 0:
-        ka, ka_lo, kb, kb_lo = _k_operands(xa, xb, KT, trow, kvalid, s_tc, BH, R_HALF, KROT, DT, QKP, UPCAST)
+        ka, ka_lo, kb, kb_lo = _k_operands(xa, xb, KT, trow, kvalid, s_tc, BH, R_HALF, KROT, DT, QKP,
+                                               UPCAST, RNE)
         s = _scores(qa, qb, qt, ka, kb, kt, BM, BN, True, HAS_TAIL, PREC, UPCAST, qa_lo, qb_lo, ka_lo, kb_lo, QKP)
     else:
         if MAP == 4:       # VistaRoPE: far = text query x visual key
@@ -117,12 +128,14 @@ def _rot_tile(kp, j, kvalid, b, KT, KTF, KP, VIS, MWIN, s_tc, s_tb, s_tt, s_kpb,
             need_far = (qmax - kmin) >= MWIN
         s = tl.zeros([BM, BN], tl.float32)
         if need_near:
-            ka, ka_lo, kb, kb_lo = _k_operands(xa, xb, KT, trow, kvalid, s_tc, BH, R_HALF, KROT, DT, QKP, UPCAST)
+            ka, ka_lo, kb, kb_lo = _k_operands(xa, xb, KT, trow, kvalid, s_tc, BH, R_HALF, KROT, DT, QKP,
+                                               UPCAST, RNE)
             sn = _scores(qa, qb, qt, ka, kb, kt, BM, BN, True, HAS_TAIL, PREC, UPCAST, qa_lo, qb_lo, ka_lo, kb_lo,
                          QKP)
             s += tl.where(far, 0.0, sn)
         if need_far:
-            ka, ka_lo, kb, kb_lo = _k_operands(xa, xb, KTF, trow, kvalid, s_tc, BH, R_HALF, KROT, DT, QKP, UPCAST)
+            ka, ka_lo, kb, kb_lo = _k_operands(xa, xb, KTF, trow, kvalid, s_tc, BH, R_HALF, KROT, DT, QKP,
+                                               UPCAST, RNE)
             sf = _scores(fa, fb, ft, ka, kb, kt, BM, BN, True, HAS_TAIL, PREC, UPCAST, fa_lo, fb_lo, ka_lo, kb_lo,
                          QKP)
             s += tl.where(far, sf, 0.0)
@@ -140,7 +153,7 @@ def _decode_fwd(Q, K, V, BT, CS, CU, TREE, IDX, O, LSE, OP, LP, QN, QF, KT, KTF,
                 PREC: tl.constexpr, UPCAST: tl.constexpr, QROT: tl.constexpr = False, KROT: tl.constexpr = False,
                 MAP: tl.constexpr = 0, ROT: tl.constexpr = 16, BH: tl.constexpr = 16, R_HALF: tl.constexpr = 1,
                 BTL: tl.constexpr = 16, INTERLEAVED: tl.constexpr = False, HAS_TAIL: tl.constexpr = False,
-                QKP: tl.constexpr = 0):
+                QKP: tl.constexpr = 0, RNE: tl.constexpr = False):
     g = tl.program_id(0)
     hg = tl.program_id(1)                                # head group: ROWH query heads (G, or 1 with per-q lists)
     split = tl.program_id(2)
@@ -171,7 +184,7 @@ def _decode_fwd(Q, K, V, BT, CS, CU, TREE, IDX, O, LSE, OP, LP, QN, QF, KT, KTF,
     DT = K.dtype.element_ty
     if QROT:   # rotated in fp32 by the op: the operands (rounded, split or fp32) are made here
         qa, qa_lo, qb, qb_lo, qt = _q_halves(QN, t, h, rvalid, s_nt, s_nh, ROT, BH, R_HALF, BTL, D, INTERLEAVED,
-                                             DT, QKP, UPCAST)
+                                             DT, QKP, UPCAST, RNE)
         fa, fa_lo, fb, fb_lo, ft = qa, qa_lo, qb, qb_lo, qt
         qtext = rvalid
         qvis = rvalid
@@ -180,7 +193,7 @@ def _decode_fwd(Q, K, V, BT, CS, CU, TREE, IDX, O, LSE, OP, LP, QN, QF, KT, KTF,
         qmax = 0.0
         if MAP != 0:
             fa, fa_lo, fb, fb_lo, ft = _q_halves(QF, t, h, rvalid, s_nt, s_nh, ROT, BH, R_HALF, BTL, D,
-                                                 INTERLEAVED, DT, QKP, UPCAST)
+                                                 INTERLEAVED, DT, QKP, UPCAST, RNE)
             if MAP == 4:     # VistaRoPE: a query's visual flag is that of its own slot L + i
                 vq = tl.load(VIS + b.to(tl.int64) * s_vis + L + qi, mask=rvalid, other=1)
                 qtext = (vq == 0) & rvalid
@@ -237,7 +250,7 @@ def _decode_fwd(Q, K, V, BT, CS, CU, TREE, IDX, O, LSE, OP, LP, QN, QF, KT, KTF,
             s = _rot_tile(kp, j, kvalid, b, KT, KTF, KP, VIS, MWIN, s_tc, s_tb, s_tt, s_kpb, s_vis,
                           qa, qa_lo, qb, qb_lo, qt, fa, fa_lo, fb, fb_lo, ft, qtext, qvis, qpos, qmin, qmax,
                           BM, BLOCK_N, D, KROT, MAP, ROT, BH, R_HALF, BTL, INTERLEAVED, HAS_TAIL, DT, QKP,
-                          PREC, UPCAST) * qk_scale
+                          PREC, UPCAST, RNE) * qk_scale
         else:
             k = tl.load(kp[:, None] + d[None, :], mask=kvalid[:, None] & dmask[None, :], other=0.0)
             s = _dot(q, tl.trans(k), PREC, UPCAST) * qk_scale
@@ -410,7 +423,8 @@ def _rot_args(rot, q, D: int, dtype) -> tuple[list, list, dict]:
     s_vis = vis.stride(0) if rot.visual is not None else 0
     const = dict(QROT=True, KROT=rot.ktab is not None, MAP=int(rot.map_code), ROT=meta["ROT"], BH=meta["BH"],
                  R_HALF=meta["R_HALF"], BTL=meta["BT"], INTERLEAVED=meta["INTERLEAVED"], HAS_TAIL=meta["HAS_TAIL"],
-                 QKP=meta["QKP"], UPCAST=meta["UPCAST"])
+                 QKP=meta["QKP"], UPCAST=meta["UPCAST"],
+                 RNE=bool(meta["UPCAST"] and dtype == torch.bfloat16 and meta["QKP"] == 0))
     return ([qn, qf, kt, ktf, qp, kp, vis], [int(rot.window), qn.stride(0), qn.stride(1), s_tc, s_tb, s_tt, s_kpb,
                                               s_vis], const)
 
