@@ -38,7 +38,11 @@ cases = [(128, torch.bfloat16, 4, 1, 64, False, 1),     # decode, 32/8 heads
          (256, torch.bfloat16, 1, 1, 32, False, 4),
          (192, torch.float16, 8, 8, 32, True, 1),
          (128, torch.bfloat16, 4, 1, 64, False, 4, "kv"),   # sparse decode: one key list per KV head
-         (128, torch.bfloat16, 4, 1, 64, False, 1, "q")]    # ... per query head
+         (128, torch.bfloat16, 4, 1, 64, False, 1, "q"),    # ... per query head
+         (128, torch.bfloat16, 4, 1, 64, False, 1, "", "bf16"),        # pre-RoPE cache, keys rotated per tile
+         (128, torch.bfloat16, 4, 1, 64, False, 1, "", "bf16x3"),      # ... split-bf16 products (issue 15)
+         (128, torch.bfloat16, 4, 1, 64, False, 1, "kv", "bf16+map1"),  # ReRoPE over selected keys
+         (96, torch.float16, 4, 4, 32, True, 1, "", "bf16x3+map4")]     # VistaRoPE, tree, odd head dim
 out = []
 for name, fn, sig, const, nw, ns in dk.aot_specializations(cases):
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
@@ -52,7 +56,7 @@ print(json.dumps(out))
 
 def test_decode_kernels_compile_for_sm90a():
     kernels = _compile_in_child(SCRIPT)
-    assert len(kernels) == 9 + 4          # four cases split: their merge kernels too
+    assert len(kernels) == 13 + 4         # four cases split: their merge kernels too
     for k in kernels:
         assert k["sm90a"] and k["cubin"] > 0, k
         if k["name"].startswith("decode_fwd") and "_fp32_" not in k["name"]:

@@ -488,18 +488,24 @@ def decode_forward(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q
 def aot_specializations(cases):
     """(name, fn, signature, constexprs, num_warps, num_stages) for ahead-of-time compiles.
 
-    cases: (head_dim, dtype, G, BLOCK_Q, BLOCK_N, tree, splits[, idx]) tuples; idx "" (no index
-    lists), "kv" (one list per KV head) or "q" (one per query head)."""
+    cases: (head_dim, dtype, G, BLOCK_Q, BLOCK_N, tree, splits[, idx[, rot]]) tuples; idx "" (no index
+    lists), "kv" (one list per KV head) or "q" (one per query head); rot "" (q rotated by the op, cache
+    rotated), or "<qk_precision>[+map<code>]" for a pre-RoPE cache rotated in the kernel (rotary_dim =
+    head_dim), e.g. "bf16x3+map1" (ReRoPE)."""
     names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
     out = []
     for case in cases:
         D, dtype, G, bq, bn, tree, splits = case[:7]
         idx = case[7] if len(case) > 7 else ""
+        rot = case[8] if len(case) > 8 else ""
         dt = names[dtype]
         sig = {n: "*" + dt for n in ("Q", "K", "V", "O")}
         sig.update({"BT": "*i32", "CS": "*i32", "CU": "*i32", "TREE": "*i32", "IDX": "*i32", "LSE": "*fp32",
                     "OP": "*fp32", "LP": "*fp32"})
-        for n in ("T", "B", "HQ", "PAGE", "MAXB", "WINDOW", "CHUNK", "BUDGET"):
+        sig.update({n: "*fp32" for n in ("QN", "QF", "KT", "KTF", "QP", "KP")})
+        sig["VIS"] = "*u8"
+        for n in ("T", "B", "HQ", "PAGE", "MAXB", "WINDOW", "CHUNK", "BUDGET", "MWIN", "s_nt", "s_nh", "s_tc", "s_tb",
+                  "s_tt", "s_kpb", "s_vis"):
             sig[n] = "i32"
         sig["scale"] = "fp32"
         for n in ("s_qt", "s_qh", "s_kb", "s_kt", "s_kh", "s_vb", "s_vt", "s_vh", "s_bt", "s_tm", "s_ib", "s_ih",
@@ -508,10 +514,18 @@ def aot_specializations(cases):
         rowh = 1 if idx == "q" else G
         const = dict(G=G, ROWH=rowh, D=D, BD=max(16, _pow2(D)), BLOCK_Q=bq, BM=max(16, _pow2(bq * rowh)),
                      BLOCK_N=bn, BB=64, TREE_MASK=tree, CAUSAL=True, HAS_WINDOW=False, HAS_IDX=bool(idx),
-                     SPLITS=splits, PREC="ieee" if dtype == torch.float32 else "tf32", UPCAST=False)
+                     SPLITS=splits, PREC="ieee" if dtype == torch.float32 else "tf32", UPCAST=False, QROT=False,
+                     KROT=False, MAP=0, ROT=16, BH=16, R_HALF=1, BTL=16, INTERLEAVED=False, HAS_TAIL=False, QKP=0,
+                     RNE=False)
+        if rot:
+            qk, _, mp = rot.partition("+map")
+            meta = tile_meta(D, D, False, dtype, qk)
+            const.update(QROT=True, KROT=True, MAP=int(mp or 0), ROT=meta["ROT"], BH=meta["BH"],
+                         R_HALF=meta["R_HALF"], BTL=meta["BT"], HAS_TAIL=meta["HAS_TAIL"], QKP=meta["QKP"])
         sig = {k: ("constexpr" if k in const else v) for k, v in
                [(a, sig.get(a, "constexpr")) for a in _decode_fwd.arg_names]}
-        out.append((f"decode_fwd_d{D}_{dt}_g{G}_q{bq}_n{bn}_t{int(tree)}_s{splits}{'_i' + idx if idx else ''}",
+        tag = ("_i" + idx if idx else "") + ("_r" + rot.replace("+", "") if rot else "")
+        out.append((f"decode_fwd_d{D}_{dt}_g{G}_q{bq}_n{bn}_t{int(tree)}_s{splits}{tag}",
                     _decode_fwd, sig, const, 4, 2))
         if splits > 1:
             msig = {"OP": "*fp32", "LP": "*fp32", "O": "*" + dt, "LSE": "*fp32", "HQ": "i32", "s_ot": "i32",
