@@ -61,13 +61,13 @@ def check(rope, key_positions, qk_precision, position_map, positions, q, B: int,
     """Named errors for the new arguments (no device work). S = the slots per request (capacity)."""
     if not isinstance(qk_precision, str) or qk_precision not in QK_PRECISIONS:
         raise ValueError(f"qk_precision must be one of {QK_PRECISIONS}; got {qk_precision!r}")
+    check_position_map(position_map, rope)
     if rope is None:
         if qk_precision != "bf16":
             raise ValueError(f"qk_precision={qk_precision!r} needs rope=: it says how the kernel multiplies the "
                              "q/k it rotates (without rope= q and k arrive rotated: use the default 'bf16')")
         if key_positions is not None:
             raise ValueError("key_positions is read only with rope= (the cache holds keys before RoPE)")
-    check_position_map(position_map, rope)
     if position_map is not None and key_positions is None:
         raise ValueError('position_map needs key_positions ("slots" or a tensor): the map rotates each pair '
                          "inside the kernel, so the cache must hold keys before RoPE")

@@ -93,3 +93,32 @@ def test_map_changes_the_result():
     case.positions = None
     (o1, _), (o2, _) = _pair(case, "reference", "slots", posattn.ReRoPE(4))
     assert (o1 - o2).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+@pytest.mark.parametrize("kind, m", [("slots", None), ("BS", posattn.SelfExtend(2, 4)), ("slots", "vista")])
+def test_planned_path_reads_no_value_on_the_host(kind, m, backend, monkeypatch):
+    """The rotation's lowering (tables, far positions, query positions) is device work only."""
+    from posattn.decode import attention as A
+
+    A.clear_plans()
+    case = Case(q_lens=[2, 1], cached=[9, 4], page_size=4, tree=True, append=True, rope=ROPE, device=DEVICE,
+                dtype=torch.bfloat16)
+    case.positions = None
+    kp = key_positions_for(case, kind, 1000)
+    m = _map("vista", case) if m == "vista" else m
+    args, kw = case.args()
+    first = posattn.decode_attention(*args, **kw, key_positions=kp, position_map=m, qk_precision="bf16x3",
+                                     backend=backend)
+
+    def boom(*a, **k):
+        raise AssertionError("host sync on the planned path")
+
+    args, kw = case.args()
+    with monkeypatch.context() as mp:
+        for name in ("item", "tolist", "cpu"):
+            mp.setattr(torch.Tensor, name, boom)
+        again = posattn.decode_attention(*args, **kw, key_positions=kp, position_map=m, qk_precision="bf16x3",
+                                         backend=backend)
+    assert torch.equal(first, again)
+    A.clear_plans()
