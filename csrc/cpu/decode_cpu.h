@@ -34,6 +34,7 @@ struct DecodeProblem {
   bool interleaved = false; int map_code = 0; int64_t map_window = 0;
   const float* qpos = nullptr; const float* kpos = nullptr; int64_t s_kpb = 0;
   const uint8_t* visual = nullptr; int64_t s_vis = 0;
+  int64_t s_fc = 0, s_fb = 0, s_ft = 0;   // ktf's strides (0 for its one row / one slot: ReRoPE, VistaRoPE)
 };
 
 // num_splits <= 0: one split unless there are fewer (request, KV head) tasks than 2 * threads.
@@ -73,11 +74,12 @@ inline DecodeProblem decode_problem_from(const std::vector<int64_t>& dims, const
 }
 
 // The rotation fields from the binding's integers: ints [s_nt, s_nh, s_tc, s_tb, s_tt, rot_dim,
-// interleaved, map_code, map_window, s_kpb, s_vis], ptrs [qn, qf, kt, ktf, qpos, kpos, visual].
+// interleaved, map_code, map_window, s_kpb, s_vis, s_fc, s_fb, s_ft], ptrs [qn, qf, kt, ktf, qpos, kpos, visual].
 inline void decode_rotary_from(DecodeProblem& p, const std::vector<int64_t>& ints, const std::vector<int64_t>& ptrs) {
-  if (ints.size() != 11 || ptrs.size() != 7) throw std::invalid_argument("decode: expected 11 rotary ints, 7 pointers");
+  if (ints.size() != 14 || ptrs.size() != 7) throw std::invalid_argument("decode: expected 14 rotary ints, 7 pointers");
   p.s_nt = ints[0]; p.s_nh = ints[1]; p.s_tc = ints[2]; p.s_tb = ints[3]; p.s_tt = ints[4]; p.rot_dim = ints[5];
   p.interleaved = ints[6] != 0; p.map_code = int(ints[7]); p.map_window = ints[8]; p.s_kpb = ints[9]; p.s_vis = ints[10];
+  p.s_fc = ints[11]; p.s_fb = ints[12]; p.s_ft = ints[13];
   p.qn = reinterpret_cast<const float*>(ptrs[0]); p.qf = reinterpret_cast<const float*>(ptrs[1]);
   p.kt = reinterpret_cast<const float*>(ptrs[2]); p.ktf = reinterpret_cast<const float*>(ptrs[3]);
   p.qpos = reinterpret_cast<const float*>(ptrs[4]); p.kpos = reinterpret_cast<const float*>(ptrs[5]);

@@ -10,6 +10,8 @@ Lowering (per call, no host synchronisation):
                      cos/sin table of posattn/rope/table.py, built by the kernel's own backend
     ktab [2, rows, S, R/2]  fp32 cos/sin at each logical slot's key position (rows 1 for "slots"
                      or [S] positions, B for [B, S]); None when the cache holds rotated keys
+    ktab_far         the same at far_k(key position); [2, 1, 1, R/2] when far_k is 0 for every key
+                     (ReRoPE, VistaRoPE): kernels read that one row for every far key
     with a map: qf (q rotated at far_q(qpos)), ktab_far (at far_k(key position)), qpos/kpos as
                      fp32 (fp64 reference) for the kernel's near/far decision, VistaRoPE's flags
 
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from posattn import _validate as V
-from posattn.position_maps import VISTA, VistaRoPE, check_position_map
+from posattn.position_maps import VISTA, ReRoPE, VistaRoPE, check_position_map
 
 QK_PRECISIONS = ("bf16", "bf16x3", "fp32")
 POS_DTYPES = (torch.int32, torch.int64, torch.float32, torch.float64)
@@ -50,6 +52,14 @@ class DecodeRotary:
     qpos: torch.Tensor | None = None
     kpos: torch.Tensor | None = None
     visual: torch.Tensor | None = None       # uint8 [B, S]
+
+    @staticmethod
+    def strides(tab) -> tuple[int, int, int]:
+        """(cos->sin, row, slot) strides of a key table [2, rows, S, R/2] as kernels read it: 0 for a
+        single row (shared by the batch) or a single slot (one position for every key); 0s for None."""
+        if tab is None:
+            return 0, 0, 0
+        return tab.stride(0), (tab.stride(1) if tab.shape[1] > 1 else 0), (tab.stride(2) if tab.shape[2] > 1 else 0)
 
 
 def wants_rotary(rope, key_positions, qk_precision, position_map) -> bool:
@@ -119,7 +129,10 @@ def _key_tables(rope, position_map, key_positions, S, device, backend, wide):
     ktab = _table(kp, inv, a, backend).reshape(2, rows, S, inv.shape[0])
     if position_map is None:
         return ktab, None, None
-    far = _table(position_map.far_k(kp), inv, a, backend).reshape(2, rows, S, inv.shape[0])
+    if isinstance(position_map, (ReRoPE, VistaRoPE)):   # far_k = 0 for every key: one table row, read by all
+        far = _table(torch.zeros(1, dtype=torch.int64, device=device), inv, a, backend).reshape(2, 1, 1, -1)
+    else:
+        far = _table(position_map.far_k(kp), inv, a, backend).reshape(2, rows, S, inv.shape[0])
     return ktab, far, kp.to(wide).contiguous()
 
 

@@ -28,10 +28,10 @@ def _rot_args(rot):
     if kt is not None:
         kt = kt.contiguous()
         ktf = ktf.contiguous() if ktf is not None else None
-        s_tc, s_tb, s_tt = kt.stride(0), (kt.stride(1) if kt.shape[1] > 1 else 0), kt.stride(2)
+        s_tc, s_tb, s_tt = rot.strides(kt)
     ints = [qn.stride(0), qn.stride(1), s_tc, s_tb, s_tt, rot.rotary_dim, int(rot.interleaved), int(rot.map_code),
             int(rot.window), kp.stride(0) if kp is not None and kp.shape[0] > 1 else 0,
-            vis.stride(0) if vis is not None else 0]
+            vis.stride(0) if vis is not None else 0, *rot.strides(ktf)]
     keep = [qn, qf, kt, ktf, qp, kp, vis]
     return ints, [x.data_ptr() if x is not None else 0 for x in keep], keep
 

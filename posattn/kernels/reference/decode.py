@@ -130,7 +130,8 @@ def _rotate_keys(K, rot, b: int, N: int):
     from posattn.kernels.reference.select_scores import rotate_table
 
     def by(tab):
-        t = tab[:, b if tab.shape[1] > 1 else 0, :N].to(K.device, torch.float64)       # [2, N, R/2]
+        t = tab[:, b if tab.shape[1] > 1 else 0].to(K.device, torch.float64)              # [2, S or 1, R/2]
+        t = t.expand(2, N, t.shape[-1]) if t.shape[1] == 1 else t[:, :N]
         return rotate_table(K, t[0][:, None, :], t[1][:, None, :], rot.rotary_dim, rot.interleaved)
 
     return by(rot.ktab), (by(rot.ktab_far) if rot.ktab_far is not None else None)

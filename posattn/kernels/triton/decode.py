@@ -50,7 +50,7 @@ from posattn.kernels.triton.flash_attn_tiles import _LN2, _LOG2E, _dot, tile_met
 def _decode_fwd(Q, K, V, BT, CS, CU, TREE, IDX, O, LSE, OP, LP, QN, QF, KT, KTF, QP, KP, VIS,
                 T, B, HQ, PAGE, MAXB, WINDOW, CHUNK, BUDGET, scale, MWIN,
                 s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt, s_tm, s_ib, s_ih, s_ot, s_oh,
-                s_nt, s_nh, s_tc, s_tb, s_tt, s_kpb, s_vis,
+                s_nt, s_nh, s_tc, s_tb, s_tt, s_kpb, s_vis, s_fc, s_fb, s_ft,
                 G: tl.constexpr, ROWH: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BLOCK_Q: tl.constexpr,
                 BM: tl.constexpr, BLOCK_N: tl.constexpr, BB: tl.constexpr, TREE_MASK: tl.constexpr,
                 CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_IDX: tl.constexpr, SPLITS: tl.constexpr,
@@ -151,7 +151,7 @@ def _decode_fwd(Q, K, V, BT, CS, CU, TREE, IDX, O, LSE, OP, LP, QN, QF, KT, KTF,
         kp = K + page * s_kb + off * s_kt + hk.to(tl.int64) * s_kh
         vp = V + page * s_vb + off * s_vt + hk.to(tl.int64) * s_vh
         if QROT:
-            s = _rot_tile(kp, j, kvalid, b, KT, KTF, KP, VIS, MWIN, s_tc, s_tb, s_tt, s_kpb, s_vis,
+            s = _rot_tile(kp, j, kvalid, b, KT, KTF, KP, VIS, MWIN, s_tc, s_tb, s_tt, s_kpb, s_vis, s_fc, s_fb, s_ft,
                           qa, qa_lo, qb, qb_lo, qt, fa, fa_lo, fb, fb_lo, ft, qtext, qvis, qpos, qmin, qmax,
                           BM, BLOCK_N, D, KROT, MAP, ROT, BH, R_HALF, BTL, INTERLEAVED, HAS_TAIL, DT, QKP,
                           PREC, UPCAST, RNE) * qk_scale
@@ -382,7 +382,7 @@ def aot_specializations(cases):
         sig.update({n: "*fp32" for n in ("QN", "QF", "KT", "KTF", "QP", "KP")})
         sig["VIS"] = "*u8"
         for n in ("T", "B", "HQ", "PAGE", "MAXB", "WINDOW", "CHUNK", "BUDGET", "MWIN", "s_nt", "s_nh", "s_tc", "s_tb",
-                  "s_tt", "s_kpb", "s_vis"):
+                  "s_tt", "s_kpb", "s_vis", "s_fc", "s_fb", "s_ft"):
             sig[n] = "i32"
         sig["scale"] = "fp32"
         for n in ("s_qt", "s_qh", "s_kb", "s_kt", "s_kh", "s_vb", "s_vt", "s_vh", "s_bt", "s_tm", "s_ib", "s_ih",

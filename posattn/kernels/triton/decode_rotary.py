@@ -62,7 +62,7 @@ def _k_operands(xa, xb, TAB, trow, kvalid, s_tc, BH: tl.constexpr, R_HALF: tl.co
 
 
 @triton.jit
-def _rot_tile(kp, j, kvalid, b, KT, KTF, KP, VIS, MWIN, s_tc, s_tb, s_tt, s_kpb, s_vis,
+def _rot_tile(kp, j, kvalid, b, KT, KTF, KP, VIS, MWIN, s_tc, s_tb, s_tt, s_kpb, s_vis, s_fc, s_fb, s_ft,
               qa, qa_lo, qb, qb_lo, qt, fa, fa_lo, fb, fb_lo, ft, qtext, qvis, qpos, qmin, qmax,
               BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, KROT: tl.constexpr, MAP: tl.constexpr,
               ROT: tl.constexpr, BH: tl.constexpr, R_HALF: tl.constexpr, BT: tl.constexpr,
@@ -105,7 +105,8 @@ def _rot_tile(kp, j, kvalid, b, KT, KTF, KP, VIS, MWIN, s_tc, s_tb, s_tt, s_kpb,
                          QKP)
             s += tl.where(far, 0.0, sn)
         if need_far:
-            ka, ka_lo, kb, kb_lo = _k_operands(xa, xb, KTF, trow, kvalid, s_tc, BH, R_HALF, KROT, DT, QKP,
+            frow = b.to(tl.int64) * s_fb + j.to(tl.int64) * s_ft       # the far table (one row: strides 0)
+            ka, ka_lo, kb, kb_lo = _k_operands(xa, xb, KTF, frow, kvalid, s_fc, BH, R_HALF, KROT, DT, QKP,
                                                UPCAST, RNE)
             sf = _scores(fa, fb, ft, ka, kb, kt, BM, BN, True, HAS_TAIL, PREC, UPCAST, fa_lo, fb_lo, ka_lo, kb_lo,
                          QKP)
@@ -114,9 +115,10 @@ def _rot_tile(kp, j, kvalid, b, KT, KTF, KP, VIS, MWIN, s_tc, s_tb, s_tt, s_kpb,
 
 
 def _rot_args(rot, q, D: int, dtype) -> tuple[list, list, dict]:
-    """(pointers QN QF KT KTF QP KP VIS, scalars MWIN s_nt s_nh s_tc s_tb s_tt s_kpb s_vis, constexprs)."""
+    """(pointers QN QF KT KTF QP KP VIS, scalars MWIN s_nt s_nh s_tc s_tb s_tt s_kpb s_vis s_fc s_fb s_ft,
+    constexprs)."""
     if rot is None:
-        return [q] * 7, [0] * 8, {}
+        return [q] * 7, [0] * 11, {}
     qk = ("bf16", "bf16x3", "fp32")[rot.qkp]
     meta = tile_meta(D, rot.rotary_dim, rot.interleaved, dtype, qk)
     qn = rot.qn
@@ -126,10 +128,7 @@ def _rot_args(rot, q, D: int, dtype) -> tuple[list, list, dict]:
     qp = rot.qpos.to(torch.float32) if rot.qpos is not None else qn
     kp = rot.kpos.to(torch.float32) if rot.kpos is not None else qn
     vis = rot.visual if rot.visual is not None else qn
-    if rot.ktab is not None:
-        s_tc, s_tb, s_tt = kt.stride(0), (kt.stride(1) if kt.shape[1] > 1 else 0), kt.stride(2)
-    else:
-        s_tc = s_tb = s_tt = 0
+    s_tc, s_tb, s_tt = rot.strides(rot.ktab)
     s_kpb = kp.stride(0) if rot.kpos is not None and kp.shape[0] > 1 else 0
     s_vis = vis.stride(0) if rot.visual is not None else 0
     const = dict(QROT=True, KROT=rot.ktab is not None, MAP=int(rot.map_code), ROT=meta["ROT"], BH=meta["BH"],
@@ -137,4 +136,4 @@ def _rot_args(rot, q, D: int, dtype) -> tuple[list, list, dict]:
                  QKP=meta["QKP"], UPCAST=meta["UPCAST"],
                  RNE=bool(meta["UPCAST"] and dtype == torch.bfloat16 and meta["QKP"] == 0))
     return ([qn, qf, kt, ktf, qp, kp, vis], [int(rot.window), qn.stride(0), qn.stride(1), s_tc, s_tb, s_tt, s_kpb,
-                                              s_vis], const)
+                                              s_vis, *rot.strides(rot.ktab_far)], const)
