@@ -122,3 +122,15 @@ def test_planned_path_reads_no_value_on_the_host(kind, m, backend, monkeypatch):
                                          backend=backend)
     assert torch.equal(first, again)
     A.clear_plans()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["selfextend", "leaky"])
+def test_map_with_explicit_query_positions(name, backend):
+    """A tree's queries at cache_seqlens + depth (positions=) while keys sit at their slots."""
+    case = Case(q_lens=[5, 3], cached=[22, 9], tree=True, append=True, page_size=4, rope=ROPE, device=DEVICE,
+                seed=13)
+    depths = [0, 1, 1, 2, 3, 0, 1, 1]
+    case.positions = torch.tensor([case.cached[0 if t < 5 else 1] + d for t, d in enumerate(depths)],
+                                  dtype=torch.int64).to(DEVICE)
+    run_rot(case, backend, "slots", _map(name, case))
