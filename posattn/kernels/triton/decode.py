@@ -258,6 +258,15 @@ def default_config(key, smem_per_block: int | None = None) -> dict:
            "num_warps": 4, "num_stages": 1 if interp else 2}
     if key.device_type == "cuda":
         limit = smem_per_block if smem_per_block is not None else _smem_optin()
+        heavy = getattr(key, "rotary", "") == "map" or (getattr(key, "rotary", "") and
+                                                        getattr(key, "qk_precision", "bf16") == "bf16x3")
+        if heavy and key.head_dim > 128 and limit and limit < 232448:
+            # a map or the split product holds several rotated operand tiles: below Hopper's shared
+            # memory, 32 rows and 32 (A100) or 16 (99 KB GPUs) keys per tile, and two stages: Triton
+            # 3.7 fails to lower these variants with one (compiled for sm_80 / sm_89, head_dim 256:
+            # 102 KB / 84 KB; tests/decode/test_decode_attention_aot.py)
+            return dict(cfg, BLOCK_Q=block_q(key.q_bucket, G, 32), BLOCK_N=32 if limit >= 160 * 1024 else 16,
+                        num_stages=2)
         while limit and smem_estimate(cfg, key.head_dim, key.dtype) > limit and (cfg["num_stages"] > 1
                                                                                 or cfg["BLOCK_N"] > 16):
             if cfg["num_stages"] > 1:
