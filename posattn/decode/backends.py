@@ -1,11 +1,13 @@
 """decode_attention's kernel registrations: one line per backend, plus their supports rules.
 
 Kernel contract (every backend): ``fn(q, k_cache, v_cache, block_table, cache_seqlens,
-cu_seqlens_q, tree_mask, causal, window, softmax_scale, num_splits, max_q, config, kv_indices=None)`` ->
+cu_seqlens_q, tree_mask, causal, window, softmax_scale, num_splits, max_q, config, kv_indices=None,
+rot=None)`` ->
 (out [T, Hq, D] in q's dtype, lse fp32 [T, Hq]) for the lowered problem described in
 posattn/kernels/reference/decode.py; ``window`` <= 0 is none; ``num_splits`` None lets the
 backend choose; ``max_q`` is a shape-derived hint of new tokens per request (never a value read
-from a tensor).
+from a tensor); ``rot`` a posattn/decode/rotary.py DecodeRotary (in-kernel rotation: q is then
+``rot.qn``, pre-RoPE keys rotated by its tables, a position map's far pairs) or None.
 """
 from __future__ import annotations
 
