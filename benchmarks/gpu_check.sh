@@ -130,6 +130,11 @@ step "decode rotary bench" "$(limit 40 150)" "$PY" -m posattn bench --quick --op
 step "select tests (GPU)" "$(limit 60 200)" "$PY" -m pytest -q -x -p no:cacheprovider "${XDIST[@]}" tests/select
 step "select bench" "$(limit 60 150)" "$PY" -m posattn bench --quick --op select,sparse_decode \
   -o "$OUT" --no-dashboard --time-budget 60
+# 4d. position maps in anchor_attention (issue 14): SelfExtend at 32k tokens, bf16, one pass vs plain
+#     fused RoPE (target <= 1.35x its time) and vs SelfExtend's two passes from FlexAttention / SDPA
+#     (target: >= 1.7x faster); the map tests run with tests/attention in step 4
+step "selfextend bench" "$(limit 60 150)" "$PY" -m posattn bench --quick --op anchor_attention_selfextend \
+  -o "$OUT" --no-dashboard --time-budget 40
 
 # 5+6. benchmark sweep, results and dashboard -------------------------------
 WITH=() COMMITTED=()

@@ -201,6 +201,34 @@ PYBIND11_MODULE(_C, m) {
                                          reinterpret_cast<const float*>(lse), reinterpret_cast<float*>(dq),
                                          reinterpret_cast<float*>(dk), reinterpret_cast<float*>(dv), num_threads);
       });
+  // anchor attention with a relative-position map (posattn.position_maps; attn_set_map's map_ptrs)
+  m.def(
+      "attention_forward_map",
+      [](int64_t T, int64_t HQ, int64_t HK, int64_t D, const std::vector<int64_t>& ptrs, float scale,
+         int num_anchors, bool causal, int window, int block_m, int block_n, int rotary_dim, bool interleaved,
+         int qk_round, int64_t out, int64_t lse, int num_threads, int rope_rows, int map_code, double map_window,
+         const std::vector<int64_t>& map_ptrs) {
+        auto p = posattn::cpu::attn_problem_from(T, HQ, HK, D, ptrs, scale, num_anchors, causal, window, block_m,
+                                                 block_n, rotary_dim, interleaved, qk_round, rope_rows);
+        posattn::cpu::attn_set_map(p, map_code, map_window, map_ptrs);
+        py::gil_scoped_release release;
+        posattn::cpu::attention_forward(p, reinterpret_cast<float*>(out), reinterpret_cast<float*>(lse),
+                                        num_threads);
+      });
+  m.def(
+      "attention_backward_map",
+      [](int64_t T, int64_t HQ, int64_t HK, int64_t D, const std::vector<int64_t>& ptrs, float scale,
+         int num_anchors, bool causal, int window, int block_m, int block_n, int rotary_dim, bool interleaved,
+         int qk_round, int64_t dout, int64_t delta, int64_t lse, int64_t dq, int64_t dk, int64_t dv,
+         int num_threads, int rope_rows, int map_code, double map_window, const std::vector<int64_t>& map_ptrs) {
+        auto p = posattn::cpu::attn_problem_from(T, HQ, HK, D, ptrs, scale, num_anchors, causal, window, block_m,
+                                                 block_n, rotary_dim, interleaved, qk_round, rope_rows);
+        posattn::cpu::attn_set_map(p, map_code, map_window, map_ptrs);
+        py::gil_scoped_release release;
+        posattn::cpu::attention_backward(p, reinterpret_cast<const float*>(dout), reinterpret_cast<const float*>(delta),
+                                         reinterpret_cast<const float*>(lse), reinterpret_cast<float*>(dq),
+                                         reinterpret_cast<float*>(dk), reinterpret_cast<float*>(dv), num_threads);
+      });
   m.def(
       "decode_forward",
       [](const std::vector<int64_t>& dims, const std::vector<int64_t>& ptrs, const std::vector<int64_t>& strides,
