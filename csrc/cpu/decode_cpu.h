@@ -27,12 +27,12 @@ struct DecodeProblem {
   // qn/qf fp32 [T, HQ, D] q rotated at its near / far positions (strides s_nt, s_nh);
   // kt/ktf fp32 tables [2, rows, S, R/2] (cos at +0, sin at +s_tc; row stride s_tb, 0 for one
   // row; slot stride s_tt) rotating the cached pre-RoPE keys near / far (kt nullptr: keys as stored);
-  // map_code (posattn/position_maps.py: 1..3 distance maps, 4 VistaRoPE) with map_window, qpos fp32 [T],
-  // kpos fp32 [rows, S] (row stride s_kpb), visual uint8 [B, S] (row stride s_vis)
+  // map_code (posattn/position_maps.py: 1..3 distance maps, 4 VistaRoPE) with map_window, qpos fp64 [T],
+  // kpos fp64 [rows, S] (row stride s_kpb), visual uint8 [B, S] (row stride s_vis)
   const float* qn = nullptr; const float* qf = nullptr; int64_t s_nt = 0, s_nh = 0;
   const float* kt = nullptr; const float* ktf = nullptr; int64_t s_tc = 0, s_tb = 0, s_tt = 0, rot_dim = 0;
   bool interleaved = false; int map_code = 0; int64_t map_window = 0;
-  const float* qpos = nullptr; const float* kpos = nullptr; int64_t s_kpb = 0;
+  const double* qpos = nullptr; const double* kpos = nullptr; int64_t s_kpb = 0;
   const uint8_t* visual = nullptr; int64_t s_vis = 0;
   int64_t s_fc = 0, s_fb = 0, s_ft = 0;   // ktf's strides (0 for its one row / one slot: ReRoPE, VistaRoPE)
 };
@@ -82,7 +82,7 @@ inline void decode_rotary_from(DecodeProblem& p, const std::vector<int64_t>& int
   p.s_fc = ints[11]; p.s_fb = ints[12]; p.s_ft = ints[13];
   p.qn = reinterpret_cast<const float*>(ptrs[0]); p.qf = reinterpret_cast<const float*>(ptrs[1]);
   p.kt = reinterpret_cast<const float*>(ptrs[2]); p.ktf = reinterpret_cast<const float*>(ptrs[3]);
-  p.qpos = reinterpret_cast<const float*>(ptrs[4]); p.kpos = reinterpret_cast<const float*>(ptrs[5]);
+  p.qpos = reinterpret_cast<const double*>(ptrs[4]); p.kpos = reinterpret_cast<const double*>(ptrs[5]);
   p.visual = reinterpret_cast<const uint8_t*>(ptrs[6]);
   if (p.qn == nullptr) throw std::invalid_argument("decode: rotation needs the rotated q");
   if (p.rot_dim < 2 || p.rot_dim > p.D || p.rot_dim % 2) throw std::invalid_argument("decode: bad rotary_dim");

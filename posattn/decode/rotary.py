@@ -13,7 +13,7 @@ Lowering (per call, no host synchronisation):
     ktab_far         the same at far_k(key position); [2, 1, 1, R/2] when far_k is 0 for every key
                      (ReRoPE, VistaRoPE): kernels read that one row for every far key
     with a map: qf (q rotated at far_q(qpos)), ktab_far (at far_k(key position)), qpos/kpos as
-                     fp32 (fp64 reference) for the kernel's near/far decision, VistaRoPE's flags
+                     fp64 (exact, as the spec compares) for the near/far decision, VistaRoPE's flags
 
 With ``"slots"`` the key tables depend on the signature only and are kept in the plan. The
 kernel rotates each cached key tile with ktab (and ktab_far on tiles that need the far product),
@@ -120,8 +120,8 @@ def _table(pos, inv, a, backend):
     return cos_sin_table(pos.reshape(-1), inv, a, backend=backend)
 
 
-def _key_tables(rope, position_map, key_positions, S, device, backend, wide):
-    """(ktab, ktab_far, kpos): tables [2, rows, S, R/2] fp32, kpos [rows, S] in ``wide`` (maps)."""
+def _key_tables(rope, position_map, key_positions, S, device, backend):
+    """(ktab, ktab_far, kpos): tables [2, rows, S, R/2] fp32, kpos fp64 [rows, S] (maps)."""
     t = rope.tables(device)
     inv, a = t.inv_freq.to(torch.float32).contiguous(), float(t.attention_scaling)
     kp = _keys_pos(key_positions, S, device)
@@ -133,7 +133,7 @@ def _key_tables(rope, position_map, key_positions, S, device, backend, wide):
         far = _table(torch.zeros(1, dtype=torch.int64, device=device), inv, a, backend).reshape(2, 1, 1, -1)
     else:
         far = _table(position_map.far_k(kp), inv, a, backend).reshape(2, rows, S, inv.shape[0])
-    return ktab, far, kp.to(wide).contiguous()
+    return ktab, far, kp.to(torch.float64).contiguous()
 
 
 def lower(rope, key_positions, qk_precision, position_map, q3, positions, cache_seqlens, req, idx, S: int,
@@ -152,7 +152,7 @@ def lower(rope, key_positions, qk_precision, position_map, q3, positions, cache_
         if isinstance(key_positions, str) and "k" in store:
             ktab, ktab_far, kpos = store["k"]
         else:
-            ktab, ktab_far, kpos = _key_tables(rope, position_map, key_positions, S, dev, tb, wide)
+            ktab, ktab_far, kpos = _key_tables(rope, position_map, key_positions, S, dev, tb)
             if isinstance(key_positions, str):
                 store["k"] = (ktab, ktab_far, kpos)
     if positions is not None:
@@ -178,7 +178,7 @@ def lower(rope, key_positions, qk_precision, position_map, q3, positions, cache_
         out.map_code, out.window = position_map.code, position_map.window_or_zero
         out.qf = rot_q(position_map.far_q(qpos))
         out.ktab_far, out.kpos = ktab_far, kpos
-        out.qpos = qpos.to(wide).contiguous()
+        out.qpos = qpos.to(torch.float64).contiguous()
         if position_map.code == VISTA:
             out.visual = position_map.visual.view(torch.uint8)
     return out

@@ -18,8 +18,8 @@ def _rot_args(rot):
     qn = rot.qn.to(torch.float32)
     qf = rot.qf.to(torch.float32) if rot.qf is not None else None
     kt, ktf = rot.ktab, rot.ktab_far
-    qp = rot.qpos.to(torch.float32).contiguous() if rot.qpos is not None else None
-    kp = rot.kpos.to(torch.float32).contiguous() if rot.kpos is not None else None
+    qp = rot.qpos.to(torch.float64).contiguous() if rot.qpos is not None else None
+    kp = rot.kpos.to(torch.float64).contiguous() if rot.kpos is not None else None
     vis = rot.visual.contiguous() if rot.visual is not None else None
     if qf is not None and qf.stride() != qn.stride():
         qf = qf.contiguous()

@@ -43,7 +43,7 @@ import triton.language as tl
 
 # the attention engine's constants and its dot (fp32 accumulation; upcast under the interpreter)
 from posattn.kernels.triton.decode_rotary import _q_halves, _rot_args, _rot_tile
-from posattn.kernels.triton.flash_attn_tiles import _LN2, _LOG2E, _dot, tile_meta
+from posattn.kernels.triton.flash_attn_tiles import _LN2, _LOG2E, _dot, _map_side, tile_meta
 
 
 @triton.jit
@@ -90,22 +90,13 @@ def _decode_fwd(Q, K, V, BT, CS, CU, TREE, IDX, O, LSE, OP, LP, QN, QF, KT, KTF,
         qa, qa_lo, qb, qb_lo, qt = _q_halves(QN, t, h, rvalid, s_nt, s_nh, ROT, BH, R_HALF, BTL, D, INTERLEAVED,
                                              DT, QKP, UPCAST, RNE)
         fa, fa_lo, fb, fb_lo, ft = qa, qa_lo, qb, qb_lo, qt
-        qtext = rvalid
-        qvis = rvalid
-        qpos = tl.zeros([BM], tl.float32)
-        qmin = 0.0
-        qmax = 0.0
+        qpos = tl.zeros([BM], tl.float64)
+        vq = tl.zeros([BM], tl.int32)
         if MAP != 0:
             fa, fa_lo, fb, fb_lo, ft = _q_halves(QF, t, h, rvalid, s_nt, s_nh, ROT, BH, R_HALF, BTL, D,
                                                  INTERLEAVED, DT, QKP, UPCAST, RNE)
-            if MAP == 4:     # VistaRoPE: a query's visual flag is that of its own slot L + i
-                vq = tl.load(VIS + b.to(tl.int64) * s_vis + L + qi, mask=rvalid, other=1)
-                qtext = (vq == 0) & rvalid
-                qvis = (vq != 0) & rvalid
-            else:
-                qpos = tl.load(QP + t, mask=rvalid, other=0.0)
-                qmin = tl.min(tl.where(rvalid, qpos, float("inf")), 0)
-                qmax = tl.max(tl.where(rvalid, qpos, float("-inf")), 0)
+            # query side: fp64 position of row's token, visual flag of its own slot L + i (VistaRoPE)
+            qpos, vq = _map_side(QP + t0, VIS + b.to(tl.int64) * s_vis + L, qi, rvalid, MAP)
     else:
         q = tl.load(Q + t[:, None] * s_qt + h[:, None].to(tl.int64) * s_qh + d[None, :],
                     mask=rvalid[:, None] & dmask[None, :], other=0.0)
@@ -152,7 +143,7 @@ def _decode_fwd(Q, K, V, BT, CS, CU, TREE, IDX, O, LSE, OP, LP, QN, QF, KT, KTF,
         vp = V + page * s_vb + off * s_vt + hk.to(tl.int64) * s_vh
         if QROT:
             s = _rot_tile(kp, j, kvalid, b, KT, KTF, KP, VIS, MWIN, s_tc, s_tb, s_tt, s_kpb, s_vis, s_fc, s_fb, s_ft,
-                          qa, qa_lo, qb, qb_lo, qt, fa, fa_lo, fb, fb_lo, ft, qtext, qvis, qpos, qmin, qmax,
+                          qa, qa_lo, qb, qb_lo, qt, fa, fa_lo, fb, fb_lo, ft, qpos, vq, rvalid,
                           BM, BLOCK_N, D, KROT, MAP, ROT, BH, R_HALF, BTL, INTERLEAVED, HAS_TAIL, DT, QKP,
                           PREC, UPCAST, RNE) * qk_scale
         else:
@@ -388,7 +379,8 @@ def aot_specializations(cases):
         sig = {n: "*" + dt for n in ("Q", "K", "V", "O")}
         sig.update({"BT": "*i32", "CS": "*i32", "CU": "*i32", "TREE": "*i32", "IDX": "*i32", "LSE": "*fp32",
                     "OP": "*fp32", "LP": "*fp32"})
-        sig.update({n: "*fp32" for n in ("QN", "QF", "KT", "KTF", "QP", "KP")})
+        sig.update({n: "*fp32" for n in ("QN", "QF", "KT", "KTF")})
+        sig.update({"QP": "*fp64", "KP": "*fp64"})
         sig["VIS"] = "*u8"
         for n in ("T", "B", "HQ", "PAGE", "MAXB", "WINDOW", "CHUNK", "BUDGET", "MWIN", "s_nt", "s_nh", "s_tc", "s_tb",
                   "s_tt", "s_kpb", "s_vis", "s_fc", "s_fb", "s_ft"):

@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from posattn.kernels.triton.flash_attn_tiles import _bf16_rne, _pair_cols, _qk_operand, _scores, tile_meta
+from posattn.kernels.triton.flash_attn_tiles import (_bf16_rne, _map_side, _pair_cols, _pair_far, _qk_operand,
+                                                     _scores, _tile_kinds, tile_meta)
 
 
 @triton.jit
@@ -63,13 +64,15 @@ def _k_operands(xa, xb, TAB, trow, kvalid, s_tc, BH: tl.constexpr, R_HALF: tl.co
 
 @triton.jit
 def _rot_tile(kp, j, kvalid, b, KT, KTF, KP, VIS, MWIN, s_tc, s_tb, s_tt, s_kpb, s_vis, s_fc, s_fb, s_ft,
-              qa, qa_lo, qb, qb_lo, qt, fa, fa_lo, fb, fb_lo, ft, qtext, qvis, qpos, qmin, qmax,
+              qa, qa_lo, qb, qb_lo, qt, fa, fa_lo, fb, fb_lo, ft, qpos, vq, rvalid,
               BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, KROT: tl.constexpr, MAP: tl.constexpr,
               ROT: tl.constexpr, BH: tl.constexpr, R_HALF: tl.constexpr, BT: tl.constexpr,
               INTERLEAVED: tl.constexpr, HAS_TAIL: tl.constexpr, DT: tl.constexpr, QKP: tl.constexpr,
               PREC: tl.constexpr, UPCAST: tl.constexpr, RNE: tl.constexpr):
     """Scores [BM, BN] (unscaled) of one key tile at slots j (kp: each key's row pointer) against
-    the program's rotated q operands; with a map, near and/or far products as the tile needs."""
+    the program's rotated q operands; with a map, near and/or far products as the tile needs
+    (the attention engine's _map_side / _pair_far / _tile_kinds: fp64 positions, visual flags;
+    qpos/vq: the rows' query side)."""
     ca, cb, pm = _pair_cols(BH, R_HALF, INTERLEAVED)
     m2 = kvalid[:, None] & pm[None, :]
     xa = tl.load(kp[:, None] + ca[None, :], mask=m2, other=0.0).to(tl.float32)
@@ -83,20 +86,9 @@ def _rot_tile(kp, j, kvalid, b, KT, KTF, KP, VIS, MWIN, s_tc, s_tb, s_tt, s_kpb,
                                                UPCAST, RNE)
         s = _scores(qa, qb, qt, ka, kb, kt, BM, BN, True, HAS_TAIL, PREC, UPCAST, qa_lo, qb_lo, ka_lo, kb_lo, QKP)
     else:
-        if MAP == 4:       # VistaRoPE: far = text query x visual key
-            vk = tl.load(VIS + b.to(tl.int64) * s_vis + j, mask=kvalid, other=0)
-            kvis = (vk != 0) & kvalid
-            ktext = (vk == 0) & kvalid
-            far = qtext[:, None] & kvis[None, :]
-            need_far = (tl.max(qtext.to(tl.int32), 0) > 0) & (tl.max(kvis.to(tl.int32), 0) > 0)
-            need_near = (tl.max(qvis.to(tl.int32), 0) > 0) | (tl.max(ktext.to(tl.int32), 0) > 0)
-        else:              # distance maps: far when p_i - p_j >= window; the tile decides from min/max
-            kpos = tl.load(KP + b.to(tl.int64) * s_kpb + j, mask=kvalid, other=0.0)
-            far = (qpos[:, None] - kpos[None, :]) >= MWIN
-            kmin = tl.min(tl.where(kvalid, kpos, float("inf")), 0)
-            kmax = tl.max(tl.where(kvalid, kpos, float("-inf")), 0)
-            need_near = (qmin - kmax) < MWIN
-            need_far = (qmax - kmin) >= MWIN
+        kpos, vk = _map_side(KP + b.to(tl.int64) * s_kpb, VIS + b.to(tl.int64) * s_vis, j, kvalid, MAP)
+        far = _pair_far(qpos[:, None], kpos[None, :], vq[:, None], vk[None, :], MWIN, MAP)
+        need_near, need_far = _tile_kinds(far, rvalid[:, None] & kvalid[None, :])
         s = tl.zeros([BM, BN], tl.float32)
         if need_near:
             ka, ka_lo, kb, kb_lo = _k_operands(xa, xb, KT, trow, kvalid, s_tc, BH, R_HALF, KROT, DT, QKP,
@@ -125,8 +117,8 @@ def _rot_args(rot, q, D: int, dtype) -> tuple[list, list, dict]:
     qf = rot.qf if rot.qf is not None else qn
     kt = rot.ktab if rot.ktab is not None else qn
     ktf = rot.ktab_far if rot.ktab_far is not None else kt
-    qp = rot.qpos.to(torch.float32) if rot.qpos is not None else qn
-    kp = rot.kpos.to(torch.float32) if rot.kpos is not None else qn
+    qp = rot.qpos.to(torch.float64) if rot.qpos is not None else qn
+    kp = rot.kpos.to(torch.float64) if rot.kpos is not None else qn
     vis = rot.visual if rot.visual is not None else qn
     s_tc, s_tb, s_tt = rot.strides(rot.ktab)
     s_kpb = kp.stride(0) if rot.kpos is not None and kp.shape[0] > 1 else 0
