@@ -212,6 +212,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, dlse, _dtable):
     q, k, v, out, lse, table, cu_seqlens, cu_rows, positions, inv_freq, pa, ps, po, visual, *bwd_t = ctx.saved_tensors
     num_anchors, causal, window, softmax_scale, rotary_dim, interleaved, rope_scaling, backend, qkp = ctx.args
+    if dlse is not None and dlse.__class__ is torch.Tensor and dout.__class__ is not torch.Tensor:
+        dlse = None         # autograd's plain zeros for an unused lse beside DTensors: no lse gradient
     dq, dk, dv = anchor_attention_bwd_op(dout.contiguous(), dlse, q, k, v, out, lse, table, cu_seqlens, cu_rows,
                                          bwd_t, ctx.bwd_blocks, num_anchors, causal, window, softmax_scale,
                                          positions, inv_freq, rotary_dim, interleaved, rope_scaling, backend, qkp,

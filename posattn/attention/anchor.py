@@ -280,8 +280,19 @@ def anchor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
             same = (config.get("BWD_BLOCK_M", bm), config.get("BWD_BLOCK_N", bn)) == (bm, bn)
             fwd = lower(spec, cu_seqlens, cu_rows, T, bm, bn, transpose=same and needs_grad(q, k, v))
             lists, blocks = _op.pack(fwd), [bm, bn]
+    positions, inv_freq, pairs = (positions.contiguous(), ra[0], ra[4]) if ra else (None, None, (None,) * 3)
+    if q.__class__ is not torch.Tensor:
+        # DTensor q/k/v: the boundaries, lists and rope tables enter the op as replicated DTensors
+        # (the sharding rule in posattn.distributed.dtensor sees every placement; no user wrapping)
+        from posattn.rope.custom_ops import replicate_like
+
+        cu_seqlens, cu_rows, positions, inv_freq, *rest = replicate_like(q, cu_seqlens, cu_rows, positions, inv_freq,
+                                                                         *pairs, *lists)
+        pairs, lists = tuple(rest[:3]), list(rest[3:])
+        if pm[3] is not None:                       # VistaRoPE's visual flags
+            pm = (*pm[:3], replicate_like(q, pm[3])[0])
     out, lse, _table = _op.anchor_attention_op(
         q, k, v, cu_seqlens, cu_rows, lists, blocks, spec.num_anchors, spec.causal, -1 if window is None else window,
-        softmax_scale, positions.contiguous() if ra else None, ra[0] if ra else None, rot, inter,
-        ra[3] if ra else 1.0, backend_name, qk_precision, *(ra[4] if ra else (None, None, None)), *pm)
+        softmax_scale, positions, inv_freq, rot, inter, ra[3] if ra else 1.0, backend_name, qk_precision, *pairs,
+        *pm)
     return (out, lse) if return_lse else out

@@ -194,6 +194,15 @@ def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions:
     Returns:
         rotated q [T, Hq, D] in q's dtype. One kernel launch (no host sync when check is off).
     """
+    if q.__class__ is not _Tensor or k_cache.__class__ is not _Tensor:
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(q, DTensor) or isinstance(k_cache, DTensor) or isinstance(v_cache, DTensor):
+            from posattn.distributed import dtensor_decode   # head placements run on the local shards
+
+            return dtensor_decode.rope_and_cache(rope_and_cache, q, k, v, positions, spec, k_cache, v_cache,
+                                                 slot_mapping, kv_layout=kv_layout, rotate_k=rotate_k, check=check,
+                                                 backend=backend, seq_len=seq_len)
     pk = None
     if not _is_compiling() and q.__class__ is _Tensor and spec.__class__ is RopeSpec:
         try:
