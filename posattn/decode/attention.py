@@ -241,11 +241,15 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         if isinstance(q, DTensor) or isinstance(k_cache, DTensor) or isinstance(v_cache, DTensor):
             from posattn.distributed import dtensor_decode   # heads / batch placements run on the local shards
 
+            if isinstance(key_positions, torch.Tensor):
+                raise ValueError("decode_attention on DTensors takes key_positions='slots' only (a key_positions "
+                                 "tensor is not sharded with the cache: run the op on each rank's local tensors)")
             return dtensor_decode.decode_attention(
                 decode_attention, q, k_cache, v_cache, cache_seqlens, block_table=block_table,
                 cu_seqlens_q=cu_seqlens_q, k=k, v=v, positions=positions, tree_mask=tree_mask, kv_indices=kv_indices,
                 page_summary=page_summary, rope=rope, causal=causal, window=window, softmax_scale=softmax_scale,
-                return_lse=return_lse, num_splits=num_splits, backend=backend)
+                return_lse=return_lse, num_splits=num_splits, backend=backend, key_positions=key_positions,
+                qk_precision=qk_precision, position_map=position_map)
     if page_summary is not None:
         from posattn.select.quest import check_summary_for, update_page_summary
 
