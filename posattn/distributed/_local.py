@@ -146,6 +146,46 @@ def block_backward(dout, q, k, v, mask_of, lse, delta, scale):
     return dq, dk, dv
 
 
+# ---- the kernel path: posattn's C++ attention kernel over a rectangle of the step ----
+BLOCK_M, BLOCK_N = 32, 64      # the C++ anchor-attention defaults (posattn.attention.backends)
+
+
+def kernel_ok(q: torch.Tensor) -> bool:
+    """Whether a block of q's dtype / device runs on the C++ kernel (fp32 compute; fp64 keeps the
+    torch path, as does any device but the CPU: the Triton kernels take no rectangle yet)."""
+    from posattn.kernels import cpu as _cpu
+
+    return q.device.type == "cpu" and q.dtype != torch.float64 and _cpu._C is not None
+
+
+def rect_lists(spec, tokens, iq: torch.Tensor, ik: torch.Tensor, hide_anchor_keys: bool):
+    """(lists, iq int32, ik int32) of the rectangle iq x ik (global indices, int64, ascending)."""
+    from posattn.attention.masks import lower_rect
+
+    lists = lower_rect(spec, tokens, iq, ik, BLOCK_M, BLOCK_N, hide_anchor_keys)
+    return lists, iq.to(torch.int32).contiguous(), ik.to(torch.int32).contiguous()
+
+
+def rect_forward(q, k, v, rect, spec, scale, hide_anchor_keys):
+    """block_forward on the kernel: rect = rect_lists(...); returns fp32 (out [Tq, Hq, D], lse [Hq, Tq])."""
+    from posattn.kernels import cpu as _cpu
+    from posattn.kernels.cpu_attention import rect_forward as f
+
+    lists, iq, ik = rect
+    return f(q, k, v, lists, iq, ik, spec.num_anchors, spec.causal, spec.window, scale, hide_anchor_keys,
+             _cpu._threads({}))
+
+
+def rect_backward(dout, q, k, v, rect, spec, lse, delta, scale, hide_anchor_keys):
+    """block_backward on the kernel (merged lse, delta [Hq, Tq]); returns fp32 (dq, dk, dv)."""
+    from posattn.kernels import cpu as _cpu
+    from posattn.kernels.cpu_attention import rect_backward as f
+
+    lists, iq, ik = rect
+    return f(dout, q, k, v, lse, delta, lists, iq, ik, spec.num_anchors, spec.causal, spec.window, scale,
+             hide_anchor_keys, _cpu._threads({}))
+
+
 def merge(out, lse, out_b, lse_b):
     """Merge a block's (out_b, lse_b) into the running (out, lse) by log-sum-exp (in place on out).
 
