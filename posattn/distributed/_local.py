@@ -150,12 +150,18 @@ def block_backward(dout, q, k, v, mask_of, lse, delta, scale):
 BLOCK_M, BLOCK_N = 32, 64      # the C++ anchor-attention defaults (posattn.attention.backends)
 
 
-def kernel_ok(q: torch.Tensor) -> bool:
-    """Whether a block of q's dtype / device runs on the C++ kernel (fp32 compute; fp64 keeps the
-    torch path, as does any device but the CPU: the Triton kernels take no rectangle yet)."""
+def kernel_available() -> bool:
     from posattn.kernels import cpu as _cpu
 
-    return q.device.type == "cpu" and q.dtype != torch.float64 and _cpu._C is not None
+    return _cpu._C is not None
+
+
+def kernel_ok(q: torch.Tensor) -> bool:
+    """Whether blocks of q's dtype / device can run on the C++ kernel (it computes in fp32: fp64
+    stays on the torch blocks, as does any device but the CPU: the Triton kernels take no
+    rectangle yet)."""
+    return q.device.type == "cpu" and q.dtype in (torch.float32, torch.float16, torch.bfloat16) \
+        and kernel_available()
 
 
 def rect_lists(spec, tokens, iq: torch.Tensor, ik: torch.Tensor, hide_anchor_keys: bool):

@@ -58,8 +58,9 @@ class _Meta:
 
 
 class _Ring:
-    def __init__(self, plan, meta, group, rank, num_anchors, causal, window, scale):
+    def __init__(self, plan, meta, group, rank, num_anchors, causal, window, scale, kernel: bool = False):
         self.plan, self.meta, self.group, self.rank = plan, meta, group, rank
+        self.kernel = kernel           # blocks on the C++ kernel (anchor_attention's block_engine="kernel")
         self.na, self.causal, self.window, self.scale = num_anchors, causal, window, scale
         from posattn.attention.masks import MaskSpec
 
@@ -67,15 +68,15 @@ class _Ring:
 
     def fwd(self, q, k, v, src: int | None):
         """(out, lse) of the rank's queries against rank src's keys k, v (None: the anchor block):
-        the C++ kernel where it runs (L.kernel_ok), else the torch block."""
-        if L.kernel_ok(q):
+        the C++ kernel's rectangle (self.kernel), else the torch block."""
+        if self.kernel:
             return L.rect_forward(q, k, v, self.meta.rect(self.spec, self.rank, src), self.spec, self.scale,
                                   src is not None)
         return L.block_forward(q, k, v, self.mask(src), self.scale)
 
     def bwd(self, do, q, k, v, src: int | None, lse, delta):
         """(dq, dk, dv) of that block given the merged lse and delta."""
-        if L.kernel_ok(q):
+        if self.kernel:
             return L.rect_backward(do, q, k, v, self.meta.rect(self.spec, self.rank, src), self.spec, lse, delta,
                                    self.scale, src is not None)
         return L.block_backward(do, q, k, v, self.mask(src), lse, delta, self.scale)
