@@ -243,7 +243,8 @@ def overlap(tokens: int = 4096, reps: int = 5, world: int = 2, engine: str = "to
     mp.spawn(_entry, args=(world, init_file, (tokens, reps, out_file, engine)), nprocs=world, join=True)
     ranks = json.load(open(out_file))
     return {"bench": "distributed_overlap", "backend": "gloo", "world": world, "tokens": tokens,
-            "heads_q": 8, "heads_k": 2, "head_dim": 64, "dtype": "float32", "threads_per_rank": 1, "block_engine": engine,
+            "heads_q": 8, "heads_k": 2, "head_dim": 64, "dtype": "float32", "threads_per_rank": 1,
+            "block_engine": engine,
             "ranks": ranks, "worst_ratio": max(r["ratio"] for r in ranks),
             "overlap_ok": all(r["ratio"] <= 1.2 for r in ranks)}
 

@@ -336,5 +336,5 @@ def lower_rect(spec: MaskSpec, tokens, q_index: torch.Tensor, k_index: torch.Ten
         k_q_masked = ones
         k_offsets = torch.searchsorted(kb[korder], torch.arange(nkb + 1, device=dev, dtype=i64)).to(i32)
         k_nfull = torch.zeros(nkb, dtype=i32, device=dev)
-    return BlockLists(block_m, block_n, doc_start, row_start, q_offsets.to(i32), torch.zeros(nqb, dtype=i32, device=dev),
-                      kb.to(i32), ones, k_offsets, k_nfull, k_q_idx, k_q_masked, nnz, max_per_q)
+    return BlockLists(block_m, block_n, doc_start, row_start, q_offsets.to(i32),
+                      torch.zeros(nqb, dtype=i32, device=dev), kb.to(i32), ones, k_offsets, k_nfull, k_q_idx, k_q_masked, nnz, max_per_q)
