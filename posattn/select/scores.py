@@ -151,7 +151,8 @@ def scores(q: torch.Tensor, k_cache: torch.Tensor, cache_seqlens: torch.Tensor, 
         bt = torch.arange(B, dtype=torch.int32, device=q.device)[:, None]
     else:
         bt = block_table
-    key = ScoresKey(q.device.type, str(q.dtype).removeprefix("torch."), D, HQ, HK, k_cache.shape[1],
+    heads = HK if reduce == "kv_group" else HQ          # the query rows the kernel scores
+    key = ScoresKey(q.device.type, str(q.dtype).removeprefix("torch."), D, heads, HK, k_cache.shape[1],
                     rope is not None, token_bucket(S), token_bucket(B))
     kernel, config = dispatch.select("scores", key, backend=backend, device_index=q.device.index)
     wide = torch.float64 if kernel.backend == "reference" else torch.float32
@@ -162,12 +163,6 @@ def scores(q: torch.Tensor, k_cache: torch.Tensor, cache_seqlens: torch.Tensor, 
         inter = bool(rope.interleaved)
         qtab, ktab = _tables(rope, q, cache_seqlens, positions, key_positions, S, _TABLE_BACKEND[kernel.backend])
         qr = rotate_table(qr, qtab[0][:, None, :].to(wide), qtab[1][:, None, :].to(wide), R, inter)
-    out = kernel.fn(qr, k_cache, bt, cache_seqlens, scale, ktab, R, inter, config)
     if reduce == "kv_group":
-        return out.view(B, HK, HQ // HK, S).sum(2)
-    if reduce == "soft_vote":
-        # a request with no cached token has an all -inf row: its softmax is NaN, its votes 0
-        p = torch.softmax(out, dim=-1).nan_to_num_(0.0).sum(1, keepdim=True)
-        L = cache_seqlens.clamp(0, S)[:, None, None]
-        return torch.where(torch.arange(S, device=q.device) < L, p, torch.full_like(p, -float("inf")))
-    return out
+        qr = qr.view(B, HK, HQ // HK, D).sum(2)           # in fp32 (fp64 on the reference)
+    return kernel.fn(qr, k_cache, bt, cache_seqlens, scale, ktab, R, inter, config, vote=reduce == "soft_vote")
