@@ -204,9 +204,13 @@ def test_kv_group_scores_once_per_kv_head(backend, monkeypatch):
         return kern.fn(q, *a, **kw)
 
     monkeypatch.setitem(dispatch._registry["scores"], backend, type(kern)(**{**kern.__dict__, "fn": spy}))
+    dispatch.clear_memo()                               # dispatch memoises its choice of kernel
     q, kc, cs, bt = _make(2, 6, 2, 16, [5, 9], page_size=4)
-    posattn.select.scores(q.to(DEVICE), kc.to(DEVICE), cs.to(DEVICE), block_table=bt.to(DEVICE), reduce="kv_group",
-                          backend=backend)
-    posattn.select.scores(q.to(DEVICE), kc.to(DEVICE), cs.to(DEVICE), block_table=bt.to(DEVICE), reduce="soft_vote",
-                          backend=backend)
+    try:
+        for reduce in ("kv_group", "soft_vote"):
+            posattn.select.scores(q.to(DEVICE), kc.to(DEVICE), cs.to(DEVICE), block_table=bt.to(DEVICE),
+                                  reduce=reduce, backend=backend)
+    finally:
+        monkeypatch.undo()
+        dispatch.clear_memo()
     assert seen == [((2, 2, 16), False), ((2, 6, 16), True)]
