@@ -29,3 +29,6 @@ __all__ += ["rope_and_cache", "kv_compact"]
 from posattn import select  # noqa: E402  token selection (posattn.select.topk, ...)
 
 __all__ += ["select"]
+from posattn.position_maps import LeakyReRoPE, ReRoPE, SelfExtend, VistaRoPE  # noqa: E402
+
+__all__ += ["ReRoPE", "LeakyReRoPE", "SelfExtend", "VistaRoPE"]
