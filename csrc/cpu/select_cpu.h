@@ -31,6 +31,9 @@ struct ScoresProblem {
   const float* ktab; int64_t s_tc, s_tb, s_tt;
   float* out; int64_t s_ob, s_oh;
   float* vote;
+  // position maps: nullptr, or q_far fp32 (q's shape and strides), ktab_far (ktab's layout) and
+  // far uint8 [B, S_max] contiguous: slot s of request b is scored with q_far and ktab_far where far[b, s]
+  const float* q_far; const float* ktab_far; const uint8_t* far;
   float scale;
 };
 

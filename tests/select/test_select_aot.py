@@ -27,6 +27,7 @@ def test_select_kernels_compile_for_sm90a():
     kernels = _compile_in_child(SCRIPT)
     assert [k["name"] for k in kernels] == [
         "scores_d128_bf16_rope0", "scores_d128_bf16_rope1", "scores_d80_fp32_rope1", "scores_d96_fp16_rope1",
+        "scores_d128_bf16_rope1_map",
         "vote_stats", "vote_sum", "topk_block1024", "topk_block4096", "page_scores_d128_bf16", "page_scores_d80_fp32"]
     for k in kernels:
         assert k["sm90a"] and k["cubin"] > 0, k

@@ -13,7 +13,7 @@ from posattn.kernels.triton.select_topk import _topk_kernel
 
 TL_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _I32_PTRS = ("BT", "CS", "LEN", "OUT_I", "PID")
-_FP32_PTRS = ("Q", "KT", "OUT", "X", "M", "IL", "V", "S")
+_FP32_PTRS = ("Q", "KT", "OUT", "X", "M", "IL", "V", "S", "QF", "KTF")
 
 
 def _sig(fn, const: dict, cache_ty: str, cache_ptrs=("K", "KMIN", "KMAX"), out_i32=False) -> dict:
@@ -27,6 +27,8 @@ def _sig(fn, const: dict, cache_ty: str, cache_ptrs=("K", "KMIN", "KMAX"), out_i
             sig[n] = "i64"
         elif n == "scale":
             sig[n] = "fp32"
+        elif n == "FAR":
+            sig[n] = "*u8"
         elif n in cache_ptrs:
             sig[n] = f"*{cache_ty}"
         elif n in _I32_PTRS or (n == "OUT" and out_i32):
@@ -42,13 +44,15 @@ def aot_specializations():
     """(name, fn, signature, constexprs, num_warps) of every select kernel in its benchmark and odd cases."""
     out = []
     # scores: (head_dim, cache dtype, rope (rotary_dim, interleaved) or None, block_s)
-    for D, dt, rope, bs in ((128, torch.bfloat16, None, 64), (128, torch.bfloat16, (128, False), 64),
-                            (80, torch.float32, (80, True), 32), (96, torch.float16, (48, False), 128)):
+    for D, dt, rope, bs, pmap in ((128, torch.bfloat16, None, 64, False), (128, torch.bfloat16, (128, False), 64, False),
+                                  (80, torch.float32, (80, True), 32, False), (96, torch.float16, (48, False), 128, False),
+                                  (128, torch.bfloat16, (128, False), 64, True)):
         R, inter = rope if rope else (D, False)
-        const = dict(D=D, DP=triton.next_power_of_2(D), R=R, INTERLEAVED=inter, ROPE=rope is not None, BLOCK_S=bs)
+        const = dict(D=D, DP=triton.next_power_of_2(D), R=R, INTERLEAVED=inter, ROPE=rope is not None, MAP=pmap,
+                     BLOCK_S=bs)
         ty = TL_DTYPE[dt]
-        out.append((f"scores_d{D}_{ty}_rope{int(rope is not None)}", _scores_fwd, _sig(_scores_fwd, const, ty),
-                    const, 4))
+        out.append((f"scores_d{D}_{ty}_rope{int(rope is not None)}" + ("_map" if pmap else ""), _scores_fwd,
+                    _sig(_scores_fwd, const, ty), const, 4))
     for fn, blk in ((_vote_stats, 1024), (_vote_sum, 256)):
         const = dict(BLOCK=blk)
         out.append((fn.__name__.lstrip("_"), fn, _sig(fn, const, "fp32"), const, 4))

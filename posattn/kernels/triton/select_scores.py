@@ -16,9 +16,19 @@ import triton.language as tl
 
 
 @triton.jit
-def _scores_fwd(Q, K, BT, CS, KT, OUT, S_MAX, PS, HK, G, s_qb, s_qh, s_kb, s_kt, s_kh, s_bt, s_tc, s_tb, s_tt,
-                s_ob, s_oh, scale, D: tl.constexpr, DP: tl.constexpr, R: tl.constexpr,
-                INTERLEAVED: tl.constexpr, ROPE: tl.constexpr, BLOCK_S: tl.constexpr):
+def _rotate(K, row, kv, d, partner, p, sign, inr, m2, valid, trow, s_tc):
+    """rot(k) over the first R dims by the table rows trow ([BLOCK_S] pointers), k elsewhere."""
+    kp = tl.load(K + row[:, None] + partner[None, :], mask=m2 & inr[None, :], other=0.0).to(tl.float32)
+    tm = valid[:, None] & inr[None, :]
+    c = tl.load(trow[:, None] + p[None, :], mask=tm, other=1.0)
+    sn = tl.load(trow[:, None] + s_tc + p[None, :], mask=tm, other=0.0)
+    return tl.where(inr[None, :], kv * c + sign[None, :] * kp * sn, kv)
+
+
+@triton.jit
+def _scores_fwd(Q, K, BT, CS, KT, OUT, QF, KTF, FAR, S_MAX, PS, HK, G, s_qb, s_qh, s_kb, s_kt, s_kh, s_bt, s_tc,
+                s_tb, s_tt, s_ob, s_oh, scale, D: tl.constexpr, DP: tl.constexpr, R: tl.constexpr,
+                INTERLEAVED: tl.constexpr, ROPE: tl.constexpr, MAP: tl.constexpr, BLOCK_S: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // HK
     hk = pid % HK
@@ -43,16 +53,21 @@ def _scores_fwd(Q, K, BT, CS, KT, OUT, S_MAX, PS, HK, G, s_qb, s_qh, s_kb, s_kt,
             partner = tl.where(d < H2, d + H2, d - H2)
             sign = tl.where(d < H2, -1.0, 1.0)
         inr = d < R
-        kp = tl.load(K + row[:, None] + partner[None, :], mask=m2 & inr[None, :], other=0.0).to(tl.float32)
-        trow = KT + b.to(tl.int64) * s_tb + s.to(tl.int64) * s_tt                           # [BLOCK_S]
-        tm = valid[:, None] & inr[None, :]
-        c = tl.load(trow[:, None] + p[None, :], mask=tm, other=1.0)
-        sn = tl.load(trow[:, None] + s_tc + p[None, :], mask=tm, other=0.0)
-        k = tl.where(inr[None, :], k * c + sign[None, :] * kp * sn, k)
+        toff = b.to(tl.int64) * s_tb + s.to(tl.int64) * s_tt                                # [BLOCK_S]
+        k0 = k
+        k = _rotate(K, row, k0, d, partner, p, sign, inr, m2, valid, KT + toff, s_tc)
+        if MAP:
+            # a position map: the far pairs' keys at the far positions; both products per block
+            kf = _rotate(K, row, k0, d, partner, p, sign, inr, m2, valid, KTF + toff, s_tc)
+            far = tl.load(FAR + b.to(tl.int64) * S_MAX + s, mask=valid, other=0) != 0
     for g in range(G):
         h = hk * G + g
-        q = tl.load(Q + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh + d, mask=dm, other=0.0).to(tl.float32)
+        qoff = b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh + d
+        q = tl.load(Q + qoff, mask=dm, other=0.0).to(tl.float32)
         sc = tl.sum(k * q[None, :], axis=1) * scale
+        if MAP:
+            qf = tl.load(QF + qoff, mask=dm, other=0.0).to(tl.float32)
+            sc = tl.where(far, tl.sum(kf * qf[None, :], axis=1) * scale, sc)
         sc = tl.where(valid, sc, -float("inf"))
         tl.store(OUT + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh + s, sc, mask=s < S_MAX)
 
@@ -103,7 +118,7 @@ def search_space(key) -> list[dict]:
 
 
 def scores(q, k_cache, block_table, cache_seqlens, scale, ktab, rotary_dim, interleaved, config,
-           vote=False) -> torch.Tensor:
+           vote=False, far=None) -> torch.Tensor:
     """fp32 [B, Hq, S_max] ([B, 1, S_max] with vote); see posattn/kernels/reference/select_scores.py."""
     B, HQ, D = q.shape
     NB, PS, HK, _ = k_cache.shape
@@ -118,11 +133,19 @@ def scores(q, k_cache, block_table, cache_seqlens, scale, ktab, rotary_dim, inte
     else:
         s_tc = s_tb = s_tt = 0
         kt = q
+    if far is not None:        # q_far, ktab_far with q's and ktab's strides, far uint8 [B, S_max] contiguous
+        qf, ktf, fm = far[0].to(q.dtype).contiguous(), far[1].contiguous(), far[2].contiguous()
+        q, kt = q.contiguous(), kt.contiguous()
+        assert qf.stride() == q.stride() and ktf.stride() == kt.stride() and fm.shape == (B, S)
+        s_tc, s_tb, s_tt = kt.stride(0), (kt.stride(1) if kt.shape[1] > 1 else 0), kt.stride(2)
+    else:
+        qf, ktf, fm = q, kt, cache_seqlens
     _scores_fwd[(B * HK, triton.cdiv(S, bs))](
-        q, k_cache, block_table, cache_seqlens, kt, out, S, PS, HK, HQ // HK, q.stride(0), q.stride(1),
+        q, k_cache, block_table, cache_seqlens, kt, out, qf, ktf, fm, S, PS, HK, HQ // HK, q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0), s_tc, s_tb, s_tt,
         out.stride(0), out.stride(1), float(scale), D=D, DP=triton.next_power_of_2(D), R=int(rotary_dim),
-        INTERLEAVED=bool(interleaved), ROPE=ktab is not None, BLOCK_S=bs, num_warps=int(config.get("num_warps", 4)))
+        INTERLEAVED=bool(interleaved), ROPE=ktab is not None, MAP=far is not None, BLOCK_S=bs,
+        num_warps=int(config.get("num_warps", 4)))
     if not vote:
         return out
     m = torch.empty(B, HQ, dtype=torch.float32, device=q.device)
