@@ -12,11 +12,19 @@ Two parts:
 
   --overlap  (CPU, default) 2 gloo ranks run posattn.distributed.anchor_attention forward +
              backward; step_ms (the call, median of --reps after a barrier) against compute_ms, the
-             same rank's block computations alone (the blocks of its plan, no communication).
+             same rank's block computations alone (the blocks of its plan, no communication);
+             the two alternate rep by rep, so that a changing machine load affects both alike.
              overlap_ok: step_ms <= 1.2 * compute_ms on every rank.
 
-    python benchmarks/bench_distributed.py --model [--world 8]
+    python benchmarks/bench_distributed.py --model [--world 8] [--shard zigzag|contiguous|zigzag_doc]
     python benchmarks/bench_distributed.py --overlap [--tokens 4096] [--reps 5]
+
+  --blocks   (CPU, one thread, no process group) each rank's block products of the --overlap step
+             (own block, anchors, remote blocks; forward merges and backward), timed for this
+             checkout's posattn/distributed/_local.py against the one at git revision --against,
+             interleaved A/B (median of --reps), with the largest difference of their results.
+
+    python benchmarks/bench_distributed.py --blocks --against REV [--tokens 2048] [--shard zigzag]
 """
 from __future__ import annotations
 
@@ -193,18 +201,18 @@ def _overlap_rank(rank, world, tokens, reps, out_file):
         for src in srcs:
             L.block_backward(dout, qd, kd, vd, ring.mask(src), l, delta, ring.scale)
 
-    def timed(fn):
-        fn()                                                  # warm-up
-        ts = []
-        for _ in range(reps):
+    # step and compute alternate rep by rep (after one warm-up each), so that a change in the load
+    # that other work puts on the machine affects both alike; medians of --reps
+    ts = {step: [], compute: []}
+    for fn in (step, compute):
+        fn()
+    for _ in range(reps):
+        for fn in (step, compute):
             dist.barrier()
             t0 = time.perf_counter()
             fn()
-            ts.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(ts)
-
-    step_ms = timed(step)
-    compute_ms = timed(compute)
+            ts[fn].append((time.perf_counter() - t0) * 1e3)
+    step_ms, compute_ms = statistics.median(ts[step]), statistics.median(ts[compute])
     res = {"rank": rank, "step_ms": round(step_ms, 2), "compute_ms": round(compute_ms, 2),
            "ratio": round(step_ms / compute_ms, 3), "blocks": plan.blocks(rank)}
     got = [None] * world
@@ -238,19 +246,81 @@ def overlap(tokens: int = 4096, reps: int = 5, world: int = 2) -> dict:
             "overlap_ok": all(r["ratio"] <= 1.2 for r in ranks)}
 
 
+def blocks(against: str, tokens: int, reps: int, shard: str, world: int = 2) -> list[dict]:
+    import importlib.util
+    import subprocess
+
+    from posattn.distributed import _local as new
+    from posattn.distributed import ring as R
+    from posattn.distributed.plan import plan_ring
+
+    src = subprocess.run(["git", "-C", ROOT, "show", f"{against}:posattn/distributed/_local.py"], check=True,
+                         capture_output=True, text=True).stdout
+    path = os.path.join(tempfile.mkdtemp(prefix="posattn-blocks-"), "old_local.py")
+    with open(path, "w") as f:
+        f.write(src)
+    spec = importlib.util.spec_from_file_location("old_local", path)
+    old = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(old)
+    torch.set_num_threads(1)
+    HQ, HK, Dh = 8, 2, 64
+    cu = torch.tensor([0, tokens], dtype=torch.int32)
+    plan = plan_ring(cu, cu, 1, True, None, world, shard)
+    meta = R._Meta(plan, cu, cu, "cpu")
+
+    def run(L, rank, q, k, v, dout, akv, ring):
+        srcs = [rank] + [(rank - s) % world for s in range(1, world) if plan.visible[rank][(rank - s) % world]]
+        o, l = L.block_forward(q, k, v, ring.mask(rank), ring.scale)
+        o, l = L.merge(o, l, *L.block_forward(q, akv[:, 0], akv[:, 1], ring.mask(None), ring.scale))
+        for s in srcs[1:]:
+            o, l = L.merge(o, l, *L.block_forward(q, k, v, ring.mask(s), ring.scale))
+        delta = (o * dout).sum(-1).transpose(0, 1)
+        gs = [L.block_backward(dout, q, akv[:, 0], akv[:, 1], ring.mask(None), l, delta, ring.scale)]
+        gs += [L.block_backward(dout, q, k, v, ring.mask(s), l, delta, ring.scale) for s in srcs]
+        return [o] + [t for g in gs for t in g]
+
+    out = []
+    for rank in range(world):
+        g = torch.Generator().manual_seed(rank)
+        q, k, v = (torch.randn(plan.sizes[rank], h, Dh, generator=g) for h in (HQ, HK, HK))
+        dout = torch.randn(plan.sizes[rank], HQ, Dh, generator=g)
+        ring = R._Ring(plan, meta, None, rank, 1, True, None, Dh ** -0.5)
+        akv = torch.stack((k, v), 1)[: plan.anchor_index.numel()]
+        diff = max((a - b).abs().max().item() for a, b in zip(run(old, rank, q, k, v, dout, akv, ring),
+                                                               run(new, rank, q, k, v, dout, akv, ring)))
+        ts = {"old": [], "new": []}
+        for _ in range(reps):
+            for name, L in (("old", old), ("new", new)):
+                t0 = time.perf_counter()
+                run(L, rank, q, k, v, dout, akv, ring)
+                ts[name].append((time.perf_counter() - t0) * 1e3)
+        o_ms, n_ms = statistics.median(ts["old"]), statistics.median(ts["new"])
+        out.append({"bench": "distributed_blocks", "against": against, "tokens": tokens, "shard": shard,
+                    "rank": rank, "tile": new.TILE, "old_ms": round(o_ms, 1), "new_ms": round(n_ms, 1),
+                    "speedup": round(o_ms / n_ms, 2), "max_abs_diff": diff})
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", action="store_true")
     ap.add_argument("--overlap", action="store_true")
+    ap.add_argument("--blocks", action="store_true")
+    ap.add_argument("--against", default="HEAD", help="--blocks: the git revision of the other _local.py")
     ap.add_argument("--world", type=int, default=8, help="--model: ranks")
     ap.add_argument("--link-gbs", type=float, default=450.0, help="--model: GB/s per direction")
+    ap.add_argument("--shard", default="zigzag", choices=("zigzag", "contiguous", "zigzag_doc"),
+                    help="--model, --blocks: how the step is sharded")
     ap.add_argument("--tokens", type=int, default=4096, help="--overlap: tokens of the step")
     ap.add_argument("--reps", type=int, default=5)
     args = ap.parse_args(argv)
     if args.model:
-        for r in model(args.world, args.link_gbs):
+        for r in model(args.world, args.link_gbs, args.shard):
             print(json.dumps(r))
-    if args.overlap or not args.model:
+    if args.blocks:
+        for r in blocks(args.against, args.tokens, args.reps, args.shard):
+            print(json.dumps(r))
+    if args.overlap or not (args.model or args.blocks):
         print(json.dumps(overlap(args.tokens, args.reps)))
     return 0
 

@@ -125,6 +125,14 @@ step "decode bench" "$(limit 60 150)" "$PY" -m posattn bench --quick --op decode
 step "select tests (GPU)" "$(limit 60 200)" "$PY" -m pytest -q -x -p no:cacheprovider "${XDIST[@]}" tests/select
 step "select bench" "$(limit 60 150)" "$PY" -m posattn bench --quick --op select,sparse_decode \
   -o "$OUT" --no-dashboard --time-budget 60
+# 4d. position maps in anchor_attention (issue 14): SelfExtend at 32k tokens, bf16, one pass vs plain
+#     fused RoPE (target <= 1.35x its time) and vs SelfExtend's two passes from FlexAttention / SDPA
+#     (target: >= 1.7x faster); the map tests run with tests/attention in step 4
+step "selfextend bench" "$(limit 60 150)" "$PY" -m posattn bench --quick --op anchor_attention_selfextend \
+  -o "$OUT" --no-dashboard --time-budget 40
+# 4e. query-aware VQ / A2ATS (issue 14): vq kernel tests on the GPU, then the A2ATS step at 128k, batch 8, budget 2048
+step "vq tests (GPU)" "$(limit 45 150)" "$PY" -m pytest -q -x -p no:cacheprovider "${XDIST[@]}" tests/vq
+step "a2ats bench" "$(limit 45 120)" "$PY" -m posattn bench --quick --op a2ats -o "$OUT" --no-dashboard --time-budget 45
 
 # 5+6. benchmark sweep, results and dashboard -------------------------------
 WITH=() COMMITTED=()

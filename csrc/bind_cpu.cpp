@@ -12,6 +12,7 @@
 #include "cache_args.h"
 #include "cpu/decode_cpu.h"
 #include "cpu/select_cpu.h"
+#include "cpu/vq_cpu.h"
 #include "cpu/rope_table.h"
 #include "posattn/cuda_launch.h"
 #ifdef _OPENMP
@@ -201,6 +202,34 @@ PYBIND11_MODULE(_C, m) {
                                          reinterpret_cast<const float*>(lse), reinterpret_cast<float*>(dq),
                                          reinterpret_cast<float*>(dk), reinterpret_cast<float*>(dv), num_threads);
       });
+  // anchor attention with a relative-position map (posattn.position_maps; attn_set_map's map_ptrs)
+  m.def(
+      "attention_forward_map",
+      [](int64_t T, int64_t HQ, int64_t HK, int64_t D, const std::vector<int64_t>& ptrs, float scale,
+         int num_anchors, bool causal, int window, int block_m, int block_n, int rotary_dim, bool interleaved,
+         int qk_round, int64_t out, int64_t lse, int num_threads, int rope_rows, int map_code, double map_window,
+         const std::vector<int64_t>& map_ptrs) {
+        auto p = posattn::cpu::attn_problem_from(T, HQ, HK, D, ptrs, scale, num_anchors, causal, window, block_m,
+                                                 block_n, rotary_dim, interleaved, qk_round, rope_rows);
+        posattn::cpu::attn_set_map(p, map_code, map_window, map_ptrs);
+        py::gil_scoped_release release;
+        posattn::cpu::attention_forward(p, reinterpret_cast<float*>(out), reinterpret_cast<float*>(lse),
+                                        num_threads);
+      });
+  m.def(
+      "attention_backward_map",
+      [](int64_t T, int64_t HQ, int64_t HK, int64_t D, const std::vector<int64_t>& ptrs, float scale,
+         int num_anchors, bool causal, int window, int block_m, int block_n, int rotary_dim, bool interleaved,
+         int qk_round, int64_t dout, int64_t delta, int64_t lse, int64_t dq, int64_t dk, int64_t dv,
+         int num_threads, int rope_rows, int map_code, double map_window, const std::vector<int64_t>& map_ptrs) {
+        auto p = posattn::cpu::attn_problem_from(T, HQ, HK, D, ptrs, scale, num_anchors, causal, window, block_m,
+                                                 block_n, rotary_dim, interleaved, qk_round, rope_rows);
+        posattn::cpu::attn_set_map(p, map_code, map_window, map_ptrs);
+        py::gil_scoped_release release;
+        posattn::cpu::attention_backward(p, reinterpret_cast<const float*>(dout), reinterpret_cast<const float*>(delta),
+                                         reinterpret_cast<const float*>(lse), reinterpret_cast<float*>(dq),
+                                         reinterpret_cast<float*>(dk), reinterpret_cast<float*>(dv), num_threads);
+      });
   m.def(
       "decode_forward",
       [](const std::vector<int64_t>& dims, const std::vector<int64_t>& ptrs, const std::vector<int64_t>& strides,
@@ -339,4 +368,31 @@ PYBIND11_MODULE(_C, m) {
     py::gil_scoped_release release;
     posattn::cpu::kv_compact_forward(p, num_threads);
   });
+  m.def("vq_assign_forward",
+        [](int64_t keys, int dtype, int64_t T, int64_t HK, int64_t D, int64_t s_kt, int64_t s_kh, int64_t mc,
+           int64_t cn, int64_t C, int64_t codes, int code_bytes, int num_threads) {
+          if (code_bytes != 2 && code_bytes != 4) throw std::invalid_argument("vq_assign: code_bytes must be 2 or 4");
+          if (dtype < 0 || dtype > 2) throw std::invalid_argument("vq_assign: bad keys dtype code");
+          py::gil_scoped_release release;
+          posattn::cpu::vq_assign_forward(reinterpret_cast<const void*>(keys), dtype, T, HK, D, s_kt, s_kh,
+                                          reinterpret_cast<const float*>(mc), reinterpret_cast<const float*>(cn), C,
+                                          reinterpret_cast<void*>(codes), code_bytes, num_threads);
+        });
+  m.def("vq_code_scores_forward",
+        [](const std::vector<int64_t>& dims, const std::vector<int64_t>& ptrs, const std::vector<int64_t>& strides,
+           int code_bytes, float scale, int64_t block_s, int num_threads) {
+          if (dims.size() != 7 || ptrs.size() != 6 || strides.size() != 5)
+            throw std::invalid_argument("vq_code_scores: expected 7 dims, 6 pointers, 5 strides");
+          if (code_bytes != 2 && code_bytes != 4)
+            throw std::invalid_argument("vq_code_scores: code_bytes must be 2 or 4");
+          if (dims[2] <= 0 || dims[1] % dims[2])
+            throw std::invalid_argument("vq_code_scores: HQ must be a multiple of HK");
+          py::gil_scoped_release release;
+          posattn::cpu::vq_code_scores_forward(
+              reinterpret_cast<const float*>(ptrs[0]), reinterpret_cast<const float*>(ptrs[1]),
+              reinterpret_cast<const void*>(ptrs[2]), code_bytes, strides[0], strides[1],
+              reinterpret_cast<const int32_t*>(ptrs[3]), strides[2], reinterpret_cast<const int32_t*>(ptrs[4]),
+              reinterpret_cast<float*>(ptrs[5]), strides[3], strides[4], dims[0], dims[1], dims[2], dims[3], dims[4],
+              dims[5], dims[6], scale, block_s, num_threads);
+        });
 }

@@ -32,3 +32,6 @@ __all__ += ["select"]
 from posattn.position_maps import LeakyReRoPE, ReRoPE, SelfExtend, VistaRoPE  # noqa: E402
 
 __all__ += ["ReRoPE", "LeakyReRoPE", "SelfExtend", "VistaRoPE"]
+from posattn import vq  # noqa: E402  query-aware vector quantization (posattn.vq.fit, ...)
+
+__all__ += ["vq"]

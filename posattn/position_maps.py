@@ -254,3 +254,37 @@ def tile_kinds(m: PositionMap, q_lo, q_hi, k_lo, k_hi):
         return True, True
     dmin, dmax = q_lo - k_hi, q_hi - k_lo
     return dmin < m.window, dmax >= m.window
+
+
+# --- the attention kernels' view (added for anchor_attention; definitions above unchanged) --------
+
+
+def kernel_args(m: PositionMap | None) -> tuple[int, int, float, torch.Tensor | None]:
+    """(code, window, param, visual or None) of a map: the scalars a torch.library op takes
+    (0, 0, 0.0, None without a map). :func:`from_kernel_args` rebuilds the map."""
+    if m is None:
+        return NONE, 0, 0.0, None
+    return m.code, int(m.window_or_zero), float(m.param), m.visual if isinstance(m, VistaRoPE) else None
+
+
+def from_kernel_args(code: int, window: int, param: float, visual: torch.Tensor | None) -> PositionMap | None:
+    """The map of :func:`kernel_args`' tuple (None for code 0)."""
+    if code == NONE:
+        return None
+    if code == RE_ROPE:
+        return ReRoPE(int(window))
+    if code == LEAKY_RE_ROPE:
+        return LeakyReRoPE(int(window), float(param))
+    if code == SELF_EXTEND:
+        return SelfExtend(int(round(param)), int(window))
+    if code == VISTA:
+        return VistaRoPE(visual)
+    raise ValueError(f"unknown position map code {code}")
+
+
+def far_pairs(m: PositionMap, pos_q: torch.Tensor, pos_k: torch.Tensor, vis_q: torch.Tensor | None = None,
+              vis_k: torch.Tensor | None = None) -> torch.Tensor:
+    """bool [Tq, Tk]: the pairs of ``pos_q`` [Tq] x ``pos_k`` [Tk] that take the far rotation
+    (VistaRoPE: from ``vis_q`` [Tq], ``vis_k`` [Tk])."""
+    return m.is_far(pos_q[:, None], pos_k[None, :], None if vis_q is None else vis_q[:, None],
+                    None if vis_k is None else vis_k[None, :])

@@ -24,7 +24,40 @@ struct AttnProblem {
   const float* rope_cos; const float* rope_sin;
   int rotary_dim; bool interleaved; int qk_round;
   const float* rope_kcos; const float* rope_ksin; int rope_rows;
+  // relative-position map (posattn.position_maps; map_code 0: none). Pair (i, j) is "far" when
+  // map_pos[i] - map_pos[j] >= map_window (fp64 positions; codes 1-3), or, VistaRoPE (code 4),
+  // when !map_visual[i] && map_visual[j]; a far pair multiplies q and k rotated by the far
+  // tables (far_qcos/far_qsin for q, far_kcos/far_ksin for k, laid out as rope_cos) instead.
+  int map_code = 0; double map_window = 0.0;
+  const double* map_pos = nullptr; const uint8_t* map_visual = nullptr;
+  const float* far_qcos = nullptr; const float* far_qsin = nullptr;
+  const float* far_kcos = nullptr; const float* far_ksin = nullptr;
 };
+
+// Whether pair (i, j) takes the map's far rotation.
+inline bool pair_is_far(const AttnProblem& p, int64_t i, int64_t j) {
+  if (p.map_code == 0) return false;
+  if (p.map_code == 4) return !p.map_visual[i] && p.map_visual[j];
+  return p.map_pos[i] - p.map_pos[j] >= p.map_window;
+}
+
+// Sets the map of ``p``: map_ptrs = (far_qcos, far_qsin, far_kcos, far_ksin, map_pos fp64 [T],
+// map_visual uint8 [T] or 0).
+inline void attn_set_map(AttnProblem& p, int map_code, double map_window, const std::vector<int64_t>& map_ptrs) {
+  if (map_code < 0 || map_code > 4) throw std::invalid_argument("attention: map_code must be in 0..4");
+  if (map_code == 0) return;
+  if (map_ptrs.size() != 6) throw std::invalid_argument("attention: a position map needs 6 pointers");
+  if (p.rope_cos == nullptr) throw std::invalid_argument("attention: a position map needs rotary tables");
+  for (int i = 0; i < 5; ++i)
+    if (!map_ptrs[i]) throw std::invalid_argument("attention: a position map's tables and positions are required");
+  if (map_code == 4 && !map_ptrs[5]) throw std::invalid_argument("attention: VistaRoPE needs the visual flags");
+  auto f = [&](int i) { return reinterpret_cast<const float*>(map_ptrs[i]); };
+  p.map_code = map_code;
+  p.map_window = map_window;
+  p.far_qcos = f(0); p.far_qsin = f(1); p.far_kcos = f(2); p.far_ksin = f(3);
+  p.map_pos = reinterpret_cast<const double*>(map_ptrs[4]);
+  p.map_visual = reinterpret_cast<const uint8_t*>(map_ptrs[5]);
+}
 
 // out: [T, HQ, D] fp32, lse: [HQ, T] fp32 (natural log).
 void attention_forward(const AttnProblem& p, float* out, float* lse, int num_threads);

@@ -50,30 +50,47 @@ def split_lists(lists, blocks):
     return list(lists[:n]), list(lists[n:]), (blocks[2], blocks[3])
 
 
-def key_of(q, k, rotary_dim, interleaved, causal, window, num_anchors, qk_precision="bf16") -> AttnKey:
+def key_of(q, k, rotary_dim, interleaved, causal, window, num_anchors, qk_precision="bf16", map_code=0) -> AttnKey:
     T, HQ, D = q.shape
     return AttnKey(q.device.type, str(q.dtype).removeprefix("torch."), D, HQ, k.shape[1], rotary_dim, interleaved,
                    causal, window >= 0, num_anchors > 0, token_bucket(T),
                    q.device.index if q.device.type == "cuda" and q.device.index is not None else -1,
-                   qk_precision if rotary_dim else "bf16")
+                   qk_precision if rotary_dim else "bf16", map_code if rotary_dim else 0)
 
 
-def _rope(positions, inv_freq, rotary_dim, interleaved, rope_scaling, table, qk_precision, extras):
+def _rope(positions, inv_freq, rotary_dim, interleaved, rope_scaling, table, qk_precision, extras,
+          pmap=(0, 0, 0.0, None)):
     if positions is None:
         return None
     from posattn.lowered import RopeTables
+    from posattn.position_maps import from_kernel_args
 
     pa, ps, po = extras
     tables = RopeTables(inv_freq, rope_scaling, pa, positions.shape[0] if positions.dim() == 2 else 1, ps, po)
-    return Rope(positions, inv_freq, rotary_dim, interleaved, rope_scaling, table, qk_precision, tables)
+    return Rope(positions, inv_freq, rotary_dim, interleaved, rope_scaling, table, qk_precision, tables,
+                from_kernel_args(*pmap))
 
 
-def table_shape(positions, inv_freq, pair_q_offset, rotary_dim):
-    """Shape of the op's table output (posattn.rope.table.attention_tables): [n, 2, rows, T, R/2]."""
+def map_tables(positions, tables, position_map, backend):
+    """fp32 [3, 2, rows, T, R/2]: the near table (q and k), then the far rotation's tables of q
+    and of k at the map's far positions [T] (computed on the device, int64 or fp32 as the map
+    rounds them; posattn.position_maps), built by the same exact-angle routine."""
+    from posattn.rope.table import attention_tables
+
+    near = attention_tables(positions, tables, backend=backend)
+    fq = attention_tables(position_map.far_q(positions), tables, backend=backend)
+    fk = attention_tables(position_map.far_k(positions), tables, backend=backend)
+    return torch.cat((near, fq, fk))
+
+
+def table_shape(positions, inv_freq, pair_q_offset, rotary_dim, map_code=0):
+    """Shape of the op's table output (posattn.rope.table.attention_tables): [n, 2, rows, T, R/2]
+    (n = 3 with a position map: near, far q, far k)."""
     if positions is None:
         return (0,)
     rows = inv_freq.shape[0] if inv_freq.dim() == 2 else 1
-    return (2 if pair_q_offset is not None else 1, 2, rows, positions.shape[-1], rotary_dim // 2)
+    n = 3 if map_code else (2 if pair_q_offset is not None else 1)
+    return (n, 2, rows, positions.shape[-1], rotary_dim // 2)
 
 
 @torch.library.custom_op("posattn::anchor_attention", mutates_args=())
@@ -83,18 +100,26 @@ def anchor_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_se
                         inv_freq: torch.Tensor | None, rotary_dim: int, interleaved: bool, rope_scaling: float,
                         backend: str, qk_precision: str, pair_axis: torch.Tensor | None,
                         pair_pos_scale: torch.Tensor | None,
-                        pair_q_offset: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        pair_q_offset: torch.Tensor | None, map_code: int = 0, map_window: int = 0,
+                        map_param: float = 0.0,
+                        visual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """map_code, map_window, map_param, visual: posattn.position_maps.kernel_args of the
+    position map (0, 0, 0.0, None: none)."""
     from posattn.rope.table import attention_tables
 
-    key = key_of(q, k, rotary_dim, interleaved, causal, window, num_anchors, qk_precision)
+    key = key_of(q, k, rotary_dim, interleaved, causal, window, num_anchors, qk_precision, map_code)
     kernel, config = dispatch.select("anchor_attention", key, backend=backend or None,
                                      device_index=q.device.index)
     spec = MaskSpec(causal=causal, num_anchors=num_anchors, window=None if window < 0 else window)
+    pmap = (map_code, map_window, map_param, visual)
     table = q.new_empty((0,), dtype=torch.float32)
     if positions is not None:
         rope = _rope(positions, inv_freq, rotary_dim, interleaved, rope_scaling, None, qk_precision,
-                     (pair_axis, pair_pos_scale, pair_q_offset))
-        table = attention_tables(positions, rope.tables, backend=kernel.fn.table_backend)
+                     (pair_axis, pair_pos_scale, pair_q_offset), pmap)
+        if rope.position_map is not None:
+            table = map_tables(positions, rope.tables, rope.position_map, kernel.fn.table_backend)
+        else:
+            table = attention_tables(positions, rope.tables, backend=kernel.fn.table_backend)
     fwd = None
     fwd_t, _, _ = split_lists(lists, blocks)
     if fwd_t is None:
@@ -110,15 +135,16 @@ def anchor_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_se
             fwd = lower(spec, cu_seqlens, cu_rows, q.shape[0], config["BLOCK_M"], config["BLOCK_N"], transpose=False)
     out, lse = kernel.fn(q, k, v, cu_seqlens, cu_rows, fwd, spec, softmax_scale,
                          _rope(positions, inv_freq, rotary_dim, interleaved, rope_scaling, table, qk_precision,
-                               (pair_axis, pair_pos_scale, pair_q_offset)), config)
+                               (pair_axis, pair_pos_scale, pair_q_offset), pmap), config)
     return out, lse, table
 
 
 @anchor_attention_op.register_fake
 def _(q, k, v, cu_seqlens, cu_rows, lists, blocks, num_anchors, causal, window, softmax_scale, positions, inv_freq,
-      rotary_dim, interleaved, rope_scaling, backend, qk_precision, pair_axis, pair_pos_scale, pair_q_offset):
+      rotary_dim, interleaved, rope_scaling, backend, qk_precision, pair_axis, pair_pos_scale, pair_q_offset,
+      map_code=0, map_window=0, map_param=0.0, visual=None):
     T, HQ, _ = q.shape
-    table = q.new_empty(table_shape(positions, inv_freq, pair_q_offset, rotary_dim), dtype=torch.float32)
+    table = q.new_empty(table_shape(positions, inv_freq, pair_q_offset, rotary_dim, map_code), dtype=torch.float32)
     return torch.empty_like(q), q.new_empty((HQ, T), dtype=torch.float32), table
 
 
@@ -131,10 +157,12 @@ def anchor_attention_bwd_op(dout: torch.Tensor, dlse: torch.Tensor | None, q: to
                             interleaved: bool, rope_scaling: float,
                             backend: str, qk_precision: str, pair_axis: torch.Tensor | None,
                             pair_pos_scale: torch.Tensor | None,
-                            pair_q_offset: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                            pair_q_offset: torch.Tensor | None, map_code: int = 0, map_window: int = 0,
+                            map_param: float = 0.0,
+                            visual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``lists``/``blocks``: the backward's lists with the transpose (10 tensors) for
     [BWD_BLOCK_M, BWD_BLOCK_N], or both empty to lower here."""
-    key = key_of(q, k, rotary_dim, interleaved, causal, window, num_anchors, qk_precision)
+    key = key_of(q, k, rotary_dim, interleaved, causal, window, num_anchors, qk_precision, map_code)
     kernel, config = dispatch.select("anchor_attention", key, backend=backend or None,
                                      device_index=q.device.index)
     spec = MaskSpec(causal=causal, num_anchors=num_anchors, window=None if window < 0 else window)
@@ -149,7 +177,7 @@ def anchor_attention_bwd_op(dout: torch.Tensor, dlse: torch.Tensor | None, q: to
             bwd = lower(spec, cu_seqlens, cu_rows, q.shape[0], bm, bn)
         # the kernels read the backward's block sizes from the lists, the warps/stages from config
     rope = _rope(positions, inv_freq, rotary_dim, interleaved, rope_scaling, table, qk_precision,
-                 (pair_axis, pair_pos_scale, pair_q_offset))
+                 (pair_axis, pair_pos_scale, pair_q_offset), (map_code, map_window, map_param, visual))
     return kernel.fn.backward(dout, dlse, q, k, v, out, lse, cu_seqlens, cu_rows, bwd, spec, softmax_scale, rope,
                               config)
 
@@ -157,36 +185,45 @@ def anchor_attention_bwd_op(dout: torch.Tensor, dlse: torch.Tensor | None, q: to
 @anchor_attention_bwd_op.register_fake
 def _(dout, dlse, q, k, v, out, lse, table, cu_seqlens, cu_rows, lists, blocks, num_anchors, causal, window,
       softmax_scale, positions, inv_freq, rotary_dim, interleaved, rope_scaling, backend, qk_precision, pair_axis,
-      pair_pos_scale, pair_q_offset):
+      pair_pos_scale, pair_q_offset, map_code=0, map_window=0, map_param=0.0, visual=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, cu_seqlens, cu_rows, lists, blocks, num_anchors, causal, window, softmax_scale, positions, inv_freq,
      rotary_dim, interleaved, rope_scaling, backend, qkp, *extras) = inputs
+    # the position map's (code, window, param, visual) come last (defaults when left out)
+    extras, (map_code, map_window, map_param, visual) = extras[:3], (tuple(extras[3:]) + (0, 0, 0.0, None)[
+        len(extras) - 3:])
     out, lse, table = output
     ctx.mark_non_differentiable(table)
     _, bwd_t, bwd_blocks = split_lists(lists, blocks)
     bwd_t = bwd_t or []
     ctx.bwd_blocks = list(bwd_blocks) if bwd_blocks else []
     ctx.n_lists = len(bwd_t)
-    ctx.save_for_backward(q, k, v, out, lse, table, cu_seqlens, cu_rows, positions, inv_freq, *extras, *bwd_t)
+    ctx.save_for_backward(q, k, v, out, lse, table, cu_seqlens, cu_rows, positions, inv_freq, *extras, visual,
+                          *bwd_t)
     ctx.args = (num_anchors, causal, window, softmax_scale, rotary_dim, interleaved, rope_scaling, backend,
                 qkp)
+    ctx.pmap = (map_code, map_window, map_param)
     ctx.input_lens = (len(lists), len(blocks))
 
 
 def _backward(ctx, dout, dlse, _dtable):
-    q, k, v, out, lse, table, cu_seqlens, cu_rows, positions, inv_freq, pa, ps, po, *bwd_t = ctx.saved_tensors
+    q, k, v, out, lse, table, cu_seqlens, cu_rows, positions, inv_freq, pa, ps, po, visual, *bwd_t = ctx.saved_tensors
     num_anchors, causal, window, softmax_scale, rotary_dim, interleaved, rope_scaling, backend, qkp = ctx.args
+    if dlse is not None and dlse.__class__ is torch.Tensor and dout.__class__ is not torch.Tensor:
+        dlse = None         # autograd's plain zeros for an unused lse beside DTensors: no lse gradient
     dq, dk, dv = anchor_attention_bwd_op(dout.contiguous(), dlse, q, k, v, out, lse, table, cu_seqlens, cu_rows,
                                          bwd_t, ctx.bwd_blocks, num_anchors, causal, window, softmax_scale,
                                          positions, inv_freq, rotary_dim, interleaved, rope_scaling, backend, qkp,
-                                         pa, ps, po)
+                                         pa, ps, po, *ctx.pmap, visual)
     n_lists, n_blocks = ctx.input_lens
     # one gradient per input, in its structure (pytree: a list of ints takes None, an empty
     # list []); none flows into the boundaries, lists or rope
-    return (dq, dk, dv, None, None, [None] * n_lists, None if n_blocks else []) + (None,) * 14
+    # (trailing arguments left at their defaults are not among the inputs: count them)
+    n_rest = len(ctx.needs_input_grad) - 7
+    return (dq, dk, dv, None, None, [None] * n_lists, None if n_blocks else []) + (None,) * n_rest
 
 
 anchor_attention_op.register_autograd(_backward, setup_context=_setup_context)

@@ -138,6 +138,17 @@ def check_qkv(q, k, v) -> None:
         raise ValueError(f"head_dim must be in 1..{MAX_HEAD_DIM}; got {D}")
 
 
+def check_map(position_map, rope, T: int, device) -> tuple:
+    """posattn.position_maps.kernel_args of ``position_map`` after its checks (a map needs a
+    single-axis ``rope``; VistaRoPE's visual must be bool [T] on q's device); no host sync."""
+    from posattn import position_maps as PM
+
+    m = PM.check_position_map(position_map, rope)
+    if isinstance(m, PM.VistaRoPE):
+        m.check_visual((T,), device, "one flag per packed token")
+    return PM.kernel_args(m)
+
+
 QK_PRECISIONS = ("bf16", "bf16x3", "fp32")
 
 
@@ -169,7 +180,8 @@ def anchor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                      cu_rows: torch.Tensor | None = None, num_anchors: int = 1, causal: bool = True,
                      window: int | None = None, softmax_scale: float | None = None, rope=None,
                      positions: torch.Tensor | None = None, return_lse: bool = False,
-                     backend: str | None = None, plan=None, qk_precision: str | None = None):
+                     backend: str | None = None, plan=None, qk_precision: str | None = None,
+                     position_map=None):
     """Attention over packed documents, each row sharing an anchor prefix (AnchorAttention).
 
     Args:
@@ -198,12 +210,19 @@ def anchor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
             "fp32" multiplies in fp32 (slow; for reference runs). fp32 inputs, and q/k
             without rope, are multiplied exactly as given whatever the mode. The C++ CPU
             kernel computes "bf16x3" in fp32. None: "bf16", or the plan's with ``plan``.
+        position_map: None or a relative-position map (:class:`posattn.ReRoPE`, ``LeakyReRoPE``,
+            ``SelfExtend``, ``VistaRoPE``; posattn.position_maps), with ``rope`` (single axis):
+            k is given *before* RoPE and each (query i, key j) pair is rotated near (q at p_i, k
+            at p_j) or far (q at far_q(i), k at far_k(j)) as the map says, in one pass (a key
+            tile that straddles the map's window computes both products, others one).
+            VistaRoPE's ``visual`` is bool [T] over the packed tokens.
         return_lse: also return the log-sum-exp.
         backend: force "triton", "cpu" (C++) or "reference".
         plan: a :func:`posattn.attention.plan` for this batch layout: the call then makes no
             host synchronisation (CUDA-graph capturable). The mask arguments (``cu_seqlens``,
             ``cu_rows``, ``num_anchors``, ``causal``, ``window``, ``rope``, ``backend``) must be
-            the plan's; without a plan every call checks the boundaries' values on the host.
+            the plan's (``position_map`` too: None means the plan's); without a plan every call
+            checks the boundaries' values on the host.
 
     Returns:
         out [T, Hq, D] in q's dtype, and with ``return_lse`` the fp32 log-sum-exp [Hq, T].
@@ -217,7 +236,8 @@ def anchor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         return plan.run(q, k, v, cu_seqlens=cu_seqlens, cu_rows=cu_rows, num_anchors=num_anchors, causal=causal,
                         window=window, softmax_scale=softmax_scale, rope=rope, positions=positions,
                         return_lse=return_lse, backend=backend,
-                        **({} if qk_precision is None else {"qk_precision": qk_precision}))
+                        **({} if qk_precision is None else {"qk_precision": qk_precision}),
+                        **({} if position_map is None else {"position_map": position_map}))
     check_qkv(q, k, v)
     T, _, D = q.shape
     _check_boundaries(cu_seqlens, "cu_seqlens", q.device)
@@ -230,6 +250,7 @@ def anchor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     V.boolean(return_lse, "return_lse")
     qk_precision = check_qk_precision("bf16" if qk_precision is None else qk_precision)
     check_rope(rope, positions, T, D, q.device)
+    pm = check_map(position_map, rope, T, q.device)
     ra = None
     if rope is not None:
         seq_len = None
@@ -246,7 +267,8 @@ def anchor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         # on the host: the op resolves the backend and lowers inside (or pass a plan)
         backend_name = backend or ""
     else:
-        key = _op.key_of(q, k, rot, inter, causal, -1 if window is None else window, num_anchors, qk_precision)
+        key = _op.key_of(q, k, rot, inter, causal, -1 if window is None else window, num_anchors, qk_precision,
+                         pm[0])
         kernel, config = dispatch.select("anchor_attention", key, backend=backend,
                                          device_index=q.device.index)
         backend_name = kernel.backend
@@ -258,8 +280,19 @@ def anchor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
             same = (config.get("BWD_BLOCK_M", bm), config.get("BWD_BLOCK_N", bn)) == (bm, bn)
             fwd = lower(spec, cu_seqlens, cu_rows, T, bm, bn, transpose=same and needs_grad(q, k, v))
             lists, blocks = _op.pack(fwd), [bm, bn]
+    positions, inv_freq, pairs = (positions.contiguous(), ra[0], ra[4]) if ra else (None, None, (None,) * 3)
+    if q.__class__ is not torch.Tensor:
+        # DTensor q/k/v: the boundaries, lists and rope tables enter the op as replicated DTensors
+        # (the sharding rule in posattn.distributed.dtensor sees every placement; no user wrapping)
+        from posattn.rope.custom_ops import replicate_like
+
+        cu_seqlens, cu_rows, positions, inv_freq, *rest = replicate_like(q, cu_seqlens, cu_rows, positions, inv_freq,
+                                                                         *pairs, *lists)
+        pairs, lists = tuple(rest[:3]), list(rest[3:])
+        if pm[3] is not None:                       # VistaRoPE's visual flags
+            pm = (*pm[:3], replicate_like(q, pm[3])[0])
     out, lse, _table = _op.anchor_attention_op(
         q, k, v, cu_seqlens, cu_rows, lists, blocks, spec.num_anchors, spec.causal, -1 if window is None else window,
-        softmax_scale, positions.contiguous() if ra else None, ra[0] if ra else None, rot, inter,
-        ra[3] if ra else 1.0, backend_name, qk_precision, *(ra[4] if ra else (None, None, None)))
+        softmax_scale, positions, inv_freq, rot, inter, ra[3] if ra else 1.0, backend_name, qk_precision, *pairs,
+        *pm)
     return (out, lse) if return_lse else out

@@ -41,6 +41,7 @@ class AttnKey:
     tokens_bucket: int
     device_index: int = -1         # q's CUDA device (-1: CPU, or unknown): configs are sized for it
     qk_precision: str = "bf16"     # "bf16" | "bf16x3" | "fp32" (rotated 16-bit q/k products)
+    position_map: int = 0          # posattn.position_maps code (0: none): a map doubles the q/k registers
 
 
 class Rope(NamedTuple):
@@ -52,10 +53,16 @@ class Rope(NamedTuple):
     table: torch.Tensor | None     # fp32 [n, 2, rows, T, R/2] (posattn.rope.table.attention_tables)
     qk_precision: str = "bf16"
     tables: object = None          # posattn.lowered.RopeTables (the reference rotates from it in fp64)
+    position_map: object = None    # posattn.position_maps map or None (table then [3, ...]: near, far q, far k)
 
 
 def _kernel_rope(rope):
-    return None if rope is None else (rope.table, rope.rotary_dim, rope.interleaved, rope.qk_precision)
+    """(table, rotary_dim, interleaved, qk_precision, map) for the kernels; map is None or
+    (position map, positions [T]) and then table is [3, 2, rows, T, R/2] (near, far q, far k)."""
+    if rope is None:
+        return None
+    pm = None if rope.position_map is None else (rope.position_map, rope.positions)
+    return (rope.table, rope.rotary_dim, rope.interleaved, rope.qk_precision, pm)
 
 
 # ---------------------------------------------------------------------------
@@ -157,7 +164,8 @@ def _ref_rope(rope):
 def _reference_forward(q, k, v, cu_seqlens, cu_rows, lists, spec, softmax_scale, rope, config):
     out, lse = ref_attn.anchor_attention(q, k, v, cu_seqlens, cu_rows, spec.num_anchors, spec.causal,
                                          spec.window, softmax_scale, _ref_rope(rope),
-                                         qk_precision=rope.qk_precision if rope is not None else "bf16")
+                                         qk_precision=rope.qk_precision if rope is not None else "bf16",
+                                         position_map=rope.position_map if rope is not None else None)
     # outputs take q's strides, as the Triton kernel's and the fake implementation's do
     return torch.empty_like(q).copy_(out), lse.to(torch.float32).contiguous()
 
@@ -166,7 +174,8 @@ def _reference_backward(dout, dlse, q, k, v, out, lse, cu_seqlens, cu_rows, list
                         config):
     dq, dk, dv = ref_attn.anchor_attention_backward(dout, dlse, q, k, v, cu_seqlens, cu_rows, spec.num_anchors,
                                                     spec.causal, spec.window, softmax_scale, _ref_rope(rope),
-                                                    qk_precision=rope.qk_precision if rope is not None else "bf16")
+                                                    qk_precision=rope.qk_precision if rope is not None else "bf16",
+                                                    position_map=rope.position_map if rope is not None else None)
     return torch.empty_like(q).copy_(dq), torch.empty_like(k).copy_(dk), torch.empty_like(v).copy_(dv)
 
 

@@ -48,12 +48,14 @@ class AttentionPlan:
     lists: tuple                   # the op's encoding (see _op.py)
     blocks: tuple
     qk_precision: str = "bf16"
+    position_map: object = None    # posattn.position_maps map or None
 
     def _mismatch(self, name, got, want):
         return ValueError(f"{name} ({got}) differs from the plan's ({want}); build a new plan for this layout")
 
     def run(self, q, k, v, *, cu_seqlens=None, cu_rows=None, num_anchors=_PLANS, causal=_PLANS, window=_PLANS,
-            softmax_scale=None, rope=_PLANS, positions=None, return_lse=False, backend=None, qk_precision=_PLANS):
+            softmax_scale=None, rope=_PLANS, positions=None, return_lse=False, backend=None, qk_precision=_PLANS,
+            position_map=_PLANS):
         """anchor_attention with this plan (see its docstring); no host synchronisation. Mask
         arguments left out are the plan's; given ones must equal the plan's."""
         A.check_qkv(q, k, v)
@@ -73,6 +75,8 @@ class AttentionPlan:
                 raise self._mismatch(name, val, mine)
         if rope is not _PLANS and rope != self.rope:
             raise self._mismatch("rope", rope, self.rope)
+        if position_map is not _PLANS and position_map is not self.position_map and position_map != self.position_map:
+            raise self._mismatch("position_map", position_map, self.position_map)
         if backend is not None and backend != self.backend:
             raise self._mismatch("backend", backend, self.backend)
         if qk_precision is not _PLANS and qk_precision != self.qk_precision:
@@ -81,6 +85,7 @@ class AttentionPlan:
         softmax_scale = A.check_scale(softmax_scale, D)
         V.boolean(return_lse, "return_lse")
         A.check_rope(self.rope, positions, T, D, q.device)
+        pm = A.check_map(self.position_map, self.rope, T, q.device)
         ra = self.rope_args
         q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
         w = -1 if self.spec.window is None else self.spec.window
@@ -88,7 +93,7 @@ class AttentionPlan:
             q, k, v, self.cu_seqlens, self.cu_rows, list(self.lists), list(self.blocks), self.spec.num_anchors,
             self.spec.causal, w, softmax_scale, positions.contiguous() if ra else None, ra[0] if ra else None,
             ra[1] if ra else 0, ra[2] if ra else False, ra[3] if ra else 1.0, self.backend, self.qk_precision,
-            *(ra[4] if ra else (None, None, None)))
+            *(ra[4] if ra else (None, None, None)), *pm)
         return (out, lse) if return_lse else out
 
     __call__ = run
@@ -97,7 +102,7 @@ class AttentionPlan:
 def plan(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, *, cu_rows: torch.Tensor | None = None,
          num_anchors: int = 1, causal: bool = True, window: int | None = None, rope=None,
          max_seqlen: int | None = None, backend: str | None = None, backward: bool = True,
-         qk_precision: str = "bf16") -> AttentionPlan:
+         qk_precision: str = "bf16", position_map=None) -> AttentionPlan:
     """Check, choose and lower once for a batch layout; see the module docstring.
 
     Args:
@@ -108,6 +113,8 @@ def plan(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, *, cu_rows:
             whose tables depend on it (DynamicNTK, LongRoPE), ignored otherwise.
         backward: also lower the backward's lists (default), so that gradients make no host sync.
         qk_precision: as :func:`posattn.anchor_attention` takes it; calls with the plan use it.
+        position_map: as :func:`posattn.anchor_attention` takes it (VistaRoPE's visual [T] is the
+            plan's; calls with the plan use it).
     """
     for name, x in (("q", q), ("k", k)):
         V.float_tensor(x, name)
@@ -132,9 +139,10 @@ def plan(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, *, cu_rows:
             seq_len = max_seqlen
         ra = A.rope_tables(rope, q.device, seq_len)
         A.check_rope_heads(ra, HQ, k.shape[1])
+    pm = A.check_map(position_map, rope, T, q.device)
     A.check_boundary_values(T, cu_seqlens, cu_rows, num_anchors)
     rot, inter = (ra[1], ra[2]) if ra else (0, False)
-    key = _op.key_of(q, k, rot, inter, causal, -1 if window is None else window, num_anchors, qk_precision)
+    key = _op.key_of(q, k, rot, inter, causal, -1 if window is None else window, num_anchors, qk_precision, pm[0])
     kernel, config = dispatch.select("anchor_attention", key, backend=backend, device_index=q.device.index)
     lists, blocks = [], []
     if kernel.fn.uses_lists:
@@ -147,4 +155,4 @@ def plan(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, *, cu_rows:
             lists += _op.pack(lower(spec, cu_seqlens, cu_rows, T, bbm, bbn))
             blocks += [bbm, bbn]
     return AttentionPlan(T, HQ, k.shape[1], D, q.dtype, q.device, cu_seqlens, cu_rows, spec, rope, ra,
-                         kernel.backend, tuple(lists), tuple(blocks), qk_precision)
+                         kernel.backend, tuple(lists), tuple(blocks), qk_precision, position_map)

@@ -18,6 +18,7 @@ KEY_BUILDERS = {
     "topk": "posattn.autotune.keys_topk",
     "scores": "posattn.autotune.keys_scores",
     "page_scores": "posattn.autotune.keys_page_scores",
+    "vq_code_scores": "posattn.autotune.keys_vq_code_scores",
 }
 
 

@@ -40,6 +40,7 @@ _BUILTIN_ADAPTERS["decode_attention"] = "posattn.autotune.ops_decode"
 _BUILTIN_ADAPTERS["rope_and_cache"] = "posattn.autotune.ops_cache"
 _BUILTIN_ADAPTERS["kv_compact"] = "posattn.autotune.ops_cache"
 _BUILTIN_ADAPTERS.update(dict.fromkeys(("topk", "scores", "page_scores"), "posattn.autotune.ops_select"))
+_BUILTIN_ADAPTERS["vq_code_scores"] = "posattn.autotune.ops_vq"
 
 
 def register_adapter(op: str, adapter) -> None:

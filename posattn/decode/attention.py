@@ -188,6 +188,17 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     capacity, block-table entries in range, tree-mask width); later calls of the same
     signature skip every check and read no value on the host.
     """
+    if q.__class__ is not torch.Tensor or k_cache.__class__ is not torch.Tensor:
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(q, DTensor) or isinstance(k_cache, DTensor) or isinstance(v_cache, DTensor):
+            from posattn.distributed import dtensor_decode   # heads / batch placements run on the local shards
+
+            return dtensor_decode.decode_attention(
+                decode_attention, q, k_cache, v_cache, cache_seqlens, block_table=block_table,
+                cu_seqlens_q=cu_seqlens_q, k=k, v=v, positions=positions, tree_mask=tree_mask, kv_indices=kv_indices,
+                page_summary=page_summary, rope=rope, causal=causal, window=window, softmax_scale=softmax_scale,
+                return_lse=return_lse, num_splits=num_splits, backend=backend)
     if page_summary is not None:
         from posattn.select.quest import check_summary_for, update_page_summary
 

@@ -176,7 +176,8 @@ class _CachePlan:
 def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, spec: RopeSpec,
                    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, *,
                    kv_layout: str = "NHD", rotate_k: bool = True, check: bool | None = None,
-                   backend: str | None = None, seq_len: int | None = None, page_summary=None) -> torch.Tensor:
+                   backend: str | None = None, seq_len: int | None = None, codebook=None,
+                   codes: torch.Tensor | None = None, page_summary=None) -> torch.Tensor:
     """Rotate q and k by their positions, write the rotated k and v into a paged cache, return the rotated q.
 
     Args:
@@ -190,6 +191,9 @@ def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions:
         rotate_k: False writes the keys as given (pre-RoPE caches); q is rotated either way.
         check: value checks of slot_mapping (None: only for CPU tensors, which costs no sync).
         backend: "triton", "cpu" or "reference" (default: the dispatch order).
+        codebook, codes: a posattn.vq.Codebook and its codes cache [num_blocks, page_size, Hk]
+            (codebook.code_dtype): each key's code (of k as given, before RoPE) is written at
+            its slot too (A2ATS, docs/vq.md).
         page_summary: a posattn.select.PageSummary of this cache (Quest, page_size = the cache's):
             after the write, each page it touched is recomputed over its rows up to the last one
             written (pages fill in order); a summary of another page size or shape is refused
@@ -206,9 +210,27 @@ def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions:
         if isinstance(k_cache, torch.Tensor) and k_cache.dim() == 4:
             check_summary_slots(page_summary, _nhd(k_cache, kv_layout))     # before any launch
         qo = rope_and_cache(q, k, v, positions, spec, k_cache, v_cache, slot_mapping, kv_layout=kv_layout,
-                            rotate_k=rotate_k, check=check, backend=backend, seq_len=seq_len)
+                            rotate_k=rotate_k, check=check, backend=backend, seq_len=seq_len, codebook=codebook,
+                            codes=codes)
         update_page_summary_slots(page_summary, _nhd(k_cache, kv_layout), slot_mapping)
         return qo
+    if codebook is not None or codes is not None:    # A2ATS: the keys' codes written at the same slots
+        from posattn.vq.ops import check_cache_codes, write_cache_codes
+
+        check_cache_codes(k, k_cache, kv_layout, codebook, codes)
+        qo = rope_and_cache(q, k, v, positions, spec, k_cache, v_cache, slot_mapping, kv_layout=kv_layout,
+                            rotate_k=rotate_k, check=check, backend=backend, seq_len=seq_len)
+        write_cache_codes(k, codebook, codes, slot_mapping, backend)
+        return qo
+    if q.__class__ is not _Tensor or k_cache.__class__ is not _Tensor:
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(q, DTensor) or isinstance(k_cache, DTensor) or isinstance(v_cache, DTensor):
+            from posattn.distributed import dtensor_decode   # head placements run on the local shards
+
+            return dtensor_decode.rope_and_cache(rope_and_cache, q, k, v, positions, spec, k_cache, v_cache,
+                                                 slot_mapping, kv_layout=kv_layout, rotate_k=rotate_k, check=check,
+                                                 backend=backend, seq_len=seq_len)
     pk = None
     if not _is_compiling() and q.__class__ is _Tensor and spec.__class__ is RopeSpec:
         try:

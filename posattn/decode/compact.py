@@ -69,6 +69,15 @@ def kv_compact(k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torc
             block table entries): None runs them for CPU tensors only (never under
             torch.compile), True always (one sync), False never.
     """
+    if k_cache.__class__ is not torch.Tensor:
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(k_cache, DTensor):
+            from posattn.distributed import dtensor_decode   # heads / batch placements run on the local shards
+
+            return dtensor_decode.kv_compact(kv_compact, k_cache, v_cache, cache_seqlens, src, counts,
+                                             block_table=block_table, kv_layout=kv_layout, check=check,
+                                             backend=backend)
     pk = None
     if not torch.compiler.is_compiling():
         try:

@@ -14,17 +14,32 @@ block, never O(T^2)):
 
 exactly the mask of posattn.attention.masks / kernels.reference.attention.build_mask.
 Queries are processed in tiles of ``TILE`` rows, so a block's scores never exceed
-[Hq, TILE, Tk] (the mask is built per tile too).
+[Hq, TILE, Tk] (the mask is built per tile too). Each tile's products cover only the bounding
+box of its mask's visible entries (rows and keys; one host read per tile): a tile nobody in
+it can see costs its mask only, and a causal tile skips the keys after its last query.
 """
 from __future__ import annotations
 
 import torch
 
-TILE = 1024          # query rows per product: bounds the scores' memory to Hq * TILE * Tk
+TILE = 256           # query rows per product: bounds the scores' memory to Hq * TILE * Tk; 256 rows
+#                      keep a causal tile's box tight (1024 was 1.5-2x slower on CPU: docs/distributed.md)
 
 
 def _tiles(n: int):
     return [(a, min(n, a + TILE)) for a in range(0, n, TILE)]
+
+
+def _box(m: torch.Tensor):
+    """(r0, r1, c0, c1): the bounding box [r0, r1) x [c0, c1) of m's True entries, or None when
+    m [n, Tk] has none (one host read)."""
+    n, k = m.shape
+    if n == 0 or k == 0:
+        return None
+    ra, ca = m.any(1).to(torch.int8), m.any(0).to(torch.int8)
+    has, r0, rl, c0, cl = torch.stack((ra.max(), ra.argmax(), ra.flip(0).argmax(), ca.argmax(),
+                                       ca.flip(0).argmax())).tolist()
+    return (r0, n - rl, c0, k - cl) if has else None
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -78,11 +93,17 @@ def block_forward(q, k, v, mask_of, scale):
     kf, vf = k.to(ct), v.to(ct)
     out = torch.zeros((Tq, HQ, D), dtype=ct, device=q.device)
     lse = torch.full((HQ, Tq), float("-inf"), dtype=ct, device=q.device)
-    for a, b in _tiles(Tq):
-        s = _scores(q[a:b].to(ct), kf, mask_of(a, b), scale)
-        l = torch.logsumexp(s, -1)                                         # [Hk, g, tile]
+    for a0, b0 in _tiles(Tq):
+        m = mask_of(a0, b0)
+        box = _box(m)
+        if box is None:                                                    # nothing visible: out 0, lse -inf
+            continue
+        r0, r1, c0, c1 = box
+        a, b = a0 + r0, a0 + r1
+        s = _scores(q[a:b].to(ct), kf[c0:c1], m[r0:r1, c0:c1], scale)
+        l = torch.logsumexp(s, -1)                                         # [Hk, g, rows]
         p = torch.exp(s - l.masked_fill(torch.isinf(l), 0.0)[..., None])
-        out[a:b] = torch.einsum("hgqk,khd->qhgd", p, vf).reshape(b - a, HQ, D)
+        out[a:b] = torch.einsum("hgqk,khd->qhgd", p, vf[c0:c1]).reshape(b - a, HQ, D)
         lse[:, a:b] = l.reshape(HQ, b - a)
     return out, lse
 
@@ -103,18 +124,25 @@ def block_backward(dout, q, k, v, mask_of, lse, delta, scale):
     dq = torch.zeros((Tq, HQ, D), dtype=ct, device=q.device)
     dk = torch.zeros(kf.shape, dtype=ct, device=q.device)
     dv = torch.zeros(vf.shape, dtype=ct, device=q.device)
-    for a, b in _tiles(Tq):
+    for a0, b0 in _tiles(Tq):
+        m = mask_of(a0, b0)
+        box = _box(m)
+        if box is None:                                  # nothing visible: no gradient from this tile
+            continue
+        r0, r1, c0, c1 = box
+        a, b = a0 + r0, a0 + r1
         n = b - a
         qf = q[a:b].to(ct)
         do = dout[a:b].to(ct).reshape(n, HK, g, D)
-        s = _scores(qf, kf, mask_of(a, b), scale)
+        kb, vb = kf[c0:c1], vf[c0:c1]
+        s = _scores(qf, kb, m[r0:r1, c0:c1], scale)
         lse4 = lse[:, a:b].to(ct).reshape(HK, g, n, 1)
         p = torch.exp(s - lse4.masked_fill(torch.isinf(lse4), 0.0))
-        dv += torch.einsum("hgqk,qhgd->khd", p, do)
-        dp = torch.einsum("qhgd,khd->hgqk", do, vf)
+        dv[c0:c1] += torch.einsum("hgqk,qhgd->khd", p, do)
+        dp = torch.einsum("qhgd,khd->hgqk", do, vb)
         ds = p * (dp - delta[:, a:b].to(ct).reshape(HK, g, n, 1))
-        dq[a:b] = torch.einsum("hgqk,khd->qhgd", ds, kf).reshape(n, HQ, D) * scale
-        dk += torch.einsum("hgqk,qhgd->khd", ds, qf.reshape(n, HK, g, D)) * scale
+        dq[a:b] = torch.einsum("hgqk,khd->qhgd", ds, kb).reshape(n, HQ, D) * scale
+        dk[c0:c1] += torch.einsum("hgqk,qhgd->khd", ds, qf.reshape(n, HK, g, D)) * scale
     return dq, dk, dv
 
 

@@ -46,7 +46,8 @@ def anchor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         rope: a :class:`posattn.RopeSpec`; q and k are rotated by ``positions`` before the ring.
         positions: [T_l] global positions of this rank's tokens (``shard_positions``), with ``rope``.
         group: the torch.distributed process group (default: the world).
-        shard: "zigzag" or "contiguous": how the step was sharded.
+        shard: "zigzag", "contiguous" or "zigzag_doc" (chunks r and 2W-1-r of every document,
+            posattn.distributed.sharding): how the step was sharded.
 
     Returns:
         out [T_l, Hq, D] (and with ``return_lse`` the fp32 lse [Hq, T_l]) for this rank's tokens,
@@ -92,7 +93,8 @@ def anchor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         if not isinstance(positions, torch.Tensor) or positions.dim() != 1 or positions.shape[0] != Tl:
             raise ValueError(f"positions must be a [T_local] = [{Tl}] tensor; got "
                              f"{tuple(positions.shape) if isinstance(positions, torch.Tensor) else positions!r}")
-        q, k = apply_rope(q, k, positions, rope, layout="thd")
+        if Tl:                  # a rank without tokens (short documents, zigzag_doc) has nothing to rotate
+            q, k = apply_rope(q, k, positions, rope, layout="thd")
     elif positions is not None:
         raise ValueError("positions were given without rope: pass rope=RopeSpec(...) or drop positions")
     ring = R._Ring(plan, meta, group, rank, spec.num_anchors, spec.causal, spec.window, float(softmax_scale))

@@ -10,6 +10,12 @@ Each op runs on the local shards with no communication, for these placements (pe
                                                                         or positions sharded with it
     posattn::anchor_attention (+ _backward)  yes       Shard(1)**     -> posattn.distributed.anchor_attention
                           out [T,Hq,D] Shard(1), lse [Hq,T] Shard(0)
+    posattn::decode_attention (lowered)   yes          q Shard(1), caches Shard(2)**, out/lse Shard(1); batch:
+                                                       the public op (posattn.distributed.dtensor_decode)
+    posattn::rope_and_cache (lowered)     yes          q, k, v Shard(1), caches on their head dim (exactly:
+                                                       they are written in place, never sliced copies)
+    posattn::kv_compact (lowered)         yes          caches on their head dim; or batch: everything
+                                                       Shard(0) with a contiguous cache (exactly, as above)
 
     *  angles with Ha > 1 rows are sharded on their rows too; Ha = 1 stays replicated.
     ** Hq and Hk both divisible by the mesh dimension's size (GQA groups stay whole).
@@ -227,3 +233,111 @@ def _anchor_bwd_rule(dout, dlse, q, k, v, out, lse, table, cu_seqlens, cu_rows, 
     args = (dout, dlse, q, k, v, out, lse, table, cu_seqlens, cu_rows, lists, positions, inv_freq)
     heads = dict(dout=Shard(1), dlse=Shard(0), q=Shard(1), k=Shard(1), v=Shard(1), out=Shard(1), lse=Shard(0))
     return _attention_rule("posattn::anchor_attention_backward", names, args, rest, heads, [Shard(1)] * 3, 3)
+
+
+# ---------------------------------------------------------------------------
+# posattn::decode_attention(q [T,Hq,D], k_cache [nb,ps,Hk,D], v_cache, block_table, cache_seqlens, cu_seqlens_q,
+#                           tree_mask?, causal, window, softmax_scale, num_splits, max_q, backend, kv_indices?)
+#   -> (out [T,Hq,D], lse [T,Hq]): the lowered op (public decode_attention on DTensors runs the local
+#   shards itself, posattn.distributed.dtensor_decode); this rule serves direct and compiled calls
+
+_DECODE = ("q", "k_cache", "v_cache", "block_table", "cache_seqlens", "cu_seqlens_q", "tree_mask")
+
+
+@register_sharding(torch.ops.posattn.decode_attention.default)
+def _decode_rule(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, tree_mask, causal, window,
+                 softmax_scale, num_splits, max_q, backend, kv_indices=None):
+    names = _DECODE + ("kv_indices",)
+    args = (q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, tree_mask, kv_indices)
+    specs = {n: a for n, a in zip(names, args) if isinstance(a, DTensorSpec)}
+    rep = {n: R for n in specs}
+    heads = dict(rep, **{n: p for n, p in (("q", Shard(1)), ("k_cache", Shard(2)), ("v_cache", Shard(2)),
+                                           ("kv_indices", Shard(1))) if n in specs})
+    out = _strategies("posattn::decode_attention", names, args,
+                      [("replicated", rep, [R, R]), ("heads", heads, [Shard(1), Shard(1)])],
+                      " The lowered op's requests share one page pool: batch placements run through the "
+                      "public posattn.decode_attention (contiguous cache).")
+    mesh = next(iter(specs.values())).mesh
+    for i in range(mesh.ndim):
+        n = mesh.size(i)
+        if isinstance(specs["q"].placements[i], Shard) or any(isinstance(specs[x].placements[i], Shard)
+                                                               for x in ("k_cache", "v_cache") if x in specs):
+            hq, hk = _shape(specs["q"])[1], _shape(k_cache)[2] if isinstance(k_cache, DTensorSpec) else None
+            if hq % n or (hk is not None and hk % n):
+                raise ValueError(f"posattn::decode_attention: heads sharded over {n} ranks need q's ({hq}) and the "
+                                 f"cache's ({hk}) head counts divisible by {n} (GQA groups stay whole)")
+    return out
+
+
+# ---------------------------------------------------------------------------
+# posattn::rope_and_cache(q [T,Hq,D], k [T,Hk,D], v, k_cache, v_cache, slots, pos3, inv_freq, pair_axis?,
+#                         pair_pos_scale?, pair_q_offset?, attention_scaling, rotary_dim, interleaved,
+#                         rotate_k, hnd, backend) -> rotated q; writes k_cache / v_cache in place
+
+_CACHE = ("q", "k", "v", "k_cache", "v_cache", "slots", "positions", "inv_freq", "pair_axis", "pair_pos_scale",
+          "pair_q_offset")
+
+
+@register_sharding(torch.ops.posattn.rope_and_cache.default)
+def _rope_cache_rule(q, k, v, k_cache, v_cache, slots, pos3, inv_freq, pair_axis, pair_pos_scale, pair_q_offset,
+                     attention_scaling, rotary_dim, interleaved, rotate_k, hnd, backend):
+    op = "posattn::rope_and_cache"
+    args = (q, k, v, k_cache, v_cache, slots, pos3, inv_freq, pair_axis, pair_pos_scale, pair_q_offset)
+    specs = {n: a for n, a in zip(_CACHE, args) if isinstance(a, DTensorSpec)}
+    ch = 1 if hnd else 2
+    # the caches are written in place: they must arrive placed exactly as the rule runs them (a
+    # replicated cache sliced to a shard would be a copy, and the write would be lost)
+    for i in range(next(iter(specs.values())).mesh.ndim):
+        want = Shard(ch) if specs["q"].placements[i] == Shard(1) else R
+        for n in ("k_cache", "v_cache"):
+            if n in specs and specs[n].placements[i] != want:
+                raise ValueError(f"{op}: {n} is written in place and must be placed {want} on mesh dimension {i} "
+                                 f"(q is {specs['q'].placements[i]}); got {specs[n].placements[i]}")
+    rep = {n: R for n in specs}
+    heads = dict(rep, **{n: p for n, p in (("q", Shard(1)), ("k", Shard(1)), ("v", Shard(1)),
+                                           ("k_cache", Shard(ch)), ("v_cache", Shard(ch))) if n in specs})
+    cands = [("replicated", rep, [R])]
+    inv = specs.get("inv_freq")
+    if inv is None or _shape(inv) is None or len(_shape(inv)) == 1:      # per-head frequencies: not head-sharded
+        cands.append(("heads", heads, [Shard(1)]))
+    out = _strategies(op, _CACHE, args, cands, " Tokens cannot be sharded: slots are global slots of one page pool.")
+    mesh = next(iter(specs.values())).mesh
+    for i in range(mesh.ndim):
+        if specs["q"].placements[i] == Shard(1):
+            n, hq, hk = mesh.size(i), _shape(specs["q"])[1], _shape(k)[1] if isinstance(k, DTensorSpec) else 0
+            if hq % n or hk % n:
+                raise ValueError(f"{op}: heads sharded over {n} ranks need q's ({hq}) and k's ({hk}) head counts "
+                                 f"divisible by {n} (GQA groups stay whole)")
+    return out
+
+
+# ---------------------------------------------------------------------------
+# posattn::kv_compact(k_cache, v_cache, cache_seqlens, src, counts, block_table?, hnd, backend) -> None;
+#   writes the caches and cache_seqlens in place
+
+_COMPACT = ("k_cache", "v_cache", "cache_seqlens", "src", "counts", "block_table")
+
+
+@register_sharding(torch.ops.posattn.kv_compact.default)
+def _kv_compact_rule(k_cache, v_cache, cache_seqlens, src, counts, block_table, hnd, backend):
+    op = "posattn::kv_compact"
+    args = (k_cache, v_cache, cache_seqlens, src, counts, block_table)
+    specs = {n: a for n, a in zip(_COMPACT, args) if isinstance(a, DTensorSpec)}
+    ch = 1 if hnd else 2
+    rep = {n: R for n in specs}
+    cands = [("replicated", rep, []), ("heads", dict(rep, k_cache=Shard(ch), v_cache=Shard(ch)), [])]
+    if block_table is None:
+        cands.append(("batch (contiguous cache)", {n: Shard(0) for n in specs}, []))
+    mesh = next(iter(specs.values())).mesh
+    # every mutated input (caches, cache_seqlens) must arrive placed exactly as a candidate runs it:
+    # a sliced copy would take the write
+    for i in range(mesh.ndim):
+        got = {n: s.placements[i] for n, s in specs.items()}
+        if not any(all(c.get(n) == p for n, p in got.items()) for _, c, _ in cands):
+            placed = ", ".join(f"{n} {p}" for n, p in got.items())
+            allowed = "; ".join(f"{label}: " + ", ".join(f"{n} {p}" for n, p in c.items()) for label, c, _ in cands)
+            raise ValueError(f"{op}: unsupported DTensor placements on mesh dimension {i}: {placed} (the caches and "
+                             f"cache_seqlens are written in place, so they are never sliced). Supported: {allowed}."
+                             + ("" if block_table is None else " A paged cache's pages are one pool shared by the "
+                                "batch: shard it on heads."))
+    return _strategies(op, _COMPACT, args, cands, "")

@@ -80,17 +80,35 @@ def _visible(q: tuple[int, int], k: tuple[int, int], cs, cr, na, causal, window)
     return window is None or k_lo - (b - 1) < window
 
 
+def _sees(qrs, krs, cs, cr, na, causal, window) -> bool:
+    """Does some query in the ranges qrs see a non-anchor key in the ranges krs? (ascending,
+    disjoint). A query range can only see keys inside the documents it touches, so only the
+    key ranges overlapping [doc start of its first token, doc end of its last) are tried:
+    O(log) per range plus the few candidates (zigzag_doc holds two ranges per document)."""
+    ends = [d for _, d in krs]
+    for a, b in qrs:
+        if a >= b:
+            continue
+        lo, hi = _seg(cs, a), (a if causal else _seg_end(cs, b - 1))
+        i = bisect.bisect_right(ends, lo)
+        while i < len(krs) and krs[i][0] < hi:
+            if _visible((a, b), krs[i], cs, cr, na, causal, window):
+                return True
+            i += 1
+    return False
+
+
 def plan_ring(cu_seqlens, cu_rows, num_anchors: int, causal: bool, window: int | None, world_size: int,
               shard: str = "zigzag") -> RingPlan:
-    """The plan for one step (``cu_seqlens`` / ``cu_rows``: int [N+1] / [R+1], or lists)."""
+    """The plan for one step (``cu_seqlens`` / ``cu_rows``: int [N+1] / [R+1], or lists); ``shard``
+    one of posattn.distributed.sharding.SHARDS."""
     cs = cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else list(cu_seqlens)
     cr = cu_rows.tolist() if isinstance(cu_rows, torch.Tensor) else list(cu_rows)
     T = cs[-1]
     W = world_size
-    ranges = tuple(tuple(shard_ranges(T, W, r, shard)) for r in range(W))
+    ranges = tuple(tuple(shard_ranges(T, W, r, shard, cu_seqlens=cs)) for r in range(W))
     sizes = tuple(sum(e - s for s, e in rg) for rg in ranges)
-    vis = tuple(tuple(r == s or any(_visible(qr, kr, cs, cr, num_anchors, causal, window)
-                                     for qr in ranges[r] for kr in ranges[s])
+    vis = tuple(tuple(r == s or _sees(ranges[r], ranges[s], cs, cr, num_anchors, causal, window)
                       for s in range(W)) for r in range(W))
     anchors = []
     if num_anchors:

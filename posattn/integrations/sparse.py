@@ -53,6 +53,8 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     st = getattr(module, "_posattn_sparse", None)
     if st is None or query.shape[2] != 1 or attention_mask is not None or key.shape[2] < 2:
         handle = st.handle if st is not None else None
+        if handle is not None and query.shape[2] > 1 and hasattr(handle.policy, "observe_prefill"):
+            handle.policy.observe_prefill(st.layer, query, key, getattr(module, "config", None))   # A2ATS's fit
         if handle is not None and query.shape[2] == 1 and attention_mask is not None:
             handle.dense_steps += 1
         fn = _original(handle.original if handle is not None else "sdpa")

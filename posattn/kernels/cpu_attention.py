@@ -7,6 +7,11 @@ call's cos/sin table (posattn.rope.table, backend "cpu": the C++ rotary kernel's
 and, with qk_precision "bf16", rounds the rotated q and k to the input dtype, as apply_rope's
 output is; with "bf16x3" and "fp32" it keeps them in fp32 (fp32 products are at least as
 accurate as the split bf16 ones: the same bound holds).
+
+With a relative-position map (rope's fifth entry: (map, positions)) the table holds three
+entries (near, far q, far k); the kernel rotates q and k both ways once and scores each pair
+with the pair of rotations the map gives it (attention_cpu.h pair_is_far), and rotates the far
+pairs' gradients back by the far rotation.
 """
 from __future__ import annotations
 
@@ -22,6 +27,26 @@ def _f32(x: torch.Tensor) -> torch.Tensor:
 _ROUND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
+def _map(rope):
+    """(position map, positions) of the kernel rope tuple, or None."""
+    return rope[4] if rope is not None and len(rope) > 4 else None
+
+
+def _map_args(rope, keep):
+    """(map_code, map_window, map_ptrs) for the C++ kernel (attention_cpu.h attn_set_map): the far
+    tables (entries 1, 2 of the [3, 2, rows, T, R/2] table), positions in fp64, visual as uint8."""
+    from posattn.position_maps import VistaRoPE
+
+    m, positions = _map(rope)
+    table = keep[0]
+    pos = positions.to(torch.float64).contiguous()
+    vis = m.visual.to(torch.uint8).contiguous() if isinstance(m, VistaRoPE) else None
+    keep += [pos] + ([vis] if vis is not None else [])
+    ptrs = [table[1, 0].data_ptr(), table[1, 1].data_ptr(), table[2, 0].data_ptr(), table[2, 1].data_ptr(),
+            pos.data_ptr(), vis.data_ptr() if vis is not None else 0]
+    return int(m.code), float(m.window_or_zero), ptrs
+
+
 def _ptrs(q, k, v, lists, rope):
     cos = sin = kcos = ksin = 0
     keep = []
@@ -30,8 +55,10 @@ def _ptrs(q, k, v, lists, rope):
         if table.dim() == 3:
             table = table[None, :, None]
         keep.append(table)
+        # near k: DPE's entry 1 (n = 2), else entry 0 (with a map, entries 1 and 2 are the far tables)
+        kn = 0 if _map(rope) is not None else -1
         cos, sin = table[0, 0].data_ptr(), table[0, 1].data_ptr()
-        kcos, ksin = table[-1, 0].data_ptr(), table[-1, 1].data_ptr()
+        kcos, ksin = table[kn, 0].data_ptr(), table[kn, 1].data_ptr()
     kq = lists.k_offsets
     ptrs = [q.data_ptr(), k.data_ptr(), v.data_ptr(), lists.doc_start.data_ptr(), lists.row_start.data_ptr(),
             lists.q_offsets.data_ptr(), lists.q_kv_idx.data_ptr(), lists.q_kv_masked.data_ptr(),
@@ -65,9 +92,12 @@ def attn_forward(q, k, v, lists, num_anchors, causal, window, softmax_scale, rop
     lse = torch.empty(HQ, T, dtype=torch.float32)
     if T:
         dims, sc = _scalars(q, k, lists, num_anchors, causal, window, softmax_scale, rope)
-        ptrs, _keep = _ptrs(qf, kf, vf, lists, rope)
-        _cpu._C.attention_forward(*dims, ptrs, *sc, out.data_ptr(), lse.data_ptr(), int(config.get("threads", 0)),
-                                  _rows(rope))
+        ptrs, keep = _ptrs(qf, kf, vf, lists, rope)
+        tail = (out.data_ptr(), lse.data_ptr(), int(config.get("threads", 0)), _rows(rope))
+        if _map(rope) is not None:
+            _cpu._C.attention_forward_map(*dims, ptrs, *sc, *tail, *_map_args(rope, keep))
+        else:
+            _cpu._C.attention_forward(*dims, ptrs, *sc, *tail)
     return torch.empty_like(q).copy_(out), lse
 
 
@@ -83,8 +113,11 @@ def attn_backward(dout, q, k, v, out, lse, lists, num_anchors, causal, window, s
     dq, dk, dv = (torch.empty(x.shape, dtype=torch.float32) for x in (qf, kf, vf))
     if q.shape[0]:
         dims, sc = _scalars(q, k, lists, num_anchors, causal, window, softmax_scale, rope)
-        ptrs, _keep = _ptrs(qf, kf, vf, lists, rope)
-        _cpu._C.attention_backward(*dims, ptrs, *sc, dof.data_ptr(), delta.data_ptr(), lse.data_ptr(),
-                                   dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), int(config.get("threads", 0)),
-                                   _rows(rope))
+        ptrs, keep = _ptrs(qf, kf, vf, lists, rope)
+        tail = (dof.data_ptr(), delta.data_ptr(), lse.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
+                int(config.get("threads", 0)), _rows(rope))
+        if _map(rope) is not None:
+            _cpu._C.attention_backward_map(*dims, ptrs, *sc, *tail, *_map_args(rope, keep))
+        else:
+            _cpu._C.attention_backward(*dims, ptrs, *sc, *tail)
     return torch.empty_like(q).copy_(dq), torch.empty_like(k).copy_(dk), torch.empty_like(v).copy_(dv)

@@ -7,3 +7,4 @@ from posattn.select import backends as _backends  # noqa: F401  registers the ke
 
 __all__ = ["MAX_K", "PageSummary", "Quest", "ScoresKey", "SelectionCache", "TidalDecode", "TokenSelect", "TopkKey",
            "expand_pages", "page_scores", "page_summary", "scores", "topk", "update_page_summary"]
+from posattn.vq.policy import A2ATS  # noqa: E402,F401  issue 14: windowed-rotary + query-aware VQ (posattn/vq/policy.py)

@@ -93,6 +93,37 @@ def test_bf16x3_kernels_compile_for_sm90a_with_bf16_tensor_core_products():
         assert k["shared"] <= 227 * 1024, k
 
 
+MAP_SCRIPT = r"""
+import json, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from posattn.kernels.triton import flash_attn as fa
+from posattn.position_maps import SELF_EXTEND
+out = []
+for name, fn, sig, const, nw, ns in fa.aot_specializations([(128, 128, False, torch.bfloat16, True, False, 4, "bf16",
+                                                             SELF_EXTEND)]):
+    if name.startswith("attn_delta"):
+        continue
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": nw, "num_stages": ns})
+    ptx = k.asm["ptx"]
+    out.append(dict(name=name, sm90a=".target sm_90a" in ptx, wgmma="wgmma" in ptx, shared=k.metadata.shared,
+                    fp64=sig["POSF"]))
+print(json.dumps(out))
+"""
+
+
+def test_position_map_kernels_compile_for_sm90a():
+    """anchor_attention with a position map (SelfExtend) at the default H200 config (bf16,
+    head_dim 128, GQA 4): forward, dq and dk/dv lower to sm_90a with tensor-core products and
+    fit Hopper's shared memory with their two rotations per tile (three compiles only)."""
+    kernels = _compile_in_child(MAP_SCRIPT)
+    assert [k["name"].split("_")[1] for k in kernels] == ["fwd", "dq", "dkdv"]
+    for k in kernels:
+        assert k["name"].endswith("_map3") and k["sm90a"] and k["wgmma"] and k["fp64"] == "*fp64", k
+        assert k["shared"] <= 227 * 1024, k
+
+
 SMEM_SCRIPT = r"""
 import json, sys, torch, triton
 from triton.backends.compiler import GPUTarget

@@ -100,10 +100,9 @@ def rope_cases(rank, world):
 
 
 def attention_cases(rank, world):
-    """anchor_attention on head-sharded DTensors, the boundaries plain tensors: under
-    implicit_replication (posattn's block lists and cos/sin table enter as replicated)."""
-    from torch.distributed.tensor.experimental import implicit_replication
-
+    """anchor_attention on head-sharded DTensors with plain boundaries and positions, as a user
+    calls it (no implicit_replication): forward and backward equal the local op, with the lse
+    returned (and given a gradient) and without it (autograd's gradient of the unused lse)."""
     mesh = DeviceMesh("cpu", list(range(world)))
     torch.manual_seed(1)
     T, HQ, HK, Dh = 13, 4, 2, 16
@@ -113,20 +112,24 @@ def attention_cases(rank, world):
     pos = D.shard_positions(None, 1, 0, cu_seqlens=cu)
     spec = posattn.RopeSpec(Dh)
 
-    def f(q_, k_, v_):
-        return posattn.anchor_attention(q_, k_, v_, cu, cu_rows=rows, num_anchors=2, window=4, return_lse=True,
-                                        rope=spec, positions=pos, backend="cpu")
+    def f(q_, k_, v_, lse=True, rope=True):
+        return posattn.anchor_attention(q_, k_, v_, cu, cu_rows=rows, num_anchors=2, window=4, return_lse=lse,
+                                        rope=spec if rope else None, positions=pos if rope else None,
+                                        backend="cpu")
 
-    with implicit_replication():
-        out = _check(mesh, f, [q, k, v], [Shard(1), Shard(1), Shard(1)], 9, "anchor_attention heads",
-                     grad_of=(0, 1, 2))
-        assert out[0].placements == (Shard(1),) and out[1].placements == (Shard(0),)
-        qs, ks, vs = (distribute_tensor(x, mesh, [Shard(0)]) for x in (q, k, v))
-        _raises(lambda: f(qs, ks, vs), "posattn::anchor_attention", "q S(0)", "posattn.distributed.anchor_attention")
-        q6, k3 = (distribute_tensor(torch.randn(T, h, Dh), mesh, [Shard(1)]) for h in (6, 3))
-        _raises(lambda: f(q6, k3, k3), "k's (3) head counts divisible by 2")
-        k1 = distribute_tensor(torch.randn(T, 1, Dh), mesh, [Shard(1)])
-        _raises(lambda: f(q6, k1, k1), "shards fewer entries than the 2 ranks", "k dim 1 has 1")
+    heads = [Shard(1), Shard(1), Shard(1)]
+    out = _check(mesh, f, [q, k, v], heads, 9, "anchor_attention heads", grad_of=(0, 1, 2))
+    assert out[0].placements == (Shard(1),) and out[1].placements == (Shard(0),)
+    _check(mesh, lambda *x: (f(*x, lse=False),), [q, k, v], heads, 11, "anchor_attention heads, lse unused",
+           grad_of=(0, 1, 2))
+    _check(mesh, lambda *x: (f(*x, lse=False, rope=False),), [q, k, v], heads, 12,
+           "anchor_attention heads, no rope", grad_of=(0, 1, 2))
+    qs, ks, vs = (distribute_tensor(x, mesh, [Shard(0)]) for x in (q, k, v))
+    _raises(lambda: f(qs, ks, vs), "posattn::anchor_attention", "q S(0)", "posattn.distributed.anchor_attention")
+    q6, k3 = (distribute_tensor(torch.randn(T, h, Dh), mesh, [Shard(1)]) for h in (6, 3))
+    _raises(lambda: f(q6, k3, k3), "k's (3) head counts divisible by 2")
+    k1 = distribute_tensor(torch.randn(T, 1, Dh), mesh, [Shard(1)])
+    _raises(lambda: f(q6, k1, k1), "shards fewer entries than the 2 ranks", "k dim 1 has 1")
 
 
 def all_cases(rank, world):

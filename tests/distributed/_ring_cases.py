@@ -25,8 +25,8 @@ def random_cases(seed: int, n: int):
         cu, rows = random_layout(rng, T, n_rows, na, max_docs=rng.randint(1, 6))
         HQ, HK = rng.choice([(3, 1), (4, 2), (2, 2)])
         out.append(dict(cu=cu, rows=rows, na=na, causal=rng.random() < 0.7, window=rng.choice([None, 3, 9]),
-                        shard=("zigzag", "contiguous")[i % 2], HQ=HQ, HK=HK, D=rng.choice([16, 80]),
-                        rope=rng.random() < 0.5, seed=rng.randint(0, 10 ** 6), strided=i % 3 == 0))
+                        shard=("zigzag", "contiguous", "zigzag_doc")[i % 3], HQ=HQ, HK=HK, D=rng.choice([16, 80]),
+                        rope=rng.random() < 0.5, seed=rng.randint(0, 10 ** 6), strided=i % 4 == 1))
     return out
 
 
@@ -47,7 +47,7 @@ def run_case(rank, world, c):
     torch.autograd.backward([out, lse], [dout, dlse])
 
     sh = c["shard"]
-    part = lambda x, dim=0: D.shard_tensor(x, world, rank, shard=sh, dim=dim)  # noqa: E731
+    part = lambda x, dim=0: D.shard_tensor(x, world, rank, shard=sh, dim=dim, cu_seqlens=cu)  # noqa: E731
     Dh = c["D"]
     if c.get("strided"):     # q, k, v and dout with a row stride of 2 D (last dimension contiguous)
         big = [torch.cat((part(x), part(x)), -1).requires_grad_(True) for x in (q, k, v)]
@@ -74,7 +74,7 @@ def run_case(rank, world, c):
         assert_within(cp, part(ref, dim), part(bound, dim), msg=f"{name} vs the fp64 oracle: {what}")
         assert_within(cp, part(single.detach(), dim), 2 * part(bound, dim), msg=f"{name} vs the op: {what}")
     # the gathered output is the single-process output on every rank
-    assert_within(D.gather_tensor(lo.detach(), T, shard=sh), out.detach(), 2 * b_out, msg=f"gathered out: {what}")
+    assert_within(D.gather_tensor(lo.detach(), T, shard=sh, cu_seqlens=cu), out.detach(), 2 * b_out, msg=f"gathered out: {what}")
 
 
 def bad_inputs(rank, world):
@@ -104,10 +104,11 @@ def ring_cases(rank, world, seed, n):
 
     bad_inputs(rank, world)
 
+    tile = _local.TILE
     for i, c in enumerate(random_cases(seed, n)):
-        _local.TILE = (1024, 5)[i % 2]          # odd cases: several query tiles per block
+        _local.TILE = (tile, 5)[i % 2]          # odd cases: several query tiles per block
         run_case(rank, world, c)
-    _local.TILE = 1024
+    _local.TILE = tile
     no_remote_block(rank, world)
     if world >= 3:
         empty_rank(rank, world)
@@ -136,7 +137,7 @@ def no_remote_block(rank, world):
 
 def empty_rank(rank, world):
     """Fewer tokens than chunks: some ranks hold no token at all (and one long document crosses all)."""
-    for sh in ("zigzag", "contiguous"):
+    for sh in ("zigzag", "contiguous", "zigzag_doc"):        # zigzag_doc: both documents shorter than 2W
         cu = torch.tensor([0, 1, 5], dtype=torch.int32)
         run_case(rank, world, dict(cu=cu, rows=torch.tensor([0, 5], dtype=torch.int32), na=1, causal=True,
                                    window=None, shard=sh, HQ=3, HK=1, D=16, rope=True, seed=3))

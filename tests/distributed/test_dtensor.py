@@ -9,3 +9,9 @@ def test_sharded_ops_equal_local_ops():
 
 def test_two_dimensional_mesh():
     spawn(C.mesh_2d_cases, 4)
+
+
+def test_decode_ops_sharded_on_heads_or_batch():
+    from tests.distributed import _decode_cases as DC
+
+    spawn(DC.all_decode_cases, 2)

@@ -10,7 +10,7 @@ from tests.distributed import _ring_cases as C
 from tests.distributed._spawn import spawn
 
 
-@pytest.mark.parametrize("world,n", [(2, 12), (4, 6)])
+@pytest.mark.parametrize("world,n", [(2, 15), (4, 9)])
 def test_equals_single_process(world, n):
     """One spawn per world size (a spawn costs seconds): the random cases, then a step whose
     documents never cross a shard (no rank sees a remote block: nothing may be sent), then at
@@ -21,10 +21,14 @@ def test_equals_single_process(world, n):
 def test_crossing_documents_are_covered():
     """The random cases include documents that cross shard boundaries (else the ring is idle)."""
     crossing = 0
-    for W, n in ((2, 12), (4, 6)):
+    for W, n in ((2, 15), (4, 9)):
+        short = 0
         for c in C.random_cases(100 + W, n):
             plan = D.plan_ring(c["cu"], c["rows"], c["na"], c["causal"], c["window"], W, c["shard"])
             crossing += sum(plan.visible[r][s] for r in range(W) for s in range(W) if r != s)
+            cs = c["cu"].tolist()
+            short += c["shard"] == "zigzag_doc" and min(b - a for a, b in zip(cs, cs[1:])) < 2 * W
+        assert short >= 2, f"zigzag_doc cases with a document shorter than 2W = {2 * W}: {short}"
     assert crossing >= 10
 
 

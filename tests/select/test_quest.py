@@ -241,3 +241,23 @@ def test_rope_and_cache_summary_all_padding_and_bad_summary():
     assert torch.equal(kc, kc0)                         # refused before the write
     with pytest.raises(TypeError, match="summary must be a posattn.select.PageSummary"):
         posattn.rope_and_cache(x, x, x, torch.tensor([5, 6]), spec, kc, vc, torch.tensor([5, 6]), page_summary=(1, 2))
+
+
+def test_rope_and_cache_summary_with_vq_codes():
+    """page_summary= and codebook=/codes= together: the summary follows the write, the codes are written."""
+    from posattn import vq
+
+    ps, HK, D = 4, 2, 16
+    kc, bt, _ = _paged(1, HK, D, [8], ps, seed=12)
+    vc = torch.randn_like(kc)
+    summ = page_summary(kc, torch.zeros(1, dtype=torch.int32), block_table=bt)
+    g = torch.Generator().manual_seed(1)
+    cb = vq.fit(torch.randn(100, HK, D, generator=g), None, 5, iters=1)
+    codes = torch.full(kc.shape[:3], -7, dtype=torch.int16)
+    sl = _slots(bt, [0], [6], ps)
+    q, k, v = torch.randn(6, 4, D, generator=g), torch.randn(6, HK, D, generator=g), torch.randn(6, HK, D, generator=g)
+    posattn.rope_and_cache(q, k, v, torch.arange(6), posattn.RopeSpec(head_dim=D), kc, vc, sl, rotate_k=False,
+                           codebook=cb, codes=codes, page_summary=summ)
+    for (b, p), (page, mn, mx) in _oracle_summary(kc, bt, torch.tensor([6], dtype=torch.int32), ps).items():
+        assert torch.equal(summ.kmin[page], mn) and torch.equal(summ.kmax[page], mx), (b, p)
+    assert torch.equal(codes.view(-1, HK)[sl], vq.assign(k, cb))

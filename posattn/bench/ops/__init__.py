@@ -52,3 +52,4 @@ def load_all() -> None:
         except ImportError as e:  # an op module whose dependencies are missing
             registry.skip_op(mod, f"import failed: {e}")
 OP_MODULES += ("select",)  # select (topk) and sparse_decode (issue 13)
+OP_MODULES += ("vq",)  # a2ats: the A2ATS pipeline (issue 14, posattn/bench/ops/vq.py)

@@ -175,3 +175,8 @@ else:
         q, k, v = (x.transpose(0, 1)[None].contiguous() for x in (inp["q"], inp["k"], inp["v"]))
         fn = compiled_flex()
         return (lambda: fn(q, k, v, block_mask=bm, enable_gqa=True)), (lambda o: (o[0].transpose(0, 1),))
+
+    # anchor_attention with SelfExtend's position map (issue 14): its own op and peers
+    from posattn.bench.ops import attention_map as _attention_map
+
+    _attention_map.register()

@@ -40,6 +40,15 @@ with one product the gradients would lose the relative property (see
 _grad_dot, docs/numerics.md). dP = dO.V^T and dV = P^T.dO involve no rotation
 and stay single bf16 products. Outputs are rounded once at the store.
 
+With a relative-position map (posattn.position_maps; MAP = its code) each pair is scored with
+q and k rotated near (the call's table) or far (the far q / far k tables, built per call at the
+map's far positions by the same exact-angle routine: table [3, 2, rows, T, R/2]). Per key tile
+the kernels test every pair (fp64 positions: p_i - p_j >= window; VistaRoPE: the visual flags)
+and compute the near product only if some pair is near, the far one only if some pair is far
+(the tables' loads are masked off otherwise), so only tiles that straddle the window pay two
+products. The backward keeps two dq (dk) accumulators, near and far, each rotated back by its
+own rotation at the store.
+
 Files: flash_attn_tiles.py (loads, mask, products, launch configs),
 flash_attn_fwd.py, flash_attn_bwd.py (kernels), flash_attn_aot.py (ahead-of-time
 signatures); this file launches them.
@@ -69,8 +78,31 @@ def _rope_args(q, k, rope):
     if table.dim() == 3:                      # [2, T, R/2]: one table, one row
         table = table[None, :, None]
     rows = table.shape[2]
-    return (table[0, 0], table[0, 1], table[-1, 0], table[-1, 1], q.shape[1] // rows, k.shape[1] // rows,
+    kn = 0 if _map(rope) is not None else -1       # with a map, entries 1 and 2 are the far tables
+    return (table[0, 0], table[0, 1], table[kn, 0], table[kn, 1], q.shape[1] // rows, k.shape[1] // rows,
             table.stride(2), rot, inter, (rope[3] if len(rope) > 3 else "bf16"))
+
+
+def _map(rope):
+    """(position map, positions [T]) of the kernel rope tuple, or None."""
+    return rope[4] if rope is not None and len(rope) > 4 else None
+
+
+def _map_args(q, rope):
+    """(FQC, FQS, FKC, FKS, POSF, VIS, MAP_WIN) kernel arguments and the map's code: the far
+    tables of q and k (entries 1, 2 of the [3, 2, rows, T, R/2] table), the positions in fp64
+    (the far test p_i - p_j >= window in fp64, as posattn.position_maps computes it) and
+    VistaRoPE's visual flags as int8. Without a map q stands in for each pointer (never read)."""
+    from posattn.position_maps import VistaRoPE
+
+    pm = _map(rope)
+    if pm is None:
+        return (q, q, q, q, q, q, 0), 0
+    m, positions = pm
+    table = rope[0]
+    posf = positions.to(torch.float64).contiguous()
+    vis = m.visual.to(torch.int8).contiguous() if isinstance(m, VistaRoPE) else posf
+    return (table[1, 0], table[1, 1], table[2, 0], table[2, 1], posf, vis, int(m.window_or_zero)), int(m.code)
 
 
 def attn_forward(q, k, v, lists, num_anchors: int, causal: bool, window: int | None, softmax_scale: float,
@@ -87,6 +119,7 @@ def attn_forward(q, k, v, lists, num_anchors: int, causal: bool, window: int | N
     if T == 0:
         return out, lse
     cos, sin, kcos, ksin, qtd, ktd, s_tab, rot, inter, qkp = _rope_args(q, k, rope)
+    margs, code = _map_args(q, rope)
     bm, bn = lists.block_m, lists.block_n
     grid = (triton.cdiv(T, bm), HQ)
     _attn_fwd_kernel[grid](
@@ -94,10 +127,10 @@ def attn_forward(q, k, v, lists, num_anchors: int, causal: bool, window: int | N
         lists.q_offsets, lists.q_nfull, lists.q_kv_idx,
         T, num_anchors, window or 0, qtd, ktd, softmax_scale * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1), s_tab,
+        out.stride(0), out.stride(1), s_tab, *margs,
         GROUP=HQ // HK, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, HAS_WINDOW=window is not None,
         num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2),
-        **tile_meta(D, rot, inter, q.dtype, qkp),
+        **tile_meta(D, rot, inter, q.dtype, qkp, code),
     )
     return out, lse
 
@@ -124,8 +157,9 @@ def attn_backward(dout, q, k, v, out, lse, lists, num_anchors: int, causal: bool
     if dlse is not None:
         delta -= dlse.float()
     cos, sin, kcos, ksin, qtd, ktd, s_tab, rot, inter, qkp = _rope_args(q, k, rope)
+    margs, code = _map_args(q, rope)
     bm, bn = lists.block_m, lists.block_n
-    meta = tile_meta(D, rot, inter, q.dtype, qkp)
+    meta = tile_meta(D, rot, inter, q.dtype, qkp, code)
     common = dict(GROUP=HQ // HK, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, HAS_WINDOW=window is not None,
                   num_warps=config.get("bwd_num_warps", 4), num_stages=config.get("bwd_num_stages", 2), **meta)
     _attn_bwd_dq_kernel[(triton.cdiv(T, bm), HQ)](
@@ -133,7 +167,7 @@ def attn_backward(dout, q, k, v, out, lse, lists, num_anchors: int, causal: bool
         lists.q_offsets, lists.q_nfull, lists.q_kv_idx,
         T, num_anchors, window or 0, qtd, ktd, softmax_scale * LOG2E, softmax_scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), s_tab, **common,
+        dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), s_tab, *margs, **common,
     )
     _attn_bwd_dkdv_kernel[(triton.cdiv(T, bn), HK)](
         q, k, v, dout, dk, dv, lse, delta, cos, sin, kcos, ksin, lists.doc_start, lists.row_start,
@@ -141,7 +175,7 @@ def attn_backward(dout, q, k, v, out, lse, lists, num_anchors: int, causal: bool
         T, num_anchors, window or 0, qtd, ktd, softmax_scale * LOG2E, softmax_scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), s_tab,
-        **common,
+        *margs, **common,
     )
     return dq, dk, dv
 

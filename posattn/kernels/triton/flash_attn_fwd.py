@@ -4,7 +4,45 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from posattn.kernels.triton.flash_attn_tiles import _LN2, _allowed, _dot, _ld, _load_qk_tile, _scores
+from posattn.kernels.triton.flash_attn_tiles import (_LN2, _allowed, _dot, _ld, _load_qk_tile, _map_side, _pair_far,
+                                                     _scores, _tile_kinds)
+
+
+@triton.jit
+def _map_scores(qa, qb_, qt, qfa, qfb, qfa_lo, qfb_lo, qa_lo, qb_lo, Kh, cols, cmask, rmask, s_kt,
+                COS, SIN, FKC, FKS, pq, vq, POSF, VIS, MAP_WIN,
+                D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                ROT: tl.constexpr, BH: tl.constexpr, R_HALF: tl.constexpr, BT: tl.constexpr,
+                INTERLEAVED: tl.constexpr, HAS_TAIL: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                QKP: tl.constexpr, MAP: tl.constexpr):
+    """Scores [BM, BN] (unscaled) of a tile under a position map, and what the backward needs:
+    (s, far, need_near, need_far, ka, kb, kt, ka_lo, kb_lo, kfa, kfb, kfa_lo, kfb_lo).
+
+    The key tile is rotated near (COS/SIN) and far (FKC/FKS); each table is read only when the
+    tile has a pair of that kind (masked-off loads fetch nothing) and each product is computed
+    only then: a tile that straddles the window pays two rotary products, others one. The
+    tail (dims past rotary_dim) is not rotated and is shared."""
+    pk, vk = _map_side(POSF, VIS, cols, cmask, MAP)
+    far = _pair_far(pq[:, None], pk[None, :], vq[:, None], vk[None, :], MAP_WIN, MAP)
+    need_near, need_far = _tile_kinds(far, rmask[:, None] & cmask[None, :])
+    ka, kb, _t0, _c0, _s0, ka_lo, kb_lo = _load_qk_tile(Kh, cols, cmask & need_near, s_kt, COS, SIN, BLOCK_N, D, ROT,
+                                                        BH, R_HALF, BT, INTERLEAVED, True, False, True, QKP, UPCAST)
+    kfa, kfb, _t1, _c1, _s1, kfa_lo, kfb_lo = _load_qk_tile(Kh, cols, cmask & need_far, s_kt, FKC, FKS, BLOCK_N, D,
+                                                            ROT, BH, R_HALF, BT, INTERLEAVED, True, False, True,
+                                                            QKP, UPCAST)
+    s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if need_near:
+        s = _scores(qa, qb_, qt, ka, kb, qt, BLOCK_M, BLOCK_N, True, False, PREC, UPCAST,
+                    qa_lo, qb_lo, ka_lo, kb_lo, QKP)
+    if need_far:
+        sf = _scores(qfa, qfb, qt, kfa, kfb, qt, BLOCK_M, BLOCK_N, True, False, PREC, UPCAST,
+                     qfa_lo, qfb_lo, kfa_lo, kfb_lo, QKP)
+        s = tl.where(far, sf, s)
+    _a, _b, kt, _c2, _s2, _al, _bl = _load_qk_tile(Kh, cols, cmask, s_kt, COS, SIN, BLOCK_N, D, ROT, BH, R_HALF, BT,
+                                                   INTERLEAVED, False, HAS_TAIL, True, QKP, UPCAST)
+    if HAS_TAIL:
+        s += _dot(qt, tl.trans(kt), PREC, UPCAST)
+    return s, far, need_near, need_far, ka, kb, kt, ka_lo, kb_lo, kfa, kfb, kfa_lo, kfb_lo
 
 
 @triton.jit
@@ -14,16 +52,25 @@ def _fwd_step(acc, m_i, l_i, qa, qb_, qt, Kh, Vh, kbi, rows, q_doc, q_row, dcols
               ROT: tl.constexpr, BH: tl.constexpr, R_HALF: tl.constexpr, BT: tl.constexpr,
               INTERLEAVED: tl.constexpr, ROPE: tl.constexpr, HAS_TAIL: tl.constexpr,
               CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-              MASKED: tl.constexpr, qa_lo, qb_lo, QKP: tl.constexpr):
-    """One key block of the online softmax; MASKED applies the element mask and bounds."""
+              MASKED: tl.constexpr, qa_lo, qb_lo, QKP: tl.constexpr,
+              qfa, qfb, qfa_lo, qfb_lo, FKC, FKS, pq, vq, POSF, VIS, MAP_WIN, MAP: tl.constexpr):
+    """One key block of the online softmax; MASKED applies the element mask and bounds; MAP
+    scores each pair near or far (the q far tile qf*, the k far table FKC/FKS)."""
     DT = Kh.dtype.element_ty
     cols = kbi * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < T
-    ka, kb, kt, _kc, _ks, ka_lo, kb_lo = _load_qk_tile(Kh, cols, cmask, s_kt, COS, SIN, BLOCK_N, D, ROT, BH, R_HALF,
-                                                       BT, INTERLEAVED, ROPE, HAS_TAIL, MASKED, QKP, UPCAST)
+    if MAP == 0:
+        ka, kb, kt, _kc, _ks, ka_lo, kb_lo = _load_qk_tile(Kh, cols, cmask, s_kt, COS, SIN, BLOCK_N, D, ROT, BH,
+                                                           R_HALF, BT, INTERLEAVED, ROPE, HAS_TAIL, MASKED, QKP,
+                                                           UPCAST)
+        s = _scores(qa, qb_, qt, ka, kb, kt, BLOCK_M, BLOCK_N, ROPE, HAS_TAIL, PREC, UPCAST,
+                    qa_lo, qb_lo, ka_lo, kb_lo, QKP)
+    else:
+        s = _map_scores(qa, qb_, qt, qfa, qfb, qfa_lo, qfb_lo, qa_lo, qb_lo, Kh, cols, cmask, rows < T, s_kt,
+                        COS, SIN, FKC, FKS, pq, vq, POSF, VIS, MAP_WIN, D, BLOCK_M, BLOCK_N, ROT, BH, R_HALF, BT,
+                        INTERLEAVED, HAS_TAIL, PREC, UPCAST, QKP, MAP)[0]
+    s = s * qk_scale_log2
     v = _ld(Vh + cols[:, None].to(tl.int64) * s_vt + dcols[None, :], cmask, dmask, MASKED, D != BD)
-    s = _scores(qa, qb_, qt, ka, kb, kt, BLOCK_M, BLOCK_N, ROPE, HAS_TAIL, PREC, UPCAST,
-                qa_lo, qb_lo, ka_lo, kb_lo, QKP) * qk_scale_log2
     if MASKED:
         k_doc = tl.load(DOC_START + cols, mask=cmask, other=-2)
         ok = _allowed(rows, cols, q_doc, q_row, k_doc, T, NUM_ANCHORS, WINDOW, CAUSAL, HAS_WINDOW)
@@ -41,12 +88,13 @@ def _attn_fwd_kernel(
     Q, K, V, O, LSE, COS, SIN, KCOS, KSIN, DOC_START, ROW_START, Q_OFF, Q_NFULL, KV_IDX,
     T, NUM_ANCHORS, WINDOW, QTD, KTD, qk_scale_log2,
     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh, s_tab,
+    FQC, FQS, FKC, FKS, POSF, VIS, MAP_WIN,
     GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ROT: tl.constexpr, BH: tl.constexpr, R_HALF: tl.constexpr, BT: tl.constexpr,
     INTERLEAVED: tl.constexpr, ROPE: tl.constexpr, HAS_TAIL: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-    QKP: tl.constexpr,
+    QKP: tl.constexpr, MAP: tl.constexpr,
 ):
     # last query blocks first: under a causal mask they visit the most key blocks
     qb = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -64,6 +112,19 @@ def _attn_fwd_kernel(
     qa, qb_, qt, _c, _s, qa_lo, qb_lo = _load_qk_tile(Q + h.to(tl.int64) * s_qh, rows, rmask, s_qt, QC, QS,
                                                       BLOCK_M, D, ROT, BH, R_HALF, BT, INTERLEAVED, ROPE,
                                                       HAS_TAIL, True, QKP, UPCAST)
+    # a position map's far rotation: q at its far positions (the far q table), keys by the far k table
+    FKCh = FKC + (hk // KTD).to(tl.int64) * s_tab
+    FKSh = FKS + (hk // KTD).to(tl.int64) * s_tab
+    if MAP != 0:
+        qfa, qfb, _t, _fc, _fs, qfa_lo, qfb_lo = _load_qk_tile(
+            Q + h.to(tl.int64) * s_qh, rows, rmask, s_qt, FQC + (h // QTD).to(tl.int64) * s_tab,
+            FQS + (h // QTD).to(tl.int64) * s_tab, BLOCK_M, D, ROT, BH, R_HALF, BT, INTERLEAVED, ROPE, False, True,
+            QKP, UPCAST)
+        pq, vq = _map_side(POSF, VIS, rows, rmask, MAP)
+    else:
+        qfa, qfb, qfa_lo, qfb_lo = qa, qb_, qa_lo, qb_lo
+        pq = tl.zeros([BLOCK_M], dtype=tl.float32)
+        vq = tl.zeros([BLOCK_M], dtype=tl.int32)
     q_doc = tl.load(DOC_START + rows, mask=rmask, other=-1)
     q_row = tl.load(ROW_START + rows, mask=rmask, other=-1)
     dcols = tl.arange(0, BD)
@@ -86,7 +147,8 @@ def _attn_fwd_kernel(
                                   dcols, dmask, KC, KS, DOC_START, T, NUM_ANCHORS, WINDOW, qk_scale_log2,
                                   s_kt, s_vt, D, BD, BLOCK_M, BLOCK_N, ROT, BH, R_HALF, BT,
                                   INTERLEAVED, ROPE, HAS_TAIL, CAUSAL, HAS_WINDOW, PREC, UPCAST, False,
-                                  qa_lo, qb_lo, QKP)
+                                  qa_lo, qb_lo, QKP, qfa, qfb, qfa_lo, qfb_lo, FKCh, FKSh, pq, vq, POSF, VIS,
+                                  MAP_WIN, MAP)
         kbi = nxt
     kbi = tl.load(KV_IDX + mid, mask=mid < end, other=0)
     for e in range(mid, end):
@@ -95,7 +157,8 @@ def _attn_fwd_kernel(
                                   dcols, dmask, KC, KS, DOC_START, T, NUM_ANCHORS, WINDOW, qk_scale_log2,
                                   s_kt, s_vt, D, BD, BLOCK_M, BLOCK_N, ROT, BH, R_HALF, BT,
                                   INTERLEAVED, ROPE, HAS_TAIL, CAUSAL, HAS_WINDOW, PREC, UPCAST, True,
-                                  qa_lo, qb_lo, QKP)
+                                  qa_lo, qb_lo, QKP, qfa, qfb, qfa_lo, qfb_lo, FKCh, FKSh, pq, vq, POSF, VIS,
+                                  MAP_WIN, MAP)
         kbi = nxt
     l_i = tl.where(rmask, l_i, 1.0)      # padding rows past T see no key
     out = acc / l_i[:, None]

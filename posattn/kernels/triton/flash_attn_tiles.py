@@ -158,6 +158,38 @@ def _allowed(rows, cols, q_doc, q_row, k_doc, T, NUM_ANCHORS, WINDOW,
 
 
 @triton.jit
+def _pair_far(pq, pk, vq, vk, MAP_WIN, MAP: tl.constexpr):
+    """The pairs that take a position map's far rotation (posattn.position_maps), broadcast of the
+    query-side (pq fp64 positions, vq visual flags) and key-side values: VistaRoPE (MAP 4) a text
+    query and a visual key, the distance maps (1-3) p_i - p_j >= window (fp64, as the spec)."""
+    if MAP == 4:
+        return (vq == 0) & (vk != 0)
+    else:
+        return (pq - pk) >= MAP_WIN
+
+
+@triton.jit
+def _tile_kinds(far, valid):
+    """(need_near, need_far) of a tile: whether any valid pair takes the near / the far rotation.
+    Exact per pair (any/all of the elementwise flags, which the tile's min/max positions bound:
+    posattn.position_maps.tile_kinds), so a tile that lies on one side of the window pays once."""
+    need_far = tl.max(tl.where(valid & far, 1, 0)) > 0
+    need_near = tl.max(tl.where(valid & (far == 0), 1, 0)) > 0
+    return need_near, need_far
+
+
+@triton.jit
+def _map_side(POSF, VIS, idx, imask, MAP: tl.constexpr):
+    """(fp64 positions, visual flags) of the tokens ``idx`` (VIS read by VistaRoPE only)."""
+    pos = tl.load(POSF + idx, mask=imask, other=0.0)
+    if MAP == 4:
+        vis = tl.load(VIS + idx, mask=imask, other=0).to(tl.int32)
+    else:
+        vis = tl.zeros(idx.shape, dtype=tl.int32)
+    return pos, vis
+
+
+@triton.jit
 def _qk_dot(a, b, a_lo, b_lo, PREC: tl.constexpr, UPCAST: tl.constexpr, QKP: tl.constexpr):
     """a @ b^T of rotated operands (_qk_operand): "bf16x3" sums hi.hi + hi.lo + lo.hi (lo.lo,
     2^-16 relative, is dropped), "fp32" multiplies in fp32 (ieee)."""
@@ -217,11 +249,13 @@ def _pow2(n: int, lo: int = 16) -> int:
 QK_PRECISIONS = ("bf16", "bf16x3", "fp32")
 
 
-def tile_meta(D: int, rotary_dim: int, interleaved: bool, dtype: torch.dtype, qk_precision: str = "bf16") -> dict:
+def tile_meta(D: int, rotary_dim: int, interleaved: bool, dtype: torch.dtype, qk_precision: str = "bf16",
+              map_code: int = 0) -> dict:
     """Constexprs describing the head layout: rotary halves (BH wide) and the tail (BT wide),
     and QKP, how the rotated halves are multiplied (0 "bf16": rounded to the input dtype,
     1 "bf16x3": split into bf16 hi + lo, 2 "fp32"). qk_precision only matters with rotary and
-    16-bit inputs: unrotated 16-bit q/k are exact in their dtype, and fp32 inputs multiply in fp32."""
+    16-bit inputs: unrotated 16-bit q/k are exact in their dtype, and fp32 inputs multiply in fp32.
+    MAP: the position map's code (posattn.position_maps; 0 none), with rotary only."""
     rope = rotary_dim > 0
     tail = D - rotary_dim
     qkp = QK_PRECISIONS.index(qk_precision) if rope and dtype in (torch.float16, torch.bfloat16) else 0
@@ -231,6 +265,7 @@ def tile_meta(D: int, rotary_dim: int, interleaved: bool, dtype: torch.dtype, qk
         INTERLEAVED=bool(interleaved), ROPE=rope, HAS_TAIL=tail > 0,
         PREC="ieee" if dtype == torch.float32 else "tf32",
         UPCAST=(dtype == torch.bfloat16 or qkp == 1) and interpreting(), QKP=qkp,
+        MAP=int(map_code) if rope else 0,
     )
 
 
