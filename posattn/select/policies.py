@@ -173,7 +173,8 @@ class TidalDecode:
         if layer < self.first:
             return None
         if layer in self.selecting:
-            s = scores(q, k_cache, cache_seqlens, softmax_scale=scale).sum(1, keepdim=True)   # [B, 1, S]
+            # summed over all heads: per KV group in the kernel (Hq/Hk times less work), then over groups
+            s = scores(q, k_cache, cache_seqlens, reduce="kv_group", softmax_scale=scale).sum(1, keepdim=True)
             self.current = topk(s, self.budget, lengths=cache_seqlens, sinks=self.sinks, window=self.window)
             return None                                    # this layer attends densely
         return _per_kv_head(self.current, k_cache.shape[2])
