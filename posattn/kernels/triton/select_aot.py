@@ -44,9 +44,10 @@ def aot_specializations():
     """(name, fn, signature, constexprs, num_warps) of every select kernel in its benchmark and odd cases."""
     out = []
     # scores: (head_dim, cache dtype, rope (rotary_dim, interleaved) or None, block_s)
-    for D, dt, rope, bs, pmap in ((128, torch.bfloat16, None, 64, False), (128, torch.bfloat16, (128, False), 64, False),
-                                  (80, torch.float32, (80, True), 32, False), (96, torch.float16, (48, False), 128, False),
-                                  (128, torch.bfloat16, (128, False), 64, True)):
+    cases = ((128, torch.bfloat16, None, 64, False), (128, torch.bfloat16, (128, False), 64, False),
+             (80, torch.float32, (80, True), 32, False), (96, torch.float16, (48, False), 128, False),
+             (128, torch.bfloat16, (128, False), 64, True))
+    for D, dt, rope, bs, pmap in cases:
         R, inter = rope if rope else (D, False)
         const = dict(D=D, DP=triton.next_power_of_2(D), R=R, INTERLEAVED=inter, ROPE=rope is not None, MAP=pmap,
                      BLOCK_S=bs)
@@ -58,7 +59,8 @@ def aot_specializations():
         out.append((fn.__name__.lstrip("_"), fn, _sig(fn, const, "fp32"), const, 4))
     for blk, nw in ((1024, 4), (4096, 8)):
         const = dict(BLOCK=blk)
-        out.append((f"topk_block{blk}", _topk_kernel, _sig(_topk_kernel, const, "fp32", cache_ptrs=(), out_i32=True), const, nw))
+        sig = _sig(_topk_kernel, const, "fp32", cache_ptrs=(), out_i32=True)
+        out.append((f"topk_block{blk}", _topk_kernel, sig, const, nw))
     for D, dt in ((128, torch.bfloat16), (80, torch.float32)):
         const = dict(D=D, DP=triton.next_power_of_2(D), BLOCK_P=32)
         ty = TL_DTYPE[dt]
