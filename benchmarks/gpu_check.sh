@@ -119,6 +119,11 @@ else
 fi
 step "decode bench" "$(limit 60 150)" "$PY" -m posattn bench --quick --op decode_attention,tree_attention \
   -o "$OUT" --no-dashboard --time-budget 40
+# issues 14/15 on the decode engine: a pre-RoPE cache rotated per key tile, ReRoPE(512) and bf16x3
+# against decode over a rotated cache, same run (target: ReRoPE <= 1.15x rotated at 32k; its new
+# tests, tests/decode/test_decode_attention_{prerope,maps,precision,rotary_inputs}.py, ran in 4b)
+step "decode rotary bench" "$(limit 40 150)" "$PY" -m posattn bench --quick --op decode_rotary \
+  -o "$OUT" --no-dashboard --time-budget 30
 # 4c. token selection (issue 13): its kernel tests compiled on the GPU (topk, scores, page scores,
 #     the transformers policies), then topk vs torch.topk / FlashInfer top_k at [256, 131072] k 2048
 #     and the sparse pipeline vs dense decode at 128k, batch 8, budget 2048 (the issue's targets)
@@ -205,6 +210,23 @@ for line in open(sys.argv[1]):
               f"  fwd+bwd reused {r.get('speedup_fwd_bwd_reused', float('nan')):.2f}x (>= 1.0)")
     elif r.get("bench") == "anchor_attention_qk_precision":
         print(f"bf16x3 / bf16    {lay:34s} fwd {r['ratio_fwd']:.2f}x  step {r['ratio_step']:.2f}x  (<= 1.6)")
+PYEOF
+fi
+if [ -s "$OUT/results.jsonl" ]; then
+  # decode over a pre-RoPE cache (issues 14/15): time / rotated-cache decode's (ReRoPE target <= 1.15 at 32k)
+  timeout 30 "$PY" - "$OUT/results.jsonl" <<'PYEOF' || echo "(decode rotary summary failed)"
+import json, sys
+lat = {}
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    if r.get("op") == "decode_rotary" and r.get("metric") == "latency":
+        lat[(r["shape_label"], r["dtype"], r["backend"])] = r["p50"]
+for (shape, dt, b), t in sorted(lat.items()):
+    base = lat.get((shape, dt, "rotated"))
+    pre = lat.get((shape, dt, "pre-rope"))
+    if b != "rotated" and base:
+        extra = f"   bf16x3 / bf16 (pre-RoPE) {t / pre:.2f}x" if b == "bf16x3" and pre else ""
+        print(f"decode {b:9s} / rotated {shape:34s} {dt:9s} {t / base:.2f}x{extra}")
 PYEOF
 fi
 [ -s "$OUT/index.html" ] && echo "dashboard: $OUT/index.html"

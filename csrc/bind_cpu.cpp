@@ -241,6 +241,19 @@ PYBIND11_MODULE(_C, m) {
       py::arg("dims"), py::arg("ptrs"), py::arg("strides"), py::arg("causal"), py::arg("window"), py::arg("scale"),
       py::arg("dtype"), py::arg("num_splits"), py::arg("block_n"), py::arg("num_threads"));
   m.def(
+      "decode_forward_rot",
+      [](const std::vector<int64_t>& dims, const std::vector<int64_t>& ptrs, const std::vector<int64_t>& strides,
+         bool causal, int64_t window, float scale, int dtype, int num_splits, int block_n, int num_threads,
+         const std::vector<int64_t>& rot_ints, const std::vector<int64_t>& rot_ptrs) {
+        auto p = posattn::cpu::decode_problem_from(dims, ptrs, strides, causal, window, scale, dtype);
+        posattn::cpu::decode_rotary_from(p, rot_ints, rot_ptrs);
+        py::gil_scoped_release release;
+        posattn::cpu::decode_forward(p, num_splits, block_n, num_threads);
+      },
+      py::arg("dims"), py::arg("ptrs"), py::arg("strides"), py::arg("causal"), py::arg("window"), py::arg("scale"),
+      py::arg("dtype"), py::arg("num_splits"), py::arg("block_n"), py::arg("num_threads"), py::arg("rot_ints"),
+      py::arg("rot_ptrs"));
+  m.def(
       "topk_forward",
       [](int64_t scores, int64_t R, int64_t N, int64_t s_row, int64_t lengths, int64_t k, int64_t sinks,
          int64_t window, int64_t out, int num_threads) {

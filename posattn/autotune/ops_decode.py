@@ -6,6 +6,10 @@ capacity, so that is the case a tuned config must serve), pages shuffled over th
 Kernels are called directly with the lowered problem (posattn/kernels/reference/decode.py);
 the check compares the first and last requests with the fp64 reference.
 
+Keys with ``rotary`` (in-kernel rotation: "q", "k" pre-RoPE cache, "map" ReRoPE(512)) time the
+kernel with a DecodeRotary lowered as decode_attention lowers it (RopeSpec(head_dim), key
+positions "slots", the key's qk_precision); the check uses the same rotation in fp64.
+
 ``keys(shape, dtype, tokens, device_type)`` gives ``posattn tune`` its decode keys for a model
 shape: decode (one new token) over caches of ``tokens`` slots per request, batch 1 and 16,
 page size 16.
@@ -59,15 +63,42 @@ def make_inputs(key, device, index: int = 0) -> dict:
             bits[:, w] = (seg << torch.arange(seg.shape[1])).sum(1)
         bits = torch.where(bits >= 2 ** 31, bits - 2 ** 32, bits).to(torch.int32)
         tm = bits.repeat(B, 1).to(device)
-    return {"q": q, "k_cache": kc, "v_cache": vc, "block_table": bt, "cache_seqlens": cs, "cu_seqlens_q": cu,
-            "tree_mask": tm, "causal": key.causal, "window": WINDOW if key.windowed else -1,
-            "scale": key.head_dim ** -0.5, "max_q": n, "out": None}
+    x = {"q": q, "k_cache": kc, "v_cache": vc, "block_table": bt, "cache_seqlens": cs, "cu_seqlens_q": cu,
+         "tree_mask": tm, "causal": key.causal, "window": WINDOW if key.windowed else -1,
+         "scale": key.head_dim ** -0.5, "max_q": n, "out": None, "rot": None, "rot_ref": None}
+    if getattr(key, "rotary", ""):
+        tb = "triton" if torch.device(device).type == "cuda" else "cpu"
+        x["rot"], x["rot_ref"] = (_rotary(key, q, cs, B, n, per * ps, b) for b in (tb, "reference"))
+    return x
+
+
+def _rotary(key, q, cs, B, n, S, backend):
+    """The DecodeRotary decode_attention would lower for this key (tables from ``backend``)."""
+    from posattn import ReRoPE, RopeSpec
+    from posattn.decode.rotary import lower
+
+    dev = q.device
+    req = torch.arange(B, device=dev).repeat_interleave(n)
+    idx = torch.arange(n, device=dev).repeat(B)
+    kp = None if key.rotary == "q" else "slots"
+    m = ReRoPE(512) if key.rotary == "map" else None
+    return lower(RopeSpec(key.head_dim), kp, key.qk_precision, m, q, None, cs, req, idx, S, backend, {})
+
+
+def _rows(rot, rows):
+    """rot restricted to the query rows ``rows`` (tables are per slot: shared)."""
+    if rot is None:
+        return None
+    import dataclasses
+
+    return dataclasses.replace(rot, qn=rot.qn[rows], qf=None if rot.qf is None else rot.qf[rows],
+                               qpos=None if rot.qpos is None else rot.qpos[rows])
 
 
 def run(kernel, config: dict, x: dict) -> None:
     x["out"] = kernel.fn(x["q"], x["k_cache"], x["v_cache"], x["block_table"], x["cache_seqlens"],
                          x["cu_seqlens_q"], x["tree_mask"], x["causal"], x["window"], x["scale"], None, x["max_q"],
-                         config)
+                         config, **({"rot": x["rot"]} if x.get("rot") is not None else {}))
 
 
 def reference_check(key, x: dict, run_once) -> str | None:
@@ -86,7 +117,7 @@ def reference_check(key, x: dict, run_once) -> str | None:
         want, _ = ref.decode_attention(x["q"][rows], x["k_cache"], x["v_cache"], x["block_table"][b:b + 1],
                                        x["cache_seqlens"][b:b + 1], sub_cu,
                                        None if x["tree_mask"] is None else x["tree_mask"][rows], x["causal"],
-                                       x["window"], x["scale"])
+                                       x["window"], x["scale"], rot=_rows(x.get("rot_ref"), rows))
         got = out[rows].to(torch.float64)
         if not torch.isfinite(got).all():
             return f"request {b}: non-finite output"

@@ -17,6 +17,7 @@ import torch
 
 from posattn import _plans, dispatch
 from posattn.decode import checks as C
+from posattn.decode import rotary as R
 from posattn.lowered import token_bucket
 
 PLAN_CACHE_SIZE = 256
@@ -42,6 +43,9 @@ class DecodeKey:
     batch_bucket: int
     kv_lists: str = ""     # per-head key lists (kv_indices): "" none, "kv" one per KV head, "q" one per query head
     budget_bucket: int = 1   # power-of-two bucket of the lists' length (1 without lists)
+    rotary: str = ""       # in-kernel rotation: "" none, "q" (q only: qk_precision over a rotated cache),
+    #                        "k" (pre-RoPE cache: keys rotated per tile), "map" (two products on straddling tiles)
+    qk_precision: str = "bf16"
 
 
 def _dname(dt: torch.dtype) -> str:
@@ -56,8 +60,12 @@ class _Plan:
     """What the checks decided for one signature; run() does device work only."""
 
     def __init__(self, kernel, config, B, Tq, T, HQ, HK, D, capacity, paged, rope, causal, window, scale,
-                 return_lse, num_splits, device):
+                 return_lse, num_splits, device, key_positions=None, qk_precision="bf16", position_map=None):
         self.kernel, self.config = kernel, config
+        self.rotary = R.wants_rotary(rope, key_positions, qk_precision, position_map)
+        self.key_positions, self.qk_precision, self.position_map = key_positions, qk_precision, position_map
+        self.capacity = capacity
+        self.store: dict = {}          # signature-only key tables ("slots")
         self.B, self.Tq, self.T, self.HQ, self.HK, self.D = B, Tq, T, HQ, HK, D
         self.paged, self.rope, self.causal = paged, rope, causal
         self.window = -1 if window is None else int(window)
@@ -81,7 +89,7 @@ class _Plan:
         return req, self.arange_t.to(torch.int64) - cu[req].to(torch.int64)
 
     def run(self, q, k_cache, v_cache, cache_seqlens, block_table, cu_seqlens_q, k, v, positions, tree_mask,
-            kv_indices=None):
+            kv_indices=None, key_positions=None):
         T, HQ, HK, D = self.T, self.HQ, self.HK, self.D
         cu = cu_seqlens_q if cu_seqlens_q is not None else self.cu
         bt = block_table if block_table is not None else self.block_table
@@ -90,7 +98,19 @@ class _Plan:
         if self.rope is not None or k is not None:
             req, idx = self._tokens(cu)
             slots = cache_seqlens.to(torch.int64)[req] + idx                     # logical slot of each token
-        if self.rope is not None:
+        rot = None
+        if self.rotary:
+            if _compiling():
+                raise ValueError("decode_attention with key_positions, qk_precision or position_map does not run "
+                                 "under torch.compile yet (the custom op takes no rotation tables)")
+            rot = R.lower(self.rope, key_positions, self.qk_precision, self.position_map, q3, positions,
+                          cache_seqlens, req, idx, self.capacity, self.kernel.backend, self.store)
+            if key_positions is None and k3 is not None:      # qk_precision over a rotated cache
+                from posattn.rope.ops import apply_rope
+
+                k3 = apply_rope(k3, None, positions.reshape(T) if positions is not None else slots, self.rope,
+                                layout="thd")[0]
+        elif self.rope is not None:
             from posattn.rope.ops import apply_rope
 
             pos = positions.reshape(T) if positions is not None else slots
@@ -104,7 +124,10 @@ class _Plan:
         if q3.stride(-1) != 1:
             q3 = q3.contiguous()
         tm = tree_mask.reshape(T, tree_mask.shape[-1]) if tree_mask is not None else None
-        if _compiling():
+        if rot is not None:
+            out, lse = self.kernel.fn(q3, k_cache, v_cache, bt, cache_seqlens, cu, tm, self.causal, self.window,
+                                      self.scale, self.num_splits, self.max_q, self.config, kv_indices, rot=rot)
+        elif _compiling():
             out, lse = torch.ops.posattn.decode_attention(
                 q3, k_cache, v_cache, bt, cache_seqlens, cu, tm, self.causal, self.window, self.scale,
                 self.num_splits or 0, self.max_q, self.kernel.backend, kv_indices)
@@ -127,11 +150,18 @@ def _lists(kv_indices, HQ, HK) -> tuple[str, int]:
     return ("kv" if kv_indices.shape[1] == HK else "q"), token_bucket(kv_indices.shape[2])
 
 
-def _key(q, k_cache, B, Tq, T, HQ, HK, D, capacity, paged, tree, causal, window, kv_indices=None) -> DecodeKey:
+def _rotary_kind(rope, key_positions, qk_precision, position_map) -> str:
+    if not R.wants_rotary(rope, key_positions, qk_precision, position_map):
+        return ""
+    return "map" if position_map is not None else ("k" if key_positions is not None else "q")
+
+
+def _key(q, k_cache, B, Tq, T, HQ, HK, D, capacity, paged, tree, causal, window, kv_indices=None, rotary="",
+         qk_precision="bf16") -> DecodeKey:
     mean_q = Tq if Tq is not None else -(-T // B)
     return DecodeKey(q.device.type, _dname(q.dtype), D, HQ, HK, int(k_cache.shape[1]) if paged else 0, paged,
                      tree, causal, window is not None, token_bucket(mean_q), token_bucket(capacity), token_bucket(B),
-                     *_lists(kv_indices, HQ, HK))
+                     *_lists(kv_indices, HQ, HK), rotary, qk_precision if rotary else "bf16")
 
 
 def _sig(t):
@@ -144,7 +174,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      positions: torch.Tensor | None = None, tree_mask: torch.Tensor | None = None,
                      causal: bool = True, window: int | None = None, softmax_scale: float | None = None,
                      return_lse: bool = False, num_splits: int | None = None, backend: str | None = None,
-                     kv_indices: torch.Tensor | None = None, page_summary=None):
+                     kv_indices: torch.Tensor | None = None, page_summary=None, key_positions=None,
+                     qk_precision: str = "bf16", position_map=None):
     """Attention of a step's new tokens over a (paged) KV cache: decode, chunked prefill, tree verify
     and sparse decode over selected tokens.
 
@@ -161,8 +192,24 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         k, v: the new tokens' keys and values (q's leading shape, Hk heads): written into the
             cache at logical slots ``cache_seqlens[b] + i`` (after rotation with ``rope``), then
             attended, as flash_attn_with_kvcache does.
-        rope: a :class:`posattn.RopeSpec`: q and the new k are rotated (exact angles) first.
-        positions: q's leading shape, int or float; default ``cache_seqlens[b] + i``.
+        rope: a :class:`posattn.RopeSpec`: q and the new k are rotated (exact angles) first; with
+            ``key_positions`` the cache holds keys *before* RoPE instead (as
+            ``rope_and_cache(..., rotate_k=False)`` writes them): the kernel rotates each cached
+            key at its key position while attending, and the new k is written unrotated.
+        positions: q's leading shape, int or float; default ``cache_seqlens[b] + i`` (with a
+            key_positions tensor: the key position of the token's own slot).
+        key_positions: ``"slots"`` (logical slot s has position s) or int/float [B, S_max] or
+            [S_max] (S_max = the capacity: S_cap, or max_blocks * page_size), one position per
+            logical slot, the new tokens' slots ``cache_seqlens[b] + i`` included; needs ``rope``
+            (single-axis: one inv_freq row). The keys' positions as posattn.select.scores defines them.
+        qk_precision: with ``rope``: "bf16" (default: the rotated q/k rounded to the input dtype),
+            "bf16x3" (q and pre-RoPE keys rotated in fp32, each split into bf16 hi + lo, the product
+            hi.hi + hi.lo + lo.hi: RoPE's relative property survives bf16) or "fp32" (fp32 products).
+            Over a rotated cache only q is split. The C++ CPU backend computes in fp32 in every mode.
+        position_map: a posattn.ReRoPE / LeakyReRoPE / SelfExtend / VistaRoPE (needs ``rope`` and
+            ``key_positions``): each (query, key) pair is rotated near or far per
+            posattn/position_maps.py; a key tile pays two products only when it straddles the
+            boundary. VistaRoPE's ``visual`` is bool [B, S_max] over logical slots.
         tree_mask: int32 [sum(q_lens), ceil(Tmax/32)] (or [B, Tq, W]): bit j of row i lets new
             token i see new token j of its request; every cached token stays visible.
         causal: without a tree mask, new token i sees new tokens j <= i (else all of them).
@@ -194,11 +241,15 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         if isinstance(q, DTensor) or isinstance(k_cache, DTensor) or isinstance(v_cache, DTensor):
             from posattn.distributed import dtensor_decode   # heads / batch placements run on the local shards
 
+            if isinstance(key_positions, torch.Tensor):
+                raise ValueError("decode_attention on DTensors takes key_positions='slots' only (a key_positions "
+                                 "tensor is not sharded with the cache: run the op on each rank's local tensors)")
             return dtensor_decode.decode_attention(
                 decode_attention, q, k_cache, v_cache, cache_seqlens, block_table=block_table,
                 cu_seqlens_q=cu_seqlens_q, k=k, v=v, positions=positions, tree_mask=tree_mask, kv_indices=kv_indices,
                 page_summary=page_summary, rope=rope, causal=causal, window=window, softmax_scale=softmax_scale,
-                return_lse=return_lse, num_splits=num_splits, backend=backend)
+                return_lse=return_lse, num_splits=num_splits, backend=backend, key_positions=key_positions,
+                qk_precision=qk_precision, position_map=position_map)
     if page_summary is not None:
         from posattn.select.quest import check_summary_for, update_page_summary
 
@@ -209,29 +260,33 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         out = decode_attention(q, k_cache, v_cache, cache_seqlens, block_table=block_table, k=k, v=v, rope=rope,
                                positions=positions, tree_mask=tree_mask, causal=causal, window=window,
                                softmax_scale=softmax_scale, return_lse=return_lse, num_splits=num_splits,
-                               backend=backend, kv_indices=kv_indices)
+                               backend=backend, kv_indices=kv_indices, key_positions=key_positions,
+                               qk_precision=qk_precision, position_map=position_map)
         update_page_summary(page_summary, k_cache, cache_seqlens, q.shape[1], block_table=block_table)
         return out
     pk = None
     if not _compiling() and q.__class__ is torch.Tensor:
         pk = (_sig(q), _sig(k_cache), _sig(v_cache), _sig(cache_seqlens), _sig(block_table), _sig(cu_seqlens_q),
               _sig(k), _sig(v), rope, _sig(positions), _sig(tree_mask), causal, window, softmax_scale, return_lse,
-              num_splits, backend, dispatch.context_backend(), dispatch.env_backend_raw(), _sig(kv_indices))
+              num_splits, backend, dispatch.context_backend(), dispatch.env_backend_raw(), _sig(kv_indices),
+              key_positions if isinstance(key_positions, str) else _sig(key_positions), qk_precision, position_map)
         try:
             plan = _PLANS.get(pk)
         except TypeError:       # an unhashable argument: the checks below name it
             plan, pk = None, None
         if plan is not None:
             return plan.run(q, k_cache, v_cache, cache_seqlens, block_table, cu_seqlens_q, k, v, positions,
-                            tree_mask, kv_indices)
+                            tree_mask, kv_indices, key_positions)
     B, Tq, T, HQ, HK, D, capacity = C.check_shapes(q, k_cache, v_cache, cache_seqlens, block_table, cu_seqlens_q,
                                                    k, v, rope, positions, tree_mask, causal, window, softmax_scale,
                                                    return_lse, num_splits, kv_indices)
+    R.check(rope, key_positions, qk_precision, position_map, positions, q, B, capacity)
     paged = block_table is not None
     if not _compiling():
         C.check_values(cache_seqlens, cu_seqlens_q, block_table, tree_mask, T, capacity, k_cache.shape[0],
                        k_cache.shape[1], Tq, kv_indices)
-    key = _key(q, k_cache, B, Tq, T, HQ, HK, D, capacity, paged, tree_mask is not None, causal, window, kv_indices)
+    key = _key(q, k_cache, B, Tq, T, HQ, HK, D, capacity, paged, tree_mask is not None, causal, window, kv_indices,
+               _rotary_kind(rope, key_positions, qk_precision, position_map), qk_precision)
     if _compiling():
         # dispatch's memo takes a lock Dynamo cannot trace: the custom op resolves the backend
         kernel, config = _NamedOnly(backend or ""), {}
@@ -239,11 +294,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         kernel, config = dispatch.select("decode_attention", key, backend=backend, device_index=q.device.index)
     scale = D ** -0.5 if softmax_scale is None else float(softmax_scale)
     plan = _Plan(kernel, config, B, Tq, T, HQ, HK, D, capacity, paged, rope, causal, window, scale, return_lse,
-                 num_splits, q.device)
+                 num_splits, q.device, key_positions, qk_precision, position_map)
     if pk is not None:
         _plans.store(_PLANS, pk, plan, PLAN_CACHE_SIZE)
     return plan.run(q, k_cache, v_cache, cache_seqlens, block_table, cu_seqlens_q, k, v, positions, tree_mask,
-                    kv_indices)
+                    kv_indices, key_positions)
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,13 @@
 """decode_attention's kernel registrations: one line per backend, plus their supports rules.
 
 Kernel contract (every backend): ``fn(q, k_cache, v_cache, block_table, cache_seqlens,
-cu_seqlens_q, tree_mask, causal, window, softmax_scale, num_splits, max_q, config, kv_indices=None)`` ->
+cu_seqlens_q, tree_mask, causal, window, softmax_scale, num_splits, max_q, config, kv_indices=None,
+rot=None)`` ->
 (out [T, Hq, D] in q's dtype, lse fp32 [T, Hq]) for the lowered problem described in
 posattn/kernels/reference/decode.py; ``window`` <= 0 is none; ``num_splits`` None lets the
 backend choose; ``max_q`` is a shape-derived hint of new tokens per request (never a value read
-from a tensor).
+from a tensor); ``rot`` a posattn/decode/rotary.py DecodeRotary (in-kernel rotation: q is then
+``rot.qn``, pre-RoPE keys rotated by its tables, a position map's far pairs) or None.
 """
 from __future__ import annotations
 
@@ -17,26 +19,26 @@ from posattn.kernels.reference import decode as ref_decode
 
 
 def _reference_fn(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, tree_mask, causal, window,
-                  softmax_scale, num_splits, max_q, config, kv_indices=None):
+                  softmax_scale, num_splits, max_q, config, kv_indices=None, rot=None):
     out, lse = ref_decode.decode_attention(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q,
-                                           tree_mask, causal, window, softmax_scale, kv_indices)
+                                           tree_mask, causal, window, softmax_scale, kv_indices, rot)
     return out.to(q.dtype), lse.to(torch.float32)
 
 
 def _cpu_fn(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, tree_mask, causal, window,
-            softmax_scale, num_splits, max_q, config, kv_indices=None):
+            softmax_scale, num_splits, max_q, config, kv_indices=None, rot=None):
     from posattn.kernels import cpu_decode
 
     return cpu_decode.decode_forward(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, tree_mask,
-                                     causal, window, softmax_scale, num_splits, max_q, config, kv_indices)
+                                     causal, window, softmax_scale, num_splits, max_q, config, kv_indices, rot)
 
 
 def _triton_fn(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, tree_mask, causal, window,
-               softmax_scale, num_splits, max_q, config, kv_indices=None):
+               softmax_scale, num_splits, max_q, config, kv_indices=None, rot=None):
     from posattn.kernels.triton import decode as td
 
     return td.decode_forward(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, tree_mask, causal,
-                             window, softmax_scale, num_splits, max_q, config, kv_indices)
+                             window, softmax_scale, num_splits, max_q, config, kv_indices, rot)
 
 
 _cpu_supports = S.cpu(S.NATIVE, "the C++ kernel computes in fp32 (float64 runs on the reference)")

@@ -54,3 +54,32 @@ def test_triton_candidates_checked(dirs):   # noqa: F811
              for s, bn in ((1, 16), (3, 32))]
     [r] = tuner.tune_key("decode_attention", k, backends=["triton"], spaces={"triton": space}, settings=FAST)
     assert r.results and all(x["status"] == "ok" for x in r.results), r.results
+
+
+@pytest.mark.parametrize("rotary, qk", [("k", "bf16"), ("map", "bf16x3"), ("q", "bf16x3")])
+def test_rotary_keys_tuned_with_their_rotation(dirs, rotary, qk):   # noqa: F811
+    """Keys of the in-kernel rotation (pre-RoPE cache, ReRoPE, q-only bf16x3) are timed with their
+    DecodeRotary and checked against the fp64 reference with the same rotation; a kernel that
+    ignores the rotation is a mismatch."""
+    from tests.conftest import DEVICE
+
+    k = _key(device_type=DEVICE, dtype="bfloat16", head_dim=16, kv_bucket=64, rotary=rotary, qk_precision=qk)
+    backends = ["cpu", "triton"] if DEVICE == "cpu" else ["triton"]
+    for b in backends:
+        space = [tuner.candidates(dispatch.kernels("decode_attention")[b], k)[0]]
+        [r] = tuner.tune_key("decode_attention", k, backends=[b], spaces={b: space}, settings=FAST)
+        assert r.results and all(x["status"] == "ok" for x in r.results), (b, r.results)
+
+
+def test_rotary_key_without_rotation_is_a_mismatch(dirs, monkeypatch):   # noqa: F811
+    kern = dispatch.kernels("decode_attention")["cpu"]
+    real = kern.fn
+
+    def no_rot(*args, rot=None):
+        return real(*args)
+
+    monkeypatch.setitem(dispatch._registry["decode_attention"], "cpu", type(kern)(**{**kern.__dict__, "fn": no_rot}))
+    k = _key(dtype="bfloat16", head_dim=16, kv_bucket=64, rotary="map", qk_precision="bf16")
+    space = [{"threads": 1, "block_n": 64, "num_splits": 1}]
+    [r] = tuner.tune_key("decode_attention", k, backends=["cpu"], spaces={"cpu": space}, settings=FAST)
+    assert r.results and all(x["status"] == "mismatch" for x in r.results), r.results

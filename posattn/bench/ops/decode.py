@@ -1,5 +1,6 @@
 """Benchmark cases for the decode engine: ``decode_attention`` (one new token per request over a
-paged cache) and ``tree_attention`` (a batch of draft trees verified over a cached prefix).
+paged cache), ``tree_attention`` (a batch of draft trees verified over a cached prefix) and
+``decode_rotary`` (the in-kernel rotation of issues 14/15 against decode over a rotated cache).
 
 Both time the public op as a user calls it on a repeated signature (its plan: no checks, no
 host sync). The cache is paged (page size 16) with the pages of every request shuffled over
@@ -265,11 +266,59 @@ def _register(name, title, sweep, parse_shape):
     return op
 
 
+ROTARY_WINDOW = 512          # ReRoPE's window in the "rerope" case (the ReRoPE paper's setting)
+_ROT_SWEEPS = {
+    ("quick", "cpu"): [(4, 4096)],
+    ("full", "cpu"): [(1, 4096), (4, 16384)],
+    ("quick", "cuda"): [(1, 32768), (16, 32768)],
+    ("full", "cuda"): [(b, c) for b in (1, 16, 64) for c in (8192, 32768, 131072) if b * c <= 1 << 21],
+}
+
+
+def _register_rotary():
+    """decode_rotary: the same decode step four ways, timed in one run (speed-ups against "rotated"):
+
+    rotated   decode_attention(..., rope=spec): q rotated by apply_rope, keys cached after RoPE
+    pre-rope  key_positions="slots": the cache holds keys before RoPE, each key tile rotated in the kernel
+    rerope    pre-rope + position_map=ReRoPE(512) (two products only on tiles straddling the window)
+    bf16x3    pre-rope + qk_precision="bf16x3" (split-bf16 products, issue 15); pre-rope is its bf16 twin
+    """
+    spec = posattn.RopeSpec(D)
+    variants = {
+        "rotated": {},
+        "pre-rope": {"key_positions": "slots"},
+        "rerope": {"key_positions": "slots", "position_map": posattn.ReRoPE(ROTARY_WINDOW)},
+        "bf16x3": {"key_positions": "slots", "qk_precision": "bf16x3"},
+    }
+    op = register_op(BenchOp(
+        name="decode_rotary", title="decode over a pre-RoPE cache (rotated per key tile), ReRoPE and bf16x3 vs "
+        "decode over a rotated cache: one new token per request, page 16, Hq 32, Hk 8, D 128",
+        make_inputs=make_inputs, reference=lambda inp: None,     # four different results: tests/decode checks them
+        sweep=lambda mode, dt: [_shape(b, c) for b, c in _ROT_SWEEPS[(mode, dt)]], dtypes=dtypes, bytes=nbytes,
+        flops=flops, size_name="cached tokens", baseline=("rotated",),
+        parse_shape=_parse("decode_rotary", ("B", "ctx", "Hq", "Hk", "D", "page"), "B=1,ctx=32768", 1)))
+
+    def factory(extra):
+        def make(inp, device_type):
+            args = (inp["q"], inp["k_cache"], inp["v_cache"], inp["cache_seqlens"])
+            kw = dict(_kwargs(inp), rope=spec, **extra)
+            posattn.decode_attention(*args, **kw)                    # the checked call: the plan is kept
+            return lambda: posattn.decode_attention(*args, **kw)
+        return make
+
+    for name, extra in variants.items():
+        args = "".join(f", {k}={v!r}" for k, v in extra.items())
+        op.backend(name, note=f"posattn.decode_attention(..., rope=RopeSpec(128){args}); the device's default "
+                              "backend, a planned signature")(factory(extra))
+    return op
+
+
 import posattn  # noqa: E402
 
 if getattr(posattn, "decode_attention", None) is None:
     skip_op("decode_attention", "posattn has no decode_attention")
     skip_op("tree_attention", "posattn has no decode_attention")
+    skip_op("decode_rotary", "posattn has no decode_attention")
 else:
     _register("decode_attention", "decode_attention: one new token per request over a paged cache (page 16), "
               "Hq 32, Hk 8, D 128", decode_sweep,
@@ -277,3 +326,4 @@ else:
     _register("tree_attention", "tree verify: decode_attention with per-request draft trees (tree_mask) over a "
               "cached prefix, Hq 32, Hk 8, D 128", tree_sweep,
               _parse("tree_attention", ("B", "ctx", "nodes", "Hq", "Hk", "D", "page"), "B=8,ctx=8192,nodes=64", 64))
+    _register_rotary()

@@ -27,7 +27,16 @@ Query i of request b (row t = cu_seqlens_q[b] + i, logical slot L_b + i) sees ke
     out[t, h] = softmax_j(scale * q[t, h] . k[j, h // (Hq / Hk)]) @ v
     lse[t, h] = log sum_j exp(scale * q . k)   (natural log; -inf and out = 0 with no key)
 
-Future programs of the same engine (token selection's per-head index lists, position maps)
+With ``rot`` (posattn/decode/rotary.py's DecodeRotary: pre-RoPE caches, position maps) q is
+``rot.qn`` (already rotated at its positions) and the key at slot j is rotated by the table row
+``rot.ktab[:, b or 0, j]`` before the product; with a map, pairs (i, j) where
+
+    distance maps:  qpos[i] - kpos[b or 0, j] >= window       VistaRoPE: not visual[b, L + i] and visual[b, j]
+
+use ``rot.qf`` and keys rotated by ``rot.ktab_far`` instead. The reference computes every
+product in fp64 (qk_precision does not apply to the oracle).
+
+The other programs of the same engine (token selection's per-head index lists, position maps)
 change only which keys a query sees and at which relative position: ``visible_keys`` below.
 """
 from __future__ import annotations
@@ -75,7 +84,7 @@ def listed(kv_indices, b: int, L: int, N: int, heads: int) -> torch.Tensor:
 
 
 def decode_attention(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, tree_mask, causal: bool,
-                     window: int, softmax_scale: float, kv_indices=None):
+                     window: int, softmax_scale: float, kv_indices=None, rot=None):
     """fp64 (out [T, Hq, D], lse [T, Hq]) on q's device, per the module docstring."""
     T, HQ, D = q.shape
     HK = k_cache.shape[2]
@@ -90,13 +99,21 @@ def decode_attention(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens
         if n == 0:
             continue
         N = L + n
-        K = gather_request(k_cache, block_table, b, N).to(torch.float64).repeat_interleave(G, dim=1)
+        K = gather_request(k_cache, block_table, b, N).to(torch.float64)
+        Kf = None
+        if rot is not None and rot.ktab is not None:
+            K, Kf = _rotate_keys(K, rot, b, N)
+        K = K.repeat_interleave(G, dim=1)
         V = gather_request(v_cache, block_table, b, N).to(torch.float64).repeat_interleave(G, dim=1)
         ok = visible_keys(b, L, n, t0, tree_mask, causal, window)[None]            # [1, n, N]
         if kv_indices is not None:   # cached slots: only the listed ones, per head
             cached = torch.arange(N) < L
             ok = ok & (~cached | listed(kv_indices, b, L, N, HQ))[:, None, :]       # [Hq, n, N]
-        s = torch.einsum("ihd,jhd->hij", q[t0:t1].to(torch.float64), K) * softmax_scale
+        qb = (rot.qn if rot is not None else q)[t0:t1].to(torch.float64)
+        s = torch.einsum("ihd,jhd->hij", qb, K) * softmax_scale
+        if Kf is not None:
+            sf = torch.einsum("ihd,jhd->hij", rot.qf[t0:t1].to(torch.float64), Kf.repeat_interleave(G, dim=1))
+            s = torch.where(_far(rot, b, L, t0, n, N).to(q.device), sf * softmax_scale, s)
         s = s.masked_fill(~ok.to(q.device), float("-inf"))
         m = s.amax(-1, keepdim=True)
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
@@ -106,3 +123,25 @@ def decode_attention(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens
         out[t0:t1] = o
         lse[t0:t1] = (m + torch.log(l)).squeeze(-1).transpose(0, 1)
     return out, lse
+
+
+def _rotate_keys(K, rot, b: int, N: int):
+    """(near, far or None) fp64 [N, Hk, D]: request b's keys rotated by the tables' rows."""
+    from posattn.kernels.reference.select_scores import rotate_table
+
+    def by(tab):
+        t = tab[:, b if tab.shape[1] > 1 else 0].to(K.device, torch.float64)              # [2, S or 1, R/2]
+        t = t.expand(2, N, t.shape[-1]) if t.shape[1] == 1 else t[:, :N]
+        return rotate_table(K, t[0][:, None, :], t[1][:, None, :], rot.rotary_dim, rot.interleaved)
+
+    return by(rot.ktab), (by(rot.ktab_far) if rot.ktab_far is not None else None)
+
+
+def _far(rot, b: int, L: int, t0: int, n: int, N: int) -> torch.Tensor:
+    """bool [n, N] on the CPU: the pairs (query i, slot j) that take the far rotation."""
+    if rot.visual is not None:
+        vis = rot.visual[b].to("cpu").bool()
+        return ~vis[L:L + n, None] & vis[None, :N]
+    kp = rot.kpos[b if rot.kpos.shape[0] > 1 else 0, :N].to("cpu", torch.float64)
+    qp = rot.qpos[t0:t0 + n].to("cpu", torch.float64)
+    return (qp[:, None] - kp[None, :]) >= rot.window

@@ -22,7 +22,16 @@ Every pointer offset is computed in 64 bits.
 Sparse decode (``kv_indices``, token selection): the walk visits the head's listed cached slots
 (``IDX[b, head, p]``, -1 or out-of-range entries skipped) and then the step's new tokens; with
 one list per query head a program holds one query head (ROWH = 1) instead of the GQA group.
-Position maps (windowed rotary) are to change the score of a (query, key) pair on this walk.
+In-kernel rotation (``rot``, posattn/decode/rotary.py; QROT/KROT/MAP): q arrives rotated in fp32
+(QN, and QF at the map's far positions); each key tile is loaded as its two rotary halves and
+the tail (flash_attn_tiles' layout), the halves rotated in fp32 by the call's table row of each
+slot (KT [2, rows, S, R/2]: cos, sin), and both operands made by the attention engine's
+``_qk_operand`` (bf16: rounded to the input dtype; bf16x3: hi + lo; fp32) and multiplied by its
+``_scores``. With a map a tile first decides from its query and key positions (min/max of the
+distance; VistaRoPE: the visual flags) whether it needs the near product, the far product
+(keys rotated by KTF, q from QF) or both; a pair takes the far score where it is far:
+
+    s = where(far, (q_far . k_far), (q . k)) * scale * log2(e)
 """
 from __future__ import annotations
 
@@ -33,17 +42,22 @@ import triton
 import triton.language as tl
 
 # the attention engine's constants and its dot (fp32 accumulation; upcast under the interpreter)
-from posattn.kernels.triton.flash_attn_tiles import _LN2, _LOG2E, _dot
+from posattn.kernels.triton.decode_rotary import _q_halves, _rot_args, _rot_tile
+from posattn.kernels.triton.flash_attn_tiles import _LN2, _LOG2E, _dot, _map_side, tile_meta
 
 
 @triton.jit
-def _decode_fwd(Q, K, V, BT, CS, CU, TREE, IDX, O, LSE, OP, LP,
-                T, B, HQ, PAGE, MAXB, WINDOW, CHUNK, BUDGET, scale,
+def _decode_fwd(Q, K, V, BT, CS, CU, TREE, IDX, O, LSE, OP, LP, QN, QF, KT, KTF, QP, KP, VIS,
+                T, B, HQ, PAGE, MAXB, WINDOW, CHUNK, BUDGET, scale, MWIN,
                 s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt, s_tm, s_ib, s_ih, s_ot, s_oh,
+                s_nt, s_nh, s_tc, s_tb, s_tt, s_kpb, s_vis, s_fc, s_fb, s_ft,
                 G: tl.constexpr, ROWH: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BLOCK_Q: tl.constexpr,
                 BM: tl.constexpr, BLOCK_N: tl.constexpr, BB: tl.constexpr, TREE_MASK: tl.constexpr,
                 CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_IDX: tl.constexpr, SPLITS: tl.constexpr,
-                PREC: tl.constexpr, UPCAST: tl.constexpr):
+                PREC: tl.constexpr, UPCAST: tl.constexpr, QROT: tl.constexpr = False, KROT: tl.constexpr = False,
+                MAP: tl.constexpr = 0, ROT: tl.constexpr = 16, BH: tl.constexpr = 16, R_HALF: tl.constexpr = 1,
+                BTL: tl.constexpr = 16, INTERLEAVED: tl.constexpr = False, HAS_TAIL: tl.constexpr = False,
+                QKP: tl.constexpr = 0, RNE: tl.constexpr = False):
     g = tl.program_id(0)
     hg = tl.program_id(1)                                # head group: ROWH query heads (G, or 1 with per-q lists)
     split = tl.program_id(2)
@@ -71,8 +85,21 @@ def _decode_fwd(Q, K, V, BT, CS, CU, TREE, IDX, O, LSE, OP, LP,
     t = (t0 + qi).to(tl.int64)
     d = tl.arange(0, BD)
     dmask = d < D
-    q = tl.load(Q + t[:, None] * s_qt + h[:, None].to(tl.int64) * s_qh + d[None, :],
-                mask=rvalid[:, None] & dmask[None, :], other=0.0)
+    DT = K.dtype.element_ty
+    if QROT:   # rotated in fp32 by the op: the operands (rounded, split or fp32) are made here
+        qa, qa_lo, qb, qb_lo, qt = _q_halves(QN, t, h, rvalid, s_nt, s_nh, ROT, BH, R_HALF, BTL, D, INTERLEAVED,
+                                             DT, QKP, UPCAST, RNE)
+        fa, fa_lo, fb, fb_lo, ft = qa, qa_lo, qb, qb_lo, qt
+        qpos = tl.zeros([BM], tl.float64)
+        vq = tl.zeros([BM], tl.int32)
+        if MAP != 0:
+            fa, fa_lo, fb, fb_lo, ft = _q_halves(QF, t, h, rvalid, s_nt, s_nh, ROT, BH, R_HALF, BTL, D,
+                                                 INTERLEAVED, DT, QKP, UPCAST, RNE)
+            # query side: fp64 position of row's token, visual flag of its own slot L + i (VistaRoPE)
+            qpos, vq = _map_side(QP + t0, VIS + b.to(tl.int64) * s_vis + L, qi, rvalid, MAP)
+    else:
+        q = tl.load(Q + t[:, None] * s_qt + h[:, None].to(tl.int64) * s_qh + d[None, :],
+                    mask=rvalid[:, None] & dmask[None, :], other=0.0)
 
     # the walk: positions p in [lo, hi), then this split's share. Without index lists p is the
     # logical slot; with them p < BUDGET reads slot IDX[b, hg, p] and p >= BUDGET is new token
@@ -114,8 +141,14 @@ def _decode_fwd(Q, K, V, BT, CS, CU, TREE, IDX, O, LSE, OP, LP,
         off = (j % PAGE).to(tl.int64)
         kp = K + page * s_kb + off * s_kt + hk.to(tl.int64) * s_kh
         vp = V + page * s_vb + off * s_vt + hk.to(tl.int64) * s_vh
-        k = tl.load(kp[:, None] + d[None, :], mask=kvalid[:, None] & dmask[None, :], other=0.0)
-        s = _dot(q, tl.trans(k), PREC, UPCAST) * qk_scale
+        if QROT:
+            s = _rot_tile(kp, j, kvalid, b, KT, KTF, KP, VIS, MWIN, s_tc, s_tb, s_tt, s_kpb, s_vis, s_fc, s_fb, s_ft,
+                          qa, qa_lo, qb, qb_lo, qt, fa, fa_lo, fb, fb_lo, ft, qpos, vq, rvalid,
+                          BM, BLOCK_N, D, KROT, MAP, ROT, BH, R_HALF, BTL, INTERLEAVED, HAS_TAIL, DT, QKP,
+                          PREC, UPCAST, RNE) * qk_scale
+        else:
+            k = tl.load(kp[:, None] + d[None, :], mask=kvalid[:, None] & dmask[None, :], other=0.0)
+            s = _dot(q, tl.trans(k), PREC, UPCAST) * qk_scale
         jj = j - L                                       # index among the new tokens (< 0: cached)
         isnew = jj >= 0
         if TREE_MASK:
@@ -216,6 +249,15 @@ def default_config(key, smem_per_block: int | None = None) -> dict:
            "num_warps": 4, "num_stages": 1 if interp else 2}
     if key.device_type == "cuda":
         limit = smem_per_block if smem_per_block is not None else _smem_optin()
+        heavy = getattr(key, "rotary", "") == "map" or (getattr(key, "rotary", "") and
+                                                        getattr(key, "qk_precision", "bf16") == "bf16x3")
+        if heavy and key.head_dim > 128 and limit and limit < 232448:
+            # a map or the split product holds several rotated operand tiles: below Hopper's shared
+            # memory, 32 rows and 32 (A100) or 16 (99 KB GPUs) keys per tile, and two stages: Triton
+            # 3.7 fails to lower these variants with one (compiled for sm_80 / sm_89, head_dim 256:
+            # 102 KB / 84 KB; tests/decode/test_decode_attention_aot.py)
+            return dict(cfg, BLOCK_Q=block_q(key.q_bucket, G, 32), BLOCK_N=32 if limit >= 160 * 1024 else 16,
+                        num_stages=2)
         while limit and smem_estimate(cfg, key.head_dim, key.dtype) > limit and (cfg["num_stages"] > 1
                                                                                 or cfg["BLOCK_N"] > 16):
             if cfg["num_stages"] > 1:
@@ -265,8 +307,9 @@ def _pow2(n: int) -> int:
 
 
 def decode_forward(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, tree_mask, causal, window,
-                   softmax_scale, num_splits, max_q, config, kv_indices=None):
-    """The lowered problem of posattn/kernels/reference/decode.py -> (out [T, Hq, D], lse fp32 [T, Hq])."""
+                   softmax_scale, num_splits, max_q, config, kv_indices=None, rot=None):
+    """The lowered problem of posattn/kernels/reference/decode.py -> (out [T, Hq, D], lse fp32 [T, Hq]);
+    ``rot``: posattn/decode/rotary.py's DecodeRotary (in-kernel rotation) or None."""
     T, HQ, D = q.shape
     HK = k_cache.shape[2]
     G = HQ // HK
@@ -301,15 +344,17 @@ def decode_forward(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     idx = kv_indices if kv_indices is not None else cu_seqlens_q
     s_ib, s_ih = (idx.stride(0), idx.stride(1)) if kv_indices is not None else (0, 0)
+    rptr, rsc, rconst = _rot_args(rot, q, D, k_cache.dtype)
+    rconst.setdefault("UPCAST", upcast)
     _decode_fwd[(nqb, groups, splits)](
-        q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, tm, idx, out, lse, op, lp,
-        T, B, HQ, PS, MAXB, window if window > 0 else 0, chunk, budget, float(softmax_scale),
+        q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, tm, idx, out, lse, op, lp, *rptr,
+        T, B, HQ, PS, MAXB, window if window > 0 else 0, chunk, budget, float(softmax_scale), rsc[0],
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_table.stride(0),
-        tm.stride(0), s_ib, s_ih, out.stride(0), out.stride(1),
+        tm.stride(0), s_ib, s_ih, out.stride(0), out.stride(1), *rsc[1:],
         G=G, ROWH=rowh, D=D, BD=bd, BLOCK_Q=bq, BM=bm, BLOCK_N=bn, BB=max(2, _pow2(B)),
         TREE_MASK=tree_mask is not None, CAUSAL=bool(causal), HAS_WINDOW=window > 0,
-        HAS_IDX=kv_indices is not None, SPLITS=splits, PREC=prec, UPCAST=upcast,
+        HAS_IDX=kv_indices is not None, SPLITS=splits, PREC=prec, **rconst,
         num_warps=int(config.get("num_warps", 4)), num_stages=int(config.get("num_stages", 2)))
     if splits > 1:
         _decode_merge[(T, HQ)](op, lp, out, lse, HQ, out.stride(0), out.stride(1), D=D, BD=bd, SPLITS=splits,
@@ -320,18 +365,25 @@ def decode_forward(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q
 def aot_specializations(cases):
     """(name, fn, signature, constexprs, num_warps, num_stages) for ahead-of-time compiles.
 
-    cases: (head_dim, dtype, G, BLOCK_Q, BLOCK_N, tree, splits[, idx]) tuples; idx "" (no index
-    lists), "kv" (one list per KV head) or "q" (one per query head)."""
+    cases: (head_dim, dtype, G, BLOCK_Q, BLOCK_N, tree, splits[, idx[, rot]]) tuples; idx "" (no index
+    lists), "kv" (one list per KV head) or "q" (one per query head); rot "" (q rotated by the op, cache
+    rotated), or "<qk_precision>[+map<code>]" for a pre-RoPE cache rotated in the kernel (rotary_dim =
+    head_dim), e.g. "bf16x3+map1" (ReRoPE)."""
     names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
     out = []
     for case in cases:
         D, dtype, G, bq, bn, tree, splits = case[:7]
         idx = case[7] if len(case) > 7 else ""
+        rot = case[8] if len(case) > 8 else ""
         dt = names[dtype]
         sig = {n: "*" + dt for n in ("Q", "K", "V", "O")}
         sig.update({"BT": "*i32", "CS": "*i32", "CU": "*i32", "TREE": "*i32", "IDX": "*i32", "LSE": "*fp32",
                     "OP": "*fp32", "LP": "*fp32"})
-        for n in ("T", "B", "HQ", "PAGE", "MAXB", "WINDOW", "CHUNK", "BUDGET"):
+        sig.update({n: "*fp32" for n in ("QN", "QF", "KT", "KTF")})
+        sig.update({"QP": "*fp64", "KP": "*fp64"})
+        sig["VIS"] = "*u8"
+        for n in ("T", "B", "HQ", "PAGE", "MAXB", "WINDOW", "CHUNK", "BUDGET", "MWIN", "s_nt", "s_nh", "s_tc", "s_tb",
+                  "s_tt", "s_kpb", "s_vis", "s_fc", "s_fb", "s_ft"):
             sig[n] = "i32"
         sig["scale"] = "fp32"
         for n in ("s_qt", "s_qh", "s_kb", "s_kt", "s_kh", "s_vb", "s_vt", "s_vh", "s_bt", "s_tm", "s_ib", "s_ih",
@@ -340,10 +392,18 @@ def aot_specializations(cases):
         rowh = 1 if idx == "q" else G
         const = dict(G=G, ROWH=rowh, D=D, BD=max(16, _pow2(D)), BLOCK_Q=bq, BM=max(16, _pow2(bq * rowh)),
                      BLOCK_N=bn, BB=64, TREE_MASK=tree, CAUSAL=True, HAS_WINDOW=False, HAS_IDX=bool(idx),
-                     SPLITS=splits, PREC="ieee" if dtype == torch.float32 else "tf32", UPCAST=False)
+                     SPLITS=splits, PREC="ieee" if dtype == torch.float32 else "tf32", UPCAST=False, QROT=False,
+                     KROT=False, MAP=0, ROT=16, BH=16, R_HALF=1, BTL=16, INTERLEAVED=False, HAS_TAIL=False, QKP=0,
+                     RNE=False)
+        if rot:
+            qk, _, mp = rot.partition("+map")
+            meta = tile_meta(D, D, False, dtype, qk)
+            const.update(QROT=True, KROT=True, MAP=int(mp or 0), ROT=meta["ROT"], BH=meta["BH"],
+                         R_HALF=meta["R_HALF"], BTL=meta["BT"], HAS_TAIL=meta["HAS_TAIL"], QKP=meta["QKP"])
         sig = {k: ("constexpr" if k in const else v) for k, v in
                [(a, sig.get(a, "constexpr")) for a in _decode_fwd.arg_names]}
-        out.append((f"decode_fwd_d{D}_{dt}_g{G}_q{bq}_n{bn}_t{int(tree)}_s{splits}{'_i' + idx if idx else ''}",
+        tag = ("_i" + idx if idx else "") + ("_r" + rot.replace("+", "") if rot else "")
+        out.append((f"decode_fwd_d{D}_{dt}_g{G}_q{bq}_n{bn}_t{int(tree)}_s{splits}{tag}",
                     _decode_fwd, sig, const, 4, 2))
         if splits > 1:
             msig = {"OP": "*fp32", "LP": "*fp32", "O": "*" + dt, "LSE": "*fp32", "HQ": "i32", "s_ot": "i32",
