@@ -296,8 +296,9 @@ PYBIND11_MODULE(_C, m) {
       "scores_forward",
       [](const std::vector<int64_t>& dims, const std::vector<int64_t>& ptrs, const std::vector<int64_t>& strides,
          bool interleaved, int dtype, float scale, int64_t block_s, int num_threads) {
-        if (dims.size() != 7 || ptrs.size() != 6 || strides.size() != 11)
-          throw std::invalid_argument("scores: expected 7 dims, 6 pointers, 11 strides");
+        if (dims.size() != 7 || ptrs.size() < 6 || ptrs.size() > 10 || strides.size() != 11)
+          throw std::invalid_argument("scores: expected 7 dims, 6 to 10 pointers (then soft_vote's output, q_far, "
+                                      "ktab_far, far; 0 for none), 11 strides");
         posattn::cpu::ScoresProblem p{};
         p.B = dims[0]; p.HQ = dims[1]; p.HK = dims[2]; p.D = dims[3]; p.PS = dims[4]; p.MB = dims[5]; p.R = dims[6];
         p.interleaved = interleaved; p.dtype = dtype; p.scale = scale;
@@ -305,6 +306,12 @@ PYBIND11_MODULE(_C, m) {
         p.block_table = reinterpret_cast<const int32_t*>(ptrs[2]);
         p.cache_seqlens = reinterpret_cast<const int32_t*>(ptrs[3]);
         p.ktab = reinterpret_cast<const float*>(ptrs[4]); p.out = reinterpret_cast<float*>(ptrs[5]);
+        p.vote = ptrs.size() > 6 ? reinterpret_cast<float*>(ptrs[6]) : nullptr;
+        p.q_far = ptrs.size() > 7 ? reinterpret_cast<const float*>(ptrs[7]) : nullptr;
+        p.ktab_far = ptrs.size() > 8 ? reinterpret_cast<const float*>(ptrs[8]) : nullptr;
+        p.far = ptrs.size() > 9 ? reinterpret_cast<const uint8_t*>(ptrs[9]) : nullptr;
+        if ((p.q_far || p.ktab_far || p.far) && !(p.q_far && p.ktab_far && p.far && p.ktab))
+          throw std::invalid_argument("scores: a position map needs q_far, ktab_far, far and ktab together");
         p.s_qb = strides[0]; p.s_qh = strides[1]; p.s_kb = strides[2]; p.s_kt = strides[3]; p.s_kh = strides[4];
         p.s_bt = strides[5]; p.s_tc = strides[6]; p.s_tb = strides[7]; p.s_tt = strides[8];
         p.s_ob = strides[9]; p.s_oh = strides[10];

@@ -18,7 +18,9 @@ namespace posattn { namespace cpu {
 // (already rotated, strides s_qb, s_qh), k_cache [NB, PS, HK, D] of dtype (0 fp32, 1 fp16, 2 bf16)
 // with strides s_kb, s_kt, s_kh, block_table int32 [B, MB] (row stride s_bt), cache_seqlens int32 [B],
 // ktab fp32 (cos at ktab, sin at ktab + s_tc; entry (b, s, p) at b * s_tb + s * s_tt + p) or nullptr,
-// out fp32 [B, HQ, S_max = MB * PS] with strides s_ob, s_oh.
+// out fp32 [B, HQ, S_max = MB * PS] with strides s_ob, s_oh. vote: nullptr, or fp32 [B, S_max]
+// contiguous for soft_vote: then out is scratch, and vote[b, s] = sum_h softmax_s(out[b, h, :L])[s]
+// for s < L = min(cache_seqlens[b], S_max), -inf after.
 struct ScoresProblem {
   int64_t B, HQ, HK, D, PS, MB, R;
   bool interleaved;
@@ -28,6 +30,10 @@ struct ScoresProblem {
   const int32_t* cache_seqlens;
   const float* ktab; int64_t s_tc, s_tb, s_tt;
   float* out; int64_t s_ob, s_oh;
+  float* vote;
+  // position maps: nullptr, or q_far fp32 (q's shape and strides), ktab_far (ktab's layout) and
+  // far uint8 [B, S_max] contiguous: slot s of request b is scored with q_far and ktab_far where far[b, s]
+  const float* q_far; const float* ktab_far; const uint8_t* far;
   float scale;
 };
 

@@ -177,7 +177,7 @@ def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions:
                    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, *,
                    kv_layout: str = "NHD", rotate_k: bool = True, check: bool | None = None,
                    backend: str | None = None, seq_len: int | None = None, codebook=None,
-                   codes: torch.Tensor | None = None) -> torch.Tensor:
+                   codes: torch.Tensor | None = None, page_summary=None) -> torch.Tensor:
     """Rotate q and k by their positions, write the rotated k and v into a paged cache, return the rotated q.
 
     Args:
@@ -194,10 +194,26 @@ def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions:
         codebook, codes: a posattn.vq.Codebook and its codes cache [num_blocks, page_size, Hk]
             (codebook.code_dtype): each key's code (of k as given, before RoPE) is written at
             its slot too (A2ATS, docs/vq.md).
+        page_summary: a posattn.select.PageSummary of this cache (Quest, page_size = the cache's):
+            after the write, each page it touched is recomputed over its rows up to the last one
+            written (pages fill in order); a summary of another page size or shape is refused
+            before the write. It summarises the keys as stored (pre-RoPE with rotate_k=False).
 
     Returns:
-        rotated q [T, Hq, D] in q's dtype. One kernel launch (no host sync when check is off).
+        rotated q [T, Hq, D] in q's dtype. One kernel launch (no host sync when check is off),
+        plus the summary's few torch ops when page_summary is given.
     """
+    if page_summary is not None:
+        from posattn.select.quest import check_summary_slots, update_page_summary_slots
+
+        V.choice(kv_layout, "kv_layout", KV_LAYOUTS)
+        if isinstance(k_cache, torch.Tensor) and k_cache.dim() == 4:
+            check_summary_slots(page_summary, _nhd(k_cache, kv_layout))     # before any launch
+        qo = rope_and_cache(q, k, v, positions, spec, k_cache, v_cache, slot_mapping, kv_layout=kv_layout,
+                            rotate_k=rotate_k, check=check, backend=backend, seq_len=seq_len, codebook=codebook,
+                            codes=codes)
+        update_page_summary_slots(page_summary, _nhd(k_cache, kv_layout), slot_mapping)
+        return qo
     if codebook is not None or codes is not None:    # A2ATS: the keys' codes written at the same slots
         from posattn.vq.ops import check_cache_codes, write_cache_codes
 

@@ -21,31 +21,38 @@ def topk(scores: torch.Tensor, lengths: torch.Tensor, k: int, sinks: int, window
 _CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
-def scores(q, k_cache, block_table, cache_seqlens, scale, ktab, rotary_dim, interleaved, config) -> torch.Tensor:
-    """fp32 [B, Hq, S_max]; see posattn/kernels/reference/select_scores.py."""
+def scores(q, k_cache, block_table, cache_seqlens, scale, ktab, rotary_dim, interleaved, config,
+           vote=False, far=None) -> torch.Tensor:
+    """fp32 [B, Hq, S_max] ([B, 1, S_max] with vote); see posattn/kernels/reference/select_scores.py."""
     B, HQ, D = q.shape
     NB, PS, HK, _ = k_cache.shape
     MB = block_table.shape[1]
-    out = torch.empty(B, HQ, MB * PS, dtype=torch.float32)
+    out = torch.empty(B, HQ, MB * PS, dtype=torch.float32)     # vote: the per-head scratch
+    res = torch.empty(B, 1, MB * PS, dtype=torch.float32) if vote else out
     if out.numel() == 0:
-        return out
+        return res
     q32 = q.to(torch.float32).contiguous()
     bt, cs = block_table.contiguous(), cache_seqlens.contiguous()
     if k_cache.stride(-1) != 1:
         k_cache = k_cache.contiguous()
     if ktab is not None:
-        kt = ktab if ktab.stride(-1) == 1 else ktab.contiguous()
+        kt = ktab.contiguous()
         tstr = [kt.stride(0), kt.stride(1) if kt.shape[1] > 1 else 0, kt.stride(2)]
     else:
         kt, tstr = None, [0, 0, 0]
+    extra = [res.data_ptr()] if vote else []
+    if far is not None:        # q_far, ktab_far with q's and ktab's (contiguous) strides, far uint8 [B, S_max]
+        qf, ktf, fm = far[0].to(torch.float32).contiguous(), far[1].contiguous(), far[2].contiguous()
+        assert qf.shape == q32.shape and ktf.shape == kt.shape and fm.shape == (B, MB * PS)
+        extra = [extra[0] if vote else 0, qf.data_ptr(), ktf.data_ptr(), fm.data_ptr()]
     _cpu._C.scores_forward([B, HQ, HK, D, PS, MB, int(rotary_dim)],
                            [q32.data_ptr(), k_cache.data_ptr(), bt.data_ptr(), cs.data_ptr(),
-                            kt.data_ptr() if kt is not None else 0, out.data_ptr()],
+                            kt.data_ptr() if kt is not None else 0, out.data_ptr()] + extra,
                            [q32.stride(0), q32.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                             bt.stride(0), *tstr, out.stride(0), out.stride(1)],
                            bool(interleaved), _CODES[k_cache.dtype], float(scale), int(config.get("block_s", 64)),
                            _cpu._threads(config))
-    return out
+    return res
 
 
 def page_scores(q, kmin, kmax, page_ids, cache_seqlens, page_size, config) -> torch.Tensor:

@@ -42,24 +42,25 @@ dispatch.register("topk", "triton", supports=_triton_supports, dtypes=("float32"
 
 
 # ---- scores: fn(q [B, Hq, D] rotated, fp32 (fp64 on the reference), k_cache, block_table, cache_seqlens,
-# scale, ktab, rotary_dim, interleaved, config) -> fp32 [B, Hq, S_max] (posattn/kernels/reference/select_scores.py)
+# scale, ktab, rotary_dim, interleaved, config, vote=False, far=None) -> fp32 [B, Hq, S_max], or [B, 1, S_max]
+# TokenSelect votes with vote=True; far: a position map's far products (posattn/kernels/reference/select_scores.py)
 
-def _scores_reference(q, k_cache, bt, cs, scale, ktab, R, inter, config):
+def _scores_reference(q, k_cache, bt, cs, scale, ktab, R, inter, config, vote=False, far=None):
     from posattn.kernels.reference import select_scores as ref
 
-    return ref.scores(q, k_cache, bt, cs, scale, ktab, R, inter)
+    return ref.scores(q, k_cache, bt, cs, scale, ktab, R, inter, vote, far)
 
 
-def _scores_cpu(q, k_cache, bt, cs, scale, ktab, R, inter, config):
+def _scores_cpu(q, k_cache, bt, cs, scale, ktab, R, inter, config, vote=False, far=None):
     from posattn.kernels import cpu_select
 
-    return cpu_select.scores(q, k_cache, bt, cs, scale, ktab, R, inter, config)
+    return cpu_select.scores(q, k_cache, bt, cs, scale, ktab, R, inter, config, vote, far)
 
 
-def _scores_triton(q, k_cache, bt, cs, scale, ktab, R, inter, config):
+def _scores_triton(q, k_cache, bt, cs, scale, ktab, R, inter, config, vote=False, far=None):
     from posattn.kernels.triton import select_scores
 
-    return select_scores.scores(q, k_cache, bt, cs, scale, ktab, R, inter, config)
+    return select_scores.scores(q, k_cache, bt, cs, scale, ktab, R, inter, config, vote, far)
 
 
 _scores_cpu_supports = S.cpu(S.NATIVE, "the C++ kernel computes in fp32 (float64 runs on the reference)")

@@ -36,9 +36,12 @@ class SelectionCache:
     """TokenSelect's selection cache: a request reuses the previous step's indices when the cosine
     similarity of its consecutive queries (mean over heads) is at least ``threshold``.
 
-    ``choose(q [B, Hq, D], fresh [B, H, k], cache_seqlens [B])`` -> [B, H, k]: the check and the
-    choice are torch ops on q's device (no host sync, CUDA-graph safe), so the fresh selection is
-    still computed every step: the cache makes the selection stable, it does not skip its kernels.
+    One step: ``lengths = cache.plan(q [B, Hq, D], cache_seqlens [B])`` decides which requests
+    reuse and returns int32 [B] lengths to score with: 0 for those (so ``scores`` and ``topk`` do
+    no work for them: no K row is read, the row is -inf / -1), ``cache_seqlens`` for the others;
+    then ``cache.choose(q, fresh [B, H, k], cache_seqlens)`` -> [B, H, k] takes the reused list or
+    the fresh one. Both are torch ops on q's device (no host sync, CUDA-graph safe). ``choose``
+    without ``plan`` decides itself (the fresh selection was then computed for every request).
     A reused list (ascending, -1 pads last, as topk writes it) gets the tokens cached since it was
     chosen in its padding slots, so a budget that covers the context stays dense; a full list is
     reused as it is. ``reused`` counts, per request, the steps that reused (a device tensor)."""
@@ -47,21 +50,40 @@ class SelectionCache:
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not -1.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must be a number in [-1, 1] (a cosine similarity); got {threshold!r}")
         self.threshold = float(threshold)
-        self.prev_q = self.prev_idx = self.prev_len = self.reused = None
+        self.reset()
 
     def reset(self) -> None:
         self.prev_q = self.prev_idx = self.prev_len = self.reused = None
+        self._planned = None
+
+    def _decide(self, q: torch.Tensor):
+        """(normalised q, reuse bool [B] or None when there is nothing to reuse)."""
+        qn = torch.nn.functional.normalize(q.float(), dim=-1)
+        if self.prev_q is None or self.prev_q.shape != qn.shape or self.prev_q.device != qn.device:
+            return qn, None
+        return qn, (qn * self.prev_q).sum(-1).mean(-1) >= self.threshold                # [B]
+
+    def plan(self, q: torch.Tensor, cache_seqlens: torch.Tensor) -> torch.Tensor:
+        """int32 [B]: the lengths to score this step with (0 where the previous list is reused)."""
+        qn, reuse = self._decide(q)
+        self._planned = (q, qn, reuse)
+        if reuse is None:
+            return cache_seqlens
+        return torch.where(reuse, torch.zeros_like(cache_seqlens), cache_seqlens)
 
     def choose(self, q: torch.Tensor, fresh: torch.Tensor, cache_seqlens: torch.Tensor) -> torch.Tensor:
-        qn = torch.nn.functional.normalize(q.float(), dim=-1)
+        planned = self._planned is not None and self._planned[0] is q
+        qn, reuse = self._planned[1:] if planned else self._decide(q)
+        self._planned = None
         L = cache_seqlens.to(torch.int64)
-        if (self.prev_q is None or self.prev_q.shape != qn.shape or self.prev_idx.shape != fresh.shape
-                or self.prev_idx.device != fresh.device):
+        if reuse is None or self.prev_idx.shape != fresh.shape or self.prev_idx.device != fresh.device:
+            if reuse is not None and planned:       # plan() skipped the scoring of the requests that reuse
+                raise ValueError(f"fresh must be {list(self.prev_idx.shape)} on {self.prev_idx.device} (the previous "
+                                 f"step's indices), got {list(fresh.shape)} on {fresh.device}: call reset() between "
+                                 "sequences of another shape")
             out = fresh
             self.reused = torch.zeros(q.shape[0], dtype=torch.int64, device=q.device)
         else:
-            sim = (qn * self.prev_q).sum(-1).mean(-1)                            # [B]
-            reuse = sim >= self.threshold
             # the previous list plus the slots cached since, written into its -1 padding
             prev = self.prev_idx
             m = (prev >= 0).sum(-1, keepdim=True)                                # [B, H, 1]
@@ -118,9 +140,10 @@ class TokenSelect:
         self.caches.clear()
 
     def select(self, layer: int, q, k_cache, cache_seqlens, scale):
-        vote = scores(q, k_cache, cache_seqlens, reduce="soft_vote", softmax_scale=scale)     # [B, 1, S]
-        fresh = topk(vote, self.budget, lengths=cache_seqlens, sinks=self.sinks, window=self.window)
         cache = self.caches.setdefault(layer, SelectionCache(self.threshold))
+        L = cache.plan(q, cache_seqlens)                  # 0 for the requests that reuse: no scoring for them
+        vote = scores(q, k_cache, L, reduce="soft_vote", softmax_scale=scale)                 # [B, 1, S]
+        fresh = topk(vote, self.budget, lengths=L, sinks=self.sinks, window=self.window)
         return _per_kv_head(cache.choose(q, fresh, cache_seqlens), k_cache.shape[2])
 
 
@@ -150,7 +173,8 @@ class TidalDecode:
         if layer < self.first:
             return None
         if layer in self.selecting:
-            s = scores(q, k_cache, cache_seqlens, softmax_scale=scale).sum(1, keepdim=True)   # [B, 1, S]
+            # summed over all heads: per KV group in the kernel (Hq/Hk times less work), then over groups
+            s = scores(q, k_cache, cache_seqlens, reduce="kv_group", softmax_scale=scale).sum(1, keepdim=True)
             self.current = topk(s, self.budget, lengths=cache_seqlens, sinks=self.sinks, window=self.window)
             return None                                    # this layer attends densely
         return _per_kv_head(self.current, k_cache.shape[2])

@@ -161,6 +161,37 @@ def update_page_summary(summary: PageSummary, k_cache: torch.Tensor, cache_seqle
     return summary
 
 
+def check_summary_slots(summary, k_cache: torch.Tensor) -> None:
+    """Raise unless ``summary`` fits the paged NHD cache view ``k_cache [num_blocks, page_size, Hk, D]``."""
+    _check_summary(summary, k_cache.shape[1], k_cache)
+
+
+def update_page_summary_slots(summary: PageSummary, k_cache: torch.Tensor, slot_mapping: torch.Tensor) -> PageSummary:
+    """Bring ``summary`` up to date (in place) after keys were written at flat ``slot_mapping``
+    (int64 [T], block * page_size + offset, -1 skipped), as rope_and_cache writes them.
+
+    k_cache: the paged NHD view [num_blocks, page_size, Hk, D]. Pages fill in order (the engine's
+    appends), so a page written at offsets up to o holds rows 0..o: each touched page is recomputed
+    over those rows (a reused page carries nothing stale). No host sync: the skipped tokens are
+    pointed at a written token's page (or, when none is written, leave page 0 as it was)."""
+    ps, NP = k_cache.shape[1], k_cache.shape[0]
+    T = slot_mapping.shape[0]
+    if T == 0 or NP == 0:
+        return summary
+    sl = slot_mapping.to(torch.int64)
+    valid = sl >= 0
+    first = valid.to(torch.int8).argmax()                     # a written token (0 when there is none)
+    sl = torch.where(valid, sl, sl[first]).clamp(min=0)
+    page = (sl // ps).clamp(max=NP - 1)
+    upto = torch.zeros(NP, dtype=torch.int64, device=sl.device)
+    upto.scatter_reduce_(0, page, torch.where(valid, sl % ps + 1, 0), "amax")
+    mn, mx = _masked_minmax(k_cache[page], upto[page])
+    anyv = valid.any()
+    summary.kmin.index_copy_(0, page, torch.where(anyv, mn, summary.kmin[page]))
+    summary.kmax.index_copy_(0, page, torch.where(anyv, mx, summary.kmax[page]))
+    return summary
+
+
 def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, cache_seqlens: torch.Tensor, *,
                 page_size: int, block_table: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
     """Quest's per-page upper bound of q . k.

@@ -37,7 +37,8 @@ class ScoresKey:
     batch_bucket: int
 
 
-def _check(q, k_cache, cache_seqlens, block_table, reduce, rope, positions, key_positions, softmax_scale):
+def _check(q, k_cache, cache_seqlens, block_table, reduce, rope, positions, key_positions, softmax_scale,
+           position_map=None):
     V.float_tensor(q, "q")
     V.float_tensor(k_cache, "k_cache")
     if q.dim() != 3:
@@ -68,6 +69,10 @@ def _check(q, k_cache, cache_seqlens, block_table, reduce, rope, positions, key_
     if softmax_scale is not None and (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))
                                       or not softmax_scale > 0):
         raise ValueError(f"softmax_scale must be a positive number or None; got {softmax_scale!r}")
+    from posattn.position_maps import VistaRoPE, check_position_map
+
+    if check_position_map(position_map, rope) is not None and isinstance(position_map, VistaRoPE):
+        position_map.check_visual((B, S), q.device, "one flag per logical cache slot [B, S_max]")
     if rope is None:
         if positions is not None or key_positions is not None:
             raise ValueError("positions and key_positions are read only with rope= (keys cached before RoPE)")
@@ -104,28 +109,48 @@ def _check(q, k_cache, cache_seqlens, block_table, reduce, rope, positions, key_
     return B, HQ, HK, D, S
 
 
-def _tables(rope, q, cache_seqlens, positions, key_positions, S, backend):
-    """(qtab [2, B, R/2], ktab [2, B or 1, S, R/2]) fp32, built by the kernel's table backend."""
+def _tables(rope, q, cache_seqlens, positions, key_positions, S, backend, position_map=None):
+    """(qtab [2, B, R/2], ktab [2, B or 1, S, R/2], far) fp32, built by the kernel's table backend.
+
+    far: None, or with a position map (qtab_far [2, B, R/2], ktab_far [2, B or 1, S, R/2] at the
+    map's far positions, far_mask bool [B, S]: the pairs (request's query, slot) that use them)."""
+    from posattn.position_maps import VistaRoPE
     from posattn.rope.table import cos_sin_table
 
     t = rope.tables(q.device)
     inv = t.inv_freq.to(torch.float32).contiguous()
     a = float(t.attention_scaling)
-    qpos = cache_seqlens if positions is None else positions
-    qtab = cos_sin_table(qpos.to(torch.int64), inv, a, backend=backend)
+    qpos = (cache_seqlens if positions is None else positions).to(torch.int64)
     if isinstance(key_positions, str):
         kpos = torch.arange(S, device=q.device, dtype=torch.int64)
     else:
         kpos = key_positions.to(torch.int64)
     rows = 1 if kpos.dim() == 1 else kpos.shape[0]
-    ktab = cos_sin_table(kpos.reshape(-1), inv, a, backend=backend).reshape(2, rows, S, inv.shape[0])
-    return qtab, ktab
+
+    def tabs(qp, kp):
+        kt = cos_sin_table(kp.reshape(-1), inv, a, backend=backend).reshape(2, rows, S, inv.shape[0])
+        return cos_sin_table(qp, inv, a, backend=backend), kt
+
+    qtab, ktab = tabs(qpos, kpos)
+    if position_map is None:
+        return qtab, ktab, None
+    kp2 = kpos.reshape(rows, S)
+    if isinstance(position_map, VistaRoPE):
+        vis = position_map.visual
+        # the query is the token at slot cache_seqlens[b] (text when that slot is past S_max)
+        at = cache_seqlens.to(torch.int64)
+        vq = torch.gather(vis, 1, at.clamp(0, max(S - 1, 0))[:, None])[:, 0] & (at < S) if S else at < 0
+        far = position_map.is_far(qpos[:, None], kp2, vq[:, None], vis)
+    else:
+        far = position_map.is_far(qpos[:, None], kp2)
+    qf, kf = tabs(position_map.far_q(qpos), position_map.far_k(kpos))
+    return qtab, ktab, (qf, kf, far.expand(qpos.shape[0], S))
 
 
 def scores(q: torch.Tensor, k_cache: torch.Tensor, cache_seqlens: torch.Tensor, *,
            block_table: torch.Tensor | None = None, reduce: str = "none", rope=None,
            positions: torch.Tensor | None = None, key_positions=None, softmax_scale: float | None = None,
-           backend: str | None = None) -> torch.Tensor:
+           position_map=None, backend: str | None = None) -> torch.Tensor:
     """Each cached token's score for each request's query.
 
     Args:
@@ -140,34 +165,46 @@ def scores(q: torch.Tensor, k_cache: torch.Tensor, cache_seqlens: torch.Tensor, 
             ``key_positions`` (int [B, S_max] or [S_max], or "slots": slot s has position s) and q
             at ``positions`` (int [B]; default ``cache_seqlens``), exact angles.
         softmax_scale: default D^-1/2.
+        position_map: a posattn.ReRoPE / LeakyReRoPE / SelfExtend / VistaRoPE (needs ``rope``):
+            each (query, key) pair is rotated near (q at its position, k at its key position) or
+            far (at the map's far_q / far_k positions), as posattn/position_maps.py defines.
+            VistaRoPE's ``visual`` is [B, S_max] per logical slot; the query is the token at slot
+            ``cache_seqlens[b]`` (text when that slot is past S_max).
     Returns:
         fp32 [B, Hq | Hk | 1, S_max]: scale * q.k, -inf past each request's length
         (S_max = S_cap, or max_blocks * page_size).
     """
     B, HQ, HK, D, S = _check(q, k_cache, cache_seqlens, block_table, reduce, rope, positions, key_positions,
-                             softmax_scale)
+                             softmax_scale, position_map)
     scale = float(softmax_scale) if softmax_scale is not None else D ** -0.5
     if block_table is None:
         bt = torch.arange(B, dtype=torch.int32, device=q.device)[:, None]
     else:
         bt = block_table
-    key = ScoresKey(q.device.type, str(q.dtype).removeprefix("torch."), D, HQ, HK, k_cache.shape[1],
+    heads = HK if reduce == "kv_group" else HQ          # the query rows the kernel scores
+    key = ScoresKey(q.device.type, str(q.dtype).removeprefix("torch."), D, heads, HK, k_cache.shape[1],
                     rope is not None, token_bucket(S), token_bucket(B))
     kernel, config = dispatch.select("scores", key, backend=backend, device_index=q.device.index)
     wide = torch.float64 if kernel.backend == "reference" else torch.float32
-    ktab, R, inter = None, D, False
+    ktab, R, inter, far = None, D, False, None
     qr = q.to(wide)
     if rope is not None:
         R = rope.rotary_dim if rope.rotary_dim is not None else D
         inter = bool(rope.interleaved)
-        qtab, ktab = _tables(rope, q, cache_seqlens, positions, key_positions, S, _TABLE_BACKEND[kernel.backend])
-        qr = rotate_table(qr, qtab[0][:, None, :].to(wide), qtab[1][:, None, :].to(wide), R, inter)
-    out = kernel.fn(qr, k_cache, bt, cache_seqlens, scale, ktab, R, inter, config)
-    if reduce == "kv_group":
-        return out.view(B, HK, HQ // HK, S).sum(2)
-    if reduce == "soft_vote":
-        # a request with no cached token has an all -inf row: its softmax is NaN, its votes 0
-        p = torch.softmax(out, dim=-1).nan_to_num_(0.0).sum(1, keepdim=True)
-        L = cache_seqlens.clamp(0, S)[:, None, None]
-        return torch.where(torch.arange(S, device=q.device) < L, p, torch.full_like(p, -float("inf")))
-    return out
+        qtab, ktab, far = _tables(rope, q, cache_seqlens, positions, key_positions, S, _TABLE_BACKEND[kernel.backend],
+                                  position_map)
+
+        def rot(t):
+            return rotate_table(q.to(wide), t[0][:, None, :].to(wide), t[1][:, None, :].to(wide), R, inter)
+
+        qr = rot(qtab)
+        if far is not None:
+            far = (rot(far[0]), far[1], far[2].to(torch.uint8).contiguous())
+    if reduce == "kv_group":                              # in fp32 (fp64 on the reference)
+        qr = qr.view(B, HK, HQ // HK, D).sum(2)
+        if far is not None:
+            far = (far[0].view(B, HK, HQ // HK, D).sum(2),) + far[1:]
+    kw = {"vote": reduce == "soft_vote"}
+    if far is not None:
+        kw["far"] = far
+    return kernel.fn(qr, k_cache, bt, cache_seqlens, scale, ktab, R, inter, config, **kw)

@@ -27,9 +27,11 @@ def topk_rows(scores, lengths, k, sinks=0, window=0, ordered=False):
 
 
 def scores_oracle(q, k_cache, cache_seqlens, block_table=None, scale=None, rope=None, positions=None,
-                  key_positions=None):
+                  key_positions=None, position_map=None):
     """fp64 (want [B, Hq, S_max], magnitude [B, Hq, S_max]) by plain loops over slots: keys read
     page by page, rotated with fp64 angles position * inv_freq (exact enough for test positions).
+    With a position map each pair's two rotation positions come from posattn.position_maps'
+    pair_positions (VistaRoPE: the query's flag is visual[b, cache_seqlens[b]], text past S_max).
     magnitude = scale * sum_d |rot q_d| (|k_d| + |k_partner(d)|), the size rounding errors scale with."""
     import torch
 
@@ -64,6 +66,23 @@ def scores_oracle(q, k_cache, cache_seqlens, block_table=None, scale=None, rope=
             if d in (i, j):
                 return j if d == i else i
 
+    pairs_at = {}
+    if position_map is not None:
+        from posattn.position_maps import VistaRoPE, pair_positions
+
+        for b in range(B):
+            qp = int(cache_seqlens[b]) if positions is None else int(positions[b])
+            if isinstance(key_positions, str):
+                kp_all = torch.arange(S)
+            else:
+                kp_all = key_positions if key_positions.dim() == 1 else key_positions[b]
+            vq = vk = None
+            if isinstance(position_map, VistaRoPE):
+                c = int(cache_seqlens[b])
+                vq = torch.tensor([bool(position_map.visual[b, c]) if c < S else False])
+                vk = position_map.visual[b].cpu()
+            a, bb = pair_positions(position_map, torch.tensor([qp]), kp_all.cpu().to(torch.int64), vq, vk)
+            pairs_at[b] = (a[0].tolist(), bb[0].tolist())
     for b in range(B):
         L = max(0, min(int(cache_seqlens[b]), S))
         for s in range(L):
@@ -78,6 +97,8 @@ def scores_oracle(q, k_cache, cache_seqlens, block_table=None, scale=None, rope=
                         kp = int(key_positions[s])
                     else:
                         kp = int(key_positions[b, s])
+                    if b in pairs_at:
+                        kp = pairs_at[b][1][s]
                     kr = rot(k, kp)
                 else:
                     kr = k
@@ -86,6 +107,8 @@ def scores_oracle(q, k_cache, cache_seqlens, block_table=None, scale=None, rope=
                     qv = qd[b, h]
                     if rope is not None:
                         qp = int(cache_seqlens[b]) if positions is None else int(positions[b])
+                        if b in pairs_at:
+                            qp = pairs_at[b][0][s]
                         qv = rot(qv, qp)
                     want[b, h, s] = scale * float((qv * kr).sum())
                     m = 0.0

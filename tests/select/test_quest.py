@@ -186,3 +186,78 @@ def test_decode_attention_keeps_the_summary_current():
     assert torch.equal(kc, before)
     with pytest.raises(ValueError, match="page_summary needs k="):
         posattn.decode_attention(q, kc, vc, cs, block_table=bt, page_summary=s)
+
+
+def _slots(bt, starts, counts, ps, pad=0):
+    """int64 [sum(counts) + pad]: request b's tokens at logical slots starts[b] .. + counts[b], then -1 padding."""
+    out = []
+    for b, (s0, n) in enumerate(zip(starts, counts)):
+        out += [int(bt[b, s // ps]) * ps + s % ps for s in range(s0, s0 + n)]
+    return torch.tensor(out + [-1] * pad, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("kv_layout", ["NHD", "HND"])
+def test_rope_and_cache_keeps_the_summary_current(kv_layout):
+    """rope_and_cache(page_summary=) after a ragged prefill (with -1 padding) and decode steps: every
+    page a request covers equals a fresh summary's; pages hold random stale rows before (reuse)."""
+    ps, B, HK, HQ, D = 4, 3, 2, 4, 8
+    kc, bt, _ = _paged(B, HK, D, [13, 13, 13], ps, seed=11)
+    vc = torch.randn_like(kc)
+    if kv_layout == "HND":
+        kc, vc = kc.transpose(1, 2).contiguous(), vc.transpose(1, 2).contiguous()
+    nhd = (lambda c: c if kv_layout == "NHD" else c.transpose(1, 2))
+    spec = posattn.RopeSpec(head_dim=D)
+    summ = page_summary(nhd(kc), torch.zeros(B, dtype=torch.int32), block_table=bt)   # stale pages everywhere
+    g = torch.Generator().manual_seed(2)
+    L = [0, 0, 0]
+    for counts in ([5, 1, 8], [1, 1, 1], [0, 3, 1], [1, 1, 1]):
+        sl = _slots(bt, L, counts, ps, pad=2)
+        T = sl.shape[0]
+        pos = torch.tensor([p for b in range(B) for p in range(L[b], L[b] + counts[b])] + [0, 0])
+        q, k, v = (torch.randn(T, h, D, generator=g) for h in (HQ, HK, HK))
+        posattn.rope_and_cache(q, k, v, pos, spec, kc, vc, sl, kv_layout=kv_layout, page_summary=summ)
+        L = [a + c for a, c in zip(L, counts)]
+        cs = torch.tensor(L, dtype=torch.int32)
+        for (b, p), (page, mn, mx) in _oracle_summary(nhd(kc), bt, cs, ps).items():
+            assert torch.equal(summ.kmin[page], mn) and torch.equal(summ.kmax[page], mx), (counts, b, p)
+
+
+def test_rope_and_cache_summary_all_padding_and_bad_summary():
+    ps = 4
+    kc, bt, _ = _paged(1, 1, 8, [8], ps, seed=3)
+    vc = torch.randn_like(kc)
+    cs = torch.tensor([5], dtype=torch.int32)
+    summ = page_summary(kc, cs, block_table=bt)
+    before = (summ.kmin.clone(), summ.kmax.clone())
+    spec = posattn.RopeSpec(head_dim=8)
+    x = torch.randn(2, 1, 8)
+    posattn.rope_and_cache(x, x, x, torch.tensor([5, 6]), spec, kc, vc, torch.tensor([-1, -1]), page_summary=summ)
+    assert torch.equal(summ.kmin, before[0]) and torch.equal(summ.kmax, before[1])
+    other = page_summary(kc.reshape(-1, 2, 1, 8), torch.tensor([5], dtype=torch.int32),
+                         block_table=torch.arange(kc.shape[0] * 2, dtype=torch.int32)[None])
+    kc0 = kc.clone()
+    with pytest.raises(ValueError, match="summary was built for page_size 2"):
+        posattn.rope_and_cache(x, x, x, torch.tensor([5, 6]), spec, kc, vc, torch.tensor([5, 6]), page_summary=other)
+    assert torch.equal(kc, kc0)                         # refused before the write
+    with pytest.raises(TypeError, match="summary must be a posattn.select.PageSummary"):
+        posattn.rope_and_cache(x, x, x, torch.tensor([5, 6]), spec, kc, vc, torch.tensor([5, 6]), page_summary=(1, 2))
+
+
+def test_rope_and_cache_summary_with_vq_codes():
+    """page_summary= and codebook=/codes= together: the summary follows the write, the codes are written."""
+    from posattn import vq
+
+    ps, HK, D = 4, 2, 16
+    kc, bt, _ = _paged(1, HK, D, [8], ps, seed=12)
+    vc = torch.randn_like(kc)
+    summ = page_summary(kc, torch.zeros(1, dtype=torch.int32), block_table=bt)
+    g = torch.Generator().manual_seed(1)
+    cb = vq.fit(torch.randn(100, HK, D, generator=g), None, 5, iters=1)
+    codes = torch.full(kc.shape[:3], -7, dtype=torch.int16)
+    sl = _slots(bt, [0], [6], ps)
+    q, k, v = torch.randn(6, 4, D, generator=g), torch.randn(6, HK, D, generator=g), torch.randn(6, HK, D, generator=g)
+    posattn.rope_and_cache(q, k, v, torch.arange(6), posattn.RopeSpec(head_dim=D), kc, vc, sl, rotate_k=False,
+                           codebook=cb, codes=codes, page_summary=summ)
+    for (b, p), (page, mn, mx) in _oracle_summary(kc, bt, torch.tensor([6], dtype=torch.int32), ps).items():
+        assert torch.equal(summ.kmin[page], mn) and torch.equal(summ.kmax[page], mx), (b, p)
+    assert torch.equal(codes.view(-1, HK)[sl], vq.assign(k, cb))

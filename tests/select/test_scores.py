@@ -161,3 +161,56 @@ BAD = [
 def test_bad_input(kw, exc, msg):
     with pytest.raises(exc, match=msg):
         _bad(**kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_reductions_long_rows_pre_rope(backend, dtype):
+    """kv_group (summed queries) and soft_vote (the kernels' own softmax passes) over rows longer
+    than one kernel block (Triton's stats loop, the C++ 8-lane exp), pre-RoPE keys, an empty request."""
+    B, HQ, HK, D = 3, 8, 2, 16
+    q, kc, cs, bt = _make(B, HQ, HK, D, [1100, 0, 37], page_size=16, dtype=dtype, seed=7)
+    rope = posattn.RopeSpec(head_dim=D, base=1000.0)
+    want, mag = scores_oracle(q, kc, cs, bt, rope=rope, key_positions="slots")
+    dev = (lambda t: t.to(DEVICE))
+    kw = dict(block_table=dev(bt), rope=rope, key_positions="slots", backend=backend)
+    grp = posattn.select.scores(dev(q), dev(kc), dev(cs), reduce="kv_group", **kw).double().cpu()
+    inf = torch.isinf(want[:, ::HQ // HK])
+    wg = want.view(B, HK, HQ // HK, -1).sum(2)
+    bound = 2 * (D + 8 + HQ // HK) * 2.0 ** -24 * mag.view(B, HK, HQ // HK, -1).sum(2) + 1e-30
+    assert torch.equal(torch.isinf(grp), inf)
+    err = (grp - wg).abs().where(~inf, torch.zeros_like(grp))
+    assert (err <= bound).all(), float(err.max())
+    vote = posattn.select.scores(dev(q), dev(kc), dev(cs), reduce="soft_vote", **kw).double().cpu()
+    p = torch.softmax(want, dim=-1).nan_to_num(0.0).sum(1, keepdim=True)
+    p = torch.where(torch.isinf(want[:, :1]), torch.full_like(p, -float("inf")), p)
+    assert torch.equal(torch.isinf(vote), torch.isinf(p))
+    torch.testing.assert_close(vote, p, rtol=2e-5, atol=1e-7)
+    # the votes of a request sum to its number of heads (each head's softmax sums to 1)
+    fin = vote.where(torch.isfinite(vote), torch.zeros_like(vote)).sum(-1).squeeze(1)
+    torch.testing.assert_close(fin, torch.tensor([HQ, 0, HQ], dtype=torch.float64), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kv_group_scores_once_per_kv_head(backend, monkeypatch):
+    """kv_group asks the kernel for Hk query rows (the group's summed queries), not Hq: G times less work."""
+    from posattn import dispatch
+
+    kern = dispatch.kernels("scores")[backend]
+    seen = []
+
+    def spy(q, *a, **kw):
+        seen.append((tuple(q.shape), kw.get("vote", False)))
+        return kern.fn(q, *a, **kw)
+
+    monkeypatch.setitem(dispatch._registry["scores"], backend, type(kern)(**{**kern.__dict__, "fn": spy}))
+    dispatch.clear_memo()                               # dispatch memoises its choice of kernel
+    q, kc, cs, bt = _make(2, 6, 2, 16, [5, 9], page_size=4)
+    try:
+        for reduce in ("kv_group", "soft_vote"):
+            posattn.select.scores(q.to(DEVICE), kc.to(DEVICE), cs.to(DEVICE), block_table=bt.to(DEVICE),
+                                  reduce=reduce, backend=backend)
+    finally:
+        monkeypatch.undo()
+        dispatch.clear_memo()
+    assert seen == [((2, 2, 16), False), ((2, 6, 16), True)]

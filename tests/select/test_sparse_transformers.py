@@ -157,3 +157,40 @@ def test_bad_input():
     with pytest.raises(ValueError, match="already has sparse decode applied"):
         apply_sparse_decode(m, Quest(16, 4))
     h.remove()
+
+
+def test_selection_cache_plan_skips_scoring_of_reused_requests(monkeypatch):
+    """plan() gives the requests that reuse a length of 0, so TokenSelect's scores and topk read no
+    key of theirs; the chosen lists are those of the unplanned cache (fresh computed for all)."""
+    from posattn import dispatch
+
+    kern = dispatch.kernels("scores")["cpu"]
+    seen = []
+
+    def spy(q, k_cache, bt, cs, *a, **kw):
+        seen.append(cs.tolist())
+        return kern.fn(q, k_cache, bt, cs, *a, **kw)
+
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 16, generator=g)
+    kc = torch.randn(2, 64, 2, 16, generator=g)
+    cs = torch.tensor([40, 50], dtype=torch.int32)
+    pol = TokenSelect(8, 0.95)
+    first = pol.select(0, q, kc, cs, 0.25)
+    q2 = q.clone()
+    q2[1] = torch.randn(4, 16, generator=g)             # request 1's query changed, request 0's did not
+    monkeypatch.setitem(dispatch._registry["scores"], "cpu", type(kern)(**{**kern.__dict__, "fn": spy}))
+    dispatch.clear_memo()                               # dispatch memoises its choice of kernel
+    try:
+        out = pol.select(0, q2, kc, cs + 1, 0.25)
+    finally:
+        monkeypatch.undo()
+        dispatch.clear_memo()
+    assert seen == [[0, 51]]                            # request 0 was not scored
+    plain = SelectionCache(0.95)                        # the same choice without plan(): fresh for both
+    vote = posattn.select.scores(q, kc, cs, reduce="soft_vote", softmax_scale=0.25, backend="cpu")
+    plain.choose(q, posattn.select.topk(vote, 8, lengths=cs), cs)
+    vote = posattn.select.scores(q2, kc, cs + 1, reduce="soft_vote", softmax_scale=0.25, backend="cpu")
+    want = plain.choose(q2, posattn.select.topk(vote, 8, lengths=cs + 1), cs + 1)
+    assert torch.equal(out, want.expand(2, 2, 8)) and torch.equal(out[0], first[0])
+    assert pol.caches[0].reused.tolist() == [1, 0]

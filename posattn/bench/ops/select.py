@@ -25,12 +25,15 @@ _TOPK_SWEEPS = {
 }
 # (B, ctx, budget, quest): quest 0 scores every token (scores + topk); 1 scores Quest's pages (page_scores
 # summed per KV group + topk of budget / 16 pages + expand_pages; the summary is kept by update_page_summary
-# in a serving loop, so it is built outside the timed region)
+# in a serving loop, so it is built outside the timed region); reuse 1: the token pipeline behind TokenSelect's
+# SelectionCache when every request's query repeats (SelectionCache.plan gives them length 0: no scoring, no top-k)
 _SPARSE_SWEEPS = {
-    ("quick", "cpu"): [(1, 32768, 2048, 0), (1, 32768, 2048, 1)],
-    ("full", "cpu"): [(1, 32768, 2048, 0), (1, 32768, 2048, 1), (4, 32768, 2048, 0), (4, 32768, 2048, 1)],
-    ("quick", "cuda"): [(8, 131072, 2048, 0), (8, 131072, 2048, 1)],
-    ("full", "cuda"): [(8, 131072, 2048, 0), (8, 131072, 2048, 1), (8, 32768, 2048, 0), (32, 32768, 1024, 0)],
+    ("quick", "cpu"): [(1, 32768, 2048, 0), (1, 32768, 2048, 1), (1, 32768, 2048, 0, 1)],
+    ("full", "cpu"): [(1, 32768, 2048, 0), (1, 32768, 2048, 1), (1, 32768, 2048, 0, 1), (4, 32768, 2048, 0),
+                      (4, 32768, 2048, 1)],
+    ("quick", "cuda"): [(8, 131072, 2048, 0), (8, 131072, 2048, 1), (8, 131072, 2048, 0, 1)],
+    ("full", "cuda"): [(8, 131072, 2048, 0), (8, 131072, 2048, 1), (8, 131072, 2048, 0, 1), (8, 32768, 2048, 0),
+                       (32, 32768, 1024, 0)],
 }
 
 
@@ -38,9 +41,11 @@ def _topk_shape(R, N, k) -> Shape:
     return Shape({"R": R, "N": N, "k": k}, size=R * N)
 
 
-def _sparse_shape(B, ctx, budget, quest=0, Hq=HQ, Hk=HK, D_=D, page=PAGE) -> Shape:
-    return Shape({"B": B, "ctx": ctx, "budget": budget, "quest": quest, "Hq": Hq, "Hk": Hk, "D": D_, "page": page},
-                 size=B * ctx)
+def _sparse_shape(B, ctx, budget, quest=0, reuse=0, Hq=HQ, Hk=HK, D_=D, page=PAGE) -> Shape:
+    dims = {"B": B, "ctx": ctx, "budget": budget, "quest": quest, "Hq": Hq, "Hk": Hk, "D": D_, "page": page}
+    if reuse:
+        dims["reuse"] = 1
+    return Shape(dims, size=B * ctx)
 
 
 def topk_inputs(shape: Shape, dtype, device) -> dict:
@@ -76,7 +81,11 @@ def sparse_inputs(shape: Shape, dtype, device) -> dict:
     cs = torch.full((B,), ctx - 1, dtype=torch.int32, device=device)   # + the step's token, already cached
     q = torch.randn(B, d["Hq"], d["D"], generator=g).to(dtype).to(device)
     inp = {"q": q, "k_cache": kc, "v_cache": vc, "block_table": bt, "cache_seqlens": cs, "budget": d["budget"],
-           "summary": None}
+           "summary": None, "cache": None}
+    if d.get("reuse"):
+        import posattn
+
+        inp["cache"] = posattn.select.SelectionCache(0.9)    # primed by the first (untimed) step
     if d.get("quest"):
         import posattn
 
@@ -91,8 +100,12 @@ def sparse_step(inp, backend=None):
 
     q, kc, vc, cs, bt = inp["q"], inp["k_cache"], inp["v_cache"], inp["cache_seqlens"], inp["block_table"]
     if inp["summary"] is None:
-        s = posattn.select.scores(q, kc, cs, block_table=bt, reduce="kv_group", backend=backend)
-        idx = posattn.select.topk(s, inp["budget"], lengths=cs, backend=backend)
+        cache = inp["cache"]
+        L = cs if cache is None else cache.plan(q, cs)       # 0 for the requests that reuse
+        s = posattn.select.scores(q, kc, L, block_table=bt, reduce="kv_group", backend=backend)
+        idx = posattn.select.topk(s, inp["budget"], lengths=L, backend=backend)
+        if cache is not None:
+            idx = cache.choose(q, idx, cs)
     else:
         sm = inp["summary"]
         ps = sm.page_size
@@ -163,7 +176,7 @@ def _register():
         dtypes=dtypes_from({(m, dt): ("bfloat16",) for m in ("quick", "full") for dt in ("cpu", "cuda")}),
         bytes=lambda sh, dt: _sparse_bytes(sh, dt), flops=lambda sh, dt: 0,
         parse_shape=lambda t: _sparse_shape(**{"B": 8, "ctx": 131072, "budget": 2048, **parse_dims(
-            t, "sparse_decode", ("B", "ctx", "budget", "quest", "Hq", "Hk", "D", "page"),
+            t, "sparse_decode", ("B", "ctx", "budget", "quest", "reuse", "Hq", "Hk", "D", "page"),
             "B=8,ctx=131072,budget=2048,quest=1")}),
         size_name="cached tokens", baseline=("dense",)))
 

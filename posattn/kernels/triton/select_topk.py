@@ -43,7 +43,7 @@ def _topk_kernel(S, LEN, OUT, N, K, s_row, SINKS, WINDOW, BLOCK: tl.constexpr):
     prefix = tl.zeros([], tl.int64)
     need = m
     for pas in tl.static_range(4):
-        shift: tl.constexpr = 24 - 8 * pas
+        shift = 24 - 8 * pas                                                 # (a constexpr: pas is static)
         hmask = (0xFFFFFFFF << (32 - 8 * pas)) & 0xFFFFFFFF                  # digits already fixed
         hist = tl.zeros([256], tl.int32)
         for j0 in range(0, L, BLOCK):
