@@ -7,13 +7,9 @@ short (odd head dims, fp16/fp32, windows and GQA groups run compiled on a GPU in
 tests; the full list is ``flash_attn.aot_specializations()``). Runs in a subprocess because
 the kernels must be decorated without TRITON_INTERPRET.
 """
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+
+from tests._aot import compile_in_child as _compile_in_child
 
 pytest.importorskip("triton")
 
@@ -37,16 +33,6 @@ for name, fn, sig, const, nw, ns in specs:
                     cubin=len(k.asm["cubin"]), strides=strides))
 print(json.dumps(out))
 """
-
-
-def _compile_in_child(script: str) -> list[dict]:
-    """Run ``script`` (which prints one JSON line) in a child without TRITON_INTERPRET."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[2]
-    env["PYTHONPATH"] = os.pathsep.join([str(root)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stderr[-4000:]
-    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def test_kernels_compile_for_sm90a():
@@ -133,12 +119,16 @@ from posattn.kernels.triton import flash_attn as fa
 CLASSES = [(90, 232448, [(256, 256, torch.float32), (192, 192, torch.bfloat16)]),
            (80, 166912, [(256, 256, torch.float32), (128, 128, torch.float32)]),
            (89, 101376, [(256, 256, torch.float32), (256, 256, torch.bfloat16), (128, 128, torch.float32)])]
-out = []
+shard, shards = (int(sys.argv[1]), int(sys.argv[2])) if len(sys.argv) > 2 else (0, 1)
+out, job = [], -1
 for arch, limit, cases in CLASSES:
     for D, rot, dtype in cases:
         cfg = fa.default_config(D, dtype, interpret=False, smem_per_block=limit, rope=rot > 0)
         for name, fn, sig, const, nw, ns in fa.aot_specializations([(D, rot, False, dtype, True, False, 4)]):
             if name.startswith("attn_delta"):
+                continue
+            job += 1
+            if job % shards != shard:
                 continue
             fwd = name.startswith("attn_fwd")
             const = dict(const, BLOCK_M=cfg["BLOCK_M" if fwd else "BWD_BLOCK_M"],
@@ -158,7 +148,7 @@ print(json.dumps(out))
 def test_default_configs_fit_each_gpu_class():
     """default_config's blocks and stages fit the shared memory of an H100/H200, an A100 and
     an sm_86/sm_89 GPU for the widest tiles (fp32 or head_dim 256, with in-kernel RoPE)."""
-    kernels = _compile_in_child(SMEM_SCRIPT)
+    kernels = _compile_in_child(SMEM_SCRIPT, shards=2)
     assert len(kernels) == 21
     over = [k for k in kernels if k["shared"] > k["limit"]]
     assert not over, over

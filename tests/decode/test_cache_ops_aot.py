@@ -3,7 +3,7 @@
 barriers, 64-bit offsets) for every rotary variant, odd head dims and each dtype."""
 import pytest
 
-from tests.attention.test_flash_attn_aot import _compile_in_child
+from tests._aot import compile_in_child as _compile_in_child
 
 pytest.importorskip("triton")
 

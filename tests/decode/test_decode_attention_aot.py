@@ -5,28 +5,15 @@ NVIDIA pipeline (constexpr globals, dot shapes, 64-bit offsets) to Hopper code t
 shared memory, for the benchmark's decode and tree-verify cases, odd head dims, fp32, and the
 split merge. Runs in a subprocess: the kernels must be decorated without TRITON_INTERPRET.
 """
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+
+from tests._aot import compile_in_child as _compile_in_child
 
 pytest.importorskip("triton")
 
 
-def _compile_in_child(script: str) -> list[dict]:
-    """Run ``script`` (which prints one JSON line) in a child without TRITON_INTERPRET."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[2]
-    env["PYTHONPATH"] = os.pathsep.join([str(root)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stderr[-4000:]
-    return json.loads(res.stdout.strip().splitlines()[-1])
-
 SCRIPT = r"""
-import json, torch, triton
+import json, sys, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from posattn.kernels.triton import decode as dk
@@ -65,7 +52,7 @@ def test_decode_kernels_compile_for_sm90a():
 
 
 SMEM_SCRIPT = r"""
-import json, torch, triton
+import json, sys, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from posattn.decode.attention import DecodeKey
@@ -76,9 +63,13 @@ keys = [DecodeKey("cuda", "float32", 256, 8, 8, 16, True, False, True, False, 1,
         DecodeKey("cuda", "float32", 128, 32, 8, 16, True, True, True, False, 64, 8192, 8),
         DecodeKey("cuda", "bfloat16", 256, 32, 8, 16, True, True, True, False, 64, 8192, 8),
         DecodeKey("cuda", "bfloat16", 128, 32, 8, 16, True, False, True, False, 1, 131072, 1)]
-out = []
+shard, shards = (int(sys.argv[1]), int(sys.argv[2])) if len(sys.argv) > 2 else (0, 1)
+out, job = [], -1
 for arch, limit in ((90, 232448), (80, 166912), (89, 101376)):
     for key in keys:
+        job += 1
+        if job % shards != shard:
+            continue
         cfg = dk.default_config(key, smem_per_block=limit)
         G = key.heads_q // key.heads_k
         case = (key.head_dim, dt[key.dtype], G, cfg["BLOCK_Q"], cfg["BLOCK_N"], key.tree, 1)
@@ -93,14 +84,14 @@ print(json.dumps(out))
 def test_default_configs_fit_each_gpu_class():
     """The default launch configs of the widest keys (fp32 or head_dim 256, tree blocks) fit the
     shared memory of an H100/H200, an A100 and an sm_86/sm_89 GPU."""
-    kernels = _compile_in_child(SMEM_SCRIPT)
+    kernels = _compile_in_child(SMEM_SCRIPT, shards=2)
     assert len(kernels) == 12
     over = [k for k in kernels if k["shared"] > k["limit"]]
     assert not over, over
 
 
 ROT_SMEM_SCRIPT = r"""
-import json, torch, triton
+import json, sys, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from posattn.decode.attention import DecodeKey
@@ -115,9 +106,13 @@ keys = [(DecodeKey("cuda", "bfloat16", 256, 32, 8, 16, True, True, True, False, 
                    "bf16"), "bf16+map1"),
         (DecodeKey("cuda", "float32", 256, 8, 8, 16, True, False, True, False, 1, 8192, 8, "", 1, "map", "bf16"),
          "bf16+map4")]
-out = []
+shard, shards = (int(sys.argv[1]), int(sys.argv[2])) if len(sys.argv) > 2 else (0, 1)
+out, job = [], -1
 for arch, limit in ((90, 232448), (80, 166912), (89, 101376)):
     for key, rot in keys:
+        job += 1
+        if job % shards != shard:
+            continue
         cfg = dk.default_config(key, smem_per_block=limit)
         G = key.heads_q // key.heads_k
         case = (key.head_dim, dt[key.dtype], G, cfg["BLOCK_Q"], cfg["BLOCK_N"], key.tree, 1, key.kv_lists, rot)
@@ -132,7 +127,7 @@ print(json.dumps(out))
 def test_rotary_default_configs_fit_each_gpu_class():
     """The in-kernel rotation's widest variants (pre-RoPE fp32 head_dim 256, SelfExtend with bf16x3
     over tree blocks, ReRoPE over key lists) fit each GPU class with the default launch config."""
-    kernels = _compile_in_child(ROT_SMEM_SCRIPT)
+    kernels = _compile_in_child(ROT_SMEM_SCRIPT, shards=2)
     assert len(kernels) == 12
     over = [k for k in kernels if k["shared"] > k["limit"]]
     assert not over, over

@@ -3,7 +3,7 @@ scores (post-/pre-RoPE, odd head dims, each dtype), the soft-vote passes, top-k 
 scores lower through Triton's NVIDIA pipeline (histograms, scans, 64-bit offsets) to Hopper code."""
 import pytest
 
-from tests.attention.test_flash_attn_aot import _compile_in_child
+from tests._aot import compile_in_child as _compile_in_child
 
 pytest.importorskip("triton")
 

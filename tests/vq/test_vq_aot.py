@@ -2,7 +2,7 @@
 (a Hopper fp32 dot), the centroid table and the code gather, for odd head dims and each key/code dtype."""
 import pytest
 
-from tests.attention.test_flash_attn_aot import _compile_in_child
+from tests._aot import compile_in_child as _compile_in_child
 
 pytest.importorskip("triton")
 
