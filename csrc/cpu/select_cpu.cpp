@@ -12,16 +12,9 @@
 
 namespace posattn { namespace cpu {
 
-namespace {
+#include "omp_threads.h"
 
-int thread_count(int n) {   // n, or OpenMP's default when n <= 0 (1 without OpenMP)
-#ifdef _OPENMP
-  return n > 0 ? n : omp_get_max_threads();
-#else
-  (void)n;
-  return 1;
-#endif
-}
+namespace {
 
 // unsigned order = numeric order; -0.0 as +0.0; NaN 0 (below -inf); forced entries use 2^32-1.
 // Branch-free on the bits so that the loop over a row vectorises.
@@ -114,7 +107,7 @@ void topk_row(const float* s, int64_t N, int64_t L, int64_t k, int64_t sinks, in
 
 void topk_forward(const float* scores, int64_t R, int64_t N, int64_t s_row, const int32_t* lengths, int64_t k,
                   int64_t sinks, int64_t window, int32_t* out, int num_threads) {
-  const int nt = thread_count(num_threads);
+  const int nt = omp_threads(num_threads);
 #pragma omp parallel num_threads(nt)
   {
     std::vector<uint32_t> key(static_cast<size_t>(std::max<int64_t>(N, 1)));
