@@ -17,14 +17,15 @@ Two parts:
              overlap_ok: step_ms <= 1.2 * compute_ms on every rank.
 
     python benchmarks/bench_distributed.py --model [--world 8] [--shard zigzag|contiguous|zigzag_doc]
-    python benchmarks/bench_distributed.py --overlap [--tokens 4096] [--reps 5]
+    python benchmarks/bench_distributed.py --overlap [--tokens 4096] [--reps 5] [--engine torch|kernel]
 
   --blocks   (CPU, one thread, no process group) each rank's block products of the --overlap step
-             (own block, anchors, remote blocks; forward merges and backward), timed for this
-             checkout's posattn/distributed/_local.py against the one at git revision --against,
+             (own block, anchors, remote blocks; forward merges and backward): the torch blocks of
+             posattn/distributed/_local.py (block_forward / block_backward, the oracle) against the
+             C++ kernel's rectangles (rect_forward / rect_backward: what the ring runs on CPU),
              interleaved A/B (median of --reps), with the largest difference of their results.
 
-    python benchmarks/bench_distributed.py --blocks --against REV [--tokens 2048] [--shard zigzag]
+    python benchmarks/bench_distributed.py --blocks [--tokens 2048] [--shard zigzag]
 """
 from __future__ import annotations
 
@@ -162,7 +163,7 @@ def model(world: int, link_gbs: float, shard: str = "zigzag") -> list[dict]:
 # the CPU overlap measurement
 
 
-def _overlap_rank(rank, world, tokens, reps, out_file):
+def _overlap_rank(rank, world, tokens, reps, out_file, engine="torch"):
     import torch.distributed as dist
 
     from posattn import distributed as D
@@ -179,27 +180,28 @@ def _overlap_rank(rank, world, tokens, reps, out_file):
     dout = torch.randn(Tl, HQ, Dh, generator=g)
 
     def step():
-        out = D.anchor_attention(q, k, v, cu, cu_rows=rows, num_anchors=1, shard="zigzag")
+        out = D.anchor_attention(q, k, v, cu, cu_rows=rows, num_anchors=1, shard="zigzag", block_engine=engine)
         out.backward(dout)
 
     plan = plan_ring(cu, rows, 1, True, None, world, "zigzag")
     meta = R._Meta(plan, cu, rows, "cpu")
-    ring = R._Ring(plan, meta, None, rank, 1, True, None, Dh ** -0.5)
+    ring = R._Ring(plan, meta, None, rank, 1, True, None, Dh ** -0.5, kernel=engine == "kernel")
     qd, kd, vd = q.detach(), k.detach(), v.detach()
     akv = torch.stack((kd, vd), 1)[: plan.anchor_index.numel()]   # the anchor block's shape (1 token)
 
     def compute():
         """The rank's blocks of the same step, no communication: own, anchors, each visible remote
-        block (same shapes: zigzag shards are equal), forward merges, then the backward's blocks."""
+        block (same shapes: zigzag shards are equal), forward merges, then the backward's blocks,
+        on the engine the step uses (ring.fwd / ring.bwd)."""
         srcs = [rank] + [(rank - s) % world for s in range(1, world) if plan.visible[rank][(rank - s) % world]]
-        o, l = L.block_forward(qd, kd, vd, ring.mask(rank), ring.scale)
-        o, l = L.merge(o, l, *L.block_forward(qd, akv[:, 0], akv[:, 1], ring.mask(None), ring.scale))
+        o, l = ring.fwd(qd, kd, vd, rank)
+        o, l = L.merge(o, l, *ring.fwd(qd, akv[:, 0], akv[:, 1], None))
         for src in srcs[1:]:
-            o, l = L.merge(o, l, *L.block_forward(qd, kd, vd, ring.mask(src), ring.scale))
+            o, l = L.merge(o, l, *ring.fwd(qd, kd, vd, src))
         delta = (o * dout).sum(-1).transpose(0, 1)
-        L.block_backward(dout, qd, akv[:, 0], akv[:, 1], ring.mask(None), l, delta, ring.scale)
+        ring.bwd(dout, qd, akv[:, 0], akv[:, 1], None, l, delta)
         for src in srcs:
-            L.block_backward(dout, qd, kd, vd, ring.mask(src), l, delta, ring.scale)
+            ring.bwd(dout, qd, kd, vd, src, l, delta)
 
     # step and compute alternate rep by rep (after one warm-up each), so that a change in the load
     # that other work puts on the machine affects both alike; medians of --reps
@@ -233,50 +235,52 @@ def _entry(rank, world, init_file, args):
         dist.destroy_process_group()
 
 
-def overlap(tokens: int = 4096, reps: int = 5, world: int = 2) -> dict:
+def overlap(tokens: int = 4096, reps: int = 5, world: int = 2, engine: str = "torch") -> dict:
     import torch.multiprocessing as mp
 
     d = tempfile.mkdtemp(prefix="posattn-overlap-")
     init_file, out_file = os.path.join(d, "store"), os.path.join(d, "out.json")
-    mp.spawn(_entry, args=(world, init_file, (tokens, reps, out_file)), nprocs=world, join=True)
+    mp.spawn(_entry, args=(world, init_file, (tokens, reps, out_file, engine)), nprocs=world, join=True)
     ranks = json.load(open(out_file))
     return {"bench": "distributed_overlap", "backend": "gloo", "world": world, "tokens": tokens,
             "heads_q": 8, "heads_k": 2, "head_dim": 64, "dtype": "float32", "threads_per_rank": 1,
+            "block_engine": engine,
             "ranks": ranks, "worst_ratio": max(r["ratio"] for r in ranks),
             "overlap_ok": all(r["ratio"] <= 1.2 for r in ranks)}
 
 
-def blocks(against: str, tokens: int, reps: int, shard: str, world: int = 2) -> list[dict]:
-    import importlib.util
-    import subprocess
-
-    from posattn.distributed import _local as new
+def blocks(tokens: int, reps: int, shard: str, world: int = 2) -> list[dict]:
+    from posattn.distributed import _local as L
     from posattn.distributed import ring as R
     from posattn.distributed.plan import plan_ring
 
-    src = subprocess.run(["git", "-C", ROOT, "show", f"{against}:posattn/distributed/_local.py"], check=True,
-                         capture_output=True, text=True).stdout
-    path = os.path.join(tempfile.mkdtemp(prefix="posattn-blocks-"), "old_local.py")
-    with open(path, "w") as f:
-        f.write(src)
-    spec = importlib.util.spec_from_file_location("old_local", path)
-    old = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(old)
     torch.set_num_threads(1)
     HQ, HK, Dh = 8, 2, 64
     cu = torch.tensor([0, tokens], dtype=torch.int32)
     plan = plan_ring(cu, cu, 1, True, None, world, shard)
     meta = R._Meta(plan, cu, cu, "cpu")
 
-    def run(L, rank, q, k, v, dout, akv, ring):
+    def run(kernel, rank, q, k, v, dout, akv, ring):
+        def fwd(kk, vv, src):
+            if kernel:
+                return L.rect_forward(q, kk, vv, meta.rect(ring.spec, rank, src), ring.spec, ring.scale,
+                                      src is not None)
+            return L.block_forward(q, kk, vv, ring.mask(src), ring.scale)
+
+        def bwd(kk, vv, src, l, delta):
+            if kernel:
+                return L.rect_backward(dout, q, kk, vv, meta.rect(ring.spec, rank, src), ring.spec, l, delta,
+                                       ring.scale, src is not None)
+            return L.block_backward(dout, q, kk, vv, ring.mask(src), l, delta, ring.scale)
+
         srcs = [rank] + [(rank - s) % world for s in range(1, world) if plan.visible[rank][(rank - s) % world]]
-        o, l = L.block_forward(q, k, v, ring.mask(rank), ring.scale)
-        o, l = L.merge(o, l, *L.block_forward(q, akv[:, 0], akv[:, 1], ring.mask(None), ring.scale))
+        o, l = fwd(k, v, rank)
+        o, l = L.merge(o, l, *fwd(akv[:, 0], akv[:, 1], None))
         for s in srcs[1:]:
-            o, l = L.merge(o, l, *L.block_forward(q, k, v, ring.mask(s), ring.scale))
+            o, l = L.merge(o, l, *fwd(k, v, s))
         delta = (o * dout).sum(-1).transpose(0, 1)
-        gs = [L.block_backward(dout, q, akv[:, 0], akv[:, 1], ring.mask(None), l, delta, ring.scale)]
-        gs += [L.block_backward(dout, q, k, v, ring.mask(s), l, delta, ring.scale) for s in srcs]
+        gs = [bwd(akv[:, 0], akv[:, 1], None, l, delta)]
+        gs += [bwd(k, v, s, l, delta) for s in srcs]
         return [o] + [t for g in gs for t in g]
 
     out = []
@@ -286,18 +290,18 @@ def blocks(against: str, tokens: int, reps: int, shard: str, world: int = 2) -> 
         dout = torch.randn(plan.sizes[rank], HQ, Dh, generator=g)
         ring = R._Ring(plan, meta, None, rank, 1, True, None, Dh ** -0.5)
         akv = torch.stack((k, v), 1)[: plan.anchor_index.numel()]
-        diff = max((a - b).abs().max().item() for a, b in zip(run(old, rank, q, k, v, dout, akv, ring),
-                                                               run(new, rank, q, k, v, dout, akv, ring)))
-        ts = {"old": [], "new": []}
+        diff = max((a - b).abs().max().item() for a, b in zip(run(False, rank, q, k, v, dout, akv, ring),
+                                                               run(True, rank, q, k, v, dout, akv, ring)))
+        ts = {"torch": [], "kernel": []}
         for _ in range(reps):
-            for name, L in (("old", old), ("new", new)):
+            for name in ("torch", "kernel"):
                 t0 = time.perf_counter()
-                run(L, rank, q, k, v, dout, akv, ring)
+                run(name == "kernel", rank, q, k, v, dout, akv, ring)
                 ts[name].append((time.perf_counter() - t0) * 1e3)
-        o_ms, n_ms = statistics.median(ts["old"]), statistics.median(ts["new"])
-        out.append({"bench": "distributed_blocks", "against": against, "tokens": tokens, "shard": shard,
-                    "rank": rank, "tile": new.TILE, "old_ms": round(o_ms, 1), "new_ms": round(n_ms, 1),
-                    "speedup": round(o_ms / n_ms, 2), "max_abs_diff": diff})
+        t_ms, k_ms = statistics.median(ts["torch"]), statistics.median(ts["kernel"])
+        out.append({"bench": "distributed_blocks", "tokens": tokens, "shard": shard, "rank": rank,
+                    "threads": 1, "torch_ms": round(t_ms, 1), "kernel_ms": round(k_ms, 1),
+                    "speedup": round(t_ms / k_ms, 2), "max_abs_diff": diff})
     return out
 
 
@@ -306,22 +310,23 @@ def main(argv=None) -> int:
     ap.add_argument("--model", action="store_true")
     ap.add_argument("--overlap", action="store_true")
     ap.add_argument("--blocks", action="store_true")
-    ap.add_argument("--against", default="HEAD", help="--blocks: the git revision of the other _local.py")
     ap.add_argument("--world", type=int, default=8, help="--model: ranks")
     ap.add_argument("--link-gbs", type=float, default=450.0, help="--model: GB/s per direction")
     ap.add_argument("--shard", default="zigzag", choices=("zigzag", "contiguous", "zigzag_doc"),
                     help="--model, --blocks: how the step is sharded")
     ap.add_argument("--tokens", type=int, default=4096, help="--overlap: tokens of the step")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--engine", default="torch", choices=("torch", "kernel"),
+                    help="--overlap: anchor_attention's block_engine")
     args = ap.parse_args(argv)
     if args.model:
         for r in model(args.world, args.link_gbs, args.shard):
             print(json.dumps(r))
     if args.blocks:
-        for r in blocks(args.against, args.tokens, args.reps, args.shard):
+        for r in blocks(args.tokens, args.reps, args.shard):
             print(json.dumps(r))
     if args.overlap or not (args.model or args.blocks):
-        print(json.dumps(overlap(args.tokens, args.reps)))
+        print(json.dumps(overlap(args.tokens, args.reps, engine=args.engine)))
     return 0
 
 

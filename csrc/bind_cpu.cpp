@@ -230,6 +230,34 @@ PYBIND11_MODULE(_C, m) {
                                          reinterpret_cast<const float*>(lse), reinterpret_cast<float*>(dq),
                                          reinterpret_cast<float*>(dk), reinterpret_cast<float*>(dv), num_threads);
       });
+  // anchor attention over a rectangle of the step (posattn.distributed ring blocks; attn_set_rect):
+  // T queries, Tk keys at the global tokens q_index / k_index (int32 pointers)
+  m.def(
+      "attention_forward_rect",
+      [](int64_t T, int64_t HQ, int64_t HK, int64_t D, const std::vector<int64_t>& ptrs, float scale,
+         int num_anchors, bool causal, int window, int block_m, int block_n, int64_t out, int64_t lse,
+         int num_threads, int64_t Tk, int64_t q_index, int64_t k_index, bool hide_anchor_keys) {
+        auto p = posattn::cpu::attn_problem_from(T, HQ, HK, D, ptrs, scale, num_anchors, causal, window, block_m,
+                                                 block_n, 0, false, 0, 1);
+        posattn::cpu::attn_set_rect(p, Tk, q_index, k_index, hide_anchor_keys);
+        py::gil_scoped_release release;
+        posattn::cpu::attention_forward(p, reinterpret_cast<float*>(out), reinterpret_cast<float*>(lse),
+                                        num_threads);
+      });
+  m.def(
+      "attention_backward_rect",
+      [](int64_t T, int64_t HQ, int64_t HK, int64_t D, const std::vector<int64_t>& ptrs, float scale,
+         int num_anchors, bool causal, int window, int block_m, int block_n, int64_t dout, int64_t delta,
+         int64_t lse, int64_t dq, int64_t dk, int64_t dv, int num_threads, int64_t Tk, int64_t q_index,
+         int64_t k_index, bool hide_anchor_keys) {
+        auto p = posattn::cpu::attn_problem_from(T, HQ, HK, D, ptrs, scale, num_anchors, causal, window, block_m,
+                                                 block_n, 0, false, 0, 1);
+        posattn::cpu::attn_set_rect(p, Tk, q_index, k_index, hide_anchor_keys);
+        py::gil_scoped_release release;
+        posattn::cpu::attention_backward(p, reinterpret_cast<const float*>(dout), reinterpret_cast<const float*>(delta),
+                                         reinterpret_cast<const float*>(lse), reinterpret_cast<float*>(dq),
+                                         reinterpret_cast<float*>(dk), reinterpret_cast<float*>(dv), num_threads);
+      });
   m.def(
       "decode_forward",
       [](const std::vector<int64_t>& dims, const std::vector<int64_t>& ptrs, const std::vector<int64_t>& strides,

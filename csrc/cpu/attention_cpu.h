@@ -2,6 +2,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <vector>
+#include "posattn/attention_math.h"
 
 namespace posattn { namespace cpu {
 
@@ -32,7 +33,40 @@ struct AttnProblem {
   const double* map_pos = nullptr; const uint8_t* map_visual = nullptr;
   const float* far_qcos = nullptr; const float* far_qsin = nullptr;
   const float* far_kcos = nullptr; const float* far_ksin = nullptr;
+  // rectangle (posattn.distributed's ring blocks, attn_set_rect): the T queries are the step's tokens
+  // q_index[0..T), the Tk keys (k, v: [Tk, HK, D]) its tokens k_index[0..Tk) (int32, ascending);
+  // doc_start / row_start then cover the whole step and are read at those global indices, so the
+  // mask is the step's. hide_anchor_keys: a key that is an anchor of its own row is hidden (the
+  // ring attends the anchors once, in its anchor block). q_index == nullptr: Tk = T, identity.
+  int64_t Tk = -1;
+  const int32_t* q_index = nullptr; const int32_t* k_index = nullptr;
+  bool hide_anchor_keys = false;
 };
+
+inline int64_t kv_len(const AttnProblem& p) { return p.Tk < 0 ? p.T : p.Tk; }
+
+// May query i see key j (local rows of q and k; global tokens through the rectangle's indices)?
+inline bool attn_allowed(const AttnProblem& p, int64_t i, int64_t j) {
+  if (p.q_index != nullptr) {
+    i = p.q_index[i];
+    j = p.k_index[j];
+    if (p.hide_anchor_keys && j < int64_t(p.row_start[j]) + p.num_anchors) return false;
+  }
+  return anchor_allowed(i, j, p.doc_start[i], p.doc_start[j], p.row_start[i], p.num_anchors, p.causal, p.window);
+}
+
+// Makes ``p`` a rectangle: Tk keys, the global token indices of queries and keys (both non-null).
+// The ring rotates q and k before its blocks, so the rectangle takes no rotary table or map.
+inline void attn_set_rect(AttnProblem& p, int64_t Tk, int64_t q_index, int64_t k_index, bool hide_anchor_keys) {
+  if (Tk < 0) throw std::invalid_argument("attention: the rectangle's key count Tk must be >= 0");
+  if (!q_index || !k_index) throw std::invalid_argument("attention: a rectangle needs q_index and k_index");
+  if (p.rope_cos != nullptr || p.map_code != 0)
+    throw std::invalid_argument("attention: a rectangle takes rotated q and k (no rotary table or map)");
+  p.Tk = Tk;
+  p.q_index = reinterpret_cast<const int32_t*>(q_index);
+  p.k_index = reinterpret_cast<const int32_t*>(k_index);
+  p.hide_anchor_keys = hide_anchor_keys;
+}
 
 // Whether pair (i, j) takes the map's far rotation.
 inline bool pair_is_far(const AttnProblem& p, int64_t i, int64_t j) {

@@ -254,3 +254,87 @@ def dense_from_lists(lists: BlockLists, T: int) -> tuple[torch.Tensor, torch.Ten
             if msk[e]:
                 masked[sl] = True
     return visited, masked
+
+
+def step_tokens(cu_seqlens: torch.Tensor, cu_rows: torch.Tensor, T: int):
+    """(doc_start int32 [T], row_start int32 [T], doc_end int64 [T]) of the step's tokens: what
+    :func:`lower_rect` and the rectangle kernels read at global token indices."""
+    doc_start = token_starts(cu_seqlens, T)
+    row_start = token_starts(cu_rows, T)
+    cu64 = cu_seqlens.to(torch.int64)
+    doc_end = cu64[torch.searchsorted(cu64, doc_start.to(torch.int64), right=True)]
+    return doc_start.contiguous(), row_start.contiguous(), doc_end
+
+
+def lower_rect(spec: MaskSpec, tokens, q_index: torch.Tensor, k_index: torch.Tensor, block_m: int, block_n: int,
+               hide_anchor_keys: bool, transpose: bool = True) -> BlockLists:
+    """Block visit lists of a rectangle of the step: Tq queries at the global tokens ``q_index``
+    against Tk keys at ``k_index`` (int64, each ascending; e.g. a rank's shard against another's,
+    or against the step's anchor tokens). ``tokens``: :func:`step_tokens` of the step.
+    ``hide_anchor_keys``: keys that are anchors of their own row are hidden (so their anchor range
+    is not listed). Blocks are over local rows (query block b holds q_index[b*block_m : ...]).
+
+    Per query block with first / last query g0 / g1 (global), the keys visited are the local keys
+    whose global index falls in the ranges :func:`lower` gives a block [g0, g1] -- a superset when
+    the block spans a gap of q_index, as the mask then admits nothing in between that the ranges
+    leave out -- mapped to local key ranges by binary search in k_index. Every listed block
+    is marked masked (the kernel tests each pair): the rectangle's blocks are few, the element
+    test is cheap beside the products, and no full-block shortcut has to be proven for gaps.
+    """
+    doc_start, row_start, doc_end = tokens
+    dev = q_index.device
+    i32, i64 = torch.int32, torch.int64
+    Tq, Tk, T = q_index.shape[0], k_index.shape[0], doc_start.shape[0]
+    nqb, nkb = _cdiv(Tq, block_m), _cdiv(Tk, block_n)
+    e = torch.zeros(0, dtype=i32, device=dev)
+    if Tq == 0 or Tk == 0:
+        zk = torch.zeros(nkb + 1, dtype=i32, device=dev)
+        return BlockLists(block_m, block_n, doc_start, row_start, torch.zeros(nqb + 1, dtype=i32, device=dev),
+                          torch.zeros(nqb, dtype=i32, device=dev), e, e, zk if transpose else None,
+                          torch.zeros(nkb, dtype=i32, device=dev) if transpose else None,
+                          e if transpose else None, e if transpose else None, 0, 0)
+    qi, ki = q_index.to(i64), k_index.to(i64).contiguous()
+    na, W = spec.num_anchors, spec.window
+    qb = torch.arange(nqb, device=dev, dtype=i64)
+    g0 = qi[qb * block_m]
+    g1 = qi[torch.clamp(qb * block_m + block_m, max=Tq) - 1]
+    ds0 = doc_start[g0].to(i64)
+    lo = ds0 if W is None else torch.maximum(ds0, g0 - W + 1)
+    if spec.causal:
+        hi = g1 + 1
+    else:
+        hi = doc_end[g1] if W is None else torch.minimum(doc_end[g1], g1 + W)
+        if na and not hide_anchor_keys:
+            hi = torch.maximum(hi, torch.clamp(row_start[g1].to(i64) + na, max=T))
+    kl, kh = torch.searchsorted(ki, lo), torch.searchsorted(ki, hi)
+    has_doc = kh > kl
+    db_lo = torch.where(has_doc, kl // block_n, torch.full_like(kl, nkb))
+    n_doc = torch.where(has_doc, _cdiv(kh, block_n) - kl // block_n, torch.zeros_like(kl))
+    if na and not hide_anchor_keys:
+        rs0 = row_start[g0].to(i64)
+        a_hi = rs0 + na if not spec.causal else torch.minimum(rs0 + na, g1 + 1)
+        al, ah = torch.searchsorted(ki, rs0), torch.searchsorted(ki, a_hi)
+        ab_lo = al // block_n
+        n_anchor = torch.where(ah > al, torch.clamp(torch.minimum(_cdiv(ah, block_n), db_lo) - ab_lo, min=0),
+                               torch.zeros_like(al))
+    else:
+        ab_lo = torch.zeros_like(qb)
+        n_anchor = torch.zeros_like(qb)
+    counts = n_anchor + n_doc
+    q_offsets = torch.zeros(nqb + 1, device=dev, dtype=i64)
+    q_offsets[1:] = torch.cumsum(counts, 0)
+    nnz, max_per_q = (int(x) for x in torch.stack((q_offsets[-1], counts.max())).tolist())   # the one host sync
+    e_qb = torch.repeat_interleave(qb, counts, output_size=nnz)
+    local = torch.arange(nnz, device=dev, dtype=i64) - q_offsets[e_qb]
+    na_e = n_anchor[e_qb]
+    kb = torch.where(local < na_e, ab_lo[e_qb] + local, db_lo[e_qb] + local - na_e)
+    ones = torch.ones(nnz, dtype=i32, device=dev)
+    k_offsets = k_q_idx = k_q_masked = k_nfull = None
+    if transpose:
+        korder = torch.argsort(kb, stable=True)
+        k_q_idx = e_qb[korder].to(i32)
+        k_q_masked = ones
+        k_offsets = torch.searchsorted(kb[korder], torch.arange(nkb + 1, device=dev, dtype=i64)).to(i32)
+        k_nfull = torch.zeros(nkb, dtype=i32, device=dev)
+    return BlockLists(block_m, block_n, doc_start, row_start, q_offsets.to(i32),
+                      torch.zeros(nqb, dtype=i32, device=dev), kb.to(i32), ones, k_offsets, k_nfull, k_q_idx, k_q_masked, nnz, max_per_q)

@@ -2,21 +2,32 @@
 
 The ring of posattn.distributed.anchor_attention needs "queries at global indices iq against
 keys at global indices ik" returning (out, lse), and the backward of that block given the
-*merged* lse and delta. posattn's attention kernels (C++ / Triton) take q and k over one
-shared token index (key j and query i are both rows of the same packed step), so they cannot
-serve a block whose keys live at other offsets without a kernel change; until they take a key
-offset, the blocks here are dense masked products in torch, in fp32 (fp64 for fp64 inputs),
-with the mask built from the step's token metadata for the block pair only (O(Tq * Tk) per
-block, never O(T^2)):
+*merged* lse and delta. Two engines compute it (anchor_attention's ``block_engine``):
+
+* "kernel": posattn's C++ attention kernel over the block's *rectangle* of the step
+  (rect_forward / rect_backward): queries and keys are rows of their own tensors, read at the
+  global tokens iq / ik (int32, ascending: a rank's shard is a few contiguous ranges), and the
+  mask is evaluated on those global indices from the step's doc_start / row_start
+  (csrc/cpu/attention_cpu.h attn_set_rect). posattn.attention.masks.lower_rect lists, per query
+  block, only the key blocks its documents, window and anchors can reach, so invisible key tiles
+  are never visited. Memory O(Tq + Tk) per block; CPU only (fp32 compute; the Triton kernels
+  take no rectangle yet).
+* "torch" (the default, and the oracle; fp64 and any device): dense masked products in torch,
+  in fp32 (fp64 for fp64 inputs), with the mask built from the step's token metadata for the
+  block pair only (O(Tq * Tk) per block, never O(T^2)). On CPU its BLAS products are faster than
+  the kernel's per-pair loops at head_dim 64 (docs/distributed.md), hence the default.
+
+Both use the mask
 
     allowed(i, j) = (doc(i) == doc(j) and order(i, j) and in_window(i, j))
                     or (row(i) == row(j) and j < row_start(i) + num_anchors and order(i, j))
 
-exactly the mask of posattn.attention.masks / kernels.reference.attention.build_mask.
-Queries are processed in tiles of ``TILE`` rows, so a block's scores never exceed
-[Hq, TILE, Tk] (the mask is built per tile too). Each tile's products cover only the bounding
-box of its mask's visible entries (rows and keys; one host read per tile): a tile nobody in
-it can see costs its mask only, and a causal tile skips the keys after its last query.
+exactly the mask of posattn.attention.masks / kernels.reference.attention.build_mask, with ring
+keys hiding anchor keys (the anchor block shows them: block_mask). The torch engine processes
+queries in tiles of ``TILE`` rows, so a block's scores never exceed [Hq, TILE, Tk] (the mask is
+built per tile too). Each tile's products cover only the bounding box of its mask's visible
+entries (rows and keys; one host read per tile): a tile nobody in it can see costs its mask
+only, and a causal tile skips the keys after its last query.
 """
 from __future__ import annotations
 
@@ -144,6 +155,52 @@ def block_backward(dout, q, k, v, mask_of, lse, delta, scale):
         dq[a:b] = torch.einsum("hgqk,khd->qhgd", ds, kb).reshape(n, HQ, D) * scale
         dk[c0:c1] += torch.einsum("hgqk,qhgd->khd", ds, qf.reshape(n, HK, g, D)) * scale
     return dq, dk, dv
+
+
+# ---- the kernel path: posattn's C++ attention kernel over a rectangle of the step ----
+BLOCK_M, BLOCK_N = 32, 64      # the C++ anchor-attention defaults (posattn.attention.backends)
+
+
+def kernel_available() -> bool:
+    from posattn.kernels import cpu as _cpu
+
+    return _cpu._C is not None
+
+
+def kernel_ok(q: torch.Tensor) -> bool:
+    """Whether blocks of q's dtype / device can run on the C++ kernel (it computes in fp32: fp64
+    stays on the torch blocks, as does any device but the CPU: the Triton kernels take no
+    rectangle yet)."""
+    return q.device.type == "cpu" and q.dtype in (torch.float32, torch.float16, torch.bfloat16) \
+        and kernel_available()
+
+
+def rect_lists(spec, tokens, iq: torch.Tensor, ik: torch.Tensor, hide_anchor_keys: bool):
+    """(lists, iq int32, ik int32) of the rectangle iq x ik (global indices, int64, ascending)."""
+    from posattn.attention.masks import lower_rect
+
+    lists = lower_rect(spec, tokens, iq, ik, BLOCK_M, BLOCK_N, hide_anchor_keys)
+    return lists, iq.to(torch.int32).contiguous(), ik.to(torch.int32).contiguous()
+
+
+def rect_forward(q, k, v, rect, spec, scale, hide_anchor_keys):
+    """block_forward on the kernel: rect = rect_lists(...); returns fp32 (out [Tq, Hq, D], lse [Hq, Tq])."""
+    from posattn.kernels import cpu as _cpu
+    from posattn.kernels.cpu_attention import rect_forward as f
+
+    lists, iq, ik = rect
+    return f(q, k, v, lists, iq, ik, spec.num_anchors, spec.causal, spec.window, scale, hide_anchor_keys,
+             _cpu._threads({}))
+
+
+def rect_backward(dout, q, k, v, rect, spec, lse, delta, scale, hide_anchor_keys):
+    """block_backward on the kernel (merged lse, delta [Hq, Tq]); returns fp32 (dq, dk, dv)."""
+    from posattn.kernels import cpu as _cpu
+    from posattn.kernels.cpu_attention import rect_backward as f
+
+    lists, iq, ik = rect
+    return f(dout, q, k, v, lse, delta, lists, iq, ik, spec.num_anchors, spec.causal, spec.window, scale,
+             hide_anchor_keys, _cpu._threads({}))
 
 
 def merge(out, lse, out_b, lse_b):

@@ -7,12 +7,14 @@ import torch.distributed as dist
 from posattn import _validate as V
 from posattn.attention.anchor import check_qkv
 from posattn.attention.masks import MaskSpec
+from posattn.distributed import _local as L
 from posattn.distributed import ring as R
 from posattn.distributed.plan import plan_ring
 from posattn.distributed.sharding import SHARDS
 
 _PLANS: dict = {}          # (boundaries, mask, W, shard, device) -> (RingPlan, token metadata): every layer
 _PLAN_CACHE_SIZE = 16      # of a step shares them
+BLOCK_ENGINES = ("auto", "torch", "kernel")
 
 
 def _plan(cs_h: torch.Tensor, cr_h: torch.Tensor, spec: MaskSpec, W: int, shard: str, device):
@@ -34,7 +36,7 @@ def anchor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                      cu_rows: torch.Tensor | None = None, num_anchors: int = 1, causal: bool = True,
                      window: int | None = None, softmax_scale: float | None = None, rope=None,
                      positions: torch.Tensor | None = None, return_lse: bool = False, group=None,
-                     shard: str = "zigzag"):
+                     shard: str = "zigzag", block_engine: str = "auto"):
     """Context-parallel :func:`posattn.anchor_attention` over the ranks of ``group``.
 
     Args:
@@ -48,6 +50,11 @@ def anchor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         group: the torch.distributed process group (default: the world).
         shard: "zigzag", "contiguous" or "zigzag_doc" (chunks r and 2W-1-r of every document,
             posattn.distributed.sharding): how the step was sharded.
+        block_engine: what computes each ring block: "kernel", posattn's C++ attention kernel over
+            the block's rectangle of the step (CPU, fp32/fp16/bf16; memory O(T_l) per block, no
+            host read per tile); "torch", dense masked products in query tiles (any device and
+            dtype; faster on CPU at head_dim 64, where BLAS beats the kernel: docs/distributed.md);
+            "auto" (default): "torch".
 
     Returns:
         out [T_l, Hq, D] (and with ``return_lse`` the fp32 lse [Hq, T_l]) for this rank's tokens,
@@ -73,6 +80,12 @@ def anchor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) or softmax_scale <= 0:
         raise ValueError(f"softmax_scale must be a positive number or None; got {softmax_scale!r}")
     V.boolean(return_lse, "return_lse")
+    if block_engine not in BLOCK_ENGINES:
+        raise ValueError(f"block_engine must be one of {BLOCK_ENGINES}, got {block_engine!r}")
+    if block_engine == "kernel" and not L.kernel_ok(q):
+        raise ValueError(f"block_engine='kernel' runs posattn's C++ CPU kernel: CPU tensors of fp32, fp16 or bf16 "
+                         f"with posattn._C built; got {q.dtype} on {q.device.type}"
+                         + ("" if L.kernel_available() else " (posattn._C is not built)"))
     cs_h = cu_seqlens.cpu()                              # the one host read: the schedule depends on it
     T = int(cs_h[-1])
     cr_h = torch.tensor([0, T], dtype=torch.int32) if cu_rows is None else cu_rows.cpu()
@@ -97,6 +110,7 @@ def anchor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
             q, k = apply_rope(q, k, positions, rope, layout="thd")
     elif positions is not None:
         raise ValueError("positions were given without rope: pass rope=RopeSpec(...) or drop positions")
-    ring = R._Ring(plan, meta, group, rank, spec.num_anchors, spec.causal, spec.window, float(softmax_scale))
+    ring = R._Ring(plan, meta, group, rank, spec.num_anchors, spec.causal, spec.window, float(softmax_scale),
+                   kernel=block_engine == "kernel")
     out, lse = R.RingAttention.apply(q, k, v, ring)
     return (out, lse) if return_lse else out

@@ -39,12 +39,47 @@ class _Meta:
         self.index = [torch.cat([torch.arange(s, e, dtype=torch.int64, device=device) for s, e in rg])
                       for rg in plan.ranges]
         self.anchor_index = plan.anchor_index.to(device)
+        self.cu = (cs, cr)
+        self._tokens = None
+        self._rects: dict = {}       # (rank, src, spec) -> the kernel's lists of that block (every layer's)
+
+    def rect(self, spec, rank: int, src: int | None):
+        """The C++ kernel's (lists, iq, ik) for rank's queries against rank src's keys (None: the anchors)."""
+        key = (rank, src, spec)
+        hit = self._rects.get(key)
+        if hit is None:
+            from posattn.attention.masks import step_tokens
+
+            if self._tokens is None:
+                self._tokens = step_tokens(self.cu[0], self.cu[1], self.doc.shape[0])
+            ik = self.anchor_index if src is None else self.index[src]
+            hit = self._rects[key] = L.rect_lists(spec, self._tokens, self.index[rank], ik, src is not None)
+        return hit
 
 
 class _Ring:
-    def __init__(self, plan, meta, group, rank, num_anchors, causal, window, scale):
+    def __init__(self, plan, meta, group, rank, num_anchors, causal, window, scale, kernel: bool = False):
         self.plan, self.meta, self.group, self.rank = plan, meta, group, rank
+        self.kernel = kernel           # blocks on the C++ kernel (anchor_attention's block_engine="kernel")
         self.na, self.causal, self.window, self.scale = num_anchors, causal, window, scale
+        from posattn.attention.masks import MaskSpec
+
+        self.spec = MaskSpec(causal=causal, num_anchors=num_anchors, window=window)
+
+    def fwd(self, q, k, v, src: int | None):
+        """(out, lse) of the rank's queries against rank src's keys k, v (None: the anchor block):
+        the C++ kernel's rectangle (self.kernel), else the torch block."""
+        if self.kernel:
+            return L.rect_forward(q, k, v, self.meta.rect(self.spec, self.rank, src), self.spec, self.scale,
+                                  src is not None)
+        return L.block_forward(q, k, v, self.mask(src), self.scale)
+
+    def bwd(self, do, q, k, v, src: int | None, lse, delta):
+        """(dq, dk, dv) of that block given the merged lse and delta."""
+        if self.kernel:
+            return L.rect_backward(do, q, k, v, self.meta.rect(self.spec, self.rank, src), self.spec, lse, delta,
+                                   self.scale, src is not None)
+        return L.block_backward(do, q, k, v, self.mask(src), lse, delta, self.scale)
 
     def peer(self, r):
         return dist.get_global_rank(self.group, r) if self.group is not None else r
@@ -113,14 +148,14 @@ def forward(ring: _Ring, q, k, v):
     akv = ring.gather_anchors(kv) if plan.anchor_index.numel() else None
     posts = _Posts(ring, kv, _FWD)
     posts.ahead_of(0)
-    out, lse = L.block_forward(q, k, v, ring.mask(r), ring.scale)
+    out, lse = ring.fwd(q, k, v, r)
     if akv is not None:
-        out, lse = L.merge(out, lse, *L.block_forward(q, akv[:, 0], akv[:, 1], ring.mask(None), ring.scale))
+        out, lse = L.merge(out, lse, *ring.fwd(q, akv[:, 0], akv[:, 1], None))
     for step in range(1, plan.world_size):
         buf, src = posts.take(step)
         posts.ahead_of(step)
         if buf is not None:
-            out, lse = L.merge(out, lse, *L.block_forward(q, buf[:, 0], buf[:, 1], ring.mask(src), ring.scale))
+            out, lse = L.merge(out, lse, *ring.fwd(q, buf[:, 0], buf[:, 1], src))
     return out, lse, akv
 
 
@@ -135,9 +170,9 @@ def backward(ring: _Ring, dout, dlse, q, k, v, out, lse, akv):
     kv = torch.stack((k, v), 1).contiguous()
     posts = _Posts(ring, kv, _BWD_KV)
     posts.ahead_of(0)
-    dq, dk, dv = L.block_backward(do, q, k, v, ring.mask(r), lse, delta, ring.scale)
+    dq, dk, dv = ring.bwd(do, q, k, v, r, lse, delta)
     if akv is not None:
-        dqa, dka, dva = L.block_backward(do, q, akv[:, 0], akv[:, 1], ring.mask(None), lse, delta, ring.scale)
+        dqa, dka, dva = ring.bwd(do, q, akv[:, 0], akv[:, 1], None, lse, delta)
         dq += dqa
     sends, recvs = [], []                       # dK/dV going back to their owners; (work, buffer) coming in
     for step in range(1, W):
@@ -148,7 +183,7 @@ def backward(ring: _Ring, dout, dlse, q, k, v, out, lse, akv):
             rbuf = torch.empty((plan.sizes[r], 2) + tuple(k.shape[1:]), dtype=ct, device=k.device)
             recvs.append((dist.irecv(rbuf, ring.peer(dst), group=ring.group, tag=_BWD_DKV + step), rbuf))
         if buf is not None:
-            dqb, dkb, dvb = L.block_backward(do, q, buf[:, 0], buf[:, 1], ring.mask(src), lse, delta, ring.scale)
+            dqb, dkb, dvb = ring.bwd(do, q, buf[:, 0], buf[:, 1], src, lse, delta)
             dq += dqb
             part = torch.stack((dkb, dvb), 1).contiguous()
             sends.append((dist.isend(part, ring.peer(src), group=ring.group, tag=_BWD_DKV + step), part))

@@ -121,3 +121,54 @@ def attn_backward(dout, q, k, v, out, lse, lists, num_anchors, causal, window, s
         else:
             _cpu._C.attention_backward(*dims, ptrs, *sc, *tail)
     return torch.empty_like(q).copy_(dq), torch.empty_like(k).copy_(dk), torch.empty_like(v).copy_(dv)
+
+
+def _rect_args(q, k, lists, q_index, k_index, num_anchors, causal, window, softmax_scale):
+    T, HQ, D = q.shape
+    return (T, HQ, k.shape[1], D), (float(softmax_scale), int(num_anchors), bool(causal),
+                                    int(window) if window is not None else 0, lists.block_m, lists.block_n)
+
+
+def _rect_ptrs(q, k, v, lists):
+    kq = lists.k_offsets
+    return [q.data_ptr(), k.data_ptr(), v.data_ptr(), lists.doc_start.data_ptr(), lists.row_start.data_ptr(),
+            lists.q_offsets.data_ptr(), lists.q_kv_idx.data_ptr(), lists.q_kv_masked.data_ptr(),
+            kq.data_ptr() if kq is not None else 0, lists.k_q_idx.data_ptr() if kq is not None else 0,
+            lists.k_q_masked.data_ptr() if kq is not None else 0, 0, 0]
+
+
+def rect_forward(q, k, v, lists, q_index, k_index, num_anchors, causal, window, softmax_scale,
+                 hide_anchor_keys, threads=0):
+    """Anchor attention of Tq queries at the step's global tokens ``q_index`` against Tk keys at
+    ``k_index`` (int32 [Tq] / [Tk], ascending), over ``lists`` from masks.lower_rect (whose
+    doc_start / row_start cover the whole step). q: [Tq, Hq, D]; k, v: [Tk, Hk, D], already rotated.
+
+    Returns (out fp32 [Tq, Hq, D], lse fp32 [Hq, Tq]); a query that sees no key gets 0 and -inf.
+    """
+    qf, kf, vf = _f32(q), _f32(k), _f32(v)
+    Tq, HQ, _ = q.shape
+    out = torch.zeros(qf.shape, dtype=torch.float32)
+    lse = torch.full((HQ, Tq), float("-inf"), dtype=torch.float32)
+    if Tq and k.shape[0] and lists.nnz:
+        qi, ki = q_index.to(torch.int32).contiguous(), k_index.to(torch.int32).contiguous()
+        dims, sc = _rect_args(q, k, lists, qi, ki, num_anchors, causal, window, softmax_scale)
+        _cpu._C.attention_forward_rect(*dims, _rect_ptrs(qf, kf, vf, lists), *sc, out.data_ptr(), lse.data_ptr(),
+                                       int(threads), k.shape[0], qi.data_ptr(), ki.data_ptr(), bool(hide_anchor_keys))
+    return out, lse
+
+
+def rect_backward(dout, q, k, v, lse, delta, lists, q_index, k_index, num_anchors, causal, window, softmax_scale,
+                  hide_anchor_keys, threads=0):
+    """The rectangle's share of the gradients given the *merged* lse [Hq, Tq] and
+    delta = rowsum(dout * out) - dlse [Hq, Tq] of the queries (lists with the transpose).
+    Returns fp32 (dq [Tq, Hq, D], dk [Tk, Hk, D], dv [Tk, Hk, D])."""
+    qf, kf, vf, dof = _f32(q), _f32(k), _f32(v), _f32(dout)
+    lse, delta = lse.float().contiguous(), delta.float().contiguous()
+    dq, dk, dv = (torch.zeros(x.shape, dtype=torch.float32) for x in (qf, kf, vf))
+    if q.shape[0] and k.shape[0] and lists.nnz:
+        qi, ki = q_index.to(torch.int32).contiguous(), k_index.to(torch.int32).contiguous()
+        dims, sc = _rect_args(q, k, lists, qi, ki, num_anchors, causal, window, softmax_scale)
+        _cpu._C.attention_backward_rect(*dims, _rect_ptrs(qf, kf, vf, lists), *sc, dof.data_ptr(), delta.data_ptr(),
+                                        lse.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), int(threads),
+                                        k.shape[0], qi.data_ptr(), ki.data_ptr(), bool(hide_anchor_keys))
+    return dq, dk, dv

@@ -26,7 +26,8 @@ def random_cases(seed: int, n: int):
         HQ, HK = rng.choice([(3, 1), (4, 2), (2, 2)])
         out.append(dict(cu=cu, rows=rows, na=na, causal=rng.random() < 0.7, window=rng.choice([None, 3, 9]),
                         shard=("zigzag", "contiguous", "zigzag_doc")[i % 3], HQ=HQ, HK=HK, D=rng.choice([16, 80]),
-                        rope=rng.random() < 0.5, seed=rng.randint(0, 10 ** 6), strided=i % 4 == 1))
+                        rope=rng.random() < 0.5, seed=rng.randint(0, 10 ** 6), strided=i % 4 == 1,
+                        engine=("torch", "torch", "kernel", "kernel")[i % 4]))
     return out
 
 
@@ -57,7 +58,8 @@ def run_case(rank, world, c):
         big = ins = [part(x).clone().requires_grad_(True) for x in (q, k, v)]
         ldout = part(dout)
     lpos = D.shard_positions(None, world, rank, shard=sh, cu_seqlens=cu) if spec else None
-    lo, ll = D.anchor_attention(*ins, cu, rope=spec, positions=lpos, shard=sh, **kw)
+    lo, ll = D.anchor_attention(*ins, cu, rope=spec, positions=lpos, shard=sh, block_engine=c.get("engine", "auto"),
+                                **kw)
     torch.autograd.backward([lo, ll], [ldout, part(dlse, 1)])
     my_grads = [b.grad[..., :Dh] for b in big]
     what = f"rank {rank}/{world} case {c}"
@@ -97,6 +99,10 @@ def bad_inputs(rank, world):
         D.anchor_attention(q, q, q, cu, cu_rows=torch.tensor([0, 4], dtype=torch.int32))
     with pytest.raises(ValueError, match="num_anchors"):
         D.anchor_attention(q, q, q, cu, num_anchors=-1)
+    with pytest.raises(ValueError, match="block_engine must be one of"):
+        D.anchor_attention(q, q, q, cu, block_engine="triton")
+    with pytest.raises(ValueError, match=r"block_engine='kernel' runs posattn's C\+\+ CPU kernel"):
+        D.anchor_attention(q.double(), q.double(), q.double(), cu, block_engine="kernel")
 
 
 def ring_cases(rank, world, seed, n):
@@ -106,7 +112,7 @@ def ring_cases(rank, world, seed, n):
 
     tile = _local.TILE
     for i, c in enumerate(random_cases(seed, n)):
-        _local.TILE = (tile, 5)[i % 2]          # odd cases: several query tiles per block
+        _local.TILE = (tile, 5)[i % 2]          # odd cases: several query tiles per block (torch engine)
         run_case(rank, world, c)
     _local.TILE = tile
     no_remote_block(rank, world)
@@ -128,8 +134,9 @@ def no_remote_block(rank, world):
     real_isend = dist.isend
     dist.isend = lambda *a, **k: sent.append(1) or real_isend(*a, **k)
     try:
-        run_case(rank, world, dict(cu=cu, rows=rows, na=2, causal=True, window=None, shard="contiguous", HQ=2,
-                                   HK=1, D=16, rope=True, seed=7))
+        for engine in ("torch", "kernel"):
+            run_case(rank, world, dict(cu=cu, rows=rows, na=2, causal=True, window=None, shard="contiguous", HQ=2,
+                                       HK=1, D=16, rope=True, seed=7, engine=engine))
     finally:
         dist.isend = real_isend
     assert not sent, f"rank {rank} sent {len(sent)} K/V blocks that nobody can see"
@@ -139,5 +146,6 @@ def empty_rank(rank, world):
     """Fewer tokens than chunks: some ranks hold no token at all (and one long document crosses all)."""
     for sh in ("zigzag", "contiguous", "zigzag_doc"):        # zigzag_doc: both documents shorter than 2W
         cu = torch.tensor([0, 1, 5], dtype=torch.int32)
-        run_case(rank, world, dict(cu=cu, rows=torch.tensor([0, 5], dtype=torch.int32), na=1, causal=True,
-                                   window=None, shard=sh, HQ=3, HK=1, D=16, rope=True, seed=3))
+        for engine in ("torch", "kernel"):
+            run_case(rank, world, dict(cu=cu, rows=torch.tensor([0, 5], dtype=torch.int32), na=1, causal=True,
+                                       window=None, shard=sh, HQ=3, HK=1, D=16, rope=True, seed=3, engine=engine))

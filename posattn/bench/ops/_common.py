@@ -93,3 +93,11 @@ def flashinfer_fn(name: str):
 def as_qk(q: torch.Tensor, k: torch.Tensor):
     """``outputs -> (q-shaped, k-shaped)``: a peer's flattened (q, k) outputs viewed back as q and k."""
     return lambda out: (out[0].view(q.shape), out[1].view(k.shape))
+
+
+def attention_nbytes(shape, dtype) -> int:
+    """Bytes an attention forward must move: q, k, v read and out written (dims T, Hq, Hk, D),
+    plus the fp32 lse."""
+    d = shape.dims
+    esize = torch.empty((), dtype=dtype).element_size()
+    return esize * d["T"] * d["D"] * (2 * d["Hq"] + 2 * d["Hk"]) + 4 * d["Hq"] * d["T"]

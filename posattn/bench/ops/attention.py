@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from posattn.bench.ops._common import compiled_flex, dtypes_from, flex_available, parse_dims, posattn_available
+from posattn.bench.ops._common import (attention_nbytes, compiled_flex, dtypes_from, flex_available, parse_dims,
+                                      posattn_available)
 from posattn.bench.registry import BenchOp, Shape, Unsupported, register_op, skip_op
 
 HQ, HK, D = 32, 8, 128
@@ -74,10 +75,7 @@ def _pairs(cu: torch.Tensor, rows: torch.Tensor) -> int:
     return pairs + sum(b - a for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()) if a not in starts)
 
 
-def nbytes(shape: Shape, dtype) -> int:
-    d = shape.dims
-    esize = torch.empty((), dtype=dtype).element_size()
-    return esize * d["T"] * d["D"] * (2 * d["Hq"] + 2 * d["Hk"]) + 4 * d["Hq"] * d["T"]
+nbytes = attention_nbytes
 
 
 def flops(shape: Shape, dtype) -> int:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from posattn.bench.ops._common import compiled_flex, dtypes_from, flex_available, parse_dims, posattn_available
+from posattn.bench.ops._common import attention_nbytes as nbytes, compiled_flex, dtypes_from, flex_available, parse_dims, posattn_available
 from posattn.bench.registry import BenchOp, Shape, Unsupported, register_op
 
 HQ, HK, D = 32, 8, 128
@@ -64,12 +64,6 @@ def parse_shape(text: str) -> Shape:
                       "T=32768,Hq=32,Hk=8,D=128,G=8,W=1024")
     return _shape(dims.get("T", 1024), dims.get("Hq", HQ), dims.get("Hk", HK), dims.get("D", D),
                   dims.get("G", GROUP), dims.get("W", WINDOW))
-
-
-def nbytes(shape: Shape, dtype) -> int:
-    d = shape.dims
-    esize = torch.empty((), dtype=dtype).element_size()
-    return esize * d["T"] * d["D"] * (2 * d["Hq"] + 2 * d["Hk"]) + 4 * d["Hq"] * d["T"]
 
 
 def flops(shape: Shape, dtype) -> int:
