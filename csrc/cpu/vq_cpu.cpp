@@ -13,6 +13,8 @@
 
 namespace posattn { namespace cpu {
 
+#include "omp_threads.h"
+
 namespace {
 
 inline float widen(const float* s, int64_t i) { return s[i]; }
@@ -33,15 +35,6 @@ inline float dot(const float* a, const float* b, int64_t D) {
   float r = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
   for (; d < D; ++d) r += a[d] * b[d];
   return r;
-}
-
-int threads(int n) {
-#ifdef _OPENMP
-  return n > 0 ? n : omp_get_max_threads();
-#else
-  (void)n;
-  return 1;
-#endif
 }
 
 template <typename T>
@@ -73,7 +66,7 @@ void assign_impl(const T* keys, int64_t T_, int64_t HK, int64_t D, int64_t s_kt,
 void vq_assign_forward(const void* keys, int dtype, int64_t T_, int64_t HK, int64_t D, int64_t s_kt, int64_t s_kh,
                        const float* mc, const float* cn, int64_t C, void* codes, int code_bytes, int num_threads) {
   if (T_ == 0 || HK == 0) return;
-  const int nt = threads(num_threads);
+  const int nt = omp_threads(num_threads);
   if (dtype == kFloat32)
     assign_impl(static_cast<const float*>(keys), T_, HK, D, s_kt, s_kh, mc, cn, C, codes, code_bytes, nt);
   else if (dtype == kFloat16)
@@ -88,7 +81,7 @@ void vq_code_scores_forward(const float* qf, const float* cent, const void* code
                             int64_t PS, int64_t MB, float scale, int64_t block_s, int num_threads) {
   const int64_t S = MB * PS, G = HQ / HK;
   if (B == 0 || HQ == 0 || S == 0) return;
-  const int nt = threads(num_threads);
+  const int nt = omp_threads(num_threads);
   // phase 1: the tables [B, HQ, C] (C x D products per query head)
   std::vector<float> tab(static_cast<size_t>(B * HQ * C));
 #pragma omp parallel for num_threads(nt) schedule(static) collapse(2)

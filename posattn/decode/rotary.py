@@ -67,6 +67,19 @@ def wants_rotary(rope, key_positions, qk_precision, position_map) -> bool:
     return rope is not None and (key_positions is not None or qk_precision != "bf16" or position_map is not None)
 
 
+def check_plain_rope(rope, device, user: str, users: str) -> None:
+    """Named ValueError unless ``rope`` can be rotated by a per-call table of one inv_freq row
+    (the in-kernel rotation of decode_attention and select.scores). ``user``: who refuses a
+    sequence-length-dependent spec ("scores"); ``users``: who needs one row ("scores supports")."""
+    from posattn.rope.table import is_plain
+
+    if getattr(rope, "depends_on_seq_len", False):
+        raise ValueError("rope: specs whose tables depend on the sequence length (DynamicNTK, LongRoPE) are not "
+                         f"supported {user}")
+    if not is_plain(rope.tables(device)):
+        raise ValueError(f"rope: {users} specs with one inv_freq row (no per-head rows, mrope sections or DPE)")
+
+
 def check(rope, key_positions, qk_precision, position_map, positions, q, B: int, S: int) -> None:
     """Named errors for the new arguments (no device work). S = the slots per request (capacity)."""
     if not isinstance(qk_precision, str) or qk_precision not in QK_PRECISIONS:
@@ -83,14 +96,8 @@ def check(rope, key_positions, qk_precision, position_map, positions, q, B: int,
                          "inside the kernel, so the cache must hold keys before RoPE")
     if not wants_rotary(rope, key_positions, qk_precision, position_map):
         return
-    from posattn.rope.table import is_plain
-
-    if getattr(rope, "depends_on_seq_len", False):
-        raise ValueError("rope: specs whose tables depend on the sequence length (DynamicNTK, LongRoPE) are not "
-                         "supported with key_positions, qk_precision or position_map")
-    if not is_plain(rope.tables(q.device)):
-        raise ValueError("rope: key_positions, qk_precision and position_map support specs with one inv_freq "
-                         "row (no per-head rows, mrope sections or DPE)")
+    check_plain_rope(rope, q.device, "with key_positions, qk_precision or position_map",
+                     "key_positions, qk_precision and position_map support")
     if isinstance(key_positions, str):
         if key_positions != "slots":
             raise ValueError(f'key_positions must be "slots" or a tensor; got {key_positions!r}')

@@ -77,19 +77,14 @@ def _check(q, k_cache, cache_seqlens, block_table, reduce, rope, positions, key_
         if positions is not None or key_positions is not None:
             raise ValueError("positions and key_positions are read only with rope= (keys cached before RoPE)")
         return B, HQ, HK, D, S
+    from posattn.decode.rotary import check_plain_rope
     from posattn.rope.spec import RopeSpec
-    from posattn.rope.table import is_plain
 
     if not isinstance(rope, RopeSpec):
         raise TypeError(f"rope must be a posattn.RopeSpec or None, got {type(rope).__name__}")
     if rope.head_dim != D:
         raise ValueError(f"rope.head_dim ({rope.head_dim}) must equal q's head_dim ({D})")
-    if getattr(rope, "depends_on_seq_len", False):
-        raise ValueError("rope: specs whose tables depend on the sequence length (DynamicNTK, LongRoPE) are not "
-                         "supported by scores")
-    if not is_plain(rope.tables(q.device)):
-        raise ValueError("rope: scores supports specs with one inv_freq row (no per-head rows, mrope sections or "
-                         "DPE)")
+    check_plain_rope(rope, q.device, "by scores", "scores supports")
     if key_positions is None:
         raise ValueError('key_positions is required with rope= (a [B, S_max] or [S_max] tensor, or "slots")')
     if isinstance(key_positions, str):

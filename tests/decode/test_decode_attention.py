@@ -256,6 +256,21 @@ def test_sparse_kv_indices_split(backend, splits):
                   device=DEVICE), backend, num_splits=splits)
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("indexed,HQ,HK", [("kv", 6, 2), ("q", 3, 1)])
+def test_sparse_lists_over_many_blocks(backend, threads, indexed, HQ, HK):
+    """Lists longer than the CPU kernel's 64-slot key block (its prefetch runs one block ahead,
+    into the next list at a list's end; one thread takes one split), 3 rows per list, bf16."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        run_case(Case(q_lens=[1, 1], cached=[300, 170], page_size=16, indexed=indexed, HQ=HQ, HK=HK, budget=150,
+                      dtype=torch.bfloat16, device=DEVICE, seed=threads), backend)
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_all_slots_listed_equals_dense():
     """Listing every cached slot is dense attention (issue 13's budget >= context)."""
     case = Case(q_lens=[1, 1], cached=[9, 4], page_size=4, device=DEVICE)

@@ -146,3 +146,17 @@ def test_bad_scores():
 def test_lengths_on_another_device():
     with pytest.raises(ValueError, match="lengths is on cpu but scores is on cuda"):
         posattn.select.topk(torch.randn(2, 9, device="cuda"), 3, lengths=torch.ones(2, dtype=torch.int32))
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the C++ kernel is not built")
+def test_cpu_long_rows_ties_and_specials():
+    """The CPU kernel's row loops at a serving size (32k entries: the vectorised key pass, the
+    four-table digit histograms, the branch-free compaction and write-out): values on a 1/64 grid
+    (thousands tie at the threshold), NaN and -0.0 sprinkled in, sinks and window, ragged lengths."""
+    g = torch.Generator().manual_seed(13)
+    s = (torch.randn(3, 32769, generator=g) * 64).round() / 64
+    s[:, ::97] = float("nan")
+    s[:, 5::101] = -0.0
+    lengths = torch.tensor([32769, 20000, 5], dtype=torch.int32)
+    _check(s, 2048, lengths, 3, 5, False, "cpu")
+    _check(s[:, :4000], 1, None, 0, 0, False, "cpu")
