@@ -52,6 +52,30 @@ def _store_grad_map(X, rows, rmask, stride_t, ga, gb, gfa, gfb, gt, cos, sin, fc
 
 
 @triton.jit
+def _rot_grads(ga, gb, gfa, gfb, ds, far, need_near, need_far, xa, xb, xa_lo, xb_lo, xfa, xfb, xfa_lo, xfb_lo,
+               MAP: tl.constexpr, ROPE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+               QKP: tl.constexpr):
+    """One tile's rotated-part gradient products, for dq (x = the k tile) and dk (x = the q tile,
+    ds transposed): near pairs against the near rotation (ga, gb), far pairs against the far one
+    (gfa, gfb; only with a position map, and only the products the tile needs)."""
+    if MAP == 0:
+        if ROPE:
+            ga += _grad_dot(ds, xa, xa_lo, PREC, UPCAST, QKP)
+            gb += _grad_dot(ds, xb, xb_lo, PREC, UPCAST, QKP)
+    else:
+        zero = tl.zeros_like(ds)
+        if need_near:
+            dsn = tl.where(far, zero, ds)
+            ga += _grad_dot(dsn, xa, xa_lo, PREC, UPCAST, QKP)
+            gb += _grad_dot(dsn, xb, xb_lo, PREC, UPCAST, QKP)
+        if need_far:
+            dsf = tl.where(far, ds, zero)
+            gfa += _grad_dot(dsf, xfa, xfa_lo, PREC, UPCAST, QKP)
+            gfb += _grad_dot(dsf, xfb, xfb_lo, PREC, UPCAST, QKP)
+    return ga, gb, gfa, gfb
+
+
+@triton.jit
 def _dq_step(dqa, dqb, dqt, qa, qb_, qt, do, lse2, delta, Kh, Vh, kbi, rows, q_doc, q_row, dcols, dmask,
              COS, SIN, DOC_START, T, NUM_ANCHORS, WINDOW, qk_scale_log2, s_kt, s_vt,
              D: tl.constexpr, BD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -87,20 +111,8 @@ def _dq_step(dqa, dqb, dqt, qa, qb_, qt, do, lse2, delta, Kh, Vh, kbi, rows, q_d
         p = tl.where(ok, p, 0.0)
     dp = _dot(do, tl.trans(v), PREC, UPCAST)
     ds = (p * (dp - delta[:, None])).to(DT)
-    if MAP == 0:
-        if ROPE:
-            dqa += _grad_dot(ds, ka, ka_lo, PREC, UPCAST, QKP)
-            dqb += _grad_dot(ds, kb, kb_lo, PREC, UPCAST, QKP)
-    else:
-        zero = tl.zeros_like(ds)
-        if need_near:
-            dsn = tl.where(far, zero, ds)
-            dqa += _grad_dot(dsn, ka, ka_lo, PREC, UPCAST, QKP)
-            dqb += _grad_dot(dsn, kb, kb_lo, PREC, UPCAST, QKP)
-        if need_far:
-            dsf = tl.where(far, ds, zero)
-            dqfa += _grad_dot(dsf, kfa, kfa_lo, PREC, UPCAST, QKP)
-            dqfb += _grad_dot(dsf, kfb, kfb_lo, PREC, UPCAST, QKP)
+    dqa, dqb, dqfa, dqfb = _rot_grads(dqa, dqb, dqfa, dqfb, ds, far, need_near, need_far, ka, kb, ka_lo, kb_lo,
+                                      kfa, kfb, kfa_lo, kfb_lo, MAP, ROPE, PREC, UPCAST, QKP)
     if HAS_TAIL:
         dqt += _dot(ds, kt, PREC, UPCAST)
     return dqa, dqb, dqt, dqfa, dqfb
@@ -257,20 +269,8 @@ def _dkdv_step(dka, dkb, dkt, dv, ka, kb, kt, v, Qh, DOh, LSEh, DELTAh, qbi, col
     dv += _dot(p_t.to(DT), do, PREC, UPCAST)
     dp_t = _dot(v, tl.trans(do), PREC, UPCAST)
     ds_t = (p_t * (dp_t - delta[None, :])).to(DT)
-    if MAP == 0:
-        if ROPE:
-            dka += _grad_dot(ds_t, qa, qa_lo, PREC, UPCAST, QKP)
-            dkb += _grad_dot(ds_t, qb_, qb_lo, PREC, UPCAST, QKP)
-    else:
-        zero = tl.zeros_like(ds_t)
-        if need_near:
-            dsn = tl.where(far_t, zero, ds_t)
-            dka += _grad_dot(dsn, qa, qa_lo, PREC, UPCAST, QKP)
-            dkb += _grad_dot(dsn, qb_, qb_lo, PREC, UPCAST, QKP)
-        if need_far:
-            dsf = tl.where(far_t, ds_t, zero)
-            dkfa += _grad_dot(dsf, qfa, qfa_lo, PREC, UPCAST, QKP)
-            dkfb += _grad_dot(dsf, qfb, qfb_lo, PREC, UPCAST, QKP)
+    dka, dkb, dkfa, dkfb = _rot_grads(dka, dkb, dkfa, dkfb, ds_t, far_t, need_near, need_far, qa, qb_, qa_lo, qb_lo,
+                                      qfa, qfb, qfa_lo, qfb_lo, MAP, ROPE, PREC, UPCAST, QKP)
     if HAS_TAIL:
         dkt += _dot(ds_t, qt, PREC, UPCAST)
     return dka, dkb, dkt, dv, dkfa, dkfb
