@@ -60,9 +60,13 @@ def angle_args(angles: torch.Tensor) -> list[int]:
 
 
 def pick(q, qo, k, ko):
-    """(x, its output): the tensor whose shape and dtype describe the launch (q unless it has no heads)."""
+    """(x, its output): the tensor whose shape and dtype describe the launch (q unless it has no heads);
+    (None, None) when there are no tokens (B * S == 0: nothing to launch, and the empty tensors'
+    null data pointers must not reach the kernels)."""
     x = q if q is not None and q.shape[2] > 0 else k
     xo = qo if x is q else ko
+    if x is not None and x.shape[0] * x.shape[1] == 0:
+        return None, None
     return x, xo
 
 

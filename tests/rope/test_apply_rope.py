@@ -71,6 +71,21 @@ def test_partial_rotary_leaves_tail_untouched(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["bshd", "thd"])
+def test_zero_tokens(backend, layout):
+    """A shard or batch with no tokens (a context-parallel rank can hold none) gives empty
+    outputs, as the reference does; the C++ path once refused it ("pos: null pointer")."""
+    spec = posattn.RopeSpec(64)
+    shape = (0, 4, 64) if layout == "thd" else (2, 0, 4, 64)
+    q = torch.randn(*shape, device=DEVICE)
+    k = torch.randn(*shape[:-2], 2, 64, device=DEVICE)
+    pos = torch.zeros(shape[:-2], dtype=torch.int64, device=DEVICE)
+    for inplace in (False, True):
+        qo, ko = posattn.apply_rope(q, k, pos, spec, layout=layout, inplace=inplace, backend=backend)
+        assert qo.shape == q.shape and ko.shape == k.shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layout", ["bshd", "bhsd", "thd"])
 def test_inplace(backend, layout):
     spec = posattn.RopeSpec(80, rotary_dim=40)
