@@ -6,7 +6,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from posattn.kernels.triton.flash_attn_fwd import _map_scores
+from posattn.kernels.triton.flash_attn_fwd import _map_scores, _q_side
 from posattn.kernels.triton.flash_attn_tiles import (_LOG2E, _allowed, _allowed2, _dot, _grad_dot, _ld,
                                                      _load_qk_tile, _map_side, _pair_cols, _pair_far, _scores,
                                                      _tile_kinds)
@@ -136,27 +136,10 @@ def _attn_bwd_dq_kernel(
     hk = h // GROUP
     rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < T
-    Kh = K + hk.to(tl.int64) * s_kh
-    Vh = V + hk.to(tl.int64) * s_vh
-    QC = COS + (h // QTD).to(tl.int64) * s_tab
-    QS = SIN + (h // QTD).to(tl.int64) * s_tab
-    KC = KCOS + (hk // KTD).to(tl.int64) * s_tab
-    KS = KSIN + (hk // KTD).to(tl.int64) * s_tab
-    qa, qb_, qt, qcos, qsin, qa_lo, qb_lo = _load_qk_tile(Q + h.to(tl.int64) * s_qh, rows, rmask, s_qt, QC, QS,
-                                                          BLOCK_M, D, ROT, BH, R_HALF, BT, INTERLEAVED, ROPE,
-                                                          HAS_TAIL, True, QKP, UPCAST)
-    FKCh = FKC + (hk // KTD).to(tl.int64) * s_tab
-    FKSh = FKS + (hk // KTD).to(tl.int64) * s_tab
-    if MAP != 0:
-        qfa, qfb, _t, qfcos, qfsin, qfa_lo, qfb_lo = _load_qk_tile(
-            Q + h.to(tl.int64) * s_qh, rows, rmask, s_qt, FQC + (h // QTD).to(tl.int64) * s_tab,
-            FQS + (h // QTD).to(tl.int64) * s_tab, BLOCK_M, D, ROT, BH, R_HALF, BT, INTERLEAVED, ROPE, False, True,
-            QKP, UPCAST)
-        pq, vq = _map_side(POSF, VIS, rows, rmask, MAP)
-    else:
-        qfa, qfb, qfa_lo, qfb_lo, qfcos, qfsin = qa, qb_, qa_lo, qb_lo, qcos, qsin
-        pq = tl.zeros([BLOCK_M], dtype=tl.float32)
-        vq = tl.zeros([BLOCK_M], dtype=tl.int32)
+    (Kh, Vh, KC, KS, FKCh, FKSh, qa, qb_, qt, qcos, qsin, qa_lo, qb_lo, qfa, qfb, qfcos, qfsin, qfa_lo, qfb_lo, pq,
+     vq) = _q_side(Q, K, V, COS, SIN, KCOS, KSIN, FQC, FQS, FKC, FKS, POSF, VIS, h, hk, rows, rmask, QTD, KTD,
+                   s_qt, s_qh, s_kh, s_vh, s_tab, BLOCK_M, D, ROT, BH, R_HALF, BT, INTERLEAVED, ROPE, HAS_TAIL,
+                   QKP, UPCAST, MAP)
     dcols = tl.arange(0, BD)
     dmask = dcols < D
     do = tl.load(DO + h.to(tl.int64) * s_doh + rows[:, None].to(tl.int64) * s_dot + dcols[None, :],

@@ -84,6 +84,41 @@ def _fwd_step(acc, m_i, l_i, qa, qb_, qt, Kh, Vh, kbi, rows, q_doc, q_row, dcols
 
 
 @triton.jit
+def _q_side(Q, K, V, COS, SIN, KCOS, KSIN, FQC, FQS, FKC, FKS, POSF, VIS, h, hk, rows, rmask, QTD, KTD,
+            s_qt, s_qh, s_kh, s_vh, s_tab, BLOCK_M: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr,
+            BH: tl.constexpr, R_HALF: tl.constexpr, BT: tl.constexpr, INTERLEAVED: tl.constexpr,
+            ROPE: tl.constexpr, HAS_TAIL: tl.constexpr, QKP: tl.constexpr, UPCAST: tl.constexpr,
+            MAP: tl.constexpr):
+    """A query tile's setup, shared by the forward and the dq kernel: head h's K/V bases, the
+    k tables' rows (k head hk reads row hk // KTD; q head h row h // QTD), the q tile rotated near
+    and, with a position map, far (q at its far positions; keys later by the far k table), and the
+    map's query positions / visual flags (zeros without a map)."""
+    Kh = K + hk.to(tl.int64) * s_kh
+    Vh = V + hk.to(tl.int64) * s_vh
+    QC = COS + (h // QTD).to(tl.int64) * s_tab
+    QS = SIN + (h // QTD).to(tl.int64) * s_tab
+    KC = KCOS + (hk // KTD).to(tl.int64) * s_tab
+    KS = KSIN + (hk // KTD).to(tl.int64) * s_tab
+    qa, qb_, qt, qcos, qsin, qa_lo, qb_lo = _load_qk_tile(Q + h.to(tl.int64) * s_qh, rows, rmask, s_qt, QC, QS,
+                                                          BLOCK_M, D, ROT, BH, R_HALF, BT, INTERLEAVED, ROPE,
+                                                          HAS_TAIL, True, QKP, UPCAST)
+    FKCh = FKC + (hk // KTD).to(tl.int64) * s_tab
+    FKSh = FKS + (hk // KTD).to(tl.int64) * s_tab
+    if MAP != 0:
+        qfa, qfb, _t, qfcos, qfsin, qfa_lo, qfb_lo = _load_qk_tile(
+            Q + h.to(tl.int64) * s_qh, rows, rmask, s_qt, FQC + (h // QTD).to(tl.int64) * s_tab,
+            FQS + (h // QTD).to(tl.int64) * s_tab, BLOCK_M, D, ROT, BH, R_HALF, BT, INTERLEAVED, ROPE, False, True,
+            QKP, UPCAST)
+        pq, vq = _map_side(POSF, VIS, rows, rmask, MAP)
+    else:
+        qfa, qfb, qfa_lo, qfb_lo, qfcos, qfsin = qa, qb_, qa_lo, qb_lo, qcos, qsin
+        pq = tl.zeros([BLOCK_M], dtype=tl.float32)
+        vq = tl.zeros([BLOCK_M], dtype=tl.int32)
+    return (Kh, Vh, KC, KS, FKCh, FKSh, qa, qb_, qt, qcos, qsin, qa_lo, qb_lo, qfa, qfb, qfcos, qfsin, qfa_lo,
+            qfb_lo, pq, vq)
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, COS, SIN, KCOS, KSIN, DOC_START, ROW_START, Q_OFF, Q_NFULL, KV_IDX,
     T, NUM_ANCHORS, WINDOW, QTD, KTD, qk_scale_log2,
@@ -102,29 +137,10 @@ def _attn_fwd_kernel(
     hk = h // GROUP
     rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < T
-    Kh = K + hk.to(tl.int64) * s_kh
-    Vh = V + hk.to(tl.int64) * s_vh
-    # the tables' rows: q head h reads row h // QTD of the q table, k head hk row hk // KTD of the k table
-    QC = COS + (h // QTD).to(tl.int64) * s_tab
-    QS = SIN + (h // QTD).to(tl.int64) * s_tab
-    KC = KCOS + (hk // KTD).to(tl.int64) * s_tab
-    KS = KSIN + (hk // KTD).to(tl.int64) * s_tab
-    qa, qb_, qt, _c, _s, qa_lo, qb_lo = _load_qk_tile(Q + h.to(tl.int64) * s_qh, rows, rmask, s_qt, QC, QS,
-                                                      BLOCK_M, D, ROT, BH, R_HALF, BT, INTERLEAVED, ROPE,
-                                                      HAS_TAIL, True, QKP, UPCAST)
-    # a position map's far rotation: q at its far positions (the far q table), keys by the far k table
-    FKCh = FKC + (hk // KTD).to(tl.int64) * s_tab
-    FKSh = FKS + (hk // KTD).to(tl.int64) * s_tab
-    if MAP != 0:
-        qfa, qfb, _t, _fc, _fs, qfa_lo, qfb_lo = _load_qk_tile(
-            Q + h.to(tl.int64) * s_qh, rows, rmask, s_qt, FQC + (h // QTD).to(tl.int64) * s_tab,
-            FQS + (h // QTD).to(tl.int64) * s_tab, BLOCK_M, D, ROT, BH, R_HALF, BT, INTERLEAVED, ROPE, False, True,
-            QKP, UPCAST)
-        pq, vq = _map_side(POSF, VIS, rows, rmask, MAP)
-    else:
-        qfa, qfb, qfa_lo, qfb_lo = qa, qb_, qa_lo, qb_lo
-        pq = tl.zeros([BLOCK_M], dtype=tl.float32)
-        vq = tl.zeros([BLOCK_M], dtype=tl.int32)
+    (Kh, Vh, KC, KS, FKCh, FKSh, qa, qb_, qt, _c, _s, qa_lo, qb_lo, qfa, qfb, _fc, _fs, qfa_lo, qfb_lo, pq,
+     vq) = _q_side(Q, K, V, COS, SIN, KCOS, KSIN, FQC, FQS, FKC, FKS, POSF, VIS, h, hk, rows, rmask, QTD, KTD,
+                   s_qt, s_qh, s_kh, s_vh, s_tab, BLOCK_M, D, ROT, BH, R_HALF, BT, INTERLEAVED, ROPE, HAS_TAIL,
+                   QKP, UPCAST, MAP)
     q_doc = tl.load(DOC_START + rows, mask=rmask, other=-1)
     q_row = tl.load(ROW_START + rows, mask=rmask, other=-1)
     dcols = tl.arange(0, BD)
